@@ -1,0 +1,277 @@
+//! The behaviour every [`Custody`] backend must show, written once and run
+//! against each implementation (software keystore, PKCS#11, AWS KMS).
+//!
+//! Each check panics with a message naming what broke. Enabled by the `contract`
+//! feature, which only test builds turn on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use cmk_secret::SecretBytes;
+use rsa::{Oaep, RsaPublicKey, pkcs8::DecodePublicKey, rand_core::OsRng};
+
+use crate::{
+    Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, InputError, KeyHandle,
+    KeyOrigin, UnwrapItem, WrapItem, envelope, kcv,
+};
+
+/// RSA-OAEP-SHA-256 encryption of `plaintext` under `public`, as `openssl pkeyutl`
+/// with `rsa_oaep_md:sha256 rsa_mgf1_md:sha256` does.
+pub fn wrap_for_import(public: &ImportPublicKey, plaintext: &[u8]) -> Vec<u8> {
+    let key = RsaPublicKey::from_public_key_pem(&public.pem).expect("import key PEM");
+    key.encrypt(&mut OsRng, Oaep::new::<sha2::Sha256>(), plaintext)
+        .expect("RSA-OAEP encryption")
+}
+
+/// The same with OAEP SHA-1, OpenSSL's default.
+pub fn wrap_for_import_sha1(public: &ImportPublicKey, plaintext: &[u8]) -> Vec<u8> {
+    let key = RsaPublicKey::from_public_key_pem(&public.pem).expect("import key PEM");
+    key.encrypt(&mut OsRng, Oaep::new::<sha1::Sha1>(), plaintext)
+        .expect("RSA-OAEP encryption")
+}
+
+/// Random bytes.
+pub fn random(len: usize) -> SecretBytes {
+    let mut bytes = SecretBytes::zeroed(len);
+    aws_lc_rs::rand::fill(bytes.expose_mut()).expect("rng");
+    bytes
+}
+
+/// Runs every check of this module against `custody`.
+pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
+    import_and_round_trip(custody).await;
+    generate_and_round_trip(custody).await;
+    bad_imports_are_refused(custody, other_import_key).await;
+    bad_ciphertexts_are_refused(custody).await;
+    destroy_is_idempotent_and_final(custody).await;
+    batches_keep_order_and_isolate_failures(custody).await;
+}
+
+pub async fn import_and_round_trip(custody: &dyn Custody) {
+    let cmk = random(32);
+    let wrapped = wrap_for_import(custody.import_public_key(), cmk.expose());
+    let info = custody.import(&wrapped).await.expect("import");
+    assert_eq!(info.origin, KeyOrigin::Imported);
+    assert_eq!(
+        info.check_value,
+        kcv::check_value(&cmk).unwrap(),
+        "check value is AES-CMAC of a zero block under the imported key"
+    );
+
+    let again = custody.import(&wrapped).await.expect("second import");
+    assert_ne!(again.handle, info.handle, "each import is a new handle");
+    assert_eq!(
+        again.check_value, info.check_value,
+        "same key, same check value"
+    );
+
+    let secret = random(32);
+    let ct = custody
+        .wrap(&info.handle, &secret, b"org/kek")
+        .await
+        .expect("wrap");
+    assert_eq!(
+        envelope::parse(&ct),
+        Ok(info.handle),
+        "ciphertext names its key"
+    );
+    let out = custody.unwrap(&ct, b"org/kek").await.expect("unwrap");
+    assert!(
+        out.plaintext.ct_eq(&secret),
+        "unwrap returns what was wrapped"
+    );
+    assert_eq!(out.handle, info.handle);
+
+    // The second handle holds the same key bytes, but the handle is bound into
+    // the ciphertext: it cannot be moved to the other handle's name.
+    let mut moved = ct.clone();
+    moved[1..17].copy_from_slice(again.handle.as_bytes());
+    assert!(matches!(
+        custody.unwrap(&moved, b"org/kek").await,
+        Err(CustodyError::Authentication)
+    ));
+}
+
+pub async fn generate_and_round_trip(custody: &dyn Custody) {
+    let a = custody.generate().await.expect("generate");
+    let b = custody.generate().await.expect("generate");
+    assert_eq!(a.origin, KeyOrigin::Generated);
+    assert_ne!(a.handle, b.handle);
+    assert_ne!(a.check_value, b.check_value, "fresh key material each time");
+    let secret = random(32);
+    let ct = custody.wrap(&a.handle, &secret, b"").await.expect("wrap");
+    let out = custody.unwrap(&ct, b"").await.expect("unwrap");
+    assert!(out.plaintext.ct_eq(&secret));
+}
+
+pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
+    let public = custody.import_public_key().clone();
+    let modulus = public.bits as usize / 8;
+    for len in [31, 33, 16, 64] {
+        let wrapped = wrap_for_import(&public, random(len).expose());
+        match custody.import(&wrapped).await {
+            Err(CustodyError::Import(ImportError::KeyLength { actual })) => assert_eq!(actual, len),
+            other => panic!("{len}-byte key: expected KeyLength, got {other:?}"),
+        }
+    }
+    let sha1 = wrap_for_import_sha1(&public, random(32).expose());
+    assert!(
+        matches!(
+            custody.import(&sha1).await,
+            Err(CustodyError::Import(ImportError::OaepSha1))
+        ),
+        "SHA-1 OAEP is named as such"
+    );
+    let foreign = wrap_for_import(other_import_key, random(32).expose());
+    let err = custody.import(&foreign).await.expect_err("foreign key");
+    if other_import_key.bits == public.bits {
+        assert!(
+            matches!(err, CustodyError::Import(ImportError::Undecryptable { .. })),
+            "{err:?}"
+        );
+    } else {
+        assert!(
+            matches!(
+                err,
+                CustodyError::Import(ImportError::CiphertextLength { .. })
+            ),
+            "{err:?}"
+        );
+    }
+    assert!(matches!(
+        custody.import(&[]).await,
+        Err(CustodyError::Import(ImportError::Empty))
+    ));
+    let garbage = random(modulus);
+    assert!(matches!(
+        custody.import(garbage.expose()).await,
+        Err(CustodyError::Import(ImportError::Undecryptable { .. }))
+    ));
+    match custody.import(&garbage.expose()[..modulus - 1]).await {
+        Err(CustodyError::Import(ImportError::CiphertextLength {
+            actual, expected, ..
+        })) => {
+            assert_eq!((actual, expected), (modulus - 1, modulus));
+        }
+        other => panic!("truncated wrapped key: {other:?}"),
+    }
+}
+
+pub async fn bad_ciphertexts_are_refused(custody: &dyn Custody) {
+    let key = custody.generate().await.expect("generate");
+    let secret = random(32);
+    let ct = custody
+        .wrap(&key.handle, &secret, b"ctx")
+        .await
+        .expect("wrap");
+
+    assert!(matches!(
+        custody.unwrap(&ct, b"other ctx").await,
+        Err(CustodyError::Authentication)
+    ));
+    let mut tampered = ct.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x80;
+    assert!(matches!(
+        custody.unwrap(&tampered, b"ctx").await,
+        Err(CustodyError::Authentication)
+    ));
+    assert!(matches!(
+        custody.unwrap(&ct[..ct.len() - 1], b"ctx").await,
+        Err(CustodyError::Authentication)
+    ));
+    assert!(matches!(
+        custody.unwrap(&ct[..20], b"ctx").await,
+        Err(CustodyError::Input(InputError::CiphertextTruncated {
+            actual: 20,
+            ..
+        }))
+    ));
+    assert!(matches!(
+        custody.unwrap(&[], b"ctx").await,
+        Err(CustodyError::Input(InputError::EmptyCiphertext))
+    ));
+    let unknown = KeyHandle::random().unwrap();
+    assert!(matches!(
+        custody.wrap(&unknown, &secret, b"").await,
+        Err(CustodyError::UnknownKey(h)) if h == unknown
+    ));
+    let mut foreign = ct.clone();
+    foreign[1..17].copy_from_slice(unknown.as_bytes());
+    assert!(matches!(
+        custody.unwrap(&foreign, b"ctx").await,
+        Err(CustodyError::UnknownKey(h)) if h == unknown
+    ));
+    // The failures above changed nothing: the original still unwraps.
+    let out = custody
+        .unwrap(&ct, b"ctx")
+        .await
+        .expect("unwrap after failures");
+    assert!(out.plaintext.ct_eq(&secret));
+}
+
+pub async fn destroy_is_idempotent_and_final(custody: &dyn Custody) {
+    let key = custody.generate().await.expect("generate");
+    let secret = random(32);
+    let ct = custody.wrap(&key.handle, &secret, b"").await.expect("wrap");
+    assert_eq!(
+        custody.destroy(&key.handle).await.expect("destroy"),
+        Destroyed::Now
+    );
+    assert_eq!(
+        custody.destroy(&key.handle).await.expect("destroy again"),
+        Destroyed::Already
+    );
+    assert!(matches!(
+        custody.unwrap(&ct, b"").await,
+        Err(CustodyError::DestroyedKey(h)) if h == key.handle
+    ));
+    assert!(matches!(
+        custody.wrap(&key.handle, &secret, b"").await,
+        Err(CustodyError::DestroyedKey(_))
+    ));
+    let unknown = KeyHandle::random().unwrap();
+    assert!(matches!(
+        custody.destroy(&unknown).await,
+        Err(CustodyError::UnknownKey(_))
+    ));
+}
+
+pub async fn batches_keep_order_and_isolate_failures(custody: &dyn Custody) {
+    let key = custody.generate().await.expect("generate");
+    let unknown = KeyHandle::random().unwrap();
+    let secrets: Vec<SecretBytes> = (0..5).map(|_| random(32)).collect();
+    let items = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| WrapItem {
+            handle: if i == 2 { unknown } else { key.handle },
+            plaintext: s.clone(),
+            associated_data: format!("kek-{i}").into_bytes(),
+        })
+        .collect();
+    let wrapped = custody.wrap_batch(items).await;
+    assert_eq!(wrapped.len(), 5);
+    assert!(matches!(wrapped[2], Err(CustodyError::UnknownKey(_))));
+
+    let items = wrapped
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|ct| (i, ct)))
+        .map(|(i, ct)| UnwrapItem {
+            ciphertext: ct.clone(),
+            // Item 3 is presented with the wrong associated data.
+            associated_data: format!("kek-{}", if i == 3 { 99 } else { i }).into_bytes(),
+        })
+        .collect();
+    let unwrapped = custody.unwrap_batch(items).await;
+    let expected = [0, 1, 3, 4];
+    assert_eq!(unwrapped.len(), expected.len());
+    for (result, i) in unwrapped.iter().zip(expected) {
+        match (i, result) {
+            (3, Err(CustodyError::Authentication)) => {}
+            (3, other) => panic!("item 3 should fail authentication: {other:?}"),
+            (_, Ok(out)) => assert!(out.plaintext.ct_eq(&secrets[i]), "item {i} out of order"),
+            (_, Err(e)) => panic!("item {i}: {e}"),
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Custody of customer master keys (CMKs): the [`Custody`] trait that every backend
+//! of the HSM daemon implements, the types it speaks in, and the software keystore.
+//!
+//! A CMK is 32 bytes (AES-256). It enters a backend once — RSA-OAEP-wrapped under
+//! the daemon's import key, or generated inside — and never leaves it: the trait
+//! has no method that returns CMK bytes. What leaves is a [`KeyHandle`] (an opaque
+//! reference), a [`KeyCheckValue`] (a non-secret fingerprint), and ciphertexts.
+//!
+//! The ciphertext format of `wrap` is defined once, in [`envelope`], and shared by
+//! every backend that runs AES-256-GCM itself.
+
+#![forbid(unsafe_code)]
+
+mod atomic;
+#[cfg(feature = "contract")]
+pub mod contract;
+pub mod envelope;
+mod error;
+mod handle;
+mod import_key;
+mod kcv;
+mod software;
+
+use async_trait::async_trait;
+use cmk_secret::SecretBytes;
+
+pub use error::{CustodyError, ImportError, InputError};
+pub use handle::{KeyCheckValue, KeyHandle};
+pub use import_key::{IMPORT_ALGORITHM, ImportKey, ImportKeyBits, ImportPublicKey};
+pub use software::{RootKey, SoftwareCustody};
+
+/// Length of a CMK: AES-256.
+pub const CMK_LEN: usize = 32;
+
+/// How a CMK came into custody.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Uploaded by a customer, RSA-OAEP-wrapped under the import key.
+    Imported,
+    /// Generated inside the daemon.
+    Generated,
+}
+
+/// What a backend says about a CMK it has just taken into custody.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The reference to use in `wrap` and `destroy`.
+    pub handle: KeyHandle,
+    /// Fingerprint of the key bytes.
+    pub check_value: KeyCheckValue,
+    /// Uploaded or generated.
+    pub origin: KeyOrigin,
+}
+
+/// A secret recovered by `unwrap`, with the CMK that had protected it.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The secret.
+    pub plaintext: SecretBytes,
+    /// The CMK named in the ciphertext.
+    pub handle: KeyHandle,
+}
+
+/// Whether `destroy` found the key still present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destroyed {
+    /// The key existed and is now gone.
+    Now,
+    /// An earlier call had already destroyed it.
+    Already,
+}
+
+/// One item of a batch wrap.
+#[derive(Debug)]
+pub struct WrapItem {
+    /// The CMK to wrap under.
+    pub handle: KeyHandle,
+    /// The secret to protect.
+    pub plaintext: SecretBytes,
+    /// Bound to the ciphertext.
+    pub associated_data: Vec<u8>,
+}
+
+/// One item of a batch unwrap.
+#[derive(Debug)]
+pub struct UnwrapItem {
+    /// A `wrap` ciphertext.
+    pub ciphertext: Vec<u8>,
+    /// The associated data given to `wrap`.
+    pub associated_data: Vec<u8>,
+}
+
+/// A place where CMKs are kept: the software keystore, a PKCS#11 token, an external
+/// KMS. Implementations never return CMK bytes and leave nothing changed when a call
+/// fails.
+#[async_trait]
+pub trait Custody: Send + Sync + 'static {
+    /// The RSA public key customers wrap their CMK under.
+    fn import_public_key(&self) -> &ImportPublicKey;
+
+    /// Takes an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext of a 32-byte CMK into
+    /// custody. Once this returns `Ok`, the key survives a crash of the process.
+    async fn import(&self, wrapped_key: &[u8]) -> Result<KeyInfo, CustodyError>;
+
+    /// Generates a CMK inside the backend, durable once this returns `Ok`.
+    async fn generate(&self) -> Result<KeyInfo, CustodyError>;
+
+    /// Encrypts `plaintext` under the CMK `handle`, binding `associated_data`.
+    async fn wrap(
+        &self,
+        handle: &KeyHandle,
+        plaintext: &SecretBytes,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, CustodyError>;
+
+    /// Decrypts a `wrap` ciphertext; the CMK is the one named inside it.
+    async fn unwrap(
+        &self,
+        ciphertext: &[u8],
+        associated_data: &[u8],
+    ) -> Result<Unwrapped, CustodyError>;
+
+    /// Destroys the CMK irreversibly. Destroying it again reports
+    /// [`Destroyed::Already`]; a handle this backend never issued is
+    /// [`CustodyError::UnknownKey`].
+    async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError>;
+
+    /// Wraps many items; each succeeds or fails on its own, results in order.
+    async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(
+                self.wrap(&item.handle, &item.plaintext, &item.associated_data)
+                    .await,
+            );
+        }
+        results
+    }
+
+    /// Unwraps many items; each succeeds or fails on its own, results in order.
+    async fn unwrap_batch(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, CustodyError>> {
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(self.unwrap(&item.ciphertext, &item.associated_data).await);
+        }
+        results
+    }
+}

@@ -1,0 +1,423 @@
+//! The software keystore: CMKs sealed at rest on local disk.
+//!
+//! ```text
+//! <dir>/
+//!   .lock                     advisory lock: one daemon per keystore
+//!   keystore.meta             sealed marker; proves the root key is the right one
+//!   import-key                sealed PKCS#8 of the RSA import key
+//!   keys/<handle>.key         sealed CMK record: version, origin, check value, key
+//!   keys/<handle>.destroyed   tombstone: the key existed and was destroyed
+//! ```
+//!
+//! Every sealed file is `MAGIC || nonce || AES-256-GCM(root key)` with the file's
+//! role and name as associated data, so a file renamed or copied over another one
+//! fails to open. All writes go through [`crate::atomic`]; an import or generate
+//! returns only after its key file and directory entry are on disk.
+//!
+//! Unsealed CMKs are cached in memory as expanded AES keys (wiped when dropped),
+//! one entry per key used since start; destroyed keys leave a tombstone entry.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+};
+
+use async_trait::async_trait;
+use cmk_secret::SecretBytes;
+use tracing::{info, warn};
+
+use crate::{
+    CMK_LEN, Custody, CustodyError, Destroyed, ImportKey, ImportKeyBits, ImportPublicKey,
+    KeyHandle, KeyInfo, KeyOrigin, Unwrapped, atomic,
+    envelope::{self, SealingKey},
+    handle::KeyCheckValue,
+    kcv,
+};
+
+const MAGIC: &[u8; 8] = b"CMKSEAL\x01";
+const META_FILE: &str = "keystore.meta";
+const META_CONTENT: &[u8] = b"cmk software keystore, format 1";
+const IMPORT_KEY_FILE: &str = "import-key";
+const KEYS_DIR: &str = "keys";
+const RECORD_VERSION: u8 = 1;
+const RECORD_LEN: usize = 2 + KeyCheckValue::LEN + CMK_LEN;
+
+/// The 32-byte key every keystore file is sealed under.
+#[derive(Debug)]
+pub struct RootKey(SecretBytes);
+
+impl RootKey {
+    /// Parses 64 hex characters (surrounding whitespace ignored), as written by
+    /// `openssl rand -hex 32`.
+    pub fn from_hex(text: &SecretBytes) -> Result<Self, &'static str> {
+        let trimmed = std::str::from_utf8(text.expose())
+            .map_err(|_| "root key is not text: expected 64 hexadecimal characters")?
+            .trim();
+        if trimmed.len() != 2 * CMK_LEN {
+            return Err("root key must be exactly 64 hexadecimal characters (32 bytes)");
+        }
+        let mut key = SecretBytes::zeroed(CMK_LEN);
+        hex::decode_to_slice(trimmed, key.expose_mut())
+            .map_err(|_| "root key must be exactly 64 hexadecimal characters (32 bytes)")?;
+        Ok(Self(key))
+    }
+}
+
+/// CMKs on local disk, sealed under a root key. Cheap to clone.
+#[derive(Clone)]
+pub struct SoftwareCustody {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SoftwareCustody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SoftwareCustody")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    dir: PathBuf,
+    keys_dir: PathBuf,
+    root: SealingKey,
+    import_key: ImportKey,
+    cache: RwLock<HashMap<KeyHandle, Entry>>,
+    // Serialises destroys, so that two concurrent destroys of one key agree on
+    // which of them destroyed it.
+    destroy_lock: Mutex<()>,
+    // Held for the life of the keystore: two daemons on one directory would each
+    // cache keys the other destroys.
+    _lock: File,
+}
+
+#[derive(Clone)]
+enum Entry {
+    Live(Arc<SealingKey>),
+    Destroyed,
+}
+
+impl SoftwareCustody {
+    /// Opens the keystore in `dir`, creating it (and an RSA import key of
+    /// `new_import_key_bits`) on first use. Blocking: call at start-up.
+    pub fn open(
+        dir: &Path,
+        root_key: RootKey,
+        new_import_key_bits: ImportKeyBits,
+    ) -> Result<Self, CustodyError> {
+        atomic::private_dir(dir)?;
+        let mode = fs::metadata(dir)
+            .map_err(|e| CustodyError::storage("open", dir, e))?
+            .mode();
+        if mode & 0o077 != 0 {
+            warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777),
+                "keystore directory is accessible to other users; chmod 700 it");
+        }
+        let lock = lock(dir)?;
+        let keys_dir = dir.join(KEYS_DIR);
+        atomic::private_dir(&keys_dir)?;
+        let stale = atomic::remove_temp_files(dir)? + atomic::remove_temp_files(&keys_dir)?;
+        if stale > 0 {
+            info!(
+                count = stale,
+                "removed temporary files left by an interrupted write"
+            );
+        }
+        let root = SealingKey::new(&root_key.0)?;
+        check_meta(dir, &keys_dir, &root)?;
+        let import_key = load_or_create_import_key(dir, &root, new_import_key_bits)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                keys_dir,
+                root,
+                import_key,
+                cache: RwLock::new(HashMap::new()),
+                destroy_lock: Mutex::new(()),
+                _lock: lock,
+            }),
+        })
+    }
+
+    async fn live_key(&self, handle: &KeyHandle) -> Result<Arc<SealingKey>, CustodyError> {
+        let cached = self.inner.cache().get(handle).cloned();
+        let entry = match cached {
+            Some(entry) => entry,
+            None => {
+                let inner = self.inner.clone();
+                let handle = *handle;
+                blocking(move || inner.load(&handle)).await?
+            }
+        };
+        match entry {
+            Entry::Live(key) => Ok(key),
+            Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
+        }
+    }
+}
+
+impl Inner {
+    fn cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<KeyHandle, Entry>> {
+        self.cache.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cache_insert(&self, handle: KeyHandle, entry: Entry) {
+        self.cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(handle, entry);
+    }
+
+    fn key_file(handle: &KeyHandle) -> String {
+        format!("{handle}.key")
+    }
+
+    fn tombstone_file(handle: &KeyHandle) -> String {
+        format!("{handle}.destroyed")
+    }
+
+    fn key_purpose(handle: &KeyHandle) -> String {
+        format!("cmk:{handle}")
+    }
+
+    /// Seals `key` into a new key file; durable when this returns.
+    fn store(&self, key: SecretBytes, origin: KeyOrigin) -> Result<KeyInfo, CustodyError> {
+        let handle = KeyHandle::random()?;
+        let check_value = kcv::check_value(&key)?;
+        let mut record = SecretBytes::zeroed(RECORD_LEN);
+        {
+            let r = record.expose_mut();
+            r[0] = RECORD_VERSION;
+            r[1] = match origin {
+                KeyOrigin::Imported => 1,
+                KeyOrigin::Generated => 2,
+            };
+            r[2..2 + KeyCheckValue::LEN].copy_from_slice(check_value.as_bytes());
+            r[2 + KeyCheckValue::LEN..].copy_from_slice(key.expose());
+        }
+        let sealed = self.root.seal(
+            MAGIC,
+            record.expose(),
+            Self::key_purpose(&handle).as_bytes(),
+        )?;
+        atomic::write(&self.keys_dir, &Self::key_file(&handle), &sealed)?;
+        self.cache_insert(handle, Entry::Live(Arc::new(SealingKey::new(&key)?)));
+        Ok(KeyInfo {
+            handle,
+            check_value,
+            origin,
+        })
+    }
+
+    /// Reads a key's state from disk into the cache.
+    fn load(&self, handle: &KeyHandle) -> Result<Entry, CustodyError> {
+        let tombstone = self.keys_dir.join(Self::tombstone_file(handle));
+        let entry = if tombstone.exists() {
+            // A destroy interrupted between tombstone and removal: finish it.
+            atomic::remove(&self.keys_dir, &Self::key_file(handle))?;
+            Entry::Destroyed
+        } else {
+            let path = self.keys_dir.join(Self::key_file(handle));
+            let Some(sealed) = atomic::read_if_exists(&path)? else {
+                return Err(CustodyError::UnknownKey(*handle));
+            };
+            let record = self.unseal(&path, &sealed, &Self::key_purpose(handle))?;
+            let r = record.expose();
+            if r.len() != RECORD_LEN || r[0] != RECORD_VERSION {
+                return Err(corrupt(&path));
+            }
+            let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
+            Entry::Live(Arc::new(SealingKey::new(&key)?))
+        };
+        self.cache_insert(*handle, entry.clone());
+        Ok(entry)
+    }
+
+    fn unseal(
+        &self,
+        path: &Path,
+        sealed: &[u8],
+        purpose: &str,
+    ) -> Result<SecretBytes, CustodyError> {
+        if !sealed.starts_with(MAGIC) {
+            return Err(corrupt(path));
+        }
+        self.root
+            .open(sealed, MAGIC.len(), purpose.as_bytes())
+            .map_err(|_| corrupt(path))
+    }
+
+    fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
+        let _serial = self
+            .destroy_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let cached = self.cache().get(handle).cloned();
+        let entry = match cached {
+            Some(entry) => entry,
+            None => self.load(handle)?,
+        };
+        if let Entry::Destroyed = entry {
+            return Ok(Destroyed::Already);
+        }
+        // Tombstone first: once it is on disk the key counts as destroyed, even if
+        // the process dies before the key file is gone (start-up finishes it).
+        atomic::write(&self.keys_dir, &Self::tombstone_file(handle), b"")?;
+        self.cache_insert(*handle, Entry::Destroyed);
+        atomic::remove(&self.keys_dir, &Self::key_file(handle))?;
+        Ok(Destroyed::Now)
+    }
+}
+
+#[async_trait]
+impl Custody for SoftwareCustody {
+    fn import_public_key(&self) -> &ImportPublicKey {
+        self.inner.import_key.public()
+    }
+
+    async fn import(&self, wrapped_key: &[u8]) -> Result<KeyInfo, CustodyError> {
+        let inner = self.inner.clone();
+        let wrapped = wrapped_key.to_vec();
+        blocking(move || {
+            let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
+            inner.store(cmk, KeyOrigin::Imported)
+        })
+        .await
+    }
+
+    async fn generate(&self) -> Result<KeyInfo, CustodyError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut cmk = SecretBytes::zeroed(CMK_LEN);
+            aws_lc_rs::rand::fill(cmk.expose_mut())
+                .map_err(|_| CustodyError::Crypto("random number generator failed"))?;
+            inner.store(cmk, KeyOrigin::Generated)
+        })
+        .await
+    }
+
+    async fn wrap(
+        &self,
+        handle: &KeyHandle,
+        plaintext: &SecretBytes,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, CustodyError> {
+        let key = self.live_key(handle).await?;
+        envelope::wrap(&key, handle, plaintext, associated_data)
+    }
+
+    async fn unwrap(
+        &self,
+        ciphertext: &[u8],
+        associated_data: &[u8],
+    ) -> Result<Unwrapped, CustodyError> {
+        let handle = envelope::parse(ciphertext)?;
+        let key = self.live_key(&handle).await?;
+        let plaintext = envelope::unwrap(&key, ciphertext, associated_data)?;
+        Ok(Unwrapped { plaintext, handle })
+    }
+
+    async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
+        let inner = self.inner.clone();
+        let handle = *handle;
+        blocking(move || inner.destroy(&handle)).await
+    }
+}
+
+/// Runs file I/O and RSA work off the async worker threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, CustodyError> + Send + 'static,
+) -> Result<T, CustodyError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| CustodyError::Crypto("keystore worker task failed"))?
+}
+
+fn corrupt(path: &Path) -> CustodyError {
+    CustodyError::Corrupt {
+        path: path.display().to_string(),
+    }
+}
+
+fn lock(dir: &Path) -> Result<File, CustodyError> {
+    let path = dir.join(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| CustodyError::storage("open", &path, e))?;
+    file.try_lock().map_err(|_| {
+        CustodyError::storage(
+            "lock",
+            &path,
+            std::io::Error::other("the keystore is in use by another hsm-daemon process"),
+        )
+    })?;
+    Ok(file)
+}
+
+/// Verifies that the root key opens this keystore, or initialises a new one.
+fn check_meta(dir: &Path, keys_dir: &Path, root: &SealingKey) -> Result<(), CustodyError> {
+    let path = dir.join(META_FILE);
+    match atomic::read_if_exists(&path)? {
+        Some(sealed) => {
+            let opened = sealed
+                .starts_with(MAGIC)
+                .then(|| root.open(&sealed, MAGIC.len(), META_FILE.as_bytes()).ok())
+                .flatten();
+            match opened {
+                Some(content) if content.expose() == META_CONTENT => Ok(()),
+                _ => Err(CustodyError::RootKeyMismatch {
+                    dir: dir.display().to_string(),
+                }),
+            }
+        }
+        None => {
+            let has_keys = fs::read_dir(keys_dir)
+                .map_err(|e| CustodyError::storage("list", keys_dir, e))?
+                .next()
+                .is_some();
+            if has_keys || dir.join(IMPORT_KEY_FILE).exists() {
+                return Err(corrupt(&path));
+            }
+            let sealed = root.seal(MAGIC, META_CONTENT, META_FILE.as_bytes())?;
+            atomic::write(dir, META_FILE, &sealed)
+        }
+    }
+}
+
+fn load_or_create_import_key(
+    dir: &Path,
+    root: &SealingKey,
+    bits: ImportKeyBits,
+) -> Result<ImportKey, CustodyError> {
+    let path = dir.join(IMPORT_KEY_FILE);
+    if let Some(sealed) = atomic::read_if_exists(&path)? {
+        if !sealed.starts_with(MAGIC) {
+            return Err(corrupt(&path));
+        }
+        let der = root
+            .open(&sealed, MAGIC.len(), IMPORT_KEY_FILE.as_bytes())
+            .map_err(|_| corrupt(&path))?;
+        let key = ImportKey::from_pkcs8(&der)?;
+        if key.public().bits != bits.bits() {
+            warn!(
+                existing = key.public().bits,
+                configured = bits.bits(),
+                "keeping the existing RSA import key; the configured size applies to a new keystore only"
+            );
+        }
+        return Ok(key);
+    }
+    info!(bits = bits.bits(), "generating the RSA import key");
+    let key = ImportKey::generate(bits)?;
+    let der = key.to_pkcs8()?;
+    let sealed = root.seal(MAGIC, der.expose(), IMPORT_KEY_FILE.as_bytes())?;
+    atomic::write(dir, IMPORT_KEY_FILE, &sealed)?;
+    Ok(key)
+}

@@ -1,0 +1,212 @@
+//! The software keystore: the shared custody contract, plus what only a keystore
+//! on disk must get right.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{fs, os::unix::fs::PermissionsExt, path::Path};
+
+use cmk_hsm_custody::{
+    Custody, CustodyError, ImportKey, ImportKeyBits, RootKey, SoftwareCustody, contract,
+};
+use cmk_secret::SecretBytes;
+
+const ROOT: &str = "3f1c9a0e5b7d2486f0a1c3e5b7d92468ace0f1b3c5d7e9f02468ace13579bdf0";
+
+fn root(hex: &str) -> RootKey {
+    RootKey::from_hex(&SecretBytes::copy_from(hex.as_bytes())).expect("root key")
+}
+
+fn open(dir: &Path) -> SoftwareCustody {
+    SoftwareCustody::open(dir, root(ROOT), ImportKeyBits::Rsa3072).expect("open keystore")
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn satisfies_the_custody_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path());
+    let other = ImportKey::generate(ImportKeyBits::Rsa3072).unwrap();
+    contract::all(&custody, other.public()).await;
+}
+
+#[tokio::test]
+async fn ciphertext_for_a_key_of_another_size_is_named_by_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path());
+    let other = ImportKey::generate(ImportKeyBits::Rsa4096).unwrap();
+    contract::bad_imports_are_refused(&custody, other.public()).await;
+}
+
+#[tokio::test]
+async fn keys_and_destructions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, gone, ct_kept, ct_gone, public) = {
+        let custody = open(dir.path());
+        let kept = custody
+            .import(&contract::wrap_for_import(
+                custody.import_public_key(),
+                contract::random(32).expose(),
+            ))
+            .await
+            .unwrap();
+        let gone = custody.generate().await.unwrap();
+        let secret = SecretBytes::copy_from(b"kek bytes");
+        let ct_kept = custody.wrap(&kept.handle, &secret, b"a").await.unwrap();
+        let ct_gone = custody.wrap(&gone.handle, &secret, b"a").await.unwrap();
+        custody.destroy(&gone.handle).await.unwrap();
+        (
+            kept,
+            gone,
+            ct_kept,
+            ct_gone,
+            custody.import_public_key().clone(),
+        )
+    };
+    let custody = open(dir.path());
+    assert_eq!(custody.import_public_key(), &public, "import key is kept");
+    let out = custody.unwrap(&ct_kept, b"a").await.unwrap();
+    assert_eq!(out.plaintext.expose(), b"kek bytes");
+    assert_eq!(out.handle, kept.handle);
+    assert!(matches!(
+        custody.unwrap(&ct_gone, b"a").await,
+        Err(CustodyError::DestroyedKey(h)) if h == gone.handle
+    ));
+}
+
+#[tokio::test]
+async fn a_different_root_key_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let other = ROOT.replace('3', "4");
+    let err = SoftwareCustody::open(dir.path(), root(&other), ImportKeyBits::Rsa3072)
+        .expect_err("wrong root key");
+    assert!(matches!(err, CustodyError::RootKeyMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("different root key"), "{err}");
+}
+
+#[test]
+fn one_daemon_per_keystore() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = open(dir.path());
+    let err = SoftwareCustody::open(dir.path(), root(ROOT), ImportKeyBits::Rsa3072)
+        .expect_err("second open");
+    assert!(
+        format!("{err} {:?}", std::error::Error::source(&err)).contains("in use"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let custody = open(&store);
+    custody.generate().await.unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&store), 0o700);
+    assert_eq!(mode(&store.join("keys")), 0o700);
+    for name in ["keystore.meta", "import-key"] {
+        assert_eq!(mode(&store.join(name)), 0o600, "{name}");
+    }
+    for name in files(&store) {
+        assert_eq!(mode(&store.join("keys").join(&name)), 0o600, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn refused_imports_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path());
+    custody.generate().await.unwrap();
+    let before = files(dir.path());
+    let other = ImportKey::generate(ImportKeyBits::Rsa3072).unwrap();
+    contract::bad_imports_are_refused(&custody, other.public()).await;
+    assert_eq!(files(dir.path()), before);
+}
+
+#[tokio::test]
+async fn tampered_and_swapped_key_files_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, ct_a, ct_b) = {
+        let custody = open(dir.path());
+        let a = custody.generate().await.unwrap();
+        let b = custody.generate().await.unwrap();
+        let s = SecretBytes::copy_from(b"x");
+        let ct_a = custody.wrap(&a.handle, &s, b"").await.unwrap();
+        let ct_b = custody.wrap(&b.handle, &s, b"").await.unwrap();
+        (a, b, ct_a, ct_b)
+    };
+    let keys = dir.path().join("keys");
+    // b's file put in a's place: sealed under b's name, so it fails to open.
+    fs::copy(
+        keys.join(format!("{}.key", b.handle)),
+        keys.join(format!("{}.key", a.handle)),
+    )
+    .unwrap();
+    // One bit of b's own file flipped.
+    let path_b = keys.join(format!("{}.key", b.handle));
+    let mut bytes = fs::read(&path_b).unwrap();
+    bytes[20] ^= 1;
+    fs::write(&path_b, bytes).unwrap();
+
+    let custody = open(dir.path());
+    for ct in [&ct_a, &ct_b] {
+        let err = custody.unwrap(ct, b"").await.expect_err("corrupt file");
+        assert!(matches!(err, CustodyError::Corrupt { .. }), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn interrupted_writes_and_destroys_are_finished_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = {
+        let custody = open(dir.path());
+        custody.generate().await.unwrap()
+    };
+    let keys = dir.path().join("keys");
+    fs::write(keys.join(".tmp.deadbeef.key.0011"), b"torn").unwrap();
+    // A destroy that died after writing its tombstone, before removing the key.
+    fs::write(keys.join(format!("{}.destroyed", key.handle)), b"").unwrap();
+
+    let custody = open(dir.path());
+    assert!(
+        !keys.join(".tmp.deadbeef.key.0011").exists(),
+        "temp file removed"
+    );
+    assert!(matches!(
+        custody
+            .wrap(&key.handle, &SecretBytes::copy_from(b"x"), b"")
+            .await,
+        Err(CustodyError::DestroyedKey(_))
+    ));
+    assert!(
+        !keys.join(format!("{}.key", key.handle)).exists(),
+        "destroy finished"
+    );
+}
+
+#[test]
+fn root_keys_must_be_64_hex_characters() {
+    for bad in [
+        "",
+        "abc",
+        &ROOT[..62],
+        &format!("{ROOT}00"),
+        &ROOT.replace('a', "x"),
+    ] {
+        assert!(
+            RootKey::from_hex(&SecretBytes::copy_from(bad.as_bytes())).is_err(),
+            "{bad:?}"
+        );
+    }
+    let with_newline = format!("{ROOT}\n");
+    assert!(RootKey::from_hex(&SecretBytes::copy_from(with_newline.as_bytes())).is_ok());
+}

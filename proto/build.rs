@@ -1,0 +1,31 @@
+//! Generates the Rust code of every cmk protobuf package at build time.
+//!
+//! `protoc` comes from `protoc-bin-vendored`, so a machine with only the Rust
+//! toolchain can build; nothing generated is committed, so nothing can drift.
+
+use std::{env, error::Error, path::PathBuf};
+
+const PROTOS: &[&str] = &["cmk/hsm/v1/hsm.proto", "cmk/control/v1/control.proto"];
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("cmk_descriptor.bin"))
+        // Messages that carry secret bytes print them redacted (see src/redact.rs).
+        .skip_debug([".cmk.hsm.v1.WrapRequest", ".cmk.hsm.v1.UnwrapResponse"])
+        .protoc_arg("--experimental_allow_proto3_optional")
+        .compile_with_config(
+            {
+                let mut config = tonic_prost_build::Config::new();
+                config.protoc_executable(protoc);
+                config
+            },
+            PROTOS,
+            &["."],
+        )?;
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    Ok(())
+}
