@@ -1,1 +1,21 @@
-//! placeholder
+//! The HSM daemon: the only cmk process that holds customer master keys.
+//!
+//! It serves `cmk.hsm.v1.HsmService` (Import, Wrap, Unwrap, their batch forms,
+//! Destroy, and the RSA import public key), gRPC health and server reflection,
+//! over mutual TLS, to allow-listed client identities only. Keys are held by a
+//! [`cmk_hsm_custody::Custody`] backend; no RPC returns one.
+//!
+//! `main.rs` only parses the command line; [`run`] and [`serve`] are what tests
+//! call too.
+
+#![forbid(unsafe_code)]
+
+mod authz;
+pub mod config;
+pub mod dev;
+mod error;
+mod server;
+mod service;
+
+pub use config::{ConfigError, Limits, LogFormat, RawSettings, Settings};
+pub use server::{StartError, run, serve};

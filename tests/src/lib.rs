@@ -1,1 +1,253 @@
-//! placeholder
+//! Support for the end-to-end tests: a throwaway PKI on disk, the HSM daemon
+//! started in-process or as its real binary, and mutual-TLS clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use cmk_hsm_daemon::{Limits, LogFormat, RawSettings, Settings};
+use cmk_pki::Ca;
+use cmk_proto::hsm::v1::hsm_service_client::HsmServiceClient;
+use cmk_tls::TlsFiles;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::{Channel, Endpoint};
+
+/// The control plane's identity: the one the daemon allows.
+pub const CONTROL_PLANE: &str = "spiffe://cmk.test/control-plane";
+/// A valid certificate from the right CA, but not on the allow-list.
+pub const INTRUDER: &str = "spiffe://cmk.test/some-other-service";
+
+/// A root key for tests, as `openssl rand -hex 32` would write it.
+pub const ROOT_KEY_HEX: &str = "6b2f0c1d9e8a7b6c5d4e3f201f2e3d4c5b6a79881726354453627180a9b8c7d6";
+
+/// A CA with server and client certificates written under a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let ca = Ca::new("cmk test CA").unwrap();
+        ca.write_cert(&p.join("ca.crt")).unwrap();
+        ca.server(&["localhost"])
+            .unwrap()
+            .write(p, "server")
+            .unwrap();
+        ca.client(CONTROL_PLANE)
+            .unwrap()
+            .write(p, "control-plane")
+            .unwrap();
+        ca.client(INTRUDER).unwrap().write(p, "intruder").unwrap();
+        // The same identity as the control plane, issued by a CA nobody trusts.
+        let rogue = Ca::new("rogue CA").unwrap();
+        rogue
+            .client(CONTROL_PLANE)
+            .unwrap()
+            .write(p, "rogue")
+            .unwrap();
+        let root = p.join("root.key");
+        std::fs::write(&root, ROOT_KEY_HEX).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Client TLS files for the identity whose files are `<name>.crt/.key`.
+    pub fn client_files(&self, name: &str) -> TlsFiles {
+        TlsFiles {
+            cert: self.path(&format!("{name}.crt")),
+            key: self.path(&format!("{name}.key")),
+            ca: self.path("ca.crt"),
+        }
+    }
+
+    /// Daemon settings using this PKI and `keystore`.
+    pub fn settings(&self, keystore: &Path, limits: Limits) -> Settings {
+        let raw = RawSettings {
+            listen: Some("127.0.0.1:0".into()),
+            keystore_dir: Some(keystore.to_path_buf()),
+            root_key_file: Some(self.path("root.key")),
+            allowed_clients: vec![CONTROL_PLANE.into()],
+            tls_cert: Some(self.path("server.crt")),
+            tls_key: Some(self.path("server.key")),
+            tls_client_ca: Some(self.path("ca.crt")),
+            ..RawSettings::default()
+        };
+        let mut settings = raw.validate(None).unwrap();
+        settings.limits = limits;
+        settings.log_format = LogFormat::Text;
+        assert_eq!(
+            settings.allowed_clients,
+            BTreeSet::from([CONTROL_PLANE.to_string()])
+        );
+        settings
+    }
+
+    /// A mutual-TLS channel to `addr` presenting `<name>.crt`.
+    pub async fn channel(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
+        let tls = cmk_tls::client_config(&self.client_files(name), "localhost").unwrap();
+        Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    /// An HSM client that authenticates as the control plane.
+    pub async fn hsm_client(&self, addr: SocketAddr) -> HsmServiceClient<Channel> {
+        HsmServiceClient::new(self.channel(addr, "control-plane").await.unwrap())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The daemon running inside the test process.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), cmk_hsm_daemon::StartError>>>,
+}
+
+impl InProcess {
+    /// Starts a daemon on `127.0.0.1:0` and waits until it answers.
+    pub async fn start(settings: Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(cmk_hsm_daemon::serve(settings, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and returns how `serve` ended.
+    pub async fn stop(mut self) -> Result<(), cmk_hsm_daemon::StartError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Path of a binary of this workspace, built by `cargo build --bins`.
+pub fn binary(name: &str) -> PathBuf {
+    // The test executable lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name))
+        .unwrap();
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `hsm-daemon` binary as a child process.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl DaemonProcess {
+    /// Starts the real binary on `port` and waits for its health check to pass.
+    pub async fn start(pki: &Pki, keystore: &Path, port: u16) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = Command::new(binary("hsm-daemon"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--keystore-dir")
+            .arg(keystore)
+            .arg("--root-key-file")
+            .arg(pki.path("root.key"))
+            .arg("--allowed-client")
+            .arg(CONTROL_PLANE)
+            .arg("--tls-cert")
+            .arg(pki.path("server.crt"))
+            .arg("--tls-key")
+            .arg(pki.path("server.key"))
+            .arg("--tls-client-ca")
+            .arg(pki.path("ca.crt"))
+            .env_remove("CMK_HSM_ROOT_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let process = Self { child, addr };
+        process.wait_healthy(pki).await;
+        process
+    }
+
+    async fn wait_healthy(&self, pki: &Pki) {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        for _ in 0..200 {
+            if let Ok(channel) = pki.channel(self.addr, "control-plane").await {
+                let mut health = HealthClient::new(channel);
+                if health.check(HealthCheckRequest::default()).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("hsm-daemon did not become healthy on {}", self.addr);
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

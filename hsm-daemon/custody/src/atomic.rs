@@ -19,8 +19,7 @@ const TEMP_PREFIX: &str = ".tmp.";
 /// Writes `contents` to `dir/name` atomically and durably, with mode 0600.
 pub(crate) fn write(dir: &Path, name: &str, contents: &[u8]) -> Result<(), CustodyError> {
     let mut suffix = [0u8; 8];
-    aws_lc_rs::rand::fill(&mut suffix)
-        .map_err(|_| CustodyError::Crypto("random number generator failed"))?;
+    crate::fill_random(&mut suffix)?;
     let temp = dir.join(format!("{TEMP_PREFIX}{name}.{}", hex::encode(suffix)));
     let result = (|| {
         let mut file = OpenOptions::new()

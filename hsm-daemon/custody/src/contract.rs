@@ -32,7 +32,7 @@ pub fn wrap_for_import_sha1(public: &ImportPublicKey, plaintext: &[u8]) -> Vec<u
 /// Random bytes.
 pub fn random(len: usize) -> SecretBytes {
     let mut bytes = SecretBytes::zeroed(len);
-    aws_lc_rs::rand::fill(bytes.expose_mut()).expect("rng");
+    crate::fill_random(bytes.expose_mut()).expect("rng");
     bytes
 }
 

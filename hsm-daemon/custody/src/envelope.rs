@@ -51,8 +51,7 @@ impl SealingKey {
         aad: &[u8],
     ) -> Result<Vec<u8>, CustodyError> {
         let mut nonce = [0; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce)
-            .map_err(|_| CustodyError::Crypto("random number generator failed"))?;
+        crate::fill_random(&mut nonce)?;
         // Sized up front and encrypted in place: a growing Vec would leave a copy
         // of the plaintext behind in the allocation it moved away from.
         let mut out = Vec::with_capacity(prefix.len() + NONCE_LEN + plaintext.len() + TAG_LEN);

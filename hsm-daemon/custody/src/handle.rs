@@ -17,8 +17,7 @@ impl KeyHandle {
     /// A fresh random handle.
     pub fn random() -> Result<Self, crate::CustodyError> {
         let mut bytes = [0; Self::LEN];
-        aws_lc_rs::rand::fill(&mut bytes)
-            .map_err(|_| crate::CustodyError::Crypto("random number generator failed"))?;
+        crate::fill_random(&mut bytes)?;
         Ok(Self(bytes))
     }
 

@@ -32,6 +32,11 @@ pub use software::{RootKey, SoftwareCustody};
 /// Length of a CMK: AES-256.
 pub const CMK_LEN: usize = 32;
 
+/// Fills `buf` from the operating system's CSPRNG (through aws-lc).
+pub fn fill_random(buf: &mut [u8]) -> Result<(), CustodyError> {
+    aws_lc_rs::rand::fill(buf).map_err(|_| CustodyError::Crypto("random number generator failed"))
+}
+
 /// How a CMK came into custody.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyOrigin {

@@ -292,8 +292,7 @@ impl Custody for SoftwareCustody {
         let inner = self.inner.clone();
         blocking(move || {
             let mut cmk = SecretBytes::zeroed(CMK_LEN);
-            aws_lc_rs::rand::fill(cmk.expose_mut())
-                .map_err(|_| CustodyError::Crypto("random number generator failed"))?;
+            crate::fill_random(cmk.expose_mut())?;
             inner.store(cmk, KeyOrigin::Generated)
         })
         .await

@@ -1,0 +1,452 @@
+//! Configuration: a TOML file, command-line flags and environment variables,
+//! merged (flag over environment over file over default) and validated once into
+//! [`Settings`]. Every bad setting is reported together, each with its name.
+
+use std::{
+    collections::BTreeSet,
+    fmt, fs,
+    net::SocketAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use cmk_hsm_custody::{ImportKeyBits, RootKey};
+use cmk_secret::SecretBytes;
+use cmk_tls::TlsFiles;
+use serde::Deserialize;
+
+/// Environment variable that may carry the root key itself (64 hex characters).
+pub const ROOT_KEY_ENV: &str = "CMK_HSM_ROOT_KEY";
+
+/// How to make a root key, quoted in the error when none is configured.
+const ROOT_KEY_HOWTO: &str = "make one with `openssl rand -hex 32 > root.key && chmod 600 root.key` \
+     and pass --root-key-file root.key, or put the 64 hex characters in CMK_HSM_ROOT_KEY";
+
+/// Settings as read: every field optional, nothing checked yet.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    /// Address to listen on [default: 127.0.0.1:7443].
+    #[arg(long, env = "CMK_HSM_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory of the software keystore.
+    #[arg(long, env = "CMK_HSM_KEYSTORE_DIR")]
+    pub keystore_dir: Option<PathBuf>,
+    /// File holding the root key as 64 hex characters (mode 0600 or stricter).
+    #[arg(long, env = "CMK_HSM_ROOT_KEY_FILE")]
+    pub root_key_file: Option<PathBuf>,
+    /// Size of a newly generated RSA import key: 3072 or 4096 [default: 3072].
+    #[arg(long, env = "CMK_HSM_IMPORT_KEY_BITS")]
+    pub import_key_bits: Option<u32>,
+    /// Client identity allowed to call (repeat, or comma-separate in the environment).
+    #[arg(
+        long = "allowed-client",
+        env = "CMK_HSM_ALLOWED_CLIENTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Server certificate chain, PEM.
+    #[arg(long, env = "CMK_HSM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key, PEM.
+    #[arg(long, env = "CMK_HSM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that client certificates must chain to, PEM.
+    #[arg(long, env = "CMK_HSM_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Largest accepted gRPC message, bytes [default: 4194304].
+    #[arg(long, env = "CMK_HSM_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most items in one batch call [default: 1000].
+    #[arg(long, env = "CMK_HSM_MAX_BATCH_ITEMS")]
+    pub max_batch_items: Option<usize>,
+    /// Largest secret accepted by Wrap, bytes [default: 1024].
+    #[arg(long, env = "CMK_HSM_MAX_PLAINTEXT_BYTES")]
+    pub max_plaintext_bytes: Option<usize>,
+    /// Largest associated data, bytes [default: 1024].
+    #[arg(long, env = "CMK_HSM_MAX_ASSOCIATED_DATA_BYTES")]
+    pub max_associated_data_bytes: Option<usize>,
+    /// Seconds a TLS handshake may take [default: 10].
+    #[arg(long, env = "CMK_HSM_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Seconds a request may take [default: 30].
+    #[arg(long, env = "CMK_HSM_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "CMK_HSM_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl RawSettings {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))
+    }
+
+    /// Overlays every field set in `over` onto `self`.
+    pub fn overlay(self, over: Self) -> Self {
+        let Self {
+            listen,
+            keystore_dir,
+            root_key_file,
+            import_key_bits,
+            allowed_clients,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            max_message_bytes,
+            max_batch_items,
+            max_plaintext_bytes,
+            max_associated_data_bytes,
+            handshake_timeout_secs,
+            request_timeout_secs,
+            log_format,
+        } = over;
+        Self {
+            listen: listen.or(self.listen),
+            keystore_dir: keystore_dir.or(self.keystore_dir),
+            root_key_file: root_key_file.or(self.root_key_file),
+            import_key_bits: import_key_bits.or(self.import_key_bits),
+            allowed_clients: if allowed_clients.is_empty() {
+                self.allowed_clients
+            } else {
+                allowed_clients
+            },
+            tls_cert: tls_cert.or(self.tls_cert),
+            tls_key: tls_key.or(self.tls_key),
+            tls_client_ca: tls_client_ca.or(self.tls_client_ca),
+            max_message_bytes: max_message_bytes.or(self.max_message_bytes),
+            max_batch_items: max_batch_items.or(self.max_batch_items),
+            max_plaintext_bytes: max_plaintext_bytes.or(self.max_plaintext_bytes),
+            max_associated_data_bytes: max_associated_data_bytes.or(self.max_associated_data_bytes),
+            handshake_timeout_secs: handshake_timeout_secs.or(self.handshake_timeout_secs),
+            request_timeout_secs: request_timeout_secs.or(self.request_timeout_secs),
+            log_format: log_format.or(self.log_format),
+        }
+    }
+
+    /// Checks every field and resolves the root key (from `root_key_env`, the
+    /// value of [`ROOT_KEY_ENV`], or the root key file).
+    pub fn validate(self, root_key_env: Option<SecretBytes>) -> Result<Settings, ConfigError> {
+        let mut errors = Vec::new();
+        let mut required = |name: &str, value: Option<PathBuf>| {
+            if value.is_none() {
+                errors.push(format!("{name}: required"));
+            }
+            value.unwrap_or_default()
+        };
+        let keystore_dir = required("keystore_dir", self.keystore_dir);
+        let tls = TlsFiles {
+            cert: required("tls_cert", self.tls_cert),
+            key: required("tls_key", self.tls_key),
+            ca: required("tls_client_ca", self.tls_client_ca),
+        };
+        for (name, path) in [
+            ("tls_cert", &tls.cert),
+            ("tls_key", &tls.key),
+            ("tls_client_ca", &tls.ca),
+        ] {
+            if !path.as_os_str().is_empty() && !path.is_file() {
+                errors.push(format!("{name}: {} is not a readable file", path.display()));
+            }
+        }
+
+        let listen = self
+            .listen
+            .as_deref()
+            .unwrap_or("127.0.0.1:7443")
+            .parse::<SocketAddr>()
+            .unwrap_or_else(|e| {
+                errors.push(format!(
+                    "listen: {e} (expected host:port, e.g. 0.0.0.0:7443)"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
+
+        let import_key_bits = match self.import_key_bits {
+            None => ImportKeyBits::default(),
+            Some(bits) => ImportKeyBits::from_bits(bits).unwrap_or_else(|| {
+                errors.push(format!(
+                    "import_key_bits: {bits} is not offered; use 3072 or 4096"
+                ));
+                ImportKeyBits::default()
+            }),
+        };
+
+        let allowed_clients: BTreeSet<String> = self
+            .allowed_clients
+            .iter()
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if allowed_clients.is_empty() {
+            errors.push(
+                "allowed_clients: at least one client identity (the control plane's) is required"
+                    .into(),
+            );
+        }
+
+        let mut bounded = |name: &str, value: Option<usize>, default: usize, max: usize| {
+            let v = value.unwrap_or(default);
+            if v == 0 || v > max {
+                errors.push(format!("{name}: {v} is out of range 1..={max}"));
+            }
+            v
+        };
+        let limits = Limits {
+            max_message_bytes: bounded(
+                "max_message_bytes",
+                self.max_message_bytes,
+                4 << 20,
+                64 << 20,
+            ),
+            max_batch_items: bounded("max_batch_items", self.max_batch_items, 1000, 100_000),
+            max_plaintext_bytes: bounded(
+                "max_plaintext_bytes",
+                self.max_plaintext_bytes,
+                1024,
+                64 << 10,
+            ),
+            max_associated_data_bytes: bounded(
+                "max_associated_data_bytes",
+                self.max_associated_data_bytes,
+                1024,
+                64 << 10,
+            ),
+            handshake_timeout: Duration::from_secs(bounded(
+                "handshake_timeout_secs",
+                self.handshake_timeout_secs.map(|s| s as usize),
+                10,
+                300,
+            ) as u64),
+            request_timeout: Duration::from_secs(bounded(
+                "request_timeout_secs",
+                self.request_timeout_secs.map(|s| s as usize),
+                30,
+                3600,
+            ) as u64),
+        };
+
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                errors.push(format!("log_format: {other:?} is not text or json"));
+                LogFormat::Text
+            }
+        };
+
+        let root_key = match (root_key_env, &self.root_key_file) {
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "root_key_file: set either it or {ROOT_KEY_ENV}, not both"
+                ));
+                None
+            }
+            (Some(value), None) => RootKey::from_hex(&value)
+                .map_err(|e| errors.push(format!("{ROOT_KEY_ENV}: {e}")))
+                .ok(),
+            (None, Some(path)) => read_root_key_file(path)
+                .map_err(|e| errors.push(format!("root_key_file: {e}")))
+                .ok(),
+            (None, None) => {
+                errors.push(format!("root key: none configured; {ROOT_KEY_HOWTO}"));
+                None
+            }
+        };
+
+        match root_key {
+            Some(root_key) if errors.is_empty() => Ok(Settings {
+                listen,
+                keystore_dir,
+                root_key,
+                import_key_bits,
+                allowed_clients,
+                tls,
+                limits,
+                log_format,
+            }),
+            _ => Err(ConfigError(errors)),
+        }
+    }
+}
+
+fn read_root_key_file(path: &Path) -> Result<RootKey, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    let bytes = SecretBytes::new(fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    RootKey::from_hex(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Validated settings of the daemon.
+#[derive(Debug)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the software keystore.
+    pub keystore_dir: PathBuf,
+    /// The key every keystore file is sealed under.
+    pub root_key: RootKey,
+    /// Size of a newly generated RSA import key.
+    pub import_key_bits: ImportKeyBits,
+    /// Client identities (see `cmk_tls::PeerIdentity`) allowed to call.
+    pub allowed_clients: BTreeSet<String>,
+    /// Server certificate, key, and the CA clients must chain to.
+    pub tls: TlsFiles,
+    /// Bounds on every request.
+    pub limits: Limits,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// Bounds on requests, so that no caller can make the daemon do unbounded work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest gRPC message accepted.
+    pub max_message_bytes: usize,
+    /// Most items in one batch call.
+    pub max_batch_items: usize,
+    /// Largest secret Wrap accepts.
+    pub max_plaintext_bytes: usize,
+    /// Largest associated data.
+    pub max_associated_data_bytes: usize,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for one request.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            max_batch_items: 1000,
+            max_plaintext_bytes: 1024,
+            max_associated_data_bytes: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every problem found in the configuration, one per line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    #[test]
+    fn every_bad_setting_is_named_at_once() {
+        let raw = RawSettings {
+            listen: Some("nowhere".into()),
+            import_key_bits: Some(2048),
+            max_batch_items: Some(0),
+            log_format: Some("xml".into()),
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            ..RawSettings::default()
+        };
+        let err = raw.validate(None).expect_err("invalid");
+        let text = err.to_string();
+        for name in [
+            "listen:",
+            "keystore_dir: required",
+            "tls_key: required",
+            "tls_client_ca: required",
+            "tls_cert: /nonexistent/cert.pem is not a readable file",
+            "import_key_bits: 2048",
+            "allowed_clients:",
+            "max_batch_items: 0",
+            "log_format:",
+            "root key: none configured; make one with `openssl rand -hex 32",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn root_key_errors_never_echo_the_key() {
+        let secret = "not-hex-but-secret-0123456789abcdef0123456789abcdef0123456789abc";
+        let raw = RawSettings::default();
+        let err = raw
+            .validate(Some(SecretBytes::copy_from(secret.as_bytes())))
+            .expect_err("invalid");
+        assert!(
+            err.to_string()
+                .contains("CMK_HSM_ROOT_KEY: root key must be"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains(secret));
+    }
+
+    #[test]
+    fn a_world_readable_root_key_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("root.key");
+        fs::write(&path, HEX).expect("write");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let raw = RawSettings {
+            root_key_file: Some(path.clone()),
+            ..RawSettings::default()
+        };
+        let err = raw.validate(None).expect_err("invalid").to_string();
+        assert!(
+            err.contains("readable by other users (mode 644); chmod 600"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn later_sources_override_earlier_ones() {
+        let file = RawSettings {
+            listen: Some("127.0.0.1:1".into()),
+            allowed_clients: vec!["a".into()],
+            max_batch_items: Some(5),
+            ..RawSettings::default()
+        };
+        let flags = RawSettings {
+            listen: Some("127.0.0.1:2".into()),
+            ..RawSettings::default()
+        };
+        let merged = file.overlay(flags);
+        assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(merged.allowed_clients, vec!["a".to_string()]);
+        assert_eq!(merged.max_batch_items, Some(5));
+    }
+}

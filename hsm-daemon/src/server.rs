@@ -1,0 +1,97 @@
+//! Assembles and runs the daemon: custody backend, mutual TLS, allow-list,
+//! HSM service, health and reflection.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody};
+use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
+use tokio::net::TcpListener;
+use tonic::{service::InterceptorLayer, transport::Server};
+use tracing::info;
+
+use crate::{authz, config::Settings, error::chain, service::HsmApi};
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The keystore could not be opened.
+    #[error("cannot open the keystore: {}", chain(.0))]
+    Custody(#[from] CustodyError),
+    /// TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] cmk_tls::TlsError),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds `settings.listen` and serves until `shutdown` completes.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let listener = cmk_tls::bind(settings.listen).await?;
+    serve(settings, listener, shutdown).await
+}
+
+/// Serves on an already bound `listener` until `shutdown` completes; in-flight
+/// requests are allowed to finish.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let Settings {
+        listen: _,
+        keystore_dir,
+        root_key,
+        import_key_bits,
+        allowed_clients,
+        tls,
+        limits,
+        log_format: _,
+    } = settings;
+    let tls_config = cmk_tls::server_config(&tls)?;
+    // Opening may generate the RSA import key, which takes a moment.
+    let custody: Arc<dyn Custody> = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits)
+        })
+        .await
+        .map_err(std::io::Error::other)??,
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<HsmServiceServer<HsmApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("cmk.hsm.v1.HsmService")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let hsm = HsmServiceServer::new(HsmApi::new(custody.clone(), limits))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+
+    let addr: SocketAddr = listener.local_addr()?;
+    let public = custody.import_public_key();
+    info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
+    let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
+    Server::builder()
+        .timeout(limits.request_timeout)
+        .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
+            allowed_clients,
+        ))))
+        .add_service(hsm)
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    info!("stopped");
+    Ok(())
+}

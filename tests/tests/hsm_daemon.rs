@@ -1,0 +1,668 @@
+//! The HSM daemon end to end: real mutual TLS, real keystore on disk.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{fs, path::Path, process::Command};
+
+use cmk_hsm_custody::{ImportKey, ImportKeyBits, ImportPublicKey, contract};
+use cmk_hsm_daemon::Limits;
+use cmk_proto::hsm::v1::{
+    self as pb, BatchUnwrapRequest, BatchWrapRequest, DestroyRequest, GetImportPublicKeyRequest,
+    ImportRequest, UnwrapRequest, WrapRequest, hsm_service_client::HsmServiceClient,
+    import_request::Source, unwrap_result, wrap_result,
+};
+use cmk_tests::{InProcess, Pki};
+use sha2::{Digest, Sha256};
+use tonic::{Code, Status, transport::Channel};
+
+type Client = HsmServiceClient<Channel>;
+
+async fn public_key(client: &mut Client) -> ImportPublicKey {
+    let r = client
+        .get_import_public_key(GetImportPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    ImportPublicKey {
+        pem: r.public_key_pem,
+        key_id: r.key_id,
+        bits: r.modulus_bits,
+    }
+}
+
+async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportResponse, Status> {
+    client
+        .import(ImportRequest {
+            source: Some(Source::WrappedKey(wrapped)),
+            import_key_id: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn generate(client: &mut Client) -> pb::ImportResponse {
+    client
+        .import(ImportRequest {
+            source: Some(Source::Generate(pb::Generate {})),
+            import_key_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn wrap(
+    client: &mut Client,
+    handle: &str,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, Status> {
+    client
+        .wrap(WrapRequest {
+            key_handle: handle.into(),
+            plaintext: plaintext.to_vec(),
+            associated_data: aad.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().ciphertext)
+}
+
+async fn unwrap(
+    client: &mut Client,
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Result<pb::UnwrapResponse, Status> {
+    client
+        .unwrap(UnwrapRequest {
+            ciphertext: ciphertext.to_vec(),
+            associated_data: aad.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, Status>, code: Code, needle: &str) {
+    match result {
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().contains(needle),
+                "expected {needle:?} in {:?}",
+                status.message()
+            );
+        }
+        Ok(value) => panic!("expected {code:?} ({needle}), got {value:?}"),
+    }
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for sub in ["", "keys"] {
+        for entry in fs::read_dir(dir.join(sub)).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            names.push(format!("{sub}/{:?} {}", entry.file_name(), meta.len()));
+        }
+    }
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn import_wrap_unwrap_batch_destroy() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+
+    let public = public_key(&mut client).await;
+    assert!(
+        public.pem.starts_with("-----BEGIN PUBLIC KEY-----"),
+        "{}",
+        public.pem
+    );
+    assert_eq!(public.bits, 3072);
+    let der = rsa::pkcs8::Document::from_pem(&public.pem).unwrap().1;
+    assert_eq!(public.key_id, hex::encode(Sha256::digest(der.as_bytes())));
+    let algorithm = client
+        .get_import_public_key(GetImportPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .algorithm;
+    assert_eq!(algorithm, "RSAES_OAEP_SHA_256");
+
+    let cmk = contract::random(32);
+    let imported = client
+        .import(ImportRequest {
+            source: Some(Source::WrappedKey(contract::wrap_for_import(
+                &public,
+                cmk.expose(),
+            ))),
+            import_key_id: public.key_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(imported.key_handle.len(), 32);
+    assert_eq!(imported.key_check_value.len(), 10);
+    assert_eq!(imported.origin, pb::KeyOrigin::Imported as i32);
+
+    let kek = b"0123456789abcdef0123456789abcdef";
+    let ct = wrap(&mut client, &imported.key_handle, kek, b"org-1/kek-1")
+        .await
+        .unwrap();
+    let out = unwrap(&mut client, &ct, b"org-1/kek-1").await.unwrap();
+    assert_eq!(out.plaintext, kek);
+    assert_eq!(out.key_handle, imported.key_handle);
+
+    let generated = generate(&mut client).await;
+    assert_eq!(generated.origin, pb::KeyOrigin::Generated as i32);
+    let items = (0..50)
+        .map(|i| WrapRequest {
+            key_handle: if i % 2 == 0 {
+                imported.key_handle.clone()
+            } else {
+                generated.key_handle.clone()
+            },
+            plaintext: vec![i as u8; 32],
+            associated_data: format!("kek-{i}").into_bytes(),
+        })
+        .collect();
+    let wrapped = client
+        .batch_wrap(BatchWrapRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let items = wrapped
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match &r.result {
+            Some(wrap_result::Result::Ciphertext(ct)) => UnwrapRequest {
+                ciphertext: ct.clone(),
+                associated_data: format!("kek-{i}").into_bytes(),
+            },
+            other => panic!("item {i}: {other:?}"),
+        })
+        .collect();
+    let unwrapped = client
+        .batch_unwrap(BatchUnwrapRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(unwrapped.len(), 50);
+    for (i, r) in unwrapped.iter().enumerate() {
+        match &r.result {
+            Some(unwrap_result::Result::Ok(out)) => assert_eq!(out.plaintext, vec![i as u8; 32]),
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+
+    let destroyed = client
+        .destroy(DestroyRequest {
+            key_handle: generated.key_handle.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!destroyed.already_destroyed);
+    let again = client
+        .destroy(DestroyRequest {
+            key_handle: generated.key_handle.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.already_destroyed, "destroy is idempotent");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_bad_input_is_named_and_changes_nothing() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_message_bytes: 64 << 10,
+        max_batch_items: 10,
+        ..Limits::default()
+    };
+    let daemon = InProcess::start(pki.settings(store.path(), limits)).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let public = public_key(&mut client).await;
+
+    let key = generate(&mut client).await;
+    let kek = [7u8; 32];
+    let ct = wrap(&mut client, &key.key_handle, &kek, b"ctx")
+        .await
+        .unwrap();
+    let doomed = generate(&mut client).await;
+    let doomed_ct = wrap(&mut client, &doomed.key_handle, &kek, b"ctx")
+        .await
+        .unwrap();
+    client
+        .destroy(DestroyRequest {
+            key_handle: doomed.key_handle.clone(),
+        })
+        .await
+        .unwrap();
+    let before = listing(store.path());
+
+    // Uploaded keys.
+    for len in [31usize, 33] {
+        assert_status(
+            import(
+                &mut client,
+                contract::wrap_for_import(&public, &vec![1; len]),
+            )
+            .await,
+            Code::InvalidArgument,
+            &format!(
+                "unwrapped key is {len} bytes; a customer master key must be exactly 32 bytes"
+            ),
+        );
+    }
+    assert_status(
+        import(
+            &mut client,
+            contract::wrap_for_import_sha1(&public, &[1; 32]),
+        )
+        .await,
+        Code::InvalidArgument,
+        "uses RSA-OAEP with SHA-1; use SHA-256 with MGF1-SHA-256",
+    );
+    let other = ImportKey::generate(ImportKeyBits::Rsa3072).unwrap();
+    assert_status(
+        import(
+            &mut client,
+            contract::wrap_for_import(other.public(), &[1; 32]),
+        )
+        .await,
+        Code::InvalidArgument,
+        "encrypted under another public key, with other padding parameters, or is corrupt",
+    );
+    assert_status(
+        import(&mut client, vec![]).await,
+        Code::InvalidArgument,
+        "wrapped key is empty",
+    );
+    assert_status(
+        import(&mut client, contract::random(384).expose().to_vec()).await,
+        Code::InvalidArgument,
+        "is not an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext",
+    );
+    assert_status(
+        import(&mut client, contract::random(100).expose().to_vec()).await,
+        Code::InvalidArgument,
+        "wrapped key is 100 bytes, but an RSA-3072 OAEP ciphertext is exactly 384 bytes",
+    );
+    assert_status(
+        client
+            .import(ImportRequest {
+                source: Some(Source::WrappedKey(contract::wrap_for_import(
+                    &public, &[1; 32],
+                ))),
+                import_key_id: other.public().key_id.clone(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "download the current public key",
+    );
+    assert_status(
+        client
+            .import(ImportRequest {
+                source: None,
+                import_key_id: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+        "sets neither wrapped_key nor generate",
+    );
+
+    // Wrap ciphertexts.
+    let mut tampered = ct.clone();
+    tampered[40] ^= 1;
+    assert_status(
+        unwrap(&mut client, &tampered, b"ctx").await,
+        Code::InvalidArgument,
+        "does not authenticate",
+    );
+    assert_status(
+        unwrap(&mut client, &ct[..ct.len() - 5], b"ctx").await,
+        Code::InvalidArgument,
+        "does not authenticate",
+    );
+    assert_status(
+        unwrap(&mut client, &ct[..30], b"ctx").await,
+        Code::InvalidArgument,
+        "ciphertext is truncated: 30 bytes",
+    );
+    assert_status(
+        unwrap(&mut client, &[], b"ctx").await,
+        Code::InvalidArgument,
+        "ciphertext is empty",
+    );
+    assert_status(
+        unwrap(&mut client, contract::random(80).expose(), b"ctx").await,
+        Code::InvalidArgument,
+        "format version",
+    );
+    assert_status(
+        unwrap(&mut client, &ct, b"other").await,
+        Code::InvalidArgument,
+        "associated data differs",
+    );
+
+    // Handles.
+    let unknown = "00112233445566778899aabbccddeeff";
+    assert_status(
+        wrap(&mut client, unknown, &kek, b"").await,
+        Code::NotFound,
+        "no key with handle 0011",
+    );
+    assert_status(
+        wrap(&mut client, "not-a-handle", &kek, b"").await,
+        Code::InvalidArgument,
+        "is malformed",
+    );
+    assert_status(
+        unwrap(&mut client, &doomed_ct, b"ctx").await,
+        Code::NotFound,
+        "has been destroyed",
+    );
+    assert_status(
+        wrap(&mut client, &doomed.key_handle, &kek, b"").await,
+        Code::NotFound,
+        "has been destroyed",
+    );
+    assert_status(
+        client
+            .destroy(DestroyRequest {
+                key_handle: unknown.into(),
+            })
+            .await,
+        Code::NotFound,
+        "no key with handle",
+    );
+
+    // Sizes.
+    assert_status(
+        wrap(&mut client, &key.key_handle, &vec![0; 100 << 10], b"").await,
+        Code::OutOfRange,
+        "the limit is: 65536 bytes",
+    );
+    assert_status(
+        wrap(&mut client, &key.key_handle, &vec![0; 2000], b"").await,
+        Code::InvalidArgument,
+        "plaintext is 2000 bytes, over the limit of 1024",
+    );
+    assert_status(
+        wrap(&mut client, &key.key_handle, &[], b"").await,
+        Code::InvalidArgument,
+        "plaintext is empty",
+    );
+    let items = (0..11)
+        .map(|_| WrapRequest {
+            key_handle: key.key_handle.clone(),
+            plaintext: kek.to_vec(),
+            associated_data: vec![],
+        })
+        .collect();
+    assert_status(
+        client.batch_wrap(BatchWrapRequest { items }).await,
+        Code::InvalidArgument,
+        "batch has 11 items, over the limit of 10",
+    );
+    assert_status(
+        client
+            .batch_unwrap(BatchUnwrapRequest { items: vec![] })
+            .await,
+        Code::InvalidArgument,
+        "batch has no items",
+    );
+    // In a batch, a bad item fails alone, with the single-call code and message.
+    let results = client
+        .batch_unwrap(BatchUnwrapRequest {
+            items: vec![
+                UnwrapRequest {
+                    ciphertext: ct.clone(),
+                    associated_data: b"ctx".to_vec(),
+                },
+                UnwrapRequest {
+                    ciphertext: tampered.clone(),
+                    associated_data: b"ctx".to_vec(),
+                },
+                UnwrapRequest {
+                    ciphertext: doomed_ct.clone(),
+                    associated_data: b"ctx".to_vec(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(matches!(&results[0].result, Some(unwrap_result::Result::Ok(o)) if o.plaintext == kek));
+    assert!(matches!(&results[1].result,
+        Some(unwrap_result::Result::Error(e)) if e.code == Code::InvalidArgument as i32 && e.message.contains("does not authenticate")));
+    assert!(matches!(&results[2].result,
+        Some(unwrap_result::Result::Error(e)) if e.code == Code::NotFound as i32 && e.message.contains("destroyed")));
+
+    assert_eq!(
+        listing(store.path()),
+        before,
+        "a refused request changed the keystore"
+    );
+    let out = unwrap(&mut client, &ct, b"ctx").await.unwrap();
+    assert_eq!(out.plaintext, kek, "the stored key still works");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_wrapped_by_the_openssl_cli_imports_and_round_trips() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let public = public_key(&mut client).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let w = |name: &str| work.path().join(name);
+    fs::write(w("pub.pem"), &public.pem).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(work.path())
+            .output()
+            .expect("openssl CLI");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    // SPEC §3, verbatim.
+    openssl(&["rand", "-out", "cmk.bin", "32"]);
+    openssl(&[
+        "pkeyutl",
+        "-encrypt",
+        "-pubin",
+        "-inkey",
+        "pub.pem",
+        "-pkeyopt",
+        "rsa_padding_mode:oaep",
+        "-pkeyopt",
+        "rsa_oaep_md:sha256",
+        "-pkeyopt",
+        "rsa_mgf1_md:sha256",
+        "-in",
+        "cmk.bin",
+        "-out",
+        "cmk.enc",
+    ]);
+    let imported = import(&mut client, fs::read(w("cmk.enc")).unwrap())
+        .await
+        .unwrap();
+
+    // The admin can check the key check value locally with OpenSSL too.
+    fs::write(w("zero.bin"), [0u8; 16]).unwrap();
+    let hexkey = format!("hexkey:{}", hex::encode(fs::read(w("cmk.bin")).unwrap()));
+    let mac = openssl(&[
+        "mac",
+        "-cipher",
+        "AES-256-CBC",
+        "-macopt",
+        &hexkey,
+        "-in",
+        "zero.bin",
+        "CMAC",
+    ]);
+    assert_eq!(
+        imported.key_check_value,
+        String::from_utf8(mac).unwrap().trim()[..10]
+    );
+
+    let ct = wrap(&mut client, &imported.key_handle, b"a KEK", b"aad")
+        .await
+        .unwrap();
+    assert_eq!(
+        unwrap(&mut client, &ct, b"aad").await.unwrap().plaintext,
+        b"a KEK"
+    );
+
+    // OpenSSL's default OAEP digest is SHA-1: the error says what to change.
+    openssl(&[
+        "pkeyutl",
+        "-encrypt",
+        "-pubin",
+        "-inkey",
+        "pub.pem",
+        "-pkeyopt",
+        "rsa_padding_mode:oaep",
+        "-in",
+        "cmk.bin",
+        "-out",
+        "sha1.enc",
+    ]);
+    assert_status(
+        import(&mut client, fs::read(w("sha1.enc")).unwrap()).await,
+        Code::InvalidArgument,
+        "-pkeyopt rsa_oaep_md:sha256",
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+
+    // Allowed.
+    let mut health = HealthClient::new(pki.channel(daemon.addr, "control-plane").await.unwrap());
+    health.check(HealthCheckRequest::default()).await.unwrap();
+
+    // A valid certificate from the right CA, but an identity not on the list.
+    let channel = pki.channel(daemon.addr, "intruder").await.unwrap();
+    let mut intruder = HsmServiceClient::new(channel.clone());
+    assert_status(
+        intruder
+            .get_import_public_key(GetImportPublicKeyRequest {})
+            .await,
+        Code::PermissionDenied,
+        "client identity spiffe://cmk.test/some-other-service is not allowed",
+    );
+    assert_status(
+        intruder
+            .import(ImportRequest {
+                source: Some(Source::Generate(pb::Generate {})),
+                import_key_id: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "not allowed",
+    );
+    assert_status(
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await,
+        Code::PermissionDenied,
+        "not allowed",
+    );
+
+    // No client certificate, or one from another CA: the handshake itself fails.
+    for (name, files) in [
+        ("no client certificate", None),
+        (
+            "certificate from another CA",
+            Some(pki.client_files("rogue")),
+        ),
+    ] {
+        let err = raw_handshake(daemon.addr, &pki, files)
+            .await
+            .expect_err(name);
+        assert!(
+            err.contains("CertificateRequired")
+                || err.contains("UnknownCA")
+                || err.contains("BadCertificate"),
+            "{name}: {err}"
+        );
+    }
+    assert!(
+        fs::read_dir(store.path().join("keys"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing was stored"
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// A TLS 1.3 handshake plus one read, so that the server's verdict on the client
+/// certificate (sent after the client's Finished in TLS 1.3) reaches us.
+async fn raw_handshake(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    client: Option<cmk_tls::TlsFiles>,
+) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(pki.path("ca.crt")).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some(files) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(&files.cert).unwrap()],
+                PrivateKeyDer::from_pem_file(&files.key).unwrap(),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    // HTTP/2 preface, then read: the server answers with its settings or an alert.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let mut buf = [0u8; 64];
+    match tls.read(&mut buf).await {
+        Ok(0) => Err("connection closed".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
