@@ -16,8 +16,9 @@ use crate::config::{RawSettings, Settings};
 pub const DEV_CONTROL_PLANE: &str = "spiffe://cmk.local/control-plane";
 
 /// Creates (or reuses) `dir` with a development PKI, root key and keystore, and
-/// returns settings for a daemon on `127.0.0.1:7443`.
-pub fn prepare(dir: &Path) -> Result<Settings, Box<dyn std::error::Error>> {
+/// returns settings for a daemon on `127.0.0.1:7443`, with `overrides` (flags and
+/// environment) applied on top.
+pub fn prepare(dir: &Path, overrides: RawSettings) -> Result<Settings, Box<dyn std::error::Error>> {
     let pki = dir.join("pki");
     fs::create_dir_all(&pki)?;
     if !pki.join("ca.crt").exists() {
@@ -44,7 +45,8 @@ pub fn prepare(dir: &Path) -> Result<Settings, Box<dyn std::error::Error>> {
         tls_client_ca: Some(pki.join("ca.crt")),
         ..RawSettings::default()
     };
-    Ok(raw.validate(None)?)
+    // The root key comes from the file above, never from the environment.
+    Ok(raw.overlay(overrides).validate(None)?)
 }
 
 /// What to type next, printed once the daemon is ready.

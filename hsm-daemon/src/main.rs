@@ -66,7 +66,7 @@ fn main() -> ExitCode {
 
 fn settings(cli: Cli) -> Result<(Settings, Option<String>), Box<dyn std::error::Error>> {
     if let Some(Command::Dev { dir }) = cli.command {
-        let settings = dev::prepare(&dir)?;
+        let settings = dev::prepare(&dir, cli.settings)?;
         let banner = dev::banner(&dir, &settings);
         return Ok((settings, Some(banner)));
     }

@@ -7,7 +7,7 @@ use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody};
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use tokio::net::TcpListener;
 use tonic::{service::InterceptorLayer, transport::Server};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{authz, config::Settings, error::chain, service::HsmApi};
 
@@ -37,8 +37,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     serve(settings, listener, shutdown).await
 }
 
-/// Serves on an already bound `listener` until `shutdown` completes; in-flight
-/// requests are allowed to finish.
+/// Serves on an already bound `listener` until `shutdown` completes. In-flight
+/// requests then get at most one request timeout to finish; a client that keeps
+/// an idle connection open cannot hold the process up beyond that.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
@@ -81,7 +82,16 @@ pub async fn serve(
     let public = custody.import_public_key();
     info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
     let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
-    Server::builder()
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            info!("stopping: no new connections, finishing requests in flight");
+            stopping.notify_one();
+        }
+    };
+    let server = Server::builder()
         .timeout(limits.request_timeout)
         .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
             allowed_clients,
@@ -90,8 +100,14 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, signalled);
+    tokio::select! {
+        served = server => served?,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(limits.request_timeout).await;
+        } => warn!("connections still open after the grace period; stopping anyway"),
+    }
     info!("stopped");
     Ok(())
 }

@@ -162,6 +162,45 @@ impl Drop for InProcess {
     }
 }
 
+/// A mutual-TLS channel to `addr` (server name `localhost`) with `files`.
+pub async fn channel(
+    addr: SocketAddr,
+    files: &TlsFiles,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = cmk_tls::client_config(files, "localhost").unwrap();
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+/// Waits (up to 30 s) until the gRPC health check on `addr` answers SERVING.
+pub async fn wait_healthy(addr: SocketAddr, files: &TlsFiles) {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    for _ in 0..300 {
+        // A fresh development setup writes its CA certificate last.
+        if !files.ca.exists() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if let Ok(channel) = channel(addr, files).await {
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .map(|r| r.into_inner().status);
+            if status.ok() == Some(ServingStatus::Serving as i32) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no healthy server on {addr} within 30 s");
+}
+
 /// Path of a binary of this workspace, built by `cargo build --bins`.
 pub fn binary(name: &str) -> PathBuf {
     // The test executable lives in <target>/<profile>/deps/.
@@ -220,22 +259,8 @@ impl DaemonProcess {
             .spawn()
             .unwrap();
         let process = Self { child, addr };
-        process.wait_healthy(pki).await;
+        wait_healthy(addr, &pki.client_files("control-plane")).await;
         process
-    }
-
-    async fn wait_healthy(&self, pki: &Pki) {
-        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        for _ in 0..200 {
-            if let Ok(channel) = pki.channel(self.addr, "control-plane").await {
-                let mut health = HealthClient::new(channel);
-                if health.check(HealthCheckRequest::default()).await.is_ok() {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("hsm-daemon did not become healthy on {}", self.addr);
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -1,0 +1,277 @@
+//! The real `hsm-daemon` binary, started as a user or Kubernetes starts it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit, Nonce,
+    aead::{Aead, Payload},
+};
+use cmk_hsm_custody::{ImportPublicKey, contract};
+use cmk_proto::hsm::v1::{
+    GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest, import_request::Source,
+};
+use cmk_tests::{DaemonProcess, Pki, binary, free_port, wait_healthy};
+
+/// Decrypts a Wrap ciphertext with the raw key, per the documented v1 format:
+/// proves the daemon wraps with exactly the key that was imported.
+fn open_locally(cmk: &[u8], ciphertext: &[u8], aad: &[u8]) -> Vec<u8> {
+    let (header, rest) = ciphertext.split_at(17);
+    let (nonce, body) = rest.split_at(12);
+    let cipher = Aes256Gcm::new_from_slice(cmk).unwrap();
+    cipher
+        .decrypt(
+            &Nonce::try_from(nonce).unwrap(),
+            Payload {
+                msg: body,
+                aad: &[header, aad].concat(),
+            },
+        )
+        .expect("the stored key is the imported key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let mut public: Option<ImportPublicKey> = None;
+
+    for round in 0..3 {
+        let mut daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+        let mut client = pki.hsm_client(daemon.addr).await;
+        let key = client
+            .get_import_public_key(GetImportPublicKeyRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let this = ImportPublicKey {
+            pem: key.public_key_pem,
+            key_id: key.key_id,
+            bits: key.modulus_bits,
+        };
+        if let Some(first) = &public {
+            assert_eq!(first, &this, "the import key survives restarts");
+        }
+        public = Some(this.clone());
+
+        let before = acked.lock().unwrap().len();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (mut client, public, acked) = (client.clone(), this.clone(), acked.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let cmk = contract::random(32);
+                    let wrapped = contract::wrap_for_import(&public, cmk.expose());
+                    let request = ImportRequest {
+                        source: Some(Source::WrappedKey(wrapped)),
+                        import_key_id: String::new(),
+                    };
+                    match client.import(request).await {
+                        Ok(r) => acked
+                            .lock()
+                            .unwrap()
+                            .push((r.into_inner().key_handle, cmk.expose().to_vec())),
+                        Err(_) => return,
+                    }
+                }
+            }));
+        }
+        // Kill while imports are in flight, once some have been acknowledged.
+        for _ in 0..500 {
+            if acked.lock().unwrap().len() >= before + 20 + 7 * round {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        daemon.kill();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert!(
+            acked.lock().unwrap().len() > before,
+            "round {round}: no import was acknowledged"
+        );
+    }
+
+    let daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let acked = acked.lock().unwrap().clone();
+    for (handle, cmk) in &acked {
+        let ct = client
+            .wrap(WrapRequest {
+                key_handle: handle.clone(),
+                plaintext: b"kek".to_vec(),
+                associated_data: b"a".to_vec(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged key {handle} lost: {e}"))
+            .into_inner()
+            .ciphertext;
+        assert_eq!(open_locally(cmk, &ct, b"a"), b"kek");
+        let out = client
+            .unwrap(UnwrapRequest {
+                ciphertext: ct,
+                associated_data: b"a".to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(out.plaintext, b"kek");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(store.path().join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp."))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "torn writes left behind: {leftovers:?}"
+    );
+    eprintln!("{} acknowledged imports survived 3 SIGKILLs", acked.len());
+}
+
+#[test]
+fn refuses_to_start_without_a_root_key_and_names_every_bad_setting() {
+    let pki = Pki::new();
+    let out = Command::new(binary("hsm-daemon"))
+        .args(["--listen", "not-an-address", "--import-key-bits", "2048"])
+        .arg("--tls-cert")
+        .arg(pki.path("server.crt"))
+        .env_remove("CMK_HSM_ROOT_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "root key: none configured; make one with `openssl rand -hex 32 > root.key && chmod 600 root.key`",
+        "listen: invalid socket address",
+        "import_key_bits: 2048 is not offered; use 3072 or 4096",
+        "keystore_dir: required",
+        "tls_key: required",
+        "allowed_clients:",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_comes_up_and_reuses_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("dev");
+    let mut key_ids = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let mut child = Command::new(binary("hsm-daemon"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "dev", "--dir"])
+            .arg(&dev)
+            .env_remove("CMK_HSM_ROOT_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let files = cmk_tls::TlsFiles {
+            cert: dev.join("pki/control-plane.crt"),
+            key: dev.join("pki/control-plane.key"),
+            ca: dev.join("pki/ca.crt"),
+        };
+        let addr = ([127, 0, 0, 1], port).into();
+        wait_healthy(addr, &files).await;
+        let mut client = cmk_proto::hsm::v1::hsm_service_client::HsmServiceClient::new(
+            cmk_tests::channel(addr, &files).await.unwrap(),
+        );
+        key_ids.push(
+            client
+                .get_import_public_key(GetImportPublicKeyRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .key_id,
+        );
+        drop(client);
+        // SIGTERM: a clean stop.
+        Command::new("kill")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "dev daemon exited with {status}");
+    }
+    assert_eq!(key_ids[0], key_ids[1], "the second run reuses the keystore");
+}
+
+#[tokio::test]
+async fn reflection_serves_grpcio_v1alpha_and_tonic_v1() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/reflection_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(daemon.addr.to_string())
+        .arg(pki.path("ca.crt"))
+        .arg(pki.path("control-plane.crt"))
+        .arg(pki.path("control-plane.key"))
+        .output()
+        .expect("python3 (with grpcio and grpcio-reflection) is required");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reflection client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "service cmk.hsm.v1.HsmService",
+        "service grpc.health.v1.Health",
+        "method Import",
+        "method BatchUnwrap",
+        "method Destroy",
+        "key_id ",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut v1 =
+        ServerReflectionClient::new(pki.channel(daemon.addr, "control-plane").await.unwrap());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = v1
+        .server_reflection_info(tokio_stream_once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"cmk.hsm.v1.HsmService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("cmk.control")),
+        "only the daemon's own API is listed: {names:?}"
+    );
+}
+
+fn tokio_stream_once<T: Send + 'static>(
+    item: T,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> {
+    tonic::codegen::tokio_stream::iter([item])
+}
