@@ -433,6 +433,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/hsm-daemon.example.toml");
+        let raw = RawSettings::from_file(&path).expect("example parses");
+        assert_eq!(raw.import_key_bits, Some(3072));
+        assert_eq!(
+            raw.allowed_clients,
+            vec!["spiffe://cmk.example/control-plane".to_string()]
+        );
+        assert_eq!(raw.log_format.as_deref(), Some("json"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        fs::write(&path, "listen = \"127.0.0.1:1\"\nlisen = 1\n").expect("write");
+        let err = RawSettings::from_file(&path).expect_err("typo").to_string();
+        assert!(err.contains("unknown field `lisen`"), "{err}");
+    }
+
+    #[test]
     fn later_sources_override_earlier_ones() {
         let file = RawSettings {
             listen: Some("127.0.0.1:1".into()),

@@ -666,3 +666,67 @@ async fn raw_handshake(
         Err(e) => Err(format!("{e:?}")),
     }
 }
+
+#[tokio::test]
+async fn the_control_plane_client_speaks_to_the_daemon() {
+    use cmk_control_plane::hsm::{HsmClient, HsmError};
+    use cmk_secret::SecretBytes;
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let client = HsmClient::connect(
+        &format!("https://{}", daemon.addr),
+        "localhost",
+        &pki.client_files("control-plane"),
+    )
+    .await
+    .unwrap();
+
+    let public = client.import_public_key().await.unwrap();
+    let public = ImportPublicKey {
+        pem: public.public_key_pem,
+        key_id: public.key_id,
+        bits: public.modulus_bits,
+    };
+    let imported = client
+        .import(contract::wrap_for_import(&public, &[0x11; 32]))
+        .await
+        .unwrap();
+    let generated = client.generate().await.unwrap();
+    assert_ne!(imported.check_value, generated.check_value);
+
+    let kek = SecretBytes::copy_from(&[0x22; 32]);
+    let ct = client
+        .wrap(&imported.handle, &kek, b"org/kek")
+        .await
+        .unwrap();
+    assert!(client.unwrap(&ct, b"org/kek").await.unwrap().ct_eq(&kek));
+
+    let wrapped = client
+        .wrap_batch(&[
+            (&imported.handle, &kek, b"a"),
+            ("00112233445566778899aabbccddeeff", &kek, b"b"),
+            (&generated.handle, &kek, b"c"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(wrapped[1].as_ref().unwrap_err().code(), Code::NotFound);
+    let (a, c) = (wrapped[0].as_ref().unwrap(), wrapped[2].as_ref().unwrap());
+    let unwrapped = client
+        .unwrap_batch(&[(a, b"a"), (c, b"wrong")])
+        .await
+        .unwrap();
+    assert!(unwrapped[0].as_ref().unwrap().ct_eq(&kek));
+    assert_eq!(
+        unwrapped[1].as_ref().unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    assert!(!client.destroy(&generated.handle).await.unwrap());
+    assert!(client.destroy(&generated.handle).await.unwrap());
+    match client.unwrap(c, b"c").await {
+        Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::NotFound),
+        other => panic!("unwrap under a destroyed key: {other:?}"),
+    }
+    daemon.stop().await.unwrap();
+}

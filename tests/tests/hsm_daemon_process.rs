@@ -39,7 +39,9 @@ fn open_locally(cmk: &[u8], ciphertext: &[u8], aad: &[u8]) -> Vec<u8> {
 async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
     let pki = Pki::new();
     let store = tempfile::tempdir().unwrap();
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    // (key handle, the raw key bytes that were imported under it)
+    type Acked = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let acked: Acked = Arc::default();
     let mut public: Option<ImportPublicKey> = None;
 
     for round in 0..3 {

@@ -1,0 +1,237 @@
+//! The control plane's client of the HSM daemon: mutual TLS, typed requests,
+//! secrets received straight into [`SecretBytes`].
+
+use std::time::Duration;
+
+use cmk_proto::hsm::v1::{
+    self as pb, hsm_service_client::HsmServiceClient, import_request, unwrap_result, wrap_result,
+};
+use cmk_secret::SecretBytes;
+use cmk_tls::TlsFiles;
+use tonic::transport::{Channel, Endpoint};
+
+/// Why a call to the HSM daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The client's TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] cmk_tls::TlsError),
+    /// The endpoint URI is malformed or the connection could not be set up.
+    #[error("cannot connect to the HSM daemon: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The daemon answered with an error status.
+    #[error("HSM daemon: {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The daemon's answer is not what the protocol promises.
+    #[error("HSM daemon sent a malformed response: {0}")]
+    Protocol(&'static str),
+}
+
+/// A CMK the daemon has taken into custody.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportedKey {
+    /// Opaque reference to the CMK.
+    pub handle: String,
+    /// Non-secret fingerprint of the key bytes.
+    pub check_value: String,
+}
+
+/// A mutual-TLS client of `cmk.hsm.v1.HsmService`. Cheap to clone; clones share
+/// one HTTP/2 connection.
+#[derive(Clone, Debug)]
+pub struct HsmClient {
+    inner: HsmServiceClient<Channel>,
+}
+
+impl HsmClient {
+    /// Connects to `endpoint` (`https://host:port`), verifying the daemon's
+    /// certificate for `server_name` and presenting the control plane's own.
+    pub async fn connect(
+        endpoint: &str,
+        server_name: &str,
+        tls: &TlsFiles,
+    ) -> Result<Self, HsmError> {
+        let channel = Endpoint::from_shared(endpoint.to_owned())?
+            .tls_config(cmk_tls::client_config(tls, server_name)?)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(Self {
+            inner: HsmServiceClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        })
+    }
+
+    /// The RSA import public key (PEM) and its key id.
+    pub async fn import_public_key(&self) -> Result<pb::GetImportPublicKeyResponse, HsmError> {
+        Ok(self
+            .inner
+            .clone()
+            .get_import_public_key(pb::GetImportPublicKeyRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Imports an RSA-OAEP-wrapped CMK.
+    pub async fn import(&self, wrapped_key: Vec<u8>) -> Result<ImportedKey, HsmError> {
+        self.import_source(import_request::Source::WrappedKey(wrapped_key))
+            .await
+    }
+
+    /// Has the daemon generate a CMK.
+    pub async fn generate(&self) -> Result<ImportedKey, HsmError> {
+        self.import_source(import_request::Source::Generate(pb::Generate {}))
+            .await
+    }
+
+    async fn import_source(&self, source: import_request::Source) -> Result<ImportedKey, HsmError> {
+        let pb::ImportResponse {
+            key_handle,
+            key_check_value,
+            origin: _,
+        } = self
+            .inner
+            .clone()
+            .import(pb::ImportRequest {
+                source: Some(source),
+                import_key_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(ImportedKey {
+            handle: key_handle,
+            check_value: key_check_value,
+        })
+    }
+
+    /// Wraps `plaintext` under the CMK `handle`.
+    pub async fn wrap(
+        &self,
+        handle: &str,
+        plaintext: &SecretBytes,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        Ok(self
+            .inner
+            .clone()
+            .wrap(wrap_request(handle, plaintext, associated_data))
+            .await?
+            .into_inner()
+            .ciphertext)
+    }
+
+    /// Unwraps a Wrap ciphertext.
+    pub async fn unwrap(
+        &self,
+        ciphertext: &[u8],
+        associated_data: &[u8],
+    ) -> Result<SecretBytes, HsmError> {
+        let response = self
+            .inner
+            .clone()
+            .unwrap(pb::UnwrapRequest {
+                ciphertext: ciphertext.to_vec(),
+                associated_data: associated_data.to_vec(),
+            })
+            .await?
+            .into_inner();
+        Ok(SecretBytes::new(response.plaintext))
+    }
+
+    /// Wraps many secrets in one call; each item succeeds or fails on its own.
+    pub async fn wrap_batch(
+        &self,
+        items: &[(&str, &SecretBytes, &[u8])],
+    ) -> Result<Vec<Result<Vec<u8>, tonic::Status>>, HsmError> {
+        let request = pb::BatchWrapRequest {
+            items: items
+                .iter()
+                .map(|(handle, plaintext, aad)| wrap_request(handle, plaintext, aad))
+                .collect(),
+        };
+        let results = self
+            .inner
+            .clone()
+            .batch_wrap(request)
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != items.len() {
+            return Err(HsmError::Protocol(
+                "batch result count differs from request",
+            ));
+        }
+        results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(wrap_result::Result::Ciphertext(ct)) => Ok(Ok(ct)),
+                Some(wrap_result::Result::Error(e)) => Ok(Err(item_status(e))),
+                None => Err(HsmError::Protocol("empty batch result")),
+            })
+            .collect()
+    }
+
+    /// Unwraps many ciphertexts in one call; each item succeeds or fails on its own.
+    pub async fn unwrap_batch(
+        &self,
+        items: &[(&[u8], &[u8])],
+    ) -> Result<Vec<Result<SecretBytes, tonic::Status>>, HsmError> {
+        let request = pb::BatchUnwrapRequest {
+            items: items
+                .iter()
+                .map(|(ciphertext, aad)| pb::UnwrapRequest {
+                    ciphertext: ciphertext.to_vec(),
+                    associated_data: aad.to_vec(),
+                })
+                .collect(),
+        };
+        let results = self
+            .inner
+            .clone()
+            .batch_unwrap(request)
+            .await?
+            .into_inner()
+            .results;
+        if results.len() != items.len() {
+            return Err(HsmError::Protocol(
+                "batch result count differs from request",
+            ));
+        }
+        results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(unwrap_result::Result::Ok(out)) => Ok(Ok(SecretBytes::new(out.plaintext))),
+                Some(unwrap_result::Result::Error(e)) => Ok(Err(item_status(e))),
+                None => Err(HsmError::Protocol("empty batch result")),
+            })
+            .collect()
+    }
+
+    /// Destroys a CMK; `Ok(true)` when an earlier call had already destroyed it.
+    pub async fn destroy(&self, handle: &str) -> Result<bool, HsmError> {
+        Ok(self
+            .inner
+            .clone()
+            .destroy(pb::DestroyRequest {
+                key_handle: handle.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .already_destroyed)
+    }
+}
+
+fn wrap_request(handle: &str, plaintext: &SecretBytes, associated_data: &[u8]) -> pb::WrapRequest {
+    pb::WrapRequest {
+        key_handle: handle.to_owned(),
+        // The request owns this copy until it is encoded; prost cannot zeroize it.
+        plaintext: plaintext.expose().to_vec(),
+        associated_data: associated_data.to_vec(),
+    }
+}
+
+fn item_status(error: pb::ItemError) -> tonic::Status {
+    tonic::Status::new(tonic::Code::from_i32(error.code), error.message)
+}

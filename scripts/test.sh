@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every check and test of cmk: formatting, clippy, the unit tests and the
+# end-to-end tests (the real binaries over real mutual TLS). Installs what the
+# tests need when it is missing: the OpenSSL CLI and Python's grpcio with
+# grpcio-reflection (the stand-in reflection client). A missing tool makes the
+# tests fail; nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root apt-get install -y -qq "${missing[@]}"
+fi
+if ! python3 -c 'import grpc, grpc_reflection' 2>/dev/null; then
+    echo "installing grpcio and grpcio-reflection"
+    python3 -m pip install --quiet grpcio grpcio-reflection protobuf ||
+        python3 -m pip install --quiet --break-system-packages grpcio grpcio-reflection protobuf
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the binaries from the target directory.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
