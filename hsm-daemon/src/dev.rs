@@ -21,6 +21,9 @@ pub const DEV_CONTROL_PLANE: &str = "spiffe://cmk.local/control-plane";
 pub fn prepare(dir: &Path, overrides: RawSettings) -> Result<Settings, Box<dyn std::error::Error>> {
     let pki = dir.join("pki");
     fs::create_dir_all(&pki)?;
+    // Private keys and the root key live here.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     if !pki.join("ca.crt").exists() {
         let ca = Ca::new("cmk development CA")?;
         ca.server(&["localhost", "hsm-daemon"])?

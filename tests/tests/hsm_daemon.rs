@@ -621,6 +621,32 @@ async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
     daemon.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn an_idle_client_cannot_stall_shutdown() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        request_timeout: std::time::Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let daemon = InProcess::start(pki.settings(store.path(), limits)).await;
+    // An authenticated HTTP/2 connection that never reads again.
+    let idle = connect_raw(daemon.addr, &pki, Some(pki.client_files("control-plane")))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(10), daemon.stop())
+        .await
+        .expect("stop returned despite the idle connection")
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
 /// A TLS 1.3 handshake plus one read, so that the server's verdict on the client
 /// certificate (sent after the client's Finished in TLS 1.3) reaches us.
 async fn raw_handshake(
@@ -628,6 +654,16 @@ async fn raw_handshake(
     pki: &Pki,
     client: Option<cmk_tls::TlsFiles>,
 ) -> Result<(), String> {
+    connect_raw(addr, pki, client).await.map(drop)
+}
+
+/// A raw TLS connection that has sent the HTTP/2 preface and seen the server's
+/// first bytes (its SETTINGS, or the alert refusing the client certificate).
+async fn connect_raw(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    client: Option<cmk_tls::TlsFiles>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -662,7 +698,7 @@ async fn raw_handshake(
     let mut buf = [0u8; 64];
     match tls.read(&mut buf).await {
         Ok(0) => Err("connection closed".into()),
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(tls),
         Err(e) => Err(format!("{e:?}")),
     }
 }
