@@ -130,6 +130,11 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            // gRPC writes small frames; without this, Nagle's algorithm holds a
+            // response's tail until the peer's delayed ACK, about 40 ms later.
+            if let Err(err) = tcp.set_nodelay(true) {
+                debug!(%peer, %err, "cannot set TCP_NODELAY");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
