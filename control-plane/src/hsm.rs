@@ -158,19 +158,10 @@ impl HsmClient {
             .await?
             .into_inner()
             .results;
-        if results.len() != items.len() {
-            return Err(HsmError::Protocol(
-                "batch result count differs from request",
-            ));
-        }
-        results
-            .into_iter()
-            .map(|r| match r.result {
-                Some(wrap_result::Result::Ciphertext(ct)) => Ok(Ok(ct)),
-                Some(wrap_result::Result::Error(e)) => Ok(Err(item_status(e))),
-                None => Err(HsmError::Protocol("empty batch result")),
-            })
-            .collect()
+        batch_results(results, items.len(), |r| match r.result? {
+            wrap_result::Result::Ciphertext(ct) => Some(Ok(ct)),
+            wrap_result::Result::Error(e) => Some(Err(item_status(e))),
+        })
     }
 
     /// Unwraps many ciphertexts in one call; each item succeeds or fails on its own.
@@ -194,19 +185,10 @@ impl HsmClient {
             .await?
             .into_inner()
             .results;
-        if results.len() != items.len() {
-            return Err(HsmError::Protocol(
-                "batch result count differs from request",
-            ));
-        }
-        results
-            .into_iter()
-            .map(|r| match r.result {
-                Some(unwrap_result::Result::Ok(out)) => Ok(Ok(SecretBytes::new(out.plaintext))),
-                Some(unwrap_result::Result::Error(e)) => Ok(Err(item_status(e))),
-                None => Err(HsmError::Protocol("empty batch result")),
-            })
-            .collect()
+        batch_results(results, items.len(), |r| match r.result? {
+            unwrap_result::Result::Ok(out) => Some(Ok(SecretBytes::new(out.plaintext))),
+            unwrap_result::Result::Error(e) => Some(Err(item_status(e))),
+        })
     }
 
     /// Destroys a CMK; `Ok(true)` when an earlier call had already destroyed it.
@@ -230,6 +212,24 @@ fn wrap_request(handle: &str, plaintext: &SecretBytes, associated_data: &[u8]) -
         plaintext: plaintext.expose().to_vec(),
         associated_data: associated_data.to_vec(),
     }
+}
+
+/// Checks a batch answer's shape (one result per item, none empty) and converts
+/// each result with `convert`, which returns `None` for an empty one.
+fn batch_results<R, T>(
+    results: Vec<R>,
+    expected: usize,
+    convert: impl Fn(R) -> Option<Result<T, tonic::Status>>,
+) -> Result<Vec<Result<T, tonic::Status>>, HsmError> {
+    if results.len() != expected {
+        return Err(HsmError::Protocol(
+            "batch result count differs from request",
+        ));
+    }
+    results
+        .into_iter()
+        .map(|r| convert(r).ok_or(HsmError::Protocol("empty batch result")))
+        .collect()
 }
 
 fn item_status(error: pb::ItemError) -> tonic::Status {

@@ -190,12 +190,7 @@ async fn main() {
     )
     .await
     .unwrap();
-    let remote_public = client.import_public_key().await.unwrap();
-    let remote_public = cmk_hsm_custody::ImportPublicKey {
-        pem: remote_public.public_key_pem,
-        key_id: remote_public.key_id,
-        bits: remote_public.modulus_bits,
-    };
+    let remote_public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
     let remote_wrapped: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..220)
             .map(|_| contract::wrap_for_import(&remote_public, contract::random(32).expose()))

@@ -101,13 +101,7 @@ impl Pki {
         addr: SocketAddr,
         name: &str,
     ) -> Result<Channel, tonic::transport::Error> {
-        let tls = cmk_tls::client_config(&self.client_files(name), "localhost").unwrap();
-        Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(tls)?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
+        channel(addr, &self.client_files(name)).await
     }
 
     /// An HSM client that authenticates as the control plane.
@@ -159,6 +153,17 @@ impl Drop for InProcess {
         if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+/// The daemon's answer to GetImportPublicKey, as the custody crate's type.
+pub fn import_public_key(
+    response: cmk_proto::hsm::v1::GetImportPublicKeyResponse,
+) -> cmk_hsm_custody::ImportPublicKey {
+    cmk_hsm_custody::ImportPublicKey {
+        pem: response.public_key_pem,
+        key_id: response.key_id,
+        bits: response.modulus_bits,
     }
 }
 

@@ -18,16 +18,13 @@ use tonic::{Code, Status, transport::Channel};
 type Client = HsmServiceClient<Channel>;
 
 async fn public_key(client: &mut Client) -> ImportPublicKey {
-    let r = client
-        .get_import_public_key(GetImportPublicKeyRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    ImportPublicKey {
-        pem: r.public_key_pem,
-        key_id: r.key_id,
-        bits: r.modulus_bits,
-    }
+    cmk_tests::import_public_key(
+        client
+            .get_import_public_key(GetImportPublicKeyRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    )
 }
 
 async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportResponse, Status> {
@@ -718,12 +715,7 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
     .await
     .unwrap();
 
-    let public = client.import_public_key().await.unwrap();
-    let public = ImportPublicKey {
-        pem: public.public_key_pem,
-        key_id: public.key_id,
-        bits: public.modulus_bits,
-    };
+    let public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
     let imported = client
         .import(contract::wrap_for_import(&public, &[0x11; 32]))
         .await

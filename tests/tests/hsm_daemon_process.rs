@@ -47,16 +47,13 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
     for round in 0..3 {
         let mut daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
         let mut client = pki.hsm_client(daemon.addr).await;
-        let key = client
-            .get_import_public_key(GetImportPublicKeyRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        let this = ImportPublicKey {
-            pem: key.public_key_pem,
-            key_id: key.key_id,
-            bits: key.modulus_bits,
-        };
+        let this = cmk_tests::import_public_key(
+            client
+                .get_import_public_key(GetImportPublicKeyRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        );
         if let Some(first) = &public {
             assert_eq!(first, &this, "the import key survives restarts");
         }
