@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cmk_control_plane::hsm::HsmClient;
 use cmk_hsm_custody::{
     Custody, ImportKeyBits, KeyHandle, RootKey, SoftwareCustody, contract,
     envelope::{self, SealingKey},
@@ -183,13 +182,7 @@ async fn main() {
 
     let daemon =
         InProcess::start(pki.settings(&store.path().join("daemon"), Limits::default())).await;
-    let client = HsmClient::connect(
-        &format!("https://{}", daemon.addr),
-        "localhost",
-        &pki.client_files("control-plane"),
-    )
-    .await
-    .unwrap();
+    let client = pki.control_plane_client(daemon.addr).await;
     let remote_public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
     let remote_wrapped: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..220)

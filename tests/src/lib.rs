@@ -112,9 +112,42 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// The control plane's typed client, connected to `addr`.
+    pub async fn control_plane_client(
+        &self,
+        addr: SocketAddr,
+    ) -> cmk_control_plane::hsm::HsmClient {
+        cmk_control_plane::hsm::HsmClient::connect(
+            &format!("https://{addr}"),
+            "localhost",
+            &self.client_files("control-plane"),
+        )
+        .await
+        .unwrap()
+    }
+}
+
 impl Default for Pki {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A daemon in this process with its own PKI and keystore, ready to call.
+pub struct Harness {
+    pub pki: Pki,
+    /// The keystore directory (deleted when dropped).
+    pub store: tempfile::TempDir,
+    pub daemon: InProcess,
+}
+
+impl Harness {
+    pub async fn start(limits: Limits) -> Self {
+        let pki = Pki::new();
+        let store = tempfile::tempdir().unwrap();
+        let daemon = InProcess::start(pki.settings(store.path(), limits)).await;
+        Self { pki, store, daemon }
     }
 }
 

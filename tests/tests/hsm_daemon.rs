@@ -11,7 +11,7 @@ use cmk_proto::hsm::v1::{
     ImportRequest, UnwrapRequest, WrapRequest, hsm_service_client::HsmServiceClient,
     import_request::Source, unwrap_result, wrap_result,
 };
-use cmk_tests::{InProcess, Pki};
+use cmk_tests::{Harness, Pki};
 use sha2::{Digest, Sha256};
 use tonic::{Code, Status, transport::Channel};
 
@@ -107,9 +107,11 @@ fn listing(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn import_wrap_unwrap_batch_destroy() {
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let Harness {
+        pki,
+        store: _store,
+        daemon,
+    } = Harness::start(Limits::default()).await;
     let mut client = pki.hsm_client(daemon.addr).await;
 
     let public = public_key(&mut client).await;
@@ -218,14 +220,12 @@ async fn import_wrap_unwrap_batch_destroy() {
 
 #[tokio::test]
 async fn every_bad_input_is_named_and_changes_nothing() {
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
     let limits = Limits {
         max_message_bytes: 64 << 10,
         max_batch_items: 10,
         ..Limits::default()
     };
-    let daemon = InProcess::start(pki.settings(store.path(), limits)).await;
+    let Harness { pki, store, daemon } = Harness::start(limits).await;
     let mut client = pki.hsm_client(daemon.addr).await;
     let public = public_key(&mut client).await;
 
@@ -458,9 +458,11 @@ async fn every_bad_input_is_named_and_changes_nothing() {
 
 #[tokio::test]
 async fn a_key_wrapped_by_the_openssl_cli_imports_and_round_trips() {
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let Harness {
+        pki,
+        store: _store,
+        daemon,
+    } = Harness::start(Limits::default()).await;
     let mut client = pki.hsm_client(daemon.addr).await;
     let public = public_key(&mut client).await;
 
@@ -554,9 +556,7 @@ async fn a_key_wrapped_by_the_openssl_cli_imports_and_round_trips() {
 #[tokio::test]
 async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
+    let Harness { pki, store, daemon } = Harness::start(Limits::default()).await;
 
     // Allowed.
     let mut health = HealthClient::new(pki.channel(daemon.addr, "control-plane").await.unwrap());
@@ -620,13 +620,15 @@ async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
 
 #[tokio::test]
 async fn an_idle_client_cannot_stall_shutdown() {
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
     let limits = Limits {
         request_timeout: std::time::Duration::from_secs(1),
         ..Limits::default()
     };
-    let daemon = InProcess::start(pki.settings(store.path(), limits)).await;
+    let Harness {
+        pki,
+        store: _store,
+        daemon,
+    } = Harness::start(limits).await;
     // An authenticated HTTP/2 connection that never reads again.
     let idle = connect_raw(daemon.addr, &pki, Some(pki.client_files("control-plane")))
         .await
@@ -702,18 +704,14 @@ async fn connect_raw(
 
 #[tokio::test]
 async fn the_control_plane_client_speaks_to_the_daemon() {
-    use cmk_control_plane::hsm::{HsmClient, HsmError};
+    use cmk_control_plane::hsm::HsmError;
     use cmk_secret::SecretBytes;
-    let pki = Pki::new();
-    let store = tempfile::tempdir().unwrap();
-    let daemon = InProcess::start(pki.settings(store.path(), Limits::default())).await;
-    let client = HsmClient::connect(
-        &format!("https://{}", daemon.addr),
-        "localhost",
-        &pki.client_files("control-plane"),
-    )
-    .await
-    .unwrap();
+    let Harness {
+        pki,
+        store: _store,
+        daemon,
+    } = Harness::start(Limits::default()).await;
+    let client = pki.control_plane_client(daemon.addr).await;
 
     let public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
     let imported = client
