@@ -146,6 +146,8 @@ fn refuses_to_start_without_a_root_key_and_names_every_bad_setting() {
         .arg("--tls-cert")
         .arg(pki.path("server.crt"))
         .env_remove("CMK_HSM_ROOT_KEY")
+        // Settings from the environment are validated the same way.
+        .env("CMK_HSM_MAX_BATCH_ITEMS", "0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -157,6 +159,7 @@ fn refuses_to_start_without_a_root_key_and_names_every_bad_setting() {
         "keystore_dir: required",
         "tls_key: required",
         "allowed_clients:",
+        "max_batch_items: 0 is out of range 1..=100000",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

@@ -45,6 +45,17 @@ async fn ciphertext_for_a_key_of_another_size_is_named_by_length() {
     contract::bad_imports_are_refused(&custody, other.public()).await;
 }
 
+#[test]
+fn a_new_keystore_can_have_a_4096_bit_import_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let custody = SoftwareCustody::open(dir.path(), root(ROOT), ImportKeyBits::Rsa4096).unwrap();
+    assert_eq!(custody.import_public_key().bits, 4096);
+    drop(custody);
+    // The configured size applies to a new keystore only; an existing key is kept.
+    let again = open(dir.path());
+    assert_eq!(again.import_public_key().bits, 4096);
+}
+
 #[tokio::test]
 async fn keys_and_destructions_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
