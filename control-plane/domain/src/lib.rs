@@ -1,0 +1,283 @@
+//! The customer master key lifecycle of one organisation, with no I/O.
+//!
+//! [`transition`] is the one exhaustive function from (key record, action) to the
+//! next record; every rule about a single key is in it. [`Org`] adds the rules
+//! that span an org's keys — at most one pending, one active and one revoked key;
+//! activation refused while the master is revoked — and returns a new `Org`
+//! rather than changing itself, so a refused command leaves nothing changed by
+//! construction. The store persists what `Org` returns; the service calls the
+//! HSM daemon for the effects a [`Change`] implies (destroying a removed key).
+
+#![forbid(unsafe_code)]
+
+mod lifecycle;
+mod org;
+
+use std::{fmt, time::Duration};
+
+pub use lifecycle::transition;
+pub use org::{Change, Command, Org};
+
+/// Seconds since the Unix epoch. The domain never reads a clock: callers pass
+/// the time in, so tests can move it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// `self` plus `duration` (saturating).
+    pub fn plus(self, duration: Duration) -> Self {
+        let secs = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_add(secs))
+    }
+}
+
+/// Identifier of one key of one org (not the HSM handle).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub String);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a key's material lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// Uploaded by the org (BYOK), held by the HSM daemon.
+    Uploaded,
+    /// A key in AWS KMS, referenced by ARN.
+    AwsKms,
+    /// The service's generic default key, shared by orgs without BYOK.
+    GenericDefault,
+}
+
+/// Lifecycle state of one key (SPEC §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// In custody, not yet used.
+    Pending,
+    /// Wraps every new KEK.
+    Active,
+    /// Still needed to unwrap KEKs not yet re-wrapped to the active key.
+    Rotating,
+    /// No longer used; removed once its retention ends.
+    Deactivated,
+    /// Suspected compromise: nothing may be decrypted with it.
+    Revoked,
+    /// As revoked, and removed once the 30-day restore window ends.
+    Deleted,
+    /// Logical: destroyed in custody and no longer listed.
+    Removed,
+    /// An external key disabled or scheduled for deletion at its provider.
+    RevokedByProvider,
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Rotating => "rotating",
+            Self::Deactivated => "deactivated",
+            Self::Revoked => "revoked",
+            Self::Deleted => "deleted",
+            Self::Removed => "removed",
+            Self::RevokedByProvider => "revoked by provider",
+        })
+    }
+}
+
+/// Something that happens to one key, asked for by an admin or by the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Admin: pending → active.
+    Activate,
+    /// Service: active → rotating, because another key was activated.
+    Supersede,
+    /// Admin: pending → removed.
+    Cancel,
+    /// Service: rotating → deactivated (or removed, for keys the service does not
+    /// hold), once no KEK references it.
+    FinishRotation,
+    /// Admin: active → revoked.
+    Revoke,
+    /// Admin: revoked → active.
+    Reactivate,
+    /// Admin: revoked → deleted.
+    Delete,
+    /// Admin: deleted → revoked, inside the restore window.
+    Restore,
+    /// Service: deactivated or deleted → removed, once its time is up.
+    Expire,
+    /// Admin, by uploading the same key again: removed while still needed → revoked.
+    Recover,
+    /// Service: the provider disabled the external key.
+    ProviderDisable,
+    /// Service: the provider enabled it again.
+    ProviderEnable,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Activate => "activate",
+            Self::Supersede => "supersede",
+            Self::Cancel => "cancel",
+            Self::FinishRotation => "finish the rotation of",
+            Self::Revoke => "revoke",
+            Self::Reactivate => "reactivate",
+            Self::Delete => "delete",
+            Self::Restore => "restore",
+            Self::Expire => "remove",
+            Self::Recover => "recover",
+            Self::ProviderDisable => "mark as revoked by its provider",
+            Self::ProviderEnable => "mark as enabled by its provider",
+        })
+    }
+}
+
+/// One key of an org, as the lifecycle sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The key's id within the org.
+    pub id: KeyId,
+    /// Where its material lives.
+    pub source: KeySource,
+    /// Its state.
+    pub state: KeyState,
+    /// Non-secret fingerprint of the key material.
+    pub check_value: String,
+    /// When it was uploaded or added.
+    pub created_at: Timestamp,
+    /// When it last became active.
+    pub activated_at: Option<Timestamp>,
+    /// When it was last revoked.
+    pub revoked_at: Option<Timestamp>,
+    /// When a deactivated or deleted key is due for removal.
+    pub expires_at: Option<Timestamp>,
+    /// Removed while deleted: KEKs still need it, so the org stays blocked until
+    /// the same key is uploaded again.
+    pub needed: bool,
+    /// The state a key revoked by its provider returns to when re-enabled.
+    pub before_provider_revocation: Option<KeyState>,
+}
+
+impl KeyRecord {
+    /// A new key in the pending state.
+    pub fn pending(id: KeyId, source: KeySource, check_value: String, now: Timestamp) -> Self {
+        Self {
+            id,
+            source,
+            state: KeyState::Pending,
+            check_value,
+            created_at: now,
+            activated_at: None,
+            revoked_at: None,
+            expires_at: None,
+            needed: false,
+            before_provider_revocation: None,
+        }
+    }
+}
+
+/// Durations the lifecycle applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// How long a deactivated key is kept before removal.
+    pub deactivated_retention: Duration,
+    /// How long a deleted key can be restored (30 days).
+    pub restore_window: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            deactivated_retention: Duration::from_secs(30 * 86_400),
+            restore_window: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// Why a lifecycle command was refused. Every variant is a precondition the
+/// caller can read and act on, except [`LifecycleError::UnknownKey`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    /// The action is not allowed from the key's state.
+    #[error("key {key} is {state}: cannot {action} it; {allowed}")]
+    InvalidTransition {
+        /// The key.
+        key: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// What was asked.
+        action: Action,
+        /// What the state allows, in words.
+        allowed: String,
+    },
+    /// A second pending key.
+    #[error("key {pending} is already pending: activate or cancel it before adding another")]
+    PendingExists {
+        /// The pending key.
+        pending: KeyId,
+    },
+    /// Activation while the master key is revoked, deleted or lost.
+    #[error(
+        "the organisation's master key {master} is {state}: {remedy} first, then rotate to a new key"
+    )]
+    MasterRevoked {
+        /// The revoked master key.
+        master: KeyId,
+        /// Its state.
+        state: &'static str,
+        /// What to do.
+        remedy: String,
+    },
+    /// Restore after the window.
+    #[error("key {key} can no longer be restored: its restore window ended at {ended}")]
+    RestoreWindowClosed {
+        /// The key.
+        key: KeyId,
+        /// Seconds since the epoch.
+        ended: i64,
+    },
+    /// Removal before its time.
+    #[error("key {key} is not due for removal until {due}")]
+    NotDue {
+        /// The key.
+        key: KeyId,
+        /// Seconds since the epoch.
+        due: i64,
+    },
+    /// The generic default key is shared; an org cannot revoke it.
+    #[error(
+        "key {key} is the service's generic default key, which an organisation cannot revoke; \
+         activate your own key first"
+    )]
+    GenericDefaultNotRevocable {
+        /// The key.
+        key: KeyId,
+    },
+    /// The uploaded key is already one of the org's keys.
+    #[error("this key material is already key {existing} ({state}), check value {check_value}")]
+    AlreadyPresent {
+        /// The existing key.
+        existing: KeyId,
+        /// Its state.
+        state: KeyState,
+        /// The shared check value.
+        check_value: String,
+    },
+    /// BYOK off while the generic default key already is the master.
+    #[error("the generic default key {key} is already the organisation's master key")]
+    GenericAlreadyActive {
+        /// The org's record of it.
+        key: KeyId,
+    },
+    /// A key id the org already uses.
+    #[error("the organisation already has a key with id {0}")]
+    DuplicateId(KeyId),
+    /// No such key in this org.
+    #[error("the organisation has no key {0}")]
+    UnknownKey(KeyId),
+}

@@ -1,0 +1,568 @@
+//! The rules that span an organisation's keys.
+
+use crate::{
+    Action, KeyId, KeyRecord, KeySource, KeyState, LifecycleError, Policy, Timestamp, transition,
+};
+
+/// A request to change an org's keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// A key was taken into custody (uploaded, or an external key added).
+    /// Uploading the material of a key removed while still needed recovers it.
+    Add {
+        /// Id for the new key.
+        id: KeyId,
+        /// Where it lives.
+        source: KeySource,
+        /// Its check value.
+        check_value: String,
+        /// Activate at once instead of leaving it pending.
+        activate_now: bool,
+    },
+    /// Switch BYOK off: the generic default key becomes the master again.
+    UseGenericDefault {
+        /// Id for the org's new record of the generic default key.
+        id: KeyId,
+        /// The generic default key's check value.
+        check_value: String,
+    },
+    /// Pending → active; the active key starts rotating.
+    Activate(KeyId),
+    /// Pending → removed.
+    Cancel(KeyId),
+    /// Active → revoked.
+    Revoke(KeyId),
+    /// Revoked → active.
+    Reactivate(KeyId),
+    /// Revoked → deleted.
+    Delete(KeyId),
+    /// Deleted → revoked.
+    Restore(KeyId),
+    /// Rotating → deactivated (or removed), reported by the rotation job.
+    FinishRotation(KeyId),
+    /// Remove every deactivated or deleted key whose time is up.
+    ExpireDue,
+}
+
+/// One key's change of state, for the audit log and for the effects the service
+/// must carry out (a key that became `Removed` is destroyed in custody, unless
+/// the service does not hold it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The key.
+    pub key: KeyId,
+    /// Its state before; `None` for a key the command added.
+    pub from: Option<KeyState>,
+    /// Its state after.
+    pub to: KeyState,
+}
+
+/// All keys of one organisation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Org {
+    keys: Vec<KeyRecord>,
+}
+
+impl Org {
+    /// A new org whose master key is the generic default key.
+    pub fn new(generic_id: KeyId, generic_check_value: String, now: Timestamp) -> Self {
+        let mut generic = KeyRecord::pending(
+            generic_id,
+            KeySource::GenericDefault,
+            generic_check_value,
+            now,
+        );
+        generic.state = KeyState::Active;
+        generic.activated_at = Some(now);
+        Self {
+            keys: vec![generic],
+        }
+    }
+
+    /// An org as stored. The caller vouches that the records came from this
+    /// module; [`Org::check_invariants`] says whether they still hold.
+    pub fn from_records(keys: Vec<KeyRecord>) -> Self {
+        Self { keys }
+    }
+
+    /// Every key, removed ones included, oldest first.
+    pub fn keys(&self) -> &[KeyRecord] {
+        &self.keys
+    }
+
+    /// The key that wraps new KEKs, if the master is not revoked.
+    pub fn active(&self) -> Option<&KeyRecord> {
+        self.in_state(KeyState::Active)
+    }
+
+    /// A key by id.
+    pub fn key(&self, id: &KeyId) -> Result<&KeyRecord, LifecycleError> {
+        self.keys
+            .iter()
+            .find(|k| &k.id == id)
+            .ok_or_else(|| LifecycleError::UnknownKey(id.clone()))
+    }
+
+    /// The org after `command`, with the changes it made; or why it is refused,
+    /// in which case nothing changed.
+    pub fn handle(
+        &self,
+        command: Command,
+        now: Timestamp,
+        policy: &Policy,
+    ) -> Result<(Org, Vec<Change>), LifecycleError> {
+        let mut next = Working {
+            org: self.clone(),
+            changes: Vec::new(),
+            now,
+            policy,
+        };
+        match command {
+            Command::Add {
+                id,
+                source,
+                check_value,
+                activate_now,
+            } => {
+                if let Some(existing) = self.keys.iter().find(|k| k.check_value == check_value) {
+                    if existing.state == KeyState::Removed && existing.needed {
+                        next.apply(&existing.id.clone(), Action::Recover)?;
+                        return Ok(next.finish());
+                    }
+                    if existing.state != KeyState::Removed {
+                        return Err(LifecycleError::AlreadyPresent {
+                            existing: existing.id.clone(),
+                            state: existing.state,
+                            check_value,
+                        });
+                    }
+                }
+                next.add(id.clone(), source, check_value)?;
+                if activate_now {
+                    next.activate(&id)?;
+                }
+            }
+            Command::UseGenericDefault { id, check_value } => {
+                if let Some(active) = self
+                    .active()
+                    .filter(|k| k.source == KeySource::GenericDefault)
+                {
+                    return Err(LifecycleError::GenericAlreadyActive {
+                        key: active.id.clone(),
+                    });
+                }
+                next.add(id.clone(), KeySource::GenericDefault, check_value)?;
+                next.activate(&id)?;
+            }
+            Command::Activate(id) => next.activate(&id)?,
+            Command::Cancel(id) => next.apply(&id, Action::Cancel)?,
+            Command::Revoke(id) => next.apply(&id, Action::Revoke)?,
+            Command::Reactivate(id) => next.apply(&id, Action::Reactivate)?,
+            Command::Delete(id) => next.apply(&id, Action::Delete)?,
+            Command::Restore(id) => next.apply(&id, Action::Restore)?,
+            Command::FinishRotation(id) => next.apply(&id, Action::FinishRotation)?,
+            Command::ExpireDue => {
+                let due: Vec<KeyId> = self
+                    .keys
+                    .iter()
+                    .filter(|k| matches!(k.state, KeyState::Deactivated | KeyState::Deleted))
+                    .filter(|k| k.expires_at.is_some_and(|t| t <= now))
+                    .map(|k| k.id.clone())
+                    .collect();
+                for id in due {
+                    next.apply(&id, Action::Expire)?;
+                }
+            }
+        }
+        Ok(next.finish())
+    }
+
+    /// The org-wide invariants: at most one pending, one active, and one revoked
+    /// (revoked, deleted, or removed while needed) key; never an active key
+    /// beside a revoked one.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let count =
+            |pred: &dyn Fn(&KeyRecord) -> bool| self.keys.iter().filter(|k| pred(k)).count();
+        let pending = count(&|k| k.state == KeyState::Pending);
+        let active = count(&|k| k.state == KeyState::Active);
+        let revoked = count(&|k| is_revoked_master(k));
+        if pending > 1 || active > 1 || revoked > 1 || (active > 0 && revoked > 0) {
+            return Err(format!(
+                "{pending} pending, {active} active, {revoked} revoked keys: {:?}",
+                self.keys
+                    .iter()
+                    .map(|k| (&k.id.0, k.state))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        Ok(())
+    }
+
+    fn in_state(&self, state: KeyState) -> Option<&KeyRecord> {
+        self.keys.iter().find(|k| k.state == state)
+    }
+
+    fn revoked_master(&self) -> Option<&KeyRecord> {
+        self.keys.iter().find(|k| is_revoked_master(k))
+    }
+}
+
+/// A key that blocks the org: revoked, deleted, or removed while still needed.
+fn is_revoked_master(key: &KeyRecord) -> bool {
+    matches!(key.state, KeyState::Revoked | KeyState::Deleted)
+        || (key.state == KeyState::Removed && key.needed)
+}
+
+/// An org being changed by one command.
+struct Working<'a> {
+    org: Org,
+    changes: Vec<Change>,
+    now: Timestamp,
+    policy: &'a Policy,
+}
+
+impl Working<'_> {
+    fn finish(self) -> (Org, Vec<Change>) {
+        (self.org, self.changes)
+    }
+
+    fn apply(&mut self, id: &KeyId, action: Action) -> Result<(), LifecycleError> {
+        let index = self
+            .org
+            .keys
+            .iter()
+            .position(|k| &k.id == id)
+            .ok_or_else(|| LifecycleError::UnknownKey(id.clone()))?;
+        let key = &self.org.keys[index];
+        let next = transition(key, action, self.now, self.policy)?;
+        self.changes.push(Change {
+            key: id.clone(),
+            from: Some(key.state),
+            to: next.state,
+        });
+        self.org.keys[index] = next;
+        Ok(())
+    }
+
+    fn add(
+        &mut self,
+        id: KeyId,
+        source: KeySource,
+        check_value: String,
+    ) -> Result<(), LifecycleError> {
+        if self.org.keys.iter().any(|k| k.id == id) {
+            return Err(LifecycleError::DuplicateId(id));
+        }
+        if let Some(pending) = self.org.in_state(KeyState::Pending) {
+            return Err(LifecycleError::PendingExists {
+                pending: pending.id.clone(),
+            });
+        }
+        self.changes.push(Change {
+            key: id.clone(),
+            from: None,
+            to: KeyState::Pending,
+        });
+        self.org
+            .keys
+            .push(KeyRecord::pending(id, source, check_value, self.now));
+        Ok(())
+    }
+
+    /// Pending → active, the previous active key → rotating.
+    fn activate(&mut self, id: &KeyId) -> Result<(), LifecycleError> {
+        if let Some(master) = self.org.revoked_master() {
+            let (state, remedy) = match master.state {
+                KeyState::Revoked => ("revoked", "reactivate it".to_string()),
+                KeyState::Deleted => ("deleted", "restore and reactivate it".to_string()),
+                _ => (
+                    "removed",
+                    format!(
+                        "upload the original key (check value {}) again and reactivate it",
+                        master.check_value
+                    ),
+                ),
+            };
+            return Err(LifecycleError::MasterRevoked {
+                master: master.id.clone(),
+                state,
+                remedy,
+            });
+        }
+        // Check the target first: a refused activation must not supersede anything.
+        transition(self.org.key(id)?, Action::Activate, self.now, self.policy)?;
+        if let Some(previous) = self.org.active().map(|k| k.id.clone()) {
+            self.apply(&previous, Action::Supersede)?;
+        }
+        self.apply(id, Action::Activate)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(n: &str) -> KeyId {
+        KeyId(n.into())
+    }
+
+    fn org() -> Org {
+        Org::new(id("generic"), "GEN0000000".into(), Timestamp(0))
+    }
+
+    fn state(org: &Org, key: &str) -> KeyState {
+        org.key(&id(key)).expect("key").state
+    }
+
+    fn add(key: &str, kcv: &str, activate_now: bool) -> Command {
+        Command::Add {
+            id: id(key),
+            source: KeySource::Uploaded,
+            check_value: kcv.into(),
+            activate_now,
+        }
+    }
+
+    /// The seed's flow: upload → activate later → activate → revoke → reactivate
+    /// → upload a second key → activate → the first finishes rotating → deleted
+    /// after retention... as far as the lifecycle goes.
+    #[test]
+    fn the_walk_through() {
+        let p = Policy::default();
+        let t = Timestamp;
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", false), t(1), &p)
+            .unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Pending);
+        let (o, changes) = o.handle(Command::Activate(id("a")), t(2), &p).unwrap();
+        assert_eq!(
+            changes,
+            vec![
+                Change {
+                    key: id("generic"),
+                    from: Some(KeyState::Active),
+                    to: KeyState::Rotating
+                },
+                Change {
+                    key: id("a"),
+                    from: Some(KeyState::Pending),
+                    to: KeyState::Active
+                },
+            ]
+        );
+        let (o, _) = o
+            .handle(Command::FinishRotation(id("generic")), t(3), &p)
+            .unwrap();
+        assert_eq!(
+            state(&o, "generic"),
+            KeyState::Removed,
+            "the generic key just leaves the list"
+        );
+        let (o, _) = o.handle(Command::Revoke(id("a")), t(4), &p).unwrap();
+        assert!(o.active().is_none());
+        let err = o
+            .handle(add("b", "BBBBBBBBBB", true), t(5), &p)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the organisation's master key a is revoked: reactivate it first, then rotate to a new key"
+        );
+        let (o, _) = o.handle(Command::Reactivate(id("a")), t(6), &p).unwrap();
+        let (o, _) = o.handle(add("b", "BBBBBBBBBB", false), t(7), &p).unwrap();
+        let (o, _) = o.handle(Command::Activate(id("b")), t(8), &p).unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Rotating);
+        let (o, _) = o
+            .handle(Command::FinishRotation(id("a")), t(9), &p)
+            .unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Deactivated);
+        let due = t(9).plus(p.deactivated_retention);
+        let (same, changes) = o
+            .handle(Command::ExpireDue, Timestamp(due.0 - 1), &p)
+            .unwrap();
+        assert!(changes.is_empty());
+        assert_eq!(same, o);
+        let (o, changes) = o.handle(Command::ExpireDue, due, &p).unwrap();
+        assert_eq!(
+            changes,
+            vec![Change {
+                key: id("a"),
+                from: Some(KeyState::Deactivated),
+                to: KeyState::Removed
+            }]
+        );
+        assert_eq!(o.active().map(|k| k.id.clone()), Some(id("b")));
+    }
+
+    #[test]
+    fn illegal_commands_are_refused_with_what_is_allowed() {
+        let p = Policy::default();
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", false), Timestamp(1), &p)
+            .unwrap();
+        assert_eq!(
+            o.handle(add("b", "BBBBBBBBBB", false), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::PendingExists { pending: id("a") }
+        );
+        assert!(matches!(
+            o.handle(add("c", "AAAAAAAAAA", false), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::AlreadyPresent { .. }
+        ));
+        assert!(matches!(
+            o.handle(Command::Revoke(id("a")), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::InvalidTransition {
+                state: KeyState::Pending,
+                action: Action::Revoke,
+                ..
+            }
+        ));
+        assert!(matches!(
+            o.handle(Command::Revoke(id("generic")), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::GenericDefaultNotRevocable { .. }
+        ));
+        assert_eq!(
+            o.handle(Command::Restore(id("nope")), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::UnknownKey(id("nope"))
+        );
+    }
+
+    #[test]
+    fn byok_off_rotates_back_to_the_generic_default_key() {
+        let p = Policy::default();
+        let generic = || Command::UseGenericDefault {
+            id: id("generic-2"),
+            check_value: "GEN0000000".into(),
+        };
+        assert_eq!(
+            org().handle(generic(), Timestamp(1), &p).unwrap_err(),
+            LifecycleError::GenericAlreadyActive { key: id("generic") }
+        );
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        let (o, _) = o.handle(generic(), Timestamp(2), &p).unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Rotating);
+        assert_eq!(
+            o.active().map(|k| k.source),
+            Some(KeySource::GenericDefault)
+        );
+    }
+
+    #[test]
+    fn a_removed_deleted_key_blocks_the_org_until_uploaded_again() {
+        let p = Policy::default();
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        let (o, _) = o
+            .handle(Command::Revoke(id("a")), Timestamp(2), &p)
+            .unwrap();
+        let (o, _) = o
+            .handle(Command::Delete(id("a")), Timestamp(3), &p)
+            .unwrap();
+        let gone = Timestamp(3).plus(p.restore_window);
+        let (o, _) = o.handle(Command::ExpireDue, gone, &p).unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Removed);
+        let err = o
+            .handle(add("b", "BBBBBBBBBB", true), gone, &p)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("upload the original key (check value AAAAAAAAAA) again"),
+            "{err}"
+        );
+        let (o, changes) = o.handle(add("a2", "AAAAAAAAAA", false), gone, &p).unwrap();
+        assert_eq!(
+            changes,
+            vec![Change {
+                key: id("a"),
+                from: Some(KeyState::Removed),
+                to: KeyState::Revoked
+            }]
+        );
+        let (o, _) = o.handle(Command::Reactivate(id("a")), gone, &p).unwrap();
+        assert_eq!(o.active().map(|k| k.id.clone()), Some(id("a")));
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        let key = prop_oneof![
+            Just("generic"),
+            Just("k0"),
+            Just("k1"),
+            Just("k2"),
+            Just("k3")
+        ]
+        .prop_map(id);
+        let kcv = prop_oneof![
+            Just("AAAAAAAAAA"),
+            Just("BBBBBBBBBB"),
+            Just("CCCCCCCCCC"),
+            Just("DDDDDDDDDD")
+        ];
+        prop_oneof![
+            (
+                key.clone(),
+                kcv,
+                any::<bool>(),
+                prop_oneof![Just(KeySource::Uploaded), Just(KeySource::AwsKms)]
+            )
+                .prop_map(|(id, kcv, activate_now, source)| Command::Add {
+                    id,
+                    source,
+                    check_value: kcv.into(),
+                    activate_now
+                }),
+            key.clone().prop_map(|k| Command::UseGenericDefault {
+                id: KeyId(format!("g-{k}")),
+                check_value: "GEN0000000".into()
+            }),
+            key.clone().prop_map(Command::Activate),
+            key.clone().prop_map(Command::Cancel),
+            key.clone().prop_map(Command::Revoke),
+            key.clone().prop_map(Command::Reactivate),
+            key.clone().prop_map(Command::Delete),
+            key.clone().prop_map(Command::Restore),
+            key.prop_map(Command::FinishRotation),
+            Just(Command::ExpireDue),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_sequence_keeps_the_invariants(steps in proptest::collection::vec((command(), 0i64..40 * 86_400), 1..40)) {
+            let policy = Policy::default();
+            let mut org = org();
+            let mut now = Timestamp(0);
+            for (command, advance) in steps {
+                now = Timestamp(now.0 + advance);
+                match org.handle(command.clone(), now, &policy) {
+                    Ok((next, changes)) => {
+                        prop_assert!(next.check_invariants().is_ok(), "{command:?}: {:?}", next.check_invariants());
+                        // Each key ends in the state its last change names.
+                        for change in &changes {
+                            let last = changes.iter().rev().find(|c| c.key == change.key).unwrap();
+                            prop_assert_eq!(next.key(&change.key).unwrap().state, last.to);
+                        }
+                        let ids: std::collections::BTreeSet<_> = next.keys().iter().map(|k| &k.id).collect();
+                        prop_assert_eq!(ids.len(), next.keys().len(), "key ids are unique");
+                        // Removed is final, except for a recovery by upload.
+                        for before in org.keys().iter().filter(|k| k.state == KeyState::Removed) {
+                            let after = next.key(&before.id).unwrap();
+                            prop_assert!(after.state == KeyState::Removed || (before.needed && after.state == KeyState::Revoked));
+                        }
+                        org = next;
+                    }
+                    // A refusal returns no org at all, so nothing can have changed.
+                    Err(err) => prop_assert!(!err.to_string().is_empty()),
+                }
+            }
+        }
+    }
+}
