@@ -3,12 +3,18 @@
 //! `protoc` comes from `protoc-bin-vendored`, so a machine with only the Rust
 //! toolchain can build; nothing generated is committed, so nothing can drift.
 
-use std::{env, error::Error, path::PathBuf};
+use std::{
+    env,
+    error::Error,
+    path::{Path, PathBuf},
+};
 
-const PROTOS: &[&str] = &["cmk/hsm/v1/hsm.proto", "cmk/control/v1/control.proto"];
+const PROTOS: [&str; 2] = ["cmk/hsm/v1/hsm.proto", "cmk/control/v1/control.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // Well-known types (google/protobuf/timestamp.proto) ship with the vendored protoc.
+    let well_known = protoc_bin_vendored::include_path()?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("cmk_descriptor.bin"))
@@ -21,8 +27,8 @@ fn main() -> Result<(), Box<dyn Error>> {
                 config.protoc_executable(protoc);
                 config
             },
-            PROTOS,
-            &["."],
+            &PROTOS.map(Path::new),
+            &[Path::new("."), well_known.as_path()],
         )?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");

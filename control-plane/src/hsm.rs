@@ -27,6 +27,18 @@ pub enum HsmError {
     Protocol(&'static str),
 }
 
+/// A fresh key handle for [`HsmClient::import`] or [`HsmClient::generate`]: 16
+/// bytes from the operating system's CSPRNG as 32 lower-case hex characters, the
+/// form the daemon accepts. Random, so that no two callers, and no caller after a
+/// crash, pick a handle the daemon has already used.
+pub fn random_handle() -> String {
+    let mut bytes = [0u8; 16];
+    // AWS-LC's RAND_bytes aborts the process rather than return without filling
+    // the buffer, so this error cannot occur.
+    aws_lc_rs::rand::fill(&mut bytes).expect("AWS-LC RAND_bytes never fails without aborting");
+    hex::encode(bytes)
+}
+
 /// A CMK the daemon has taken into custody.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImportedKey {
@@ -51,17 +63,38 @@ impl HsmClient {
         server_name: &str,
         tls: &TlsFiles,
     ) -> Result<Self, HsmError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())?
-            .tls_config(cmk_tls::client_config(tls, server_name)?)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
+        let channel = Self::endpoint(endpoint, server_name, tls)?
             .connect()
             .await?;
-        Ok(Self {
+        Ok(Self::over(channel))
+    }
+
+    /// As [`HsmClient::connect`], but connects on first use and reconnects after
+    /// a failure, so that a daemon that is down makes calls fail (`UNAVAILABLE`)
+    /// rather than the caller's start-up.
+    pub fn connect_lazy(
+        endpoint: &str,
+        server_name: &str,
+        tls: &TlsFiles,
+    ) -> Result<Self, HsmError> {
+        Ok(Self::over(
+            Self::endpoint(endpoint, server_name, tls)?.connect_lazy(),
+        ))
+    }
+
+    fn endpoint(endpoint: &str, server_name: &str, tls: &TlsFiles) -> Result<Endpoint, HsmError> {
+        Ok(Endpoint::from_shared(endpoint.to_owned())?
+            .tls_config(cmk_tls::client_config(tls, server_name)?)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true))
+    }
+
+    fn over(channel: Channel) -> Self {
+        Self {
             inner: HsmServiceClient::new(channel)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-        })
+        }
     }
 
     /// The RSA import public key (PEM) and its key id.
@@ -74,19 +107,46 @@ impl HsmClient {
             .into_inner())
     }
 
-    /// Imports an RSA-OAEP-wrapped CMK.
-    pub async fn import(&self, wrapped_key: Vec<u8>) -> Result<ImportedKey, HsmError> {
-        self.import_source(import_request::Source::WrappedKey(wrapped_key))
-            .await
+    /// Imports an RSA-OAEP-wrapped CMK under `handle` (see [`random_handle`]).
+    ///
+    /// The daemon refuses a handle that is or ever was in use with
+    /// `ALREADY_EXISTS`. Record the handle before calling, so that after a crash
+    /// destroying it removes whatever this call stored. `NOT_FOUND` from that
+    /// destroy means nothing is stored under the handle at that moment; an import
+    /// the daemon is still processing can land afterwards.
+    /// A non-empty `import_key_id` names the public key the caller wrapped
+    /// under; the daemon refuses the call if it is not its own.
+    pub async fn import(
+        &self,
+        handle: &str,
+        wrapped_key: Vec<u8>,
+        import_key_id: String,
+    ) -> Result<ImportedKey, HsmError> {
+        self.import_source(
+            handle,
+            import_request::Source::WrappedKey(wrapped_key),
+            import_key_id,
+        )
+        .await
     }
 
-    /// Has the daemon generate a CMK.
-    pub async fn generate(&self) -> Result<ImportedKey, HsmError> {
-        self.import_source(import_request::Source::Generate(pb::Generate {}))
-            .await
+    /// Has the daemon generate a CMK under `handle`, on the terms of
+    /// [`HsmClient::import`].
+    pub async fn generate(&self, handle: &str) -> Result<ImportedKey, HsmError> {
+        self.import_source(
+            handle,
+            import_request::Source::Generate(pb::Generate {}),
+            String::new(),
+        )
+        .await
     }
 
-    async fn import_source(&self, source: import_request::Source) -> Result<ImportedKey, HsmError> {
+    async fn import_source(
+        &self,
+        handle: &str,
+        source: import_request::Source,
+        import_key_id: String,
+    ) -> Result<ImportedKey, HsmError> {
         let pb::ImportResponse {
             key_handle,
             key_check_value,
@@ -96,10 +156,18 @@ impl HsmClient {
             .clone()
             .import(pb::ImportRequest {
                 source: Some(source),
-                import_key_id: String::new(),
+                import_key_id,
+                key_handle: handle.to_owned(),
             })
             .await?
             .into_inner();
+        // The caller has recorded `handle`; a key stored under any other name
+        // would be one it cannot find again.
+        if key_handle != handle {
+            return Err(HsmError::Protocol(
+                "the key was stored under another handle than the one requested",
+            ));
+        }
         Ok(ImportedKey {
             handle: key_handle,
             check_value: key_check_value,
@@ -234,4 +302,20 @@ fn batch_results<R, T>(
 
 fn item_status(error: pb::ItemError) -> tonic::Status {
     tonic::Status::new(tonic::Code::from_i32(error.code), error.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_handles_are_32_lower_case_hex_characters_and_differ() {
+        let a = random_handle();
+        assert_eq!(a.len(), 32, "{a}");
+        assert!(
+            a.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+            "{a}"
+        );
+        assert_ne!(a, random_handle());
+    }
 }

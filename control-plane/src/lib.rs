@@ -1,10 +1,17 @@
-//! The cmk control plane: org key metadata, the key lifecycle, rotation jobs, the
-//! audit log, admin and internal-service APIs, and authorisation. It never holds
-//! CMK bytes; everything that needs a CMK goes through the HSM daemon.
-//!
-//! So far this crate holds [`hsm::HsmClient`], its mutual-TLS client of the HSM
-//! daemon.
+//! The cmk control plane: organisations' master-key metadata and lifecycle,
+//! the admin API, authorisation and the audit log. It never holds key
+//! material: the HSM daemon does, behind [`hsm::HsmClient`].
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod grpc;
 pub mod hsm;
+pub mod server;
+pub mod service;
+
+pub use config::{LogFormat, RawSettings, Settings};
+pub use server::{StartError, run, serve};

@@ -26,6 +26,7 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             CustodyError::UnknownKey(_) | CustodyError::DestroyedKey(_) => Code::NotFound,
+            CustodyError::HandleInUse { .. } => Code::AlreadyExists,
             CustodyError::Unavailable(_) => Code::Unavailable,
             CustodyError::Storage { .. }
             | CustodyError::Corrupt { .. }

@@ -124,7 +124,15 @@ impl HsmService for HsmApi {
         let pb::ImportRequest {
             source,
             import_key_id,
+            key_handle,
         } = request.into_inner();
+        // The caller's handle, so it can record it before calling; else a fresh one.
+        let handle = if key_handle.is_empty() {
+            KeyHandle::random()
+        } else {
+            key_handle.parse::<KeyHandle>().map_err(CustodyError::from)
+        }
+        .map_err(ServiceError::from)?;
         let info = match source {
             Some(import_request::Source::WrappedKey(wrapped)) => {
                 let current = &self.custody.import_public_key().key_id;
@@ -137,10 +145,10 @@ impl HsmService for HsmApi {
                     ))
                     .into());
                 }
-                self.custody.import(&wrapped).await
+                self.custody.import(&handle, &wrapped).await
             }
             Some(import_request::Source::Generate(pb::Generate {})) => {
-                self.custody.generate().await
+                self.custody.generate(&handle).await
             }
             None => {
                 return Err(ServiceError::InvalidArgument(

@@ -15,7 +15,7 @@ pub mod hsm {
     }
 }
 
-/// The control plane's API (`cmk.control.v1`, draft).
+/// The control plane's API (`cmk.control.v1`).
 pub mod control {
     pub mod v1 {
         tonic::include_proto!("cmk.control.v1");

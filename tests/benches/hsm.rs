@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use cmk_control_plane::hsm::random_handle;
 use cmk_hsm_custody::{
     Custody, ImportKeyBits, KeyHandle, RootKey, SoftwareCustody, contract,
     envelope::{self, SealingKey},
@@ -174,7 +175,10 @@ async fn main() {
         let (local, wrapped, next) = (local.clone(), &wrapped, next.clone());
         async move {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            local.import(&wrapped[i % wrapped.len()]).await.unwrap();
+            local
+                .import(&contract::handle(), &wrapped[i % wrapped.len()])
+                .await
+                .unwrap();
         }
     })
     .await;
@@ -195,7 +199,11 @@ async fn main() {
         async move {
             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             client
-                .import(wrapped[i % wrapped.len()].clone())
+                .import(
+                    &random_handle(),
+                    wrapped[i % wrapped.len()].clone(),
+                    String::new(),
+                )
                 .await
                 .unwrap();
         }
@@ -213,7 +221,7 @@ async fn main() {
         envelope::wrap(&sealing, &handle, &kek, aad).unwrap();
     });
     print_row(&bare_aes, &bare_aes);
-    let key = local.generate().await.unwrap();
+    let key = local.generate(&contract::handle()).await.unwrap();
     let custody_wrap = async_bench("keystore wrap", 100_000, || {
         let (local, kek) = (&local, &kek);
         async move {
@@ -223,7 +231,7 @@ async fn main() {
     .await;
     print_row(&custody_wrap, &bare_aes);
 
-    let remote_key = client.generate().await.unwrap();
+    let remote_key = client.generate(&random_handle()).await.unwrap();
     let rpc_baseline = async_bench("RPC baseline: GetImportPublicKey over mTLS", 3000, || {
         let client = client.clone();
         async move {

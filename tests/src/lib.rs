@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod control_plane;
+
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -46,6 +48,9 @@ impl Pki {
             .write(p, "control-plane")
             .unwrap();
         ca.client(INTRUDER).unwrap().write(p, "intruder").unwrap();
+        for (identity, name) in control_plane::IDENTITIES {
+            ca.client(identity).unwrap().write(p, name).unwrap();
+        }
         // The same identity as the control plane, issued by a CA nobody trusts.
         let rogue = Ca::new("rogue CA").unwrap();
         rogue

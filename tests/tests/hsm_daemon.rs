@@ -32,6 +32,7 @@ async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportRespo
         .import(ImportRequest {
             source: Some(Source::WrappedKey(wrapped)),
             import_key_id: String::new(),
+            key_handle: String::new(),
         })
         .await
         .map(|r| r.into_inner())
@@ -42,6 +43,7 @@ async fn generate(client: &mut Client) -> pb::ImportResponse {
         .import(ImportRequest {
             source: Some(Source::Generate(pb::Generate {})),
             import_key_id: String::new(),
+            key_handle: String::new(),
         })
         .await
         .unwrap()
@@ -139,6 +141,7 @@ async fn import_wrap_unwrap_batch_destroy() {
                 cmk.expose(),
             ))),
             import_key_id: public.key_id.clone(),
+            key_handle: String::new(),
         })
         .await
         .unwrap()
@@ -301,6 +304,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                     &public, &[1; 32],
                 ))),
                 import_key_id: other.public().key_id.clone(),
+                key_handle: String::new(),
             })
             .await,
         Code::InvalidArgument,
@@ -311,6 +315,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
             .import(ImportRequest {
                 source: None,
                 import_key_id: String::new(),
+                key_handle: String::new(),
             })
             .await,
         Code::InvalidArgument,
@@ -457,6 +462,98 @@ async fn every_bad_input_is_named_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn the_caller_chooses_the_handle_and_it_is_never_reused() {
+    use cmk_control_plane::hsm::random_handle;
+    let Harness { pki, store, daemon } = Harness::start(Limits::default()).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let public = public_key(&mut client).await;
+    let under = |handle: &str, source: Source| ImportRequest {
+        source: Some(source),
+        import_key_id: String::new(),
+        key_handle: handle.into(),
+    };
+    let upload = || {
+        Source::WrappedKey(contract::wrap_for_import(
+            &public,
+            contract::random(32).expose(),
+        ))
+    };
+    let generate = || Source::Generate(pb::Generate {});
+
+    let chosen = random_handle();
+    let imported = client
+        .import(under(&chosen, upload()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(imported.key_handle, chosen);
+    assert_eq!(imported.origin, pb::KeyOrigin::Imported as i32);
+    let kek = [5u8; 32];
+    let ct = wrap(&mut client, &chosen, &kek, b"aad").await.unwrap();
+    let generated_handle = random_handle();
+    let generated = client
+        .import(under(&generated_handle, generate()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(generated.key_handle, generated_handle);
+    assert_eq!(generated.origin, pb::KeyOrigin::Generated as i32);
+    let before = listing(store.path());
+
+    for source in [upload(), generate()] {
+        assert_status(
+            client.import(under(&chosen, source)).await,
+            Code::AlreadyExists,
+            &format!("key handle {chosen} is already in use"),
+        );
+    }
+    for malformed in [
+        chosen.to_uppercase(),
+        chosen[..30].to_owned(),
+        format!("{chosen}00"),
+        "not-a-handle".to_owned(),
+    ] {
+        assert_status(
+            client.import(under(&malformed, upload())).await,
+            Code::InvalidArgument,
+            "is malformed: expected 32 lower-case hexadecimal characters",
+        );
+    }
+    assert_eq!(
+        listing(store.path()),
+        before,
+        "a refused import changed the keystore"
+    );
+    let out = unwrap(&mut client, &ct, b"aad").await.unwrap();
+    assert_eq!(
+        out.plaintext, kek,
+        "the key under the handle is the first one"
+    );
+
+    let destroyed = client
+        .destroy(DestroyRequest {
+            key_handle: chosen.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!destroyed.already_destroyed);
+    for source in [upload(), generate()] {
+        assert_status(
+            client.import(under(&chosen, source)).await,
+            Code::AlreadyExists,
+            &format!("key handle {chosen} was used by a destroyed key and is never reused"),
+        );
+    }
+    assert_status(
+        unwrap(&mut client, &ct, b"aad").await,
+        Code::NotFound,
+        "has been destroyed",
+    );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_key_wrapped_by_the_openssl_cli_imports_and_round_trips() {
     let Harness {
         pki,
@@ -577,6 +674,7 @@ async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
             .import(ImportRequest {
                 source: Some(Source::Generate(pb::Generate {})),
                 import_key_id: String::new(),
+                key_handle: String::new(),
             })
             .await,
         Code::PermissionDenied,
@@ -704,7 +802,7 @@ async fn connect_raw(
 
 #[tokio::test]
 async fn the_control_plane_client_speaks_to_the_daemon() {
-    use cmk_control_plane::hsm::HsmError;
+    use cmk_control_plane::hsm::{HsmError, random_handle};
     use cmk_secret::SecretBytes;
     let Harness {
         pki,
@@ -714,12 +812,19 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
     let client = pki.control_plane_client(daemon.addr).await;
 
     let public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
+    let wrapped = contract::wrap_for_import(&public, &[0x11; 32]);
+    let handle = random_handle();
     let imported = client
-        .import(contract::wrap_for_import(&public, &[0x11; 32]))
+        .import(&handle, wrapped.clone(), String::new())
         .await
         .unwrap();
-    let generated = client.generate().await.unwrap();
+    assert_eq!(imported.handle, handle);
+    let generated = client.generate(&random_handle()).await.unwrap();
     assert_ne!(imported.check_value, generated.check_value);
+    match client.import(&handle, wrapped, String::new()).await {
+        Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::AlreadyExists),
+        other => panic!("import under a handle in use: {other:?}"),
+    }
 
     let kek = SecretBytes::copy_from(&[0x22; 32]);
     let ct = client

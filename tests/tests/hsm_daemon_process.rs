@@ -70,6 +70,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
                     let request = ImportRequest {
                         source: Some(Source::WrappedKey(wrapped)),
                         import_key_id: String::new(),
+                        key_handle: String::new(),
                     };
                     match client.import(request).await {
                         Ok(r) => acked

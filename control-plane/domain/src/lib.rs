@@ -32,9 +32,67 @@ impl Timestamp {
     }
 }
 
+/// Identifier of an organisation: 1 to 64 characters of `A-Z a-z 0-9 . _ -`,
+/// so it is safe in a log line, a file name or a URL path.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OrgId(String);
+
+impl OrgId {
+    /// The longest accepted id.
+    pub const MAX_LEN: usize = 64;
+
+    /// Parses an org id, saying what is wrong with a bad one.
+    pub fn parse(id: &str) -> Result<Self, String> {
+        check_id("organisation id", id, Self::MAX_LEN).map(|()| Self(id.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for OrgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Checks an identifier that ends up in log lines, audit rows and file names.
+fn check_id(what: &str, id: &str, max_len: usize) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if id.len() > max_len {
+        return Err(format!(
+            "{what} is {} bytes, over the limit of {max_len}",
+            id.len()
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "{what} may contain only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
 /// Identifier of one key of one org (not the HSM handle).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KeyId(pub String);
+
+impl KeyId {
+    /// The longest accepted id.
+    pub const MAX_LEN: usize = 64;
+
+    /// Parses a key id from a request, with the same rules as [`OrgId`].
+    pub fn parse(id: &str) -> Result<Self, String> {
+        check_id("key id", id, Self::MAX_LEN).map(|()| Self(id.to_owned()))
+    }
+}
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -275,10 +333,35 @@ pub enum LifecycleError {
         /// The org's record of it.
         key: KeyId,
     },
+    /// Bring-your-own-key is switched off for the org.
+    #[error(
+        "bring-your-own-key is switched off for this organisation: switch it on before uploading or activating a key of your own"
+    )]
+    ByokOff,
     /// A key id the org already uses.
     #[error("the organisation already has a key with id {0}")]
     DuplicateId(KeyId),
     /// No such key in this org.
     #[error("the organisation has no key {0}")]
     UnknownKey(KeyId),
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_bounded_and_plain() {
+        assert!(OrgId::parse("acme-corp_1.eu").is_ok());
+        assert_eq!(OrgId::parse("").unwrap_err(), "organisation id is empty");
+        assert!(
+            OrgId::parse(&"a".repeat(65))
+                .unwrap_err()
+                .contains("65 bytes")
+        );
+        assert!(OrgId::parse("a/b").unwrap_err().contains("only letters"));
+        assert!(KeyId::parse("key 1").unwrap_err().starts_with("key id"));
+        assert!(KeyId::parse("\u{e9}").is_err());
+    }
 }

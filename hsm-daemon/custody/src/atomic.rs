@@ -9,7 +9,7 @@ use std::{
     fs::{self, File, OpenOptions},
     io::{self, Write},
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use crate::CustodyError;
@@ -18,29 +18,73 @@ const TEMP_PREFIX: &str = ".tmp.";
 
 /// Writes `contents` to `dir/name` atomically and durably, with mode 0600.
 pub(crate) fn write(dir: &Path, name: &str, contents: &[u8]) -> Result<(), CustodyError> {
+    stage(dir, name, contents)?.put_in_place()?;
+    sync_dir(dir)
+}
+
+/// A file whose contents are on disk under a temporary name, not yet under its
+/// final one. Dropped without [`Staged::put_in_place`], it is removed.
+pub(crate) struct Staged {
+    temp: PathBuf,
+    target: PathBuf,
+    placed: bool,
+}
+
+/// Writes `contents` to a fresh temporary file beside `dir/name`, with mode 0600,
+/// and flushes it to disk: the slow part of a write, done before taking any lock
+/// that guards the final name.
+pub(crate) fn stage(dir: &Path, name: &str, contents: &[u8]) -> Result<Staged, CustodyError> {
     let mut suffix = [0u8; 8];
     crate::fill_random(&mut suffix)?;
     let temp = dir.join(format!("{TEMP_PREFIX}{name}.{}", hex::encode(suffix)));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| CustodyError::storage("create", &temp, e))?;
-        file.write_all(contents)
-            .map_err(|e| CustodyError::storage("write", &temp, e))?;
-        file.sync_all()
-            .map_err(|e| CustodyError::storage("fsync", &temp, e))?;
-        let target = dir.join(name);
-        fs::rename(&temp, &target).map_err(|e| CustodyError::storage("rename", &target, e))
-    })();
-    if result.is_err() {
-        // Best effort: a leftover is also removed at the next start.
-        let _ = fs::remove_file(&temp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(|e| CustodyError::storage("create", &temp, e))?;
+    // From here on, an early return drops `staged`, which removes the file.
+    let staged = Staged {
+        temp,
+        target: dir.join(name),
+        placed: false,
+    };
+    file.write_all(contents)
+        .map_err(|e| CustodyError::storage("write", &staged.temp, e))?;
+    file.sync_all()
+        .map_err(|e| CustodyError::storage("fsync", &staged.temp, e))?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the file over its final name, replacing any file there. The rename
+    /// is durable only after [`sync_dir`] of the directory.
+    pub(crate) fn put_in_place(mut self) -> Result<(), CustodyError> {
+        fs::rename(&self.temp, &self.target)
+            .map_err(|e| CustodyError::storage("rename", &self.target, e))?;
+        self.placed = true;
+        Ok(())
     }
-    result?;
-    sync_dir(dir)
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.placed {
+            // Best effort: a leftover is also removed at the next start.
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Whether `path` exists; unlike [`Path::exists`], an error other than "not
+/// found" (a permission problem, an I/O error) is reported rather than read as
+/// "no".
+pub(crate) fn exists(path: &Path) -> Result<bool, CustodyError> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(CustodyError::storage("stat", path, e)),
+    }
 }
 
 /// Removes `dir/name` durably. A file that is already gone is not an error.

@@ -36,10 +36,17 @@ pub fn random(len: usize) -> SecretBytes {
     bytes
 }
 
+/// A fresh random handle, as a caller chooses one.
+pub fn handle() -> KeyHandle {
+    KeyHandle::random().expect("rng")
+}
+
 /// Runs every check of this module against `custody`.
 pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
     import_and_round_trip(custody).await;
     generate_and_round_trip(custody).await;
+    a_live_handle_is_not_taken_again(custody).await;
+    a_destroyed_handle_is_never_reused(custody).await;
     bad_imports_are_refused(custody, other_import_key).await;
     bad_ciphertexts_are_refused(custody).await;
     destroy_is_idempotent_and_final(custody).await;
@@ -49,7 +56,9 @@ pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
 pub async fn import_and_round_trip(custody: &dyn Custody) {
     let cmk = random(32);
     let wrapped = wrap_for_import(custody.import_public_key(), cmk.expose());
-    let info = custody.import(&wrapped).await.expect("import");
+    let chosen = handle();
+    let info = custody.import(&chosen, &wrapped).await.expect("import");
+    assert_eq!(info.handle, chosen, "stored under the handle asked for");
     assert_eq!(info.origin, KeyOrigin::Imported);
     assert_eq!(
         info.check_value,
@@ -57,8 +66,10 @@ pub async fn import_and_round_trip(custody: &dyn Custody) {
         "check value is AES-CMAC of a zero block under the imported key"
     );
 
-    let again = custody.import(&wrapped).await.expect("second import");
-    assert_ne!(again.handle, info.handle, "each import is a new handle");
+    let again = custody
+        .import(&handle(), &wrapped)
+        .await
+        .expect("second import");
     assert_eq!(
         again.check_value, info.check_value,
         "same key, same check value"
@@ -92,15 +103,98 @@ pub async fn import_and_round_trip(custody: &dyn Custody) {
 }
 
 pub async fn generate_and_round_trip(custody: &dyn Custody) {
-    let a = custody.generate().await.expect("generate");
-    let b = custody.generate().await.expect("generate");
+    let chosen = handle();
+    let a = custody.generate(&chosen).await.expect("generate");
+    let b = custody.generate(&handle()).await.expect("generate");
+    assert_eq!(a.handle, chosen, "stored under the handle asked for");
     assert_eq!(a.origin, KeyOrigin::Generated);
-    assert_ne!(a.handle, b.handle);
     assert_ne!(a.check_value, b.check_value, "fresh key material each time");
     let secret = random(32);
     let ct = custody.wrap(&a.handle, &secret, b"").await.expect("wrap");
     let out = custody.unwrap(&ct, b"").await.expect("unwrap");
     assert!(out.plaintext.ct_eq(&secret));
+    assert_eq!(out.handle, chosen);
+}
+
+/// A handle that names a live key is refused for a new one, imported or
+/// generated, and the key it names is left as it was.
+pub async fn a_live_handle_is_not_taken_again(custody: &dyn Custody) {
+    let public = custody.import_public_key().clone();
+    let taken = handle();
+    custody
+        .import(&taken, &wrap_for_import(&public, random(32).expose()))
+        .await
+        .expect("import");
+    let secret = random(32);
+    let ct = custody
+        .wrap(&taken, &secret, b"before")
+        .await
+        .expect("wrap");
+
+    let other_key = wrap_for_import(&public, random(32).expose());
+    let refusals = [
+        custody.import(&taken, &other_key).await,
+        custody.generate(&taken).await,
+    ];
+    for refused in refusals {
+        match refused {
+            Err(CustodyError::HandleInUse { handle, destroyed }) => {
+                assert_eq!((handle, destroyed), (taken, false));
+            }
+            other => panic!("reusing a live handle: expected HandleInUse, got {other:?}"),
+        }
+    }
+    let err = custody.generate(&taken).await.expect_err("reuse");
+    assert_eq!(
+        err.to_string(),
+        format!("key handle {taken} is already in use")
+    );
+
+    // Still the original key: what it wrapped before still unwraps.
+    let out = custody.unwrap(&ct, b"before").await.expect("unwrap");
+    assert!(
+        out.plaintext.ct_eq(&secret),
+        "the key under {taken} changed"
+    );
+    assert_eq!(out.handle, taken);
+}
+
+/// A destroyed key's handle is refused for a new key, and stays destroyed.
+pub async fn a_destroyed_handle_is_never_reused(custody: &dyn Custody) {
+    let retired = handle();
+    custody.generate(&retired).await.expect("generate");
+    let secret = random(32);
+    let ct = custody.wrap(&retired, &secret, b"").await.expect("wrap");
+    custody.destroy(&retired).await.expect("destroy");
+
+    let wrapped = wrap_for_import(custody.import_public_key(), random(32).expose());
+    let refusals = [
+        custody.generate(&retired).await,
+        custody.import(&retired, &wrapped).await,
+    ];
+    for refused in refusals {
+        match refused {
+            Err(CustodyError::HandleInUse { handle, destroyed }) => {
+                assert_eq!((handle, destroyed), (retired, true));
+            }
+            other => panic!("reusing a destroyed handle: expected HandleInUse, got {other:?}"),
+        }
+    }
+    let err = custody.generate(&retired).await.expect_err("reuse");
+    assert_eq!(
+        err.to_string(),
+        format!("key handle {retired} was used by a destroyed key and is never reused")
+    );
+
+    assert_eq!(
+        custody.destroy(&retired).await.expect("destroy again"),
+        Destroyed::Already,
+        "a refused reuse does not bring the handle back"
+    );
+    assert!(matches!(
+        custody.unwrap(&ct, b"").await,
+        Err(CustodyError::DestroyedKey(h)) if h == retired
+    ));
 }
 
 pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
@@ -108,7 +202,7 @@ pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &I
     let modulus = public.bits as usize / 8;
     for len in [31, 33, 16, 64] {
         let wrapped = wrap_for_import(&public, random(len).expose());
-        match custody.import(&wrapped).await {
+        match custody.import(&handle(), &wrapped).await {
             Err(CustodyError::Import(ImportError::KeyLength { actual })) => assert_eq!(actual, len),
             other => panic!("{len}-byte key: expected KeyLength, got {other:?}"),
         }
@@ -116,13 +210,16 @@ pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &I
     let sha1 = wrap_for_import_sha1(&public, random(32).expose());
     assert!(
         matches!(
-            custody.import(&sha1).await,
+            custody.import(&handle(), &sha1).await,
             Err(CustodyError::Import(ImportError::OaepSha1))
         ),
         "SHA-1 OAEP is named as such"
     );
     let foreign = wrap_for_import(other_import_key, random(32).expose());
-    let err = custody.import(&foreign).await.expect_err("foreign key");
+    let err = custody
+        .import(&handle(), &foreign)
+        .await
+        .expect_err("foreign key");
     if other_import_key.bits == public.bits {
         assert!(
             matches!(err, CustodyError::Import(ImportError::Undecryptable { .. })),
@@ -138,15 +235,18 @@ pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &I
         );
     }
     assert!(matches!(
-        custody.import(&[]).await,
+        custody.import(&handle(), &[]).await,
         Err(CustodyError::Import(ImportError::Empty))
     ));
     let garbage = random(modulus);
     assert!(matches!(
-        custody.import(garbage.expose()).await,
+        custody.import(&handle(), garbage.expose()).await,
         Err(CustodyError::Import(ImportError::Undecryptable { .. }))
     ));
-    match custody.import(&garbage.expose()[..modulus - 1]).await {
+    match custody
+        .import(&handle(), &garbage.expose()[..modulus - 1])
+        .await
+    {
         Err(CustodyError::Import(ImportError::CiphertextLength {
             actual, expected, ..
         })) => {
@@ -157,7 +257,7 @@ pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &I
 }
 
 pub async fn bad_ciphertexts_are_refused(custody: &dyn Custody) {
-    let key = custody.generate().await.expect("generate");
+    let key = custody.generate(&handle()).await.expect("generate");
     let secret = random(32);
     let ct = custody
         .wrap(&key.handle, &secret, b"ctx")
@@ -190,7 +290,7 @@ pub async fn bad_ciphertexts_are_refused(custody: &dyn Custody) {
         custody.unwrap(&[], b"ctx").await,
         Err(CustodyError::Input(InputError::EmptyCiphertext))
     ));
-    let unknown = KeyHandle::random().unwrap();
+    let unknown = handle();
     assert!(matches!(
         custody.wrap(&unknown, &secret, b"").await,
         Err(CustodyError::UnknownKey(h)) if h == unknown
@@ -210,7 +310,7 @@ pub async fn bad_ciphertexts_are_refused(custody: &dyn Custody) {
 }
 
 pub async fn destroy_is_idempotent_and_final(custody: &dyn Custody) {
-    let key = custody.generate().await.expect("generate");
+    let key = custody.generate(&handle()).await.expect("generate");
     let secret = random(32);
     let ct = custody.wrap(&key.handle, &secret, b"").await.expect("wrap");
     assert_eq!(
@@ -229,7 +329,7 @@ pub async fn destroy_is_idempotent_and_final(custody: &dyn Custody) {
         custody.wrap(&key.handle, &secret, b"").await,
         Err(CustodyError::DestroyedKey(_))
     ));
-    let unknown = KeyHandle::random().unwrap();
+    let unknown = handle();
     assert!(matches!(
         custody.destroy(&unknown).await,
         Err(CustodyError::UnknownKey(_))
@@ -237,8 +337,8 @@ pub async fn destroy_is_idempotent_and_final(custody: &dyn Custody) {
 }
 
 pub async fn batches_keep_order_and_isolate_failures(custody: &dyn Custody) {
-    let key = custody.generate().await.expect("generate");
-    let unknown = KeyHandle::random().unwrap();
+    let key = custody.generate(&handle()).await.expect("generate");
+    let unknown = handle();
     let secrets: Vec<SecretBytes> = (0..5).map(|_| random(32)).collect();
     let items = secrets
         .iter()

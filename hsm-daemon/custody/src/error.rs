@@ -27,6 +27,21 @@ pub enum CustodyError {
     /// The key existed and was destroyed.
     #[error("key {0} has been destroyed")]
     DestroyedKey(KeyHandle),
+    /// The caller asked to store a key under a handle that is, or once was, in use.
+    #[error(
+        "key handle {handle} {}",
+        if *destroyed {
+            "was used by a destroyed key and is never reused"
+        } else {
+            "is already in use"
+        }
+    )]
+    HandleInUse {
+        /// The handle asked for.
+        handle: KeyHandle,
+        /// Whether it names a destroyed key rather than a live one.
+        destroyed: bool,
+    },
     /// Reading or writing the keystore failed.
     #[error("keystore {action} failed for {path}")]
     Storage {

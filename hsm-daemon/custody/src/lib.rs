@@ -49,7 +49,7 @@ pub enum KeyOrigin {
 /// What a backend says about a CMK it has just taken into custody.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyInfo {
-    /// The reference to use in `wrap` and `destroy`.
+    /// The reference to use in `wrap` and `destroy`: the one the caller chose.
     pub handle: KeyHandle,
     /// Fingerprint of the key bytes.
     pub check_value: KeyCheckValue,
@@ -104,11 +104,19 @@ pub trait Custody: Send + Sync + 'static {
     fn import_public_key(&self) -> &ImportPublicKey;
 
     /// Takes an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext of a 32-byte CMK into
-    /// custody. Once this returns `Ok`, the key survives a crash of the process.
-    async fn import(&self, wrapped_key: &[u8]) -> Result<KeyInfo, CustodyError>;
+    /// custody under `handle`. Once this returns `Ok`, the key survives a crash of
+    /// the process.
+    ///
+    /// The caller chooses the handle so that it can record it before the call and
+    /// find what was stored after a crash. A handle is never reused: one that names
+    /// a live or a destroyed key is refused with [`CustodyError::HandleInUse`], even
+    /// when two calls race for it.
+    async fn import(&self, handle: &KeyHandle, wrapped_key: &[u8])
+    -> Result<KeyInfo, CustodyError>;
 
-    /// Generates a CMK inside the backend, durable once this returns `Ok`.
-    async fn generate(&self) -> Result<KeyInfo, CustodyError>;
+    /// Generates a CMK inside the backend under `handle`, durable once this returns
+    /// `Ok`. The handle is refused as in [`Custody::import`].
+    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
 
     /// Encrypts `plaintext` under the CMK `handle`, binding `associated_data`.
     async fn wrap(

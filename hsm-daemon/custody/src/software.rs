@@ -14,6 +14,11 @@
 //! fails to open. All writes go through [`crate::atomic`]; an import or generate
 //! returns only after its key file and directory entry are on disk.
 //!
+//! A handle is taken by its key file and retired by its tombstone, so a handle
+//! that has either is refused for a new key; the check and the creation of the
+//! key file happen under the same lock as a destroy, and one process at a time
+//! uses a keystore, so no interleaving of calls reuses a handle.
+//!
 //! Unsealed CMKs are cached in memory as expanded AES keys (wiped when dropped),
 //! one entry per key used since start; destroyed keys leave a tombstone entry.
 
@@ -22,7 +27,7 @@ use std::{
     fs::{self, File, OpenOptions},
     os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
 };
 
 use async_trait::async_trait;
@@ -86,9 +91,12 @@ struct Inner {
     root: SealingKey,
     import_key: ImportKey,
     cache: RwLock<HashMap<KeyHandle, Entry>>,
-    // Serialises destroys, so that two concurrent destroys of one key agree on
-    // which of them destroyed it.
-    destroy_lock: Mutex<()>,
+    // Serialises changes to the set of handles: creating a key file (after
+    // checking that the handle has neither a key file nor a tombstone) and
+    // destroying a key. Without it a destroy could tombstone a handle between an
+    // import's check and its rename, or two imports could both claim one handle;
+    // and two concurrent destroys of one key agree on which of them destroyed it.
+    handles: Mutex<()>,
     // Held for the life of the keystore: two daemons on one directory would each
     // cache keys the other destroys.
     _lock: File,
@@ -136,7 +144,7 @@ impl SoftwareCustody {
                 root,
                 import_key,
                 cache: RwLock::new(HashMap::new()),
-                destroy_lock: Mutex::new(()),
+                handles: Mutex::new(()),
                 _lock: lock,
             }),
         })
@@ -171,6 +179,19 @@ impl Inner {
             .insert(handle, entry);
     }
 
+    /// Caches what [`Inner::load`] read from disk, unless the cache already holds
+    /// the key. An entry only ever moves from live to destroyed, and one written
+    /// meanwhile — by a destroy that ran while this read the old key file — is the
+    /// newer one; overwriting it would revive a destroyed key until restart.
+    fn cache_loaded(&self, handle: KeyHandle, entry: Entry) -> Entry {
+        self.cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(handle)
+            .or_insert(entry)
+            .clone()
+    }
+
     fn key_file(handle: &KeyHandle) -> String {
         format!("{handle}.key")
     }
@@ -183,9 +204,18 @@ impl Inner {
         format!("cmk:{handle}")
     }
 
-    /// Seals `key` into a new key file; durable when this returns.
-    fn store(&self, key: SecretBytes, origin: KeyOrigin) -> Result<KeyInfo, CustodyError> {
-        let handle = KeyHandle::random()?;
+    fn lock_handles(&self) -> MutexGuard<'_, ()> {
+        self.handles.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Seals `key` into a new key file under `handle`, unless the handle is or was
+    /// in use; durable when this returns.
+    fn store(
+        &self,
+        handle: KeyHandle,
+        key: SecretBytes,
+        origin: KeyOrigin,
+    ) -> Result<KeyInfo, CustodyError> {
         let check_value = kcv::check_value(&key)?;
         let mut record = SecretBytes::zeroed(RECORD_LEN);
         {
@@ -203,13 +233,43 @@ impl Inner {
             record.expose(),
             Self::key_purpose(&handle).as_bytes(),
         )?;
-        atomic::write(&self.keys_dir, &Self::key_file(&handle), &sealed)?;
-        self.cache_insert(handle, Entry::Live(Arc::new(SealingKey::new(&key)?)));
+        let cached = Arc::new(SealingKey::new(&key)?);
+        let staged = atomic::stage(&self.keys_dir, &Self::key_file(&handle), &sealed)?;
+        {
+            let _handles = self.lock_handles();
+            self.check_unused(&handle)?;
+            staged.put_in_place()?;
+            // Under the lock, so that a destroy cannot mark the key destroyed in
+            // the cache before this marks it live.
+            self.cache_insert(handle, Entry::Live(cached));
+        }
+        // Flushing the directory outside the lock keeps concurrent imports from
+        // queueing behind each other's fsync. Until it returns the key is not
+        // acknowledged; a destroy meanwhile flushes the directory itself.
+        atomic::sync_dir(&self.keys_dir)?;
         Ok(KeyInfo {
             handle,
             check_value,
             origin,
         })
+    }
+
+    /// Refuses a handle that has a key file or a tombstone. Call with the handle
+    /// lock held.
+    fn check_unused(&self, handle: &KeyHandle) -> Result<(), CustodyError> {
+        // The tombstone first: an interrupted destroy leaves both files.
+        for (file, destroyed) in [
+            (Self::tombstone_file(handle), true),
+            (Self::key_file(handle), false),
+        ] {
+            if atomic::exists(&self.keys_dir.join(file))? {
+                return Err(CustodyError::HandleInUse {
+                    handle: *handle,
+                    destroyed,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads a key's state from disk into the cache.
@@ -232,8 +292,7 @@ impl Inner {
             let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
             Entry::Live(Arc::new(SealingKey::new(&key)?))
         };
-        self.cache_insert(*handle, entry.clone());
-        Ok(entry)
+        Ok(self.cache_loaded(*handle, entry))
     }
 
     fn unseal(
@@ -251,10 +310,7 @@ impl Inner {
     }
 
     fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
-        let _serial = self
-            .destroy_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _handles = self.lock_handles();
         let cached = self.cache().get(handle).cloned();
         let entry = match cached {
             Some(entry) => entry,
@@ -278,22 +334,28 @@ impl Custody for SoftwareCustody {
         self.inner.import_key.public()
     }
 
-    async fn import(&self, wrapped_key: &[u8]) -> Result<KeyInfo, CustodyError> {
+    async fn import(
+        &self,
+        handle: &KeyHandle,
+        wrapped_key: &[u8],
+    ) -> Result<KeyInfo, CustodyError> {
         let inner = self.inner.clone();
+        let handle = *handle;
         let wrapped = wrapped_key.to_vec();
         blocking(move || {
             let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
-            inner.store(cmk, KeyOrigin::Imported)
+            inner.store(handle, cmk, KeyOrigin::Imported)
         })
         .await
     }
 
-    async fn generate(&self) -> Result<KeyInfo, CustodyError> {
+    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError> {
         let inner = self.inner.clone();
+        let handle = *handle;
         blocking(move || {
             let mut cmk = SecretBytes::zeroed(CMK_LEN);
             crate::fill_random(cmk.expose_mut())?;
-            inner.store(cmk, KeyOrigin::Generated)
+            inner.store(handle, cmk, KeyOrigin::Generated)
         })
         .await
     }

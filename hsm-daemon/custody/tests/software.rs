@@ -62,13 +62,16 @@ async fn keys_and_destructions_survive_a_restart() {
     let (kept, gone, ct_kept, ct_gone, public) = {
         let custody = open(dir.path());
         let kept = custody
-            .import(&contract::wrap_for_import(
-                custody.import_public_key(),
-                contract::random(32).expose(),
-            ))
+            .import(
+                &contract::handle(),
+                &contract::wrap_for_import(
+                    custody.import_public_key(),
+                    contract::random(32).expose(),
+                ),
+            )
             .await
             .unwrap();
-        let gone = custody.generate().await.unwrap();
+        let gone = custody.generate(&contract::handle()).await.unwrap();
         let secret = SecretBytes::copy_from(b"kek bytes");
         let ct_kept = custody.wrap(&kept.handle, &secret, b"a").await.unwrap();
         let ct_gone = custody.wrap(&gone.handle, &secret, b"a").await.unwrap();
@@ -120,7 +123,7 @@ async fn files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let custody = open(&store);
-    custody.generate().await.unwrap();
+    custody.generate(&contract::handle()).await.unwrap();
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&store), 0o700);
     assert_eq!(mode(&store.join("keys")), 0o700);
@@ -136,7 +139,7 @@ async fn files_are_private() {
 async fn refused_imports_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let custody = open(dir.path());
-    custody.generate().await.unwrap();
+    custody.generate(&contract::handle()).await.unwrap();
     let before = files(dir.path());
     let other = ImportKey::generate(ImportKeyBits::Rsa3072).unwrap();
     contract::bad_imports_are_refused(&custody, other.public()).await;
@@ -148,8 +151,8 @@ async fn tampered_and_swapped_key_files_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, ct_a, ct_b) = {
         let custody = open(dir.path());
-        let a = custody.generate().await.unwrap();
-        let b = custody.generate().await.unwrap();
+        let a = custody.generate(&contract::handle()).await.unwrap();
+        let b = custody.generate(&contract::handle()).await.unwrap();
         let s = SecretBytes::copy_from(b"x");
         let ct_a = custody.wrap(&a.handle, &s, b"").await.unwrap();
         let ct_b = custody.wrap(&b.handle, &s, b"").await.unwrap();
@@ -180,7 +183,7 @@ async fn interrupted_writes_and_destroys_are_finished_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let key = {
         let custody = open(dir.path());
-        custody.generate().await.unwrap()
+        custody.generate(&contract::handle()).await.unwrap()
     };
     let keys = dir.path().join("keys");
     fs::write(keys.join(".tmp.deadbeef.key.0011"), b"torn").unwrap();
@@ -192,6 +195,11 @@ async fn interrupted_writes_and_destroys_are_finished_at_start() {
         !keys.join(".tmp.deadbeef.key.0011").exists(),
         "temp file removed"
     );
+    // Before anything loads the key: the tombstone alone retires the handle.
+    assert!(matches!(
+        custody.generate(&key.handle).await,
+        Err(CustodyError::HandleInUse { handle, destroyed: true }) if handle == key.handle
+    ));
     assert!(matches!(
         custody
             .wrap(&key.handle, &SecretBytes::copy_from(b"x"), b"")
@@ -202,6 +210,110 @@ async fn interrupted_writes_and_destroys_are_finished_at_start() {
         !keys.join(format!("{}.key", key.handle)).exists(),
         "destroy finished"
     );
+}
+
+#[tokio::test]
+async fn handles_in_use_are_refused_from_disk_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (live, retired, ct) = {
+        let custody = open(dir.path());
+        let live = custody.generate(&contract::handle()).await.unwrap().handle;
+        let retired = custody.generate(&contract::handle()).await.unwrap().handle;
+        custody.destroy(&retired).await.unwrap();
+        let ct = custody
+            .wrap(&live, &SecretBytes::copy_from(b"kek"), b"")
+            .await
+            .unwrap();
+        (live, retired, ct)
+    };
+    let before = files(dir.path());
+
+    // A fresh process: nothing is cached, so the refusals come from the files.
+    let custody = open(dir.path());
+    let wrapped =
+        contract::wrap_for_import(custody.import_public_key(), contract::random(32).expose());
+    for (handle, destroyed) in [(live, false), (retired, true)] {
+        for result in [
+            custody.import(&handle, &wrapped).await,
+            custody.generate(&handle).await,
+        ] {
+            assert!(
+                matches!(result, Err(CustodyError::HandleInUse { handle: h, destroyed: d })
+                    if h == handle && d == destroyed),
+                "{handle}: {result:?}"
+            );
+        }
+    }
+    assert_eq!(files(dir.path()), before, "a refusal left a file behind");
+    drop(custody);
+
+    let custody = open(dir.path());
+    let out = custody.unwrap(&ct, b"").await.unwrap();
+    assert_eq!(
+        out.plaintext.expose(),
+        b"kek",
+        "the live key file was replaced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_on_one_handle_admit_exactly_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path());
+    let public = custody.import_public_key().clone();
+    let mut wrapped_under_winners = Vec::new();
+    for _ in 0..5 {
+        let handle = contract::handle();
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (custody, public) = (custody.clone(), public.clone());
+                tokio::spawn(async move {
+                    if i % 2 == 0 {
+                        custody.generate(&handle).await
+                    } else {
+                        let wrapped =
+                            contract::wrap_for_import(&public, contract::random(32).expose());
+                        custody.import(&handle, &wrapped).await
+                    }
+                })
+            })
+            .collect();
+        let mut stored = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(info) => stored.push(info),
+                Err(CustodyError::HandleInUse {
+                    handle: h,
+                    destroyed: false,
+                }) if h == handle => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            stored.len(),
+            1,
+            "{handle} was stored {} times",
+            stored.len()
+        );
+        let ct = custody
+            .wrap(&handle, &SecretBytes::copy_from(b"x"), b"")
+            .await
+            .unwrap();
+        wrapped_under_winners.push(ct);
+    }
+    let names = files(dir.path());
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names.iter().all(|n| n.ends_with(".key")), "{names:?}");
+
+    // The key the winner cached is the one on disk, not a loser's.
+    drop(custody);
+    let custody = open(dir.path());
+    for ct in wrapped_under_winners {
+        assert_eq!(
+            custody.unwrap(&ct, b"").await.unwrap().plaintext.expose(),
+            b"x"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,330 @@
+//! Configuration: a TOML file, command-line flags and environment variables
+//! (`CMK_CP_*`), merged (flag over environment over file over default) and
+//! validated once into [`Settings`]. Every bad setting is reported together,
+//! each with its name.
+
+use std::{
+    fmt, fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use cmk_control_plane_domain::Policy;
+use cmk_tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::authz::AuthzPolicy;
+
+/// Settings as read: every field optional, nothing checked yet.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    /// Address to listen on [default: 127.0.0.1:8443].
+    #[arg(long, env = "CMK_CP_LISTEN")]
+    pub listen: Option<String>,
+    /// Server certificate chain, PEM.
+    #[arg(long, env = "CMK_CP_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key, PEM.
+    #[arg(long, env = "CMK_CP_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA that client (admin, service) certificates must chain to, PEM.
+    #[arg(long, env = "CMK_CP_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The HSM daemon, as https://host:port [default: https://127.0.0.1:7443].
+    #[arg(long, env = "CMK_CP_HSM_ENDPOINT")]
+    pub hsm_endpoint: Option<String>,
+    /// Name the HSM daemon's certificate must carry [default: localhost].
+    #[arg(long, env = "CMK_CP_HSM_SERVER_NAME")]
+    pub hsm_server_name: Option<String>,
+    /// The control plane's client certificate towards the HSM daemon, PEM.
+    #[arg(long, env = "CMK_CP_HSM_TLS_CERT")]
+    pub hsm_tls_cert: Option<PathBuf>,
+    /// Its private key, PEM.
+    #[arg(long, env = "CMK_CP_HSM_TLS_KEY")]
+    pub hsm_tls_key: Option<PathBuf>,
+    /// CA the HSM daemon's certificate must chain to, PEM.
+    #[arg(long, env = "CMK_CP_HSM_TLS_CA")]
+    pub hsm_tls_ca: Option<PathBuf>,
+    /// Metadata store: sqlite://path/to/cmk.db.
+    #[arg(long, env = "CMK_CP_DATABASE")]
+    pub database: Option<String>,
+    /// Authorisation policy file (TOML grants of roles per organisation).
+    #[arg(long, env = "CMK_CP_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// Days a deactivated key is kept before it is destroyed [default: 30].
+    #[arg(long, env = "CMK_CP_DEACTIVATED_RETENTION_DAYS")]
+    pub deactivated_retention_days: Option<u64>,
+    /// Seconds between runs of the timers (expiry, repair) [default: 60].
+    #[arg(long, env = "CMK_CP_MAINTENANCE_INTERVAL_SECS")]
+    pub maintenance_interval_secs: Option<u64>,
+    /// Largest accepted gRPC message, bytes [default: 65536].
+    #[arg(long, env = "CMK_CP_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Seconds a TLS handshake may take [default: 10].
+    #[arg(long, env = "CMK_CP_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Seconds a request may take [default: 30].
+    #[arg(long, env = "CMK_CP_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "CMK_CP_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// Why the configuration is unusable: every problem found, one per line.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl RawSettings {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))
+    }
+
+    /// Overlays every field set in `over` onto `self`.
+    pub fn overlay(self, over: Self) -> Self {
+        let Self {
+            listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            hsm_endpoint,
+            hsm_server_name,
+            hsm_tls_cert,
+            hsm_tls_key,
+            hsm_tls_ca,
+            database,
+            policy_file,
+            deactivated_retention_days,
+            maintenance_interval_secs,
+            max_message_bytes,
+            handshake_timeout_secs,
+            request_timeout_secs,
+            log_format,
+        } = over;
+        Self {
+            listen: listen.or(self.listen),
+            tls_cert: tls_cert.or(self.tls_cert),
+            tls_key: tls_key.or(self.tls_key),
+            tls_client_ca: tls_client_ca.or(self.tls_client_ca),
+            hsm_endpoint: hsm_endpoint.or(self.hsm_endpoint),
+            hsm_server_name: hsm_server_name.or(self.hsm_server_name),
+            hsm_tls_cert: hsm_tls_cert.or(self.hsm_tls_cert),
+            hsm_tls_key: hsm_tls_key.or(self.hsm_tls_key),
+            hsm_tls_ca: hsm_tls_ca.or(self.hsm_tls_ca),
+            database: database.or(self.database),
+            policy_file: policy_file.or(self.policy_file),
+            deactivated_retention_days: deactivated_retention_days
+                .or(self.deactivated_retention_days),
+            maintenance_interval_secs: maintenance_interval_secs.or(self.maintenance_interval_secs),
+            max_message_bytes: max_message_bytes.or(self.max_message_bytes),
+            handshake_timeout_secs: handshake_timeout_secs.or(self.handshake_timeout_secs),
+            request_timeout_secs: request_timeout_secs.or(self.request_timeout_secs),
+            log_format: log_format.or(self.log_format),
+        }
+    }
+
+    /// Checks every field and loads the authorisation policy.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let mut errors = Vec::new();
+        let mut file = |name: &str, value: Option<PathBuf>| match value {
+            None => {
+                errors.push(format!("{name}: required"));
+                PathBuf::new()
+            }
+            Some(path) if !path.is_file() => {
+                errors.push(format!("{name}: {} is not a readable file", path.display()));
+                path
+            }
+            Some(path) => path,
+        };
+        let tls = TlsFiles {
+            cert: file("tls_cert", self.tls_cert),
+            key: file("tls_key", self.tls_key),
+            ca: file("tls_client_ca", self.tls_client_ca),
+        };
+        let hsm_tls = TlsFiles {
+            cert: file("hsm_tls_cert", self.hsm_tls_cert),
+            key: file("hsm_tls_key", self.hsm_tls_key),
+            ca: file("hsm_tls_ca", self.hsm_tls_ca),
+        };
+        let policy_file = file("policy_file", self.policy_file);
+
+        let listen = self
+            .listen
+            .as_deref()
+            .unwrap_or("127.0.0.1:8443")
+            .parse::<SocketAddr>()
+            .unwrap_or_else(|e| {
+                errors.push(format!(
+                    "listen: {e} (expected host:port, e.g. 0.0.0.0:8443)"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
+
+        let hsm_endpoint = self
+            .hsm_endpoint
+            .unwrap_or_else(|| "https://127.0.0.1:7443".into());
+        if !hsm_endpoint.starts_with("https://") {
+            errors.push(format!(
+                "hsm_endpoint: {hsm_endpoint:?} must be an https:// URL (the HSM daemon speaks only mutual TLS)"
+            ));
+        }
+        let hsm_server_name = self.hsm_server_name.unwrap_or_else(|| "localhost".into());
+
+        let database = self.database.unwrap_or_default();
+        if !database.starts_with("sqlite:") {
+            errors.push(match database.is_empty() {
+                true => "database: required (sqlite://path/to/cmk.db)".into(),
+                false => format!("database: {database:?} is not a sqlite:// URL"),
+            });
+        }
+
+        let mut bounded = |name: &str, value: Option<u64>, default: u64, max: u64| {
+            let v = value.unwrap_or(default);
+            if v == 0 || v > max {
+                errors.push(format!("{name}: {v} is out of range 1..={max}"));
+            }
+            v
+        };
+        let retention_days = bounded(
+            "deactivated_retention_days",
+            self.deactivated_retention_days,
+            30,
+            3650,
+        );
+        let maintenance_interval = Duration::from_secs(bounded(
+            "maintenance_interval_secs",
+            self.maintenance_interval_secs,
+            60,
+            86_400,
+        ));
+        let limits = Limits {
+            max_message_bytes: bounded(
+                "max_message_bytes",
+                self.max_message_bytes.map(|v| v as u64),
+                64 << 10,
+                16 << 20,
+            ) as usize,
+            handshake_timeout: Duration::from_secs(bounded(
+                "handshake_timeout_secs",
+                self.handshake_timeout_secs,
+                10,
+                300,
+            )),
+            request_timeout: Duration::from_secs(bounded(
+                "request_timeout_secs",
+                self.request_timeout_secs,
+                30,
+                3600,
+            )),
+        };
+
+        let log_format = match self.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                errors.push(format!("log_format: {other:?} is not text or json"));
+                LogFormat::Text
+            }
+        };
+
+        let authz = match policy_file.as_os_str().is_empty() {
+            true => None,
+            false => AuthzPolicy::from_file(&policy_file)
+                .map_err(|e| errors.push(format!("policy_file: {e}")))
+                .ok(),
+        };
+
+        match authz {
+            Some(authz) if errors.is_empty() => Ok(Settings {
+                listen,
+                tls,
+                hsm: HsmSettings {
+                    endpoint: hsm_endpoint,
+                    server_name: hsm_server_name,
+                    tls: hsm_tls,
+                },
+                database,
+                authz,
+                lifecycle: Policy {
+                    deactivated_retention: Duration::from_secs(retention_days * 86_400),
+                    ..Policy::default()
+                },
+                maintenance_interval,
+                limits,
+                log_format,
+            }),
+            _ => Err(ConfigError(errors)),
+        }
+    }
+}
+
+/// Validated settings of the control plane.
+#[derive(Debug)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Server certificate, key, and the CA clients must chain to.
+    pub tls: TlsFiles,
+    /// How to reach the HSM daemon.
+    pub hsm: HsmSettings,
+    /// Metadata store URL.
+    pub database: String,
+    /// Who may do what.
+    pub authz: AuthzPolicy,
+    /// Retention and restore windows.
+    pub lifecycle: Policy,
+    /// Time between timer runs.
+    pub maintenance_interval: Duration,
+    /// Bounds on every request.
+    pub limits: Limits,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How to reach the HSM daemon.
+#[derive(Clone, Debug)]
+pub struct HsmSettings {
+    /// `https://host:port`.
+    pub endpoint: String,
+    /// Name its certificate must carry.
+    pub server_name: String,
+    /// The control plane's client certificate and key, and the daemon's CA.
+    pub tls: TlsFiles,
+}
+
+/// Bounds on requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest gRPC message accepted.
+    pub max_message_bytes: usize,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time allowed for one request.
+    pub request_timeout: Duration,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

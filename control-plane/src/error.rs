@@ -1,0 +1,97 @@
+//! The control plane's one translation from errors to gRPC status codes.
+
+use cmk_control_plane_domain::LifecycleError;
+use cmk_control_plane_store::StoreError;
+use tonic::{Code, Status};
+use tracing::error;
+
+use crate::{authz::Denied, hsm::HsmError};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A request field is missing, malformed or out of bounds.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The caller may not do this.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The lifecycle refuses the change.
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    /// The HSM daemon refused or could not be reached.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The metadata store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError {
+    /// The status the caller gets: an exhaustive choice of code, and a message
+    /// that never carries internal detail (that goes to the log).
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::Denied(_) => Code::PermissionDenied,
+            Self::Lifecycle(LifecycleError::UnknownKey(_)) => Code::NotFound,
+            Self::Lifecycle(
+                LifecycleError::AlreadyPresent { .. } | LifecycleError::DuplicateId(_),
+            ) => Code::AlreadyExists,
+            Self::Lifecycle(_) => Code::FailedPrecondition,
+            Self::Hsm(HsmError::Status(status)) => match status.code() {
+                // The HSM's explanation of bad key material is for the admin.
+                Code::InvalidArgument | Code::OutOfRange => {
+                    return Status::invalid_argument(format!(
+                        "the HSM refused the key: {}",
+                        status.message()
+                    ));
+                }
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                    return hsm_unavailable();
+                }
+                _ => return internal(),
+            },
+            Self::Hsm(HsmError::Connect(_) | HsmError::Tls(_)) => return hsm_unavailable(),
+            Self::Hsm(HsmError::Protocol(_)) | Self::Store(StoreError::Corrupt(_)) => {
+                return internal();
+            }
+            Self::Store(StoreError::Unavailable(_)) => {
+                return Status::unavailable("the metadata store is unavailable; retry later");
+            }
+            Self::Store(StoreError::Conflict(_)) => Code::Aborted,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(err: ServiceError) -> Self {
+        let status = err.to_status();
+        if matches!(status.code(), Code::Internal | Code::Unavailable) {
+            error!(error = %chain(&err), code = ?status.code(), "request failed");
+        }
+        status
+    }
+}
+
+fn hsm_unavailable() -> Status {
+    Status::unavailable("the HSM daemon is unavailable; retry later")
+}
+
+/// The caller learns only that it failed; the operator gets the whole chain.
+fn internal() -> Status {
+    Status::internal("internal error in the control plane; see its log")
+}
+
+/// An error and all its sources on one line.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,373 @@
+//! The gRPC adapter of `cmk.control.v1.KeyAdminService`: parse the request,
+//! authorise the caller for the org it names, call the service, convert back.
+
+use std::sync::Arc;
+
+use cmk_control_plane_domain::{KeyId, KeyRecord, KeySource, KeyState, OrgId, Timestamp};
+use cmk_proto::control::v1::{self as pb, key_admin_service_server::KeyAdminService};
+use cmk_tls::PeerIdentity;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    authz::{AuthzPolicy, Caller, Permission},
+    error::ServiceError,
+    service::{KeyOp, KeyService, KeyView, OrgView},
+};
+
+/// Largest wrapped key accepted: an RSA-8192 ciphertext.
+pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
+
+/// Default audit page.
+const DEFAULT_AUDIT_PAGE: u32 = 100;
+
+/// `KeyAdminService` over a [`KeyService`].
+pub struct AdminApi {
+    service: Arc<KeyService>,
+    authz: Arc<AuthzPolicy>,
+}
+
+impl AdminApi {
+    /// The adapter.
+    pub fn new(service: Arc<KeyService>, authz: Arc<AuthzPolicy>) -> Self {
+        Self { service, authz }
+    }
+
+    /// Parses the org id and checks the caller's role for it; a refusal is
+    /// audited in that org's log.
+    async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        org_id: &str,
+        permission: Permission,
+        action: &str,
+    ) -> Result<Caller, Status> {
+        let org =
+            OrgId::parse(org_id).map_err(|e| Status::invalid_argument(format!("org_id: {e}")))?;
+        let peer = PeerIdentity::of_request(request);
+        match self.authz.authorize(peer.as_ref(), &org, permission) {
+            Ok(caller) => Ok(caller),
+            Err(denied) => {
+                let status = ServiceError::from(denied).to_status();
+                let identity = peer.as_ref().map_or("(no identity)", PeerIdentity::as_str);
+                let result = format!("{:?}: {}", status.code(), status.message());
+                self.service
+                    .record_refusal(identity, &org, action, result)
+                    .await;
+                Err(status)
+            }
+        }
+    }
+
+    async fn change(
+        &self,
+        request: Request<pb::KeyRequest>,
+        op: KeyOp,
+        action: &str,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Manage,
+                action,
+            )
+            .await?;
+        let pb::KeyRequest { org_id: _, key_id } = request.into_inner();
+        let view = self
+            .service
+            .change(&caller, op, key_id_arg(&key_id)?)
+            .await?;
+        Ok(Response::new(key_response(view)))
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdminService for AdminApi {
+    async fn get_import_public_key(
+        &self,
+        request: Request<pb::GetImportPublicKeyRequest>,
+    ) -> Result<Response<pb::GetImportPublicKeyResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Read,
+                "get import public key",
+            )
+            .await?;
+        let cmk_proto::hsm::v1::GetImportPublicKeyResponse {
+            public_key_pem,
+            key_id,
+            algorithm,
+            modulus_bits,
+        } = self.service.import_public_key(&caller).await?;
+        Ok(Response::new(pb::GetImportPublicKeyResponse {
+            public_key_pem,
+            key_id,
+            algorithm,
+            modulus_bits,
+        }))
+    }
+
+    async fn set_byok(
+        &self,
+        request: Request<pb::SetByokRequest>,
+    ) -> Result<Response<pb::SetByokResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Manage,
+                "set byok",
+            )
+            .await?;
+        let pb::SetByokRequest { org_id: _, enabled } = request.into_inner();
+        let OrgView { byok, active, .. } = self.service.set_byok(&caller, enabled).await?;
+        Ok(Response::new(pb::SetByokResponse {
+            byok_enabled: byok,
+            active_key: active.map(key),
+        }))
+    }
+
+    async fn upload_key(
+        &self,
+        request: Request<pb::UploadKeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Manage,
+                "upload",
+            )
+            .await?;
+        let pb::UploadKeyRequest {
+            org_id: _,
+            wrapped_key,
+            activate_now,
+            import_key_id,
+        } = request.into_inner();
+        if wrapped_key.is_empty() {
+            return Err(Status::invalid_argument("wrapped_key is empty"));
+        }
+        if wrapped_key.len() > MAX_WRAPPED_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "wrapped_key is {} bytes, over the limit of {MAX_WRAPPED_KEY_BYTES}",
+                wrapped_key.len()
+            )));
+        }
+        if import_key_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "import_key_id is over 128 characters",
+            ));
+        }
+        let view = self
+            .service
+            .upload(&caller, wrapped_key, import_key_id, activate_now)
+            .await?;
+        Ok(Response::new(key_response(view)))
+    }
+
+    async fn activate_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Activate, "activate").await
+    }
+
+    async fn cancel_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Cancel, "cancel").await
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Revoke, "revoke").await
+    }
+
+    async fn reactivate_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Reactivate, "reactivate").await
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Delete, "delete").await
+    }
+
+    async fn restore_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        self.change(request, KeyOp::Restore, "restore").await
+    }
+
+    async fn get_key(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Read,
+                "get key",
+            )
+            .await?;
+        let pb::KeyRequest { org_id: _, key_id } = request.into_inner();
+        let view = self.service.get(&caller, key_id_arg(&key_id)?).await?;
+        Ok(Response::new(key_response(view)))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Read,
+                "list keys",
+            )
+            .await?;
+        let OrgView { byok, keys, active } = self.service.list(&caller).await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: keys.into_iter().map(key).collect(),
+            active_key_id: active.map(|k| k.id.0).unwrap_or_default(),
+            byok_enabled: byok,
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Read,
+                "list audit events",
+            )
+            .await?;
+        let pb::ListAuditEventsRequest {
+            org_id: _,
+            after_seq,
+            page_size,
+        } = request.into_inner();
+        let limit = if page_size == 0 {
+            DEFAULT_AUDIT_PAGE
+        } else {
+            page_size
+        };
+        let rows = self.service.audit_events(&caller, after_seq, limit).await?;
+        let next_after_seq =
+            match rows.len() as u64 == u64::from(limit.min(crate::service::MAX_AUDIT_PAGE)) {
+                true => rows.last().map_or(0, |r| r.event.seq),
+                false => 0,
+            };
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: rows
+                .into_iter()
+                .map(|row| pb::AuditEvent {
+                    seq: row.event.seq,
+                    time: Some(timestamp(row.event.time)),
+                    actor: row.event.actor,
+                    key_id: row.event.key.unwrap_or_default(),
+                    action: row.event.action,
+                    result: row.event.result,
+                    hash: hex::encode(row.hash),
+                })
+                .collect(),
+            next_after_seq,
+        }))
+    }
+
+    async fn verify_audit_log(
+        &self,
+        request: Request<pb::VerifyAuditLogRequest>,
+    ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Permission::Read,
+                "verify audit log",
+            )
+            .await?;
+        let check = self.service.verify_audit(&caller).await?;
+        Ok(Response::new(pb::VerifyAuditLogResponse {
+            intact: check.problem.is_none(),
+            events: check.events,
+            head_hash: hex::encode(check.head),
+            problem: check.problem.map(|p| p.to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+fn key_id_arg(key_id: &str) -> Result<KeyId, Status> {
+    KeyId::parse(key_id).map_err(|e| Status::invalid_argument(format!("key_id: {e}")))
+}
+
+fn key_response(view: KeyView) -> pb::KeyResponse {
+    pb::KeyResponse {
+        key: Some(key(view.key)),
+        active_key: view.active.map(key),
+    }
+}
+
+fn key(record: KeyRecord) -> pb::Key {
+    let KeyRecord {
+        id,
+        source,
+        state,
+        check_value,
+        created_at,
+        activated_at,
+        revoked_at,
+        expires_at,
+        needed: _,
+        before_provider_revocation: _,
+    } = record;
+    pb::Key {
+        key_id: id.0,
+        source: match source {
+            KeySource::Uploaded => pb::KeySource::Uploaded,
+            KeySource::AwsKms => pb::KeySource::AwsKms,
+            KeySource::GenericDefault => pb::KeySource::GenericDefault,
+        }
+        .into(),
+        state: match state {
+            KeyState::Pending => pb::KeyState::Pending,
+            KeyState::Active => pb::KeyState::Active,
+            KeyState::Rotating => pb::KeyState::Rotating,
+            KeyState::Deactivated => pb::KeyState::Deactivated,
+            KeyState::Revoked => pb::KeyState::Revoked,
+            KeyState::Deleted => pb::KeyState::Deleted,
+            KeyState::Removed => pb::KeyState::Removed,
+            KeyState::RevokedByProvider => pb::KeyState::RevokedByProvider,
+        }
+        .into(),
+        key_check_value: check_value,
+        created_at: Some(timestamp(created_at)),
+        activated_at: activated_at.map(timestamp),
+        revoked_at: revoked_at.map(timestamp),
+        expires_at: expires_at.map(timestamp),
+    }
+}
+
+fn timestamp(t: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.0,
+        nanos: 0,
+    }
+}

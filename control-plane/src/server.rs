@@ -1,0 +1,151 @@
+//! Assembles and runs the control plane: store, HSM client, key service,
+//! timers, mutual TLS, admin API, health and reflection.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use cmk_control_plane_store::{SqliteStore, Store, StoreError};
+use cmk_proto::control::v1::key_admin_service_server::KeyAdminServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::{
+    clock::{Clock, SystemClock},
+    config::Settings,
+    error::chain,
+    grpc::AdminApi,
+    hsm::{HsmClient, HsmError},
+    service::KeyService,
+};
+
+/// Why the control plane could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The metadata store could not be opened.
+    #[error("cannot open the metadata store: {}", chain(.0))]
+    Store(#[from] StoreError),
+    /// The HSM client could not be set up.
+    #[error("HSM daemon client: {}", chain(.0))]
+    Hsm(#[from] HsmError),
+    /// TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] cmk_tls::TlsError),
+    /// Binding or serving failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds `settings.listen` and serves on the system clock until `shutdown`
+/// completes.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let listener = cmk_tls::bind(settings.listen).await?;
+    serve(settings, Arc::new(SystemClock), listener, shutdown).await
+}
+
+/// Serves on an already bound `listener`, reading time from `clock`, until
+/// `shutdown` completes; in-flight requests then get one request timeout to
+/// finish.
+pub async fn serve(
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let Settings {
+        listen: _,
+        tls,
+        hsm,
+        database,
+        authz,
+        lifecycle,
+        maintenance_interval,
+        limits,
+        log_format: _,
+    } = settings;
+    let tls_config = cmk_tls::server_config(&tls)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&database).await?);
+    // Connected on first use, so that the control plane starts, serves reads and
+    // reports UNAVAILABLE for key operations while the HSM daemon is down.
+    let hsm_client = HsmClient::connect_lazy(&hsm.endpoint, &hsm.server_name, &hsm.tls)?;
+    // An import may still be running at the daemon for up to its request
+    // timeout; ours bounds that from this side.
+    let intent_grace = limits.request_timeout * 2;
+    let service = Arc::new(KeyService::new(
+        store,
+        hsm_client,
+        clock,
+        lifecycle,
+        intent_grace,
+    ));
+    let timers = tokio::spawn(maintain(service.clone(), maintenance_interval));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<KeyAdminServiceServer<AdminApi>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("cmk.control.v1.KeyAdminService")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let admin = KeyAdminServiceServer::new(AdminApi::new(service, Arc::new(authz)))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+
+    let addr: SocketAddr = listener.local_addr()?;
+    info!(%addr, hsm = %hsm.endpoint, "listening");
+    let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            info!("stopping: no new connections, finishing requests in flight");
+            stopping.notify_one();
+        }
+    };
+    let server = Server::builder()
+        .timeout(limits.request_timeout)
+        .add_service(admin)
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .serve_with_incoming_shutdown(incoming, signalled);
+    let served = tokio::select! {
+        served = server => served,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(limits.request_timeout).await;
+        } => {
+            warn!("connections still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    timers.abort();
+    info!("stopped");
+    Ok(served?)
+}
+
+/// The timers: repair unfinished custody calls, remove keys whose time is up.
+/// The first run is at start-up.
+async fn maintain(service: Arc<KeyService>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(err) = service.repair().await {
+            warn!(error = %chain(&err), "repair of custody intents failed; will retry");
+        }
+        if let Err(err) = service.expire_due().await {
+            warn!(error = %chain(&err), "removing expired keys failed; will retry");
+        }
+    }
+}

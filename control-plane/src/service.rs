@@ -1,0 +1,776 @@
+//! The control plane's operations on an organisation's master keys: the domain
+//! decides, the HSM daemon holds the material, the store records the outcome.
+//!
+//! Every change runs under the org's lock, is computed by the domain from the
+//! org as stored, and is committed in one transaction together with its audit
+//! events and custody intents (see `cmk_control_plane_store` for how intents
+//! make HSM calls repairable). A refused change commits nothing and is audited
+//! with its refusal.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use cmk_control_plane_domain::{
+    Change, Command, KeyId, KeyRecord, KeySource, KeyState, LifecycleError, Org, OrgId, Policy,
+    Timestamp,
+    audit::{self, ChainedEvent},
+};
+use cmk_control_plane_store::{
+    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, Store, StoreError, StoredKey, StoredOrg,
+};
+use cmk_proto::hsm::v1 as hsm_pb;
+use tracing::{info, warn};
+
+use crate::{
+    authz::Caller,
+    clock::Clock,
+    error::{ServiceError, chain},
+    hsm::{HsmClient, HsmError, random_handle},
+};
+
+/// The actor recorded for changes the service makes by itself.
+pub const SERVICE_ACTOR: &str = "service";
+
+/// How often a commit that lost a race with another writer is recomputed.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Largest audit page.
+pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// An org's keys as an admin sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrgView {
+    /// Whether bring-your-own-key is on.
+    pub byok: bool,
+    /// Every key that is not removed, plus a removed key the org still needs.
+    pub keys: Vec<KeyRecord>,
+    /// The key that wraps new KEKs; `None` while the master key is revoked.
+    pub active: Option<KeyRecord>,
+}
+
+/// One key, beside the org's active key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyView {
+    /// The key.
+    pub key: KeyRecord,
+    /// The org's active key.
+    pub active: Option<KeyRecord>,
+}
+
+/// The outcome of checking an org's audit chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditCheck {
+    /// Events checked.
+    pub events: u64,
+    /// Hash of the newest event (all zero for an empty log).
+    pub head: [u8; 32],
+    /// Where the chain breaks, if it does.
+    pub problem: Option<audit::ChainError>,
+}
+
+/// An admin's change to one existing key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyOp {
+    /// Pending → active.
+    Activate,
+    /// Pending → removed.
+    Cancel,
+    /// Active → revoked.
+    Revoke,
+    /// Revoked → active.
+    Reactivate,
+    /// Revoked → deleted.
+    Delete,
+    /// Deleted → revoked.
+    Restore,
+}
+
+impl KeyOp {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Activate => "activate",
+            Self::Cancel => "cancel",
+            Self::Revoke => "revoke",
+            Self::Reactivate => "reactivate",
+            Self::Delete => "delete",
+            Self::Restore => "restore",
+        }
+    }
+
+    fn command(self, key: KeyId) -> Command {
+        match self {
+            Self::Activate => Command::Activate(key),
+            Self::Cancel => Command::Cancel(key),
+            Self::Revoke => Command::Revoke(key),
+            Self::Reactivate => Command::Reactivate(key),
+            Self::Delete => Command::Delete(key),
+            Self::Restore => Command::Restore(key),
+        }
+    }
+}
+
+/// One change to an org, computed from the org as stored.
+struct Step {
+    command: Option<Command>,
+    byok: bool,
+    /// Custody handle of material taken in for this change: it belongs to the
+    /// key the change adds or recovers.
+    fresh_handle: Option<String>,
+    /// The import intent the commit resolves.
+    import_intent: Option<String>,
+}
+
+/// The control plane's key operations.
+pub struct KeyService {
+    store: Arc<dyn Store>,
+    hsm: HsmClient,
+    clock: Arc<dyn Clock>,
+    policy: Policy,
+    intent_grace: Duration,
+    org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
+    generic_lock: tokio::sync::Mutex<()>,
+}
+
+impl KeyService {
+    /// A service over `store` and `hsm`. `intent_grace` is how long an import
+    /// may still be in flight at the HSM daemon (its request timeout, with
+    /// margin): an unresolved import intent younger than that is left alone.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hsm: HsmClient,
+        clock: Arc<dyn Clock>,
+        policy: Policy,
+        intent_grace: Duration,
+    ) -> Self {
+        Self {
+            store,
+            hsm,
+            clock,
+            policy,
+            intent_grace,
+            org_locks: Mutex::default(),
+            generic_lock: tokio::sync::Mutex::const_new(()),
+        }
+    }
+
+    /// The HSM daemon's RSA import public key.
+    pub async fn import_public_key(
+        &self,
+        caller: &Caller,
+    ) -> Result<hsm_pb::GetImportPublicKeyResponse, ServiceError> {
+        self.audited(caller, "get import public key", None, true, async {
+            Ok(self.hsm.import_public_key().await?)
+        })
+        .await
+    }
+
+    /// Switches BYOK on or off; off makes the generic default key the master.
+    pub async fn set_byok(&self, caller: &Caller, enabled: bool) -> Result<OrgView, ServiceError> {
+        let action = if enabled { "byok on" } else { "byok off" };
+        self.audited(caller, action, None, false, async {
+            let generic = match enabled {
+                true => None,
+                false => Some(self.ensure_generic().await?),
+            };
+            let org = caller.org();
+            let _guard = self.lock(org).await;
+            let plan = |stored: &StoredOrg| {
+                let Some(generic) = &generic else {
+                    return Ok(Step::settings(true));
+                };
+                let generic_active = stored.keys.iter().any(|k| {
+                    k.record.state == KeyState::Active
+                        && k.record.source == KeySource::GenericDefault
+                });
+                Ok(Step {
+                    command: (!generic_active).then(|| Command::UseGenericDefault {
+                        id: new_key_id(),
+                        check_value: generic.check_value.clone(),
+                    }),
+                    byok: false,
+                    fresh_handle: Some(generic.handle.clone()),
+                    import_intent: None,
+                })
+            };
+            self.apply(caller.identity(), org, action, None, plan)
+                .await?;
+            Ok(view(&self.finish_idle_rotations(org).await?))
+        })
+        .await
+    }
+
+    /// Takes a wrapped key into custody and adds it to the org, pending or
+    /// active; the original key of a removed master key recovers it instead.
+    pub async fn upload(
+        &self,
+        caller: &Caller,
+        wrapped_key: Vec<u8>,
+        import_key_id: String,
+        activate_now: bool,
+    ) -> Result<KeyView, ServiceError> {
+        self.audited(caller, "upload", None, false, async {
+            let org = caller.org();
+            let _guard = self.lock(org).await;
+            // Checked before the HSM call too, so a refused upload imports nothing.
+            if !self.load_or_enrol(org).await?.byok {
+                return Err(LifecycleError::ByokOff.into());
+            }
+            let handle = random_handle();
+            self.store
+                .record_intent(Intent {
+                    handle: handle.clone(),
+                    kind: IntentKind::Import,
+                    org: Some(org.clone()),
+                    created_at: self.clock.now(),
+                })
+                .await?;
+            let imported = match self.hsm.import(&handle, wrapped_key, import_key_id).await {
+                Ok(imported) => imported,
+                Err(err) => {
+                    self.discard(&handle).await;
+                    return Err(err.into());
+                }
+            };
+            let id = new_key_id();
+            let plan = |stored: &StoredOrg| {
+                if !stored.byok {
+                    return Err(LifecycleError::ByokOff.into());
+                }
+                Ok(Step {
+                    command: Some(Command::Add {
+                        id: id.clone(),
+                        source: KeySource::Uploaded,
+                        check_value: imported.check_value.clone(),
+                        activate_now,
+                    }),
+                    byok: true,
+                    fresh_handle: Some(handle.clone()),
+                    import_intent: Some(handle.clone()),
+                })
+            };
+            let (stored, changes) = match self
+                .apply(caller.identity(), org, "upload", None, plan)
+                .await
+            {
+                Ok(applied) => applied,
+                // Refused before anything was committed: the material goes.
+                Err(err @ (ServiceError::Lifecycle(_) | ServiceError::InvalidArgument(_))) => {
+                    self.discard(&handle).await;
+                    return Err(err);
+                }
+                // The commit may or may not have happened; the intent decides
+                // (it was resolved by the commit, or repair destroys the material).
+                Err(err) => return Err(err),
+            };
+            let key = changes
+                .iter()
+                .find(|c| matches!(c.from, None | Some(KeyState::Removed)))
+                .map_or(id.clone(), |c| c.key.clone());
+            let stored = match activate_now {
+                true => self.finish_idle_rotations(org).await?,
+                false => stored,
+            };
+            key_view(&stored, &key)
+        })
+        .await
+    }
+
+    /// Changes the state of one key.
+    pub async fn change(
+        &self,
+        caller: &Caller,
+        op: KeyOp,
+        key: KeyId,
+    ) -> Result<KeyView, ServiceError> {
+        self.audited(caller, op.name(), Some(&key), false, async {
+            let org = caller.org();
+            let _guard = self.lock(org).await;
+            let plan = |stored: &StoredOrg| {
+                if op == KeyOp::Activate && !stored.byok {
+                    return Err(LifecycleError::ByokOff.into());
+                }
+                Ok(Step {
+                    command: Some(op.command(key.clone())),
+                    ..Step::settings(stored.byok)
+                })
+            };
+            let (mut stored, _) = self
+                .apply(caller.identity(), org, op.name(), Some(&key), plan)
+                .await?;
+            if op == KeyOp::Activate {
+                stored = self.finish_idle_rotations(org).await?;
+            }
+            key_view(&stored, &key)
+        })
+        .await
+    }
+
+    /// One key of the org.
+    pub async fn get(&self, caller: &Caller, key: KeyId) -> Result<KeyView, ServiceError> {
+        self.audited(caller, "get key", Some(&key), true, async {
+            key_view(&self.load_or_enrol(caller.org()).await?, &key)
+        })
+        .await
+    }
+
+    /// Every listed key of the org.
+    pub async fn list(&self, caller: &Caller) -> Result<OrgView, ServiceError> {
+        self.audited(caller, "list keys", None, true, async {
+            Ok(view(&self.load_or_enrol(caller.org()).await?))
+        })
+        .await
+    }
+
+    /// A page of the org's audit log.
+    pub async fn audit_events(
+        &self,
+        caller: &Caller,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChainedEvent>, ServiceError> {
+        self.audited(caller, "list audit events", None, true, async {
+            Ok(self
+                .store
+                .audit_events(caller.org(), after_seq, limit.clamp(1, MAX_AUDIT_PAGE))
+                .await?)
+        })
+        .await
+    }
+
+    /// Checks the org's audit chain.
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<AuditCheck, ServiceError> {
+        // Audited after the check, so the check covers everything before it.
+        let check = check_audit_chain(self.store.as_ref(), caller.org()).await;
+        self.audited(caller, "verify audit log", None, true, async { Ok(check?) })
+            .await
+    }
+
+    /// Records a call refused before it reached an operation (authorisation).
+    pub async fn record_refusal(&self, identity: &str, org: &OrgId, action: &str, result: String) {
+        let event = NewAuditEvent {
+            time: self.clock.now(),
+            actor: identity.to_owned(),
+            key: None,
+            action: action.to_owned(),
+            result,
+        };
+        if let Err(err) = self.store.append_audit(org, vec![event]).await {
+            warn!(error = %chain(&err), %org, action, "cannot audit a refused call");
+        }
+    }
+
+    /// Removes every deactivated or deleted key whose time is up, destroying it
+    /// in the HSM.
+    pub async fn expire_due(&self) -> Result<(), ServiceError> {
+        for org in self.store.orgs_with_expired_keys(self.clock.now()).await? {
+            let _guard = self.lock(&org).await;
+            let plan = |stored: &StoredOrg| {
+                Ok(Step {
+                    command: Some(Command::ExpireDue),
+                    ..Step::settings(stored.byok)
+                })
+            };
+            let (_, changes) = self
+                .apply(SERVICE_ACTOR, &org, "remove expired keys", None, plan)
+                .await?;
+            info!(%org, removed = changes.len(), "expired keys removed");
+        }
+        Ok(())
+    }
+
+    /// Completes the custody calls a crash or an HSM outage left unfinished:
+    /// destroys material of imports that never committed (once older than the
+    /// grace period, so an import still in flight is not raced) and retries
+    /// destroys of removed keys.
+    pub async fn repair(&self) -> Result<(), ServiceError> {
+        let now = self.clock.now();
+        for intent in self.store.open_intents().await? {
+            let stale = intent.created_at.plus(self.intent_grace) <= now;
+            if intent.kind == IntentKind::Destroy || stale {
+                info!(handle = %intent.handle, kind = ?intent.kind, "repairing an unfinished custody call");
+                self.discard(&intent.handle).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `op`, and audits its refusal, or its success if it is a read
+    /// (a successful change is audited inside its own commit).
+    async fn audited<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        key: Option<&KeyId>,
+        read: bool,
+        op: impl Future<Output = Result<T, ServiceError>>,
+    ) -> Result<T, ServiceError> {
+        let result = op.await;
+        let outcome = match &result {
+            Ok(_) if !read => return result,
+            Ok(_) => "ok".to_owned(),
+            Err(err) => refusal(err),
+        };
+        let event = NewAuditEvent {
+            time: self.clock.now(),
+            actor: caller.identity().to_owned(),
+            key: key.map(|k| k.0.clone()),
+            action: action.to_owned(),
+            result: outcome,
+        };
+        match self.store.append_audit(caller.org(), vec![event]).await {
+            // A read that cannot be audited is not served.
+            Err(err) if result.is_ok() => Err(err.into()),
+            Err(err) => {
+                warn!(error = %chain(&err), org = %caller.org(), action, "cannot audit a refused call");
+                result
+            }
+            Ok(()) => result,
+        }
+    }
+
+    /// Computes `plan` against the org as stored, lets the domain apply its
+    /// command, and commits the outcome with its audit events and intents;
+    /// recomputed if another writer got there first. Destroys the material of
+    /// keys the change removed once the commit is durable.
+    async fn apply(
+        &self,
+        actor: &str,
+        org: &OrgId,
+        action: &str,
+        key: Option<&KeyId>,
+        plan: impl Fn(&StoredOrg) -> Result<Step, ServiceError>,
+    ) -> Result<(StoredOrg, Vec<Change>), ServiceError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let stored = self.load_or_enrol(org).await?;
+            let now = self.clock.now();
+            let step = plan(&stored)?;
+            let current = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
+            let (next, changes) = match step.command {
+                Some(command) => current.handle(command, now, &self.policy)?,
+                None => (current, Vec::new()),
+            };
+            let mut keys: Vec<StoredKey> = stored.keys.clone();
+            let mut written = Vec::new();
+            let mut destroy = Vec::new();
+            for change in &changes {
+                let record = next.key(&change.key)?.clone();
+                let fresh = matches!(change.from, None | Some(KeyState::Removed))
+                    && change.to != KeyState::Removed;
+                let handle = match (&step.fresh_handle, fresh) {
+                    (Some(handle), true) => handle.clone(),
+                    _ => stored
+                        .keys
+                        .iter()
+                        .find(|k| k.record.id == change.key)
+                        .map(|k| k.handle.clone())
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("key {} has no handle", change.key))
+                        })?,
+                };
+                // The generic default key is shared: removing an org's record of it
+                // destroys nothing.
+                if change.to == KeyState::Removed && record.source != KeySource::GenericDefault {
+                    destroy.push(handle.clone());
+                }
+                let stored_key = StoredKey { record, handle };
+                match keys.iter_mut().find(|k| k.record.id == change.key) {
+                    Some(slot) => *slot = stored_key.clone(),
+                    None => keys.push(stored_key.clone()),
+                }
+                written.retain(|k: &StoredKey| k.record.id != change.key);
+                written.push(stored_key);
+            }
+            let call_key = key
+                .or_else(|| changes.first().map(|c| &c.key))
+                .map(|k| k.0.clone());
+            let mut events = vec![self.event(actor, call_key, action, now)];
+            events.extend(changes.iter().map(|c| {
+                let from = c.from.map_or("new".to_owned(), |s| s.to_string());
+                self.event(
+                    actor,
+                    Some(c.key.0.clone()),
+                    &format!("state {from} → {}", c.to),
+                    now,
+                )
+            }));
+            let commit = Commit {
+                org: org.clone(),
+                expected_version: Some(stored.version),
+                byok: step.byok,
+                keys: written,
+                audit: events,
+                add_intents: destroy
+                    .iter()
+                    .map(|handle| Intent {
+                        handle: handle.clone(),
+                        kind: IntentKind::Destroy,
+                        org: Some(org.clone()),
+                        created_at: now,
+                    })
+                    .collect(),
+                resolve_intents: step.import_intent.into_iter().collect(),
+            };
+            match self.store.commit(commit).await {
+                Ok(version) => {
+                    for handle in &destroy {
+                        self.discard(handle).await;
+                    }
+                    let stored = StoredOrg {
+                        org: org.clone(),
+                        byok: step.byok,
+                        version,
+                        keys,
+                    };
+                    return Ok((stored, changes));
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(StoreError::Conflict(org.clone()).into())
+    }
+
+    /// Until KEKs exist, a rotation has nothing to re-wrap: every rotating key
+    /// finishes at once (the rotation job replaces this).
+    async fn finish_idle_rotations(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+        let mut stored = self.load_or_enrol(org).await?;
+        let rotating: Vec<KeyId> = stored
+            .keys
+            .iter()
+            .filter(|k| k.record.state == KeyState::Rotating)
+            .map(|k| k.record.id.clone())
+            .collect();
+        for key in rotating {
+            let plan = |stored: &StoredOrg| {
+                Ok(Step {
+                    command: Some(Command::FinishRotation(key.clone())),
+                    ..Step::settings(stored.byok)
+                })
+            };
+            (stored, _) = self
+                .apply(
+                    SERVICE_ACTOR,
+                    org,
+                    "rotation finished: 0 KEKs to re-wrap",
+                    Some(&key),
+                    plan,
+                )
+                .await?;
+        }
+        Ok(stored)
+    }
+
+    /// The org as stored; an org seen for the first time is enrolled with the
+    /// generic default key as its master.
+    async fn load_or_enrol(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+        loop {
+            if let Some(stored) = self.store.load_org(org).await? {
+                return Ok(stored);
+            }
+            let generic = self.ensure_generic().await?;
+            let now = self.clock.now();
+            let record = Org::new(new_key_id(), generic.check_value.clone(), now)
+                .keys()
+                .first()
+                .cloned()
+                .ok_or_else(|| StoreError::Corrupt("a new org has no key".into()))?;
+            let commit = Commit {
+                org: org.clone(),
+                expected_version: None,
+                byok: false,
+                audit: vec![self.event(
+                    SERVICE_ACTOR,
+                    Some(record.id.0.clone()),
+                    "enrol: the generic default key is the master key",
+                    now,
+                )],
+                keys: vec![StoredKey {
+                    record,
+                    handle: generic.handle,
+                }],
+                add_intents: Vec::new(),
+                resolve_intents: Vec::new(),
+            };
+            match self.store.commit(commit).await {
+                // Another writer enrolled it first: load theirs.
+                Ok(_) | Err(StoreError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// The generic default key, generated in the HSM on first need.
+    async fn ensure_generic(&self) -> Result<GenericKey, ServiceError> {
+        if let Some(key) = self.store.generic_key().await? {
+            return Ok(key);
+        }
+        let _guard = self.generic_lock.lock().await;
+        if let Some(key) = self.store.generic_key().await? {
+            return Ok(key);
+        }
+        let handle = random_handle();
+        let now = self.clock.now();
+        self.store
+            .record_intent(Intent {
+                handle: handle.clone(),
+                kind: IntentKind::Import,
+                org: None,
+                created_at: now,
+            })
+            .await?;
+        let generated = match self.hsm.generate(&handle).await {
+            Ok(generated) => generated,
+            Err(err) => {
+                self.discard(&handle).await;
+                return Err(err.into());
+            }
+        };
+        let stored = self
+            .store
+            .put_generic_key(GenericKey {
+                handle: handle.clone(),
+                check_value: generated.check_value,
+                created_at: now,
+            })
+            .await?;
+        if stored.handle == handle {
+            info!(check_value = %stored.check_value, "generated the generic default key");
+        } else {
+            // Another replica won the race; ours is unused.
+            self.discard(&handle).await;
+        }
+        Ok(stored)
+    }
+
+    /// Destroys `handle`'s material and resolves its intent; on failure the
+    /// intent stays for [`KeyService::repair`].
+    async fn discard(&self, handle: &str) {
+        match self.hsm.destroy(handle).await {
+            Ok(_) => {}
+            // Never imported (the call failed before it reached custody).
+            Err(HsmError::Status(status)) if status.code() == tonic::Code::NotFound => {}
+            Err(err) => {
+                warn!(error = %chain(&err), handle, "cannot destroy key material yet; will retry");
+                return;
+            }
+        }
+        if let Err(err) = self.store.resolve_intent(handle).await {
+            warn!(error = %chain(&err), handle, "cannot resolve a custody intent; will retry");
+        }
+    }
+
+    async fn lock(&self, org: &OrgId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .org_locks
+            .lock()
+            // The map holds no invariant a panicking holder could break.
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(org.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn event(
+        &self,
+        actor: &str,
+        key: Option<String>,
+        action: &str,
+        time: Timestamp,
+    ) -> NewAuditEvent {
+        NewAuditEvent {
+            time,
+            actor: actor.to_owned(),
+            key,
+            action: action.to_owned(),
+            result: "ok".to_owned(),
+        }
+    }
+}
+
+impl Step {
+    /// A step that changes no key, only the BYOK setting (or nothing).
+    fn settings(byok: bool) -> Self {
+        Self {
+            command: None,
+            byok,
+            fresh_handle: None,
+            import_intent: None,
+        }
+    }
+}
+
+/// Reads the whole audit chain of `org` and checks it.
+pub async fn check_audit_chain(store: &dyn Store, org: &OrgId) -> Result<AuditCheck, StoreError> {
+    let mut rows = Vec::new();
+    loop {
+        let after = rows.last().map_or(0, |r: &ChainedEvent| r.event.seq);
+        let page = store.audit_events(org, after, MAX_AUDIT_PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        rows.extend(page);
+    }
+    let events = rows.len() as u64;
+    Ok(match audit::verify(org.as_str(), &rows) {
+        Ok(head) => AuditCheck {
+            events,
+            head,
+            problem: None,
+        },
+        Err(problem) => AuditCheck {
+            events,
+            head: rows.last().map_or(audit::GENESIS, |r| r.hash),
+            problem: Some(problem),
+        },
+    })
+}
+
+/// How a refusal reads in the audit log: the gRPC code and message the caller got.
+fn refusal(err: &ServiceError) -> String {
+    let status = err.to_status();
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+fn new_key_id() -> KeyId {
+    KeyId(format!("key-{}", &random_handle()[..16]))
+}
+
+fn view(stored: &StoredOrg) -> OrgView {
+    OrgView {
+        byok: stored.byok,
+        keys: stored
+            .keys
+            .iter()
+            .map(|k| &k.record)
+            .filter(|k| k.state != KeyState::Removed || k.needed)
+            .cloned()
+            .collect(),
+        active: active(stored),
+    }
+}
+
+fn key_view(stored: &StoredOrg, key: &KeyId) -> Result<KeyView, ServiceError> {
+    let record = stored
+        .keys
+        .iter()
+        .find(|k| &k.record.id == key)
+        .map(|k| k.record.clone())
+        .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
+    Ok(KeyView {
+        key: record,
+        active: active(stored),
+    })
+}
+
+fn active(stored: &StoredOrg) -> Option<KeyRecord> {
+    stored
+        .keys
+        .iter()
+        .find(|k| k.record.state == KeyState::Active)
+        .map(|k| k.record.clone())
+}

@@ -1,0 +1,198 @@
+//! The control plane's metadata store.
+//!
+//! [`Store`] is deliberately narrow: load one org, commit one org's change
+//! atomically (its keys, its settings, its audit events and its custody
+//! intents together), read the audit log, and keep the intents that make HSM
+//! calls repairable after a crash. Every implementation passes the same
+//! contract tests.
+//!
+//! # Crash repair: intents
+//!
+//! An HSM call and a database write cannot share a transaction, so each call
+//! that creates or destroys custody material is bracketed by an [`Intent`]
+//! keyed by the HSM handle, which the control plane chooses before the call:
+//!
+//! - **import/generate**: record an `Import` intent, call the HSM, then commit
+//!   the new key *and* resolve the intent in one transaction. An `Import` intent
+//!   still open at start-up belongs to a call that never committed: the handle
+//!   is destroyed (idempotently) and the intent resolved.
+//! - **removal**: commit the key's `Removed` state *and* a `Destroy` intent in
+//!   one transaction, call HSM `Destroy`, then resolve the intent. Open
+//!   `Destroy` intents are retried until the HSM confirms.
+//!
+//! The generic default key follows the import pattern through
+//! [`Store::put_generic_key`]; when two instances generate one at once, the
+//! loser's `Import` intent stays open and its unused material is destroyed by
+//! the same repair.
+
+#![forbid(unsafe_code)]
+
+mod codec;
+#[cfg(feature = "contract")]
+pub mod contract;
+pub mod sqlite;
+
+use cmk_control_plane_domain::{KeyRecord, OrgId, Timestamp, audit::ChainedEvent};
+
+pub use sqlite::SqliteStore;
+
+/// One key of an org with the custody handle that holds its material.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredKey {
+    /// The lifecycle record.
+    pub record: KeyRecord,
+    /// The HSM daemon's handle (32 lower-case hex); the generic default key's
+    /// records of every org share one.
+    pub handle: String,
+}
+
+/// An org as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOrg {
+    /// The org.
+    pub org: OrgId,
+    /// Whether bring-your-own-key is switched on.
+    pub byok: bool,
+    /// Incremented by every commit; a commit names the version it read.
+    pub version: u64,
+    /// Every key, removed ones included, in the order they were added.
+    pub keys: Vec<StoredKey>,
+}
+
+/// An audit event before the store gives it a place in the org's chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewAuditEvent {
+    /// When it happened.
+    pub time: Timestamp,
+    /// The caller's identity, or `service`.
+    pub actor: String,
+    /// The key concerned, if any.
+    pub key: Option<String>,
+    /// What was done.
+    pub action: String,
+    /// `ok`, or the code and message of the refusal.
+    pub result: String,
+}
+
+/// What a custody call bracketed by an intent does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntentKind {
+    /// Material is being imported or generated under the handle.
+    Import,
+    /// The handle's material must be destroyed.
+    Destroy,
+}
+
+/// A custody call that may not have completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Intent {
+    /// The HSM handle (unique).
+    pub handle: String,
+    /// What the call does.
+    pub kind: IntentKind,
+    /// The org it is for; `None` for the service's own keys.
+    pub org: Option<OrgId>,
+    /// When it was recorded.
+    pub created_at: Timestamp,
+}
+
+/// The service's generic default key, shared by every org without BYOK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenericKey {
+    /// Its HSM handle.
+    pub handle: String,
+    /// Its check value.
+    pub check_value: String,
+    /// When it was generated.
+    pub created_at: Timestamp,
+}
+
+/// One org's change, written all or nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Commit {
+    /// The org.
+    pub org: OrgId,
+    /// The version the change was computed from; `None` creates the org and
+    /// fails with [`StoreError::Conflict`] if it exists.
+    pub expected_version: Option<u64>,
+    /// BYOK on or off after the change.
+    pub byok: bool,
+    /// Keys inserted or updated (matched by org and key id).
+    pub keys: Vec<StoredKey>,
+    /// Events appended to the org's audit chain, in order.
+    pub audit: Vec<NewAuditEvent>,
+    /// Intents recorded with the change; as with [`Store::record_intent`], a
+    /// handle that already has an open intent fails the whole commit.
+    pub add_intents: Vec<Intent>,
+    /// Handles whose intents the change resolves.
+    pub resolve_intents: Vec<String>,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed the org since it was read; reload and retry.
+    #[error("organisation {0} was changed concurrently")]
+    Conflict(OrgId),
+    /// The database cannot be reached or refused the operation.
+    #[error("metadata store unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Stored data does not decode (a bug, or tampering outside the service).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The control plane's metadata store.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The org, or `None` if it was never enrolled.
+    async fn load_org(&self, org: &OrgId) -> Result<Option<StoredOrg>, StoreError>;
+
+    /// Applies `commit` atomically and returns the org's new version.
+    async fn commit(&self, commit: Commit) -> Result<u64, StoreError>;
+
+    /// Appends events that change no state (reads, refusals) to the org's chain.
+    async fn append_audit(&self, org: &OrgId, events: Vec<NewAuditEvent>)
+    -> Result<(), StoreError>;
+
+    /// Up to `limit` events of the org with `seq > after_seq`, oldest first.
+    async fn audit_events(
+        &self,
+        org: &OrgId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChainedEvent>, StoreError>;
+
+    /// Every org that has an audit chain, for verification, in id order.
+    async fn audited_orgs(&self) -> Result<Vec<OrgId>, StoreError>;
+
+    /// Records an intent on its own (before an import). A handle that already
+    /// has an open intent is refused ([`StoreError::Unavailable`]): handles are
+    /// chosen at random, so a repeat is a bug that repair must not paper over.
+    async fn record_intent(&self, intent: Intent) -> Result<(), StoreError>;
+
+    /// Resolves an intent on its own (after a destroy, or an import that failed).
+    /// Resolving a handle with no open intent succeeds and changes nothing, so
+    /// an interrupted repair can run again.
+    async fn resolve_intent(&self, handle: &str) -> Result<(), StoreError>;
+
+    /// Every open intent, oldest first (by `created_at`, then in the order
+    /// recorded).
+    async fn open_intents(&self) -> Result<Vec<Intent>, StoreError>;
+
+    /// The generic default key, if generated.
+    async fn generic_key(&self) -> Result<Option<GenericKey>, StoreError>;
+
+    /// Stores the generic default key and resolves its import intent, unless
+    /// one is already stored; returns the one that is.
+    ///
+    /// When another key is already stored, the given handle's `Import` intent
+    /// is deliberately left open: that material is unused, and start-up repair
+    /// destroys it. Putting the stored key again resolves its intent, so a
+    /// retry after a lost reply is harmless.
+    async fn put_generic_key(&self, key: GenericKey) -> Result<GenericKey, StoreError>;
+
+    /// Orgs with a deactivated or deleted key whose `expires_at <= now`, each
+    /// once, in id order.
+    async fn orgs_with_expired_keys(&self, now: Timestamp) -> Result<Vec<OrgId>, StoreError>;
+}
