@@ -462,8 +462,8 @@ impl KeyService {
                     && change.to != KeyState::Removed;
                 let handle = match (&step.fresh_handle, fresh) {
                     (Some(handle), true) => handle.clone(),
-                    _ => stored
-                        .keys
+                    // `keys` already holds a key this command added.
+                    _ => keys
                         .iter()
                         .find(|k| k.record.id == change.key)
                         .map(|k| k.handle.clone())

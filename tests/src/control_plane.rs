@@ -114,7 +114,8 @@ impl Deployment {
         self.control_plane.as_ref().unwrap().addr
     }
 
-    async fn start_control_plane(&mut self) {
+    /// Starts the control plane (again) on the same database and waits until it answers.
+    pub async fn start_control_plane(&mut self) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();

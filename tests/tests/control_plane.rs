@@ -305,3 +305,308 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+async fn byok_on(d: &Deployment) {
+    d.client("admin-acme")
+        .await
+        .set_byok(pb::SetByokRequest {
+            org_id: ORG.into(),
+            enabled: true,
+        })
+        .await
+        .unwrap();
+}
+
+async fn public_key(d: &Deployment, dir: &Path) {
+    let public = d
+        .client("admin-acme")
+        .await
+        .get_import_public_key(pb::GetImportPublicKeyRequest { org_id: ORG.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    std::fs::write(dir.join("pub.pem"), public.public_key_pem).unwrap();
+}
+
+async fn upload(
+    d: &Deployment,
+    wrapped: Vec<u8>,
+    activate_now: bool,
+) -> Result<pb::Key, tonic::Status> {
+    Ok(d.client("admin-acme")
+        .await
+        .upload_key(pb::UploadKeyRequest {
+            org_id: ORG.into(),
+            wrapped_key: wrapped,
+            activate_now,
+            import_key_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .key
+        .unwrap())
+}
+
+/// Delete → restore → delete → the window passes → removed while still needed:
+/// the org stays blocked until the original key is uploaded again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_master_key_is_recovered_by_uploading_it_again() {
+    let d = Deployment::start().await;
+    let work = tempfile::tempdir().unwrap();
+    byok_on(&d).await;
+    public_key(&d, work.path()).await;
+    let (wrapped, kcv) = wrap_new_key(work.path(), "master");
+    let key = upload(&d, wrapped.clone(), true).await.unwrap();
+    assert_eq!(key.state(), KeyState::Active);
+    let key = key.key_id;
+    let mut admin = d.client("admin-acme").await;
+    admin.revoke_key(key_req(&key)).await.unwrap();
+    let deleted = admin.delete_key(key_req(&key)).await.unwrap().into_inner();
+    let deleted = deleted.key.unwrap();
+    assert_eq!(deleted.state(), KeyState::Deleted);
+    assert_eq!(
+        deleted.expires_at.unwrap().seconds - d.clock.now().0,
+        30 * 86_400
+    );
+
+    // Restorable inside the window.
+    d.advance(29 * DAY).await;
+    let restored = admin.restore_key(key_req(&key)).await.unwrap().into_inner();
+    assert_eq!(restored.key.unwrap().state(), KeyState::Revoked);
+    admin.delete_key(key_req(&key)).await.unwrap();
+
+    // The window ends: the key is destroyed in the HSM but the org still needs it.
+    let before = tombstones(d.hsm.store.path());
+    d.advance(31 * DAY).await;
+    assert_eq!(tombstones(d.hsm.store.path()), before + 1);
+    let listing = list(&d).await;
+    let removed = listing.keys.iter().find(|k| k.key_id == key).unwrap();
+    assert_eq!(removed.state(), KeyState::Removed);
+    assert_eq!(removed.key_check_value, kcv);
+    let refused = admin.restore_key(key_req(&key)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("upload the original key (check value {kcv})")),
+        "{}",
+        refused.message()
+    );
+
+    // Another key cannot take over; the original one brings the org back.
+    let (other, _) = wrap_new_key(work.path(), "other");
+    let other = upload(&d, other, false).await.unwrap().key_id;
+    let refused = admin.activate_key(key_req(&other)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("is removed"),
+        "{}",
+        refused.message()
+    );
+    admin.cancel_key(key_req(&other)).await.unwrap();
+
+    let recovered = upload(&d, wrapped, false).await.unwrap();
+    assert_eq!(recovered.key_id, key, "recovered by check value, same id");
+    assert_eq!(recovered.state(), KeyState::Revoked);
+    let back = admin
+        .reactivate_key(key_req(&key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.key.unwrap().state(), KeyState::Active);
+    assert_eq!(list(&d).await.active_key_id, key);
+}
+
+/// Switching BYOK off makes the generic default key the master again.
+#[tokio::test(flavor = "multi_thread")]
+async fn byok_off_returns_to_the_generic_default_key() {
+    let d = Deployment::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let generic_kcv = list(&d).await.keys[0].key_check_value.clone();
+    byok_on(&d).await;
+    public_key(&d, work.path()).await;
+    let (wrapped, _) = wrap_new_key(work.path(), "own");
+    let own = upload(&d, wrapped, true).await.unwrap().key_id;
+
+    let off = d
+        .client("admin-acme")
+        .await
+        .set_byok(pb::SetByokRequest {
+            org_id: ORG.into(),
+            enabled: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!off.byok_enabled);
+    let active = off.active_key.unwrap();
+    assert_eq!(active.source(), KeySource::GenericDefault);
+    assert_eq!(
+        active.key_check_value, generic_kcv,
+        "one generic key for all"
+    );
+    let listing = list(&d).await;
+    assert_eq!(state_of(&listing, &own), Some(KeyState::Deactivated));
+
+    // Another org shares the same generic default key.
+    let globex = d
+        .client("admin-globex")
+        .await
+        .list_keys(pb::ListKeysRequest {
+            org_id: "globex".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(globex.keys[0].key_check_value, generic_kcv);
+}
+
+/// The HSM daemon down: key operations fail UNAVAILABLE, reads still work,
+/// nothing stored changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn hsm_down_is_unavailable_and_changes_nothing() {
+    let mut d = Deployment::start().await;
+    let work = tempfile::tempdir().unwrap();
+    byok_on(&d).await;
+    public_key(&d, work.path()).await;
+    let (wrapped, _) = wrap_new_key(work.path(), "k");
+    let before = list(&d).await;
+
+    let daemon = std::mem::replace(
+        &mut d.hsm.daemon,
+        cmk_tests::InProcess::start(d.hsm.pki.settings(
+            tempfile::tempdir().unwrap().path(),
+            cmk_hsm_daemon::Limits::default(),
+        ))
+        .await,
+    );
+    daemon.stop().await.unwrap();
+    // The control plane still points at the stopped daemon's address.
+    let refused = upload(&d, wrapped, false).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("HSM daemon is unavailable"));
+    let refused = d
+        .client("admin-acme")
+        .await
+        .get_import_public_key(pb::GetImportPublicKeyRequest { org_id: ORG.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(list(&d).await, before);
+}
+
+/// A crash between the HSM import and the database commit leaves an intent;
+/// once it is older than an import can take, the timers destroy the material.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_that_never_committed_is_destroyed() {
+    use cmk_control_plane_domain::{OrgId, Timestamp};
+    use cmk_control_plane_store::{Intent, IntentKind, SqliteStore, Store};
+
+    let mut d = Deployment::start().await;
+    d.stop_control_plane().await;
+    let hsm = d.hsm.pki.control_plane_client(d.hsm.daemon.addr).await;
+    let handle = cmk_control_plane::hsm::random_handle();
+    // What the control plane does before and during an upload, then "crashes".
+    let store = SqliteStore::open(&d.database().display().to_string())
+        .await
+        .unwrap();
+    store
+        .record_intent(Intent {
+            handle: handle.clone(),
+            kind: IntentKind::Import,
+            org: Some(OrgId::parse(ORG).unwrap()),
+            created_at: Timestamp(d.clock.now().0),
+        })
+        .await
+        .unwrap();
+    hsm.generate(&handle).await.unwrap();
+    store.close().await;
+
+    let secret = cmk_secret::SecretBytes::new(vec![7; 32]);
+    d.start_control_plane().await;
+    // Young intents are left alone: the import might still be running.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hsm.wrap(&handle, &secret, b"").await.expect("still there");
+
+    d.advance(Duration::from_secs(120)).await;
+    let gone = hsm.wrap(&handle, &secret, b"").await.unwrap_err();
+    assert!(gone.to_string().contains("destroyed"), "{gone}");
+    let store = SqliteStore::open(&d.database().display().to_string())
+        .await
+        .unwrap();
+    assert!(store.open_intents().await.unwrap().is_empty());
+}
+
+/// A changed or deleted audit row is found by the API and by the command.
+#[tokio::test(flavor = "multi_thread")]
+async fn tampering_with_the_audit_log_is_detected() {
+    let mut d = Deployment::start().await;
+    byok_on(&d).await;
+    list(&d).await;
+    d.client("admin-globex")
+        .await
+        .list_keys(pb::ListKeysRequest {
+            org_id: "globex".into(),
+        })
+        .await
+        .unwrap();
+    d.stop_control_plane().await;
+
+    let url = format!("sqlite://{}", d.database().display());
+    let verify = |org: Option<&str>| {
+        let mut cmd = Command::new(cmk_tests::binary("control-plane"));
+        cmd.arg("verify-audit").arg("--database").arg(&url);
+        if let Some(org) = org {
+            cmd.arg("--org").arg(org);
+        }
+        cmd.output().unwrap()
+    };
+    let intact = verify(None);
+    assert!(intact.status.success(), "{intact:?}");
+    let stdout = String::from_utf8(intact.stdout).unwrap();
+    assert!(stdout.contains("acme: intact"), "{stdout}");
+
+    {
+        use sqlx::{Connection, SqliteConnection};
+        let mut db = SqliteConnection::connect(&url).await.unwrap();
+        // The triggers stop accidents, not someone with the file: drop them.
+        sqlx::query("DROP TRIGGER audit_no_update")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("DROP TRIGGER audit_no_delete")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE audit SET actor = 'someone else' WHERE org = 'acme' AND seq = 2")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM audit WHERE org = 'globex' AND seq = 1")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+    }
+
+    let broken = verify(None);
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    let stdout = String::from_utf8(broken.stdout).unwrap();
+    assert!(
+        stdout
+            .contains("acme: BROKEN: audit chain of org acme breaks at seq 2: the row was changed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("globex: BROKEN"), "{stdout}");
+
+    d.start_control_plane().await;
+    let check = d
+        .client("reader-acme")
+        .await
+        .verify_audit_log(pb::VerifyAuditLogRequest { org_id: ORG.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!check.intact);
+    assert!(check.problem.contains("seq 2"), "{}", check.problem);
+}

@@ -1,0 +1,94 @@
+//! The real `control-plane` binary, started as a user or Kubernetes would,
+//! against the real `hsm-daemon` binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+};
+
+use cmk_proto::control::v1::{self as pb, key_admin_service_client::KeyAdminServiceClient};
+use cmk_tests::{DaemonProcess, Pki, binary, control_plane::POLICY, free_port, wait_healthy};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
+    let pki = Pki::new();
+    let keystore = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pki, keystore.path(), free_port()).await;
+    let policy = data.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut child = Command::new(binary("control-plane"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--tls-cert")
+        .arg(pki.path("server.crt"))
+        .arg("--tls-key")
+        .arg(pki.path("server.key"))
+        .arg("--tls-client-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--hsm-endpoint")
+        .arg(format!("https://{}", daemon.addr))
+        .arg("--hsm-tls-cert")
+        .arg(pki.path("control-plane.crt"))
+        .arg("--hsm-tls-key")
+        .arg(pki.path("control-plane.key"))
+        .arg("--hsm-tls-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--database")
+        .arg(format!("sqlite://{}", data.path().join("cmk.db").display()))
+        .arg("--policy-file")
+        .arg(&policy)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_healthy(addr, &pki.client_files("admin-acme")).await;
+
+    let listing = KeyAdminServiceClient::new(pki.channel(addr, "admin-acme").await.unwrap())
+        .list_keys(pb::ListKeysRequest {
+            org_id: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listing.keys.len(), 1, "the generic default key");
+    assert_eq!(listing.active_key_id, listing.keys[0].key_id);
+
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success(), "a clean exit on SIGTERM");
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_every_problem_named() {
+    let out = Command::new(binary("control-plane"))
+        .arg("--listen")
+        .arg("nowhere")
+        .arg("--hsm-endpoint")
+        .arg("http://127.0.0.1:7443")
+        .arg("--database")
+        .arg("mysql://db")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for expected in [
+        "tls_cert: required",
+        "hsm_tls_key: required",
+        "policy_file: required",
+        "listen: invalid socket address",
+        "hsm_endpoint: \"http://127.0.0.1:7443\" must be an https:// URL",
+        "database: \"mysql://db\" is not a sqlite:// URL",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+}
