@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cmk_control_plane_domain::{KeyId, KeyRecord, KeySource, KeyState, OrgId, Timestamp};
+use cmk_control_plane_domain::{KeyRecord, KeySource, KeyState, OrgId, Timestamp};
 use cmk_proto::control::v1::{self as pb, key_admin_service_server::KeyAdminService};
 use cmk_tls::PeerIdentity;
 use tonic::{Request, Response, Status};
@@ -11,11 +11,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     authz::{AuthzPolicy, Caller, Permission},
     error::ServiceError,
-    service::{KeyOp, KeyService, KeyView, OrgView},
+    service::{KeyOp, KeyService, KeyView, MAX_AUDIT_PAGE, OrgView},
 };
-
-/// Largest wrapped key accepted: an RSA-8192 ciphertext.
-pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
 
 /// Default audit page.
 const DEFAULT_AUDIT_PAGE: u32 = 100;
@@ -38,6 +35,7 @@ impl AdminApi {
         &self,
         request: &Request<T>,
         org_id: &str,
+        key_id: Option<&str>,
         permission: Permission,
         action: &str,
     ) -> Result<Caller, Status> {
@@ -51,7 +49,7 @@ impl AdminApi {
                 let identity = peer.as_ref().map_or("(no identity)", PeerIdentity::as_str);
                 let result = format!("{:?}: {}", status.code(), status.message());
                 self.service
-                    .record_refusal(identity, &org, action, result)
+                    .record_refusal(identity, &org, action, key_id, result)
                     .await;
                 Err(status)
             }
@@ -68,15 +66,13 @@ impl AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                Some(&request.get_ref().key_id),
                 Permission::Manage,
                 action,
             )
             .await?;
         let pb::KeyRequest { org_id: _, key_id } = request.into_inner();
-        let view = self
-            .service
-            .change(&caller, op, key_id_arg(&key_id)?)
-            .await?;
+        let view = self.service.change(&caller, op, &key_id).await?;
         Ok(Response::new(key_response(view)))
     }
 }
@@ -91,6 +87,7 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Read,
                 "get import public key",
             )
@@ -113,12 +110,17 @@ impl KeyAdminService for AdminApi {
         &self,
         request: Request<pb::SetByokRequest>,
     ) -> Result<Response<pb::SetByokResponse>, Status> {
+        let action = match request.get_ref().enabled {
+            true => "byok on",
+            false => "byok off",
+        };
         let caller = self
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Manage,
-                "set byok",
+                action,
             )
             .await?;
         let pb::SetByokRequest { org_id: _, enabled } = request.into_inner();
@@ -137,6 +139,7 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Manage,
                 "upload",
             )
@@ -147,20 +150,6 @@ impl KeyAdminService for AdminApi {
             activate_now,
             import_key_id,
         } = request.into_inner();
-        if wrapped_key.is_empty() {
-            return Err(Status::invalid_argument("wrapped_key is empty"));
-        }
-        if wrapped_key.len() > MAX_WRAPPED_KEY_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "wrapped_key is {} bytes, over the limit of {MAX_WRAPPED_KEY_BYTES}",
-                wrapped_key.len()
-            )));
-        }
-        if import_key_id.len() > 128 {
-            return Err(Status::invalid_argument(
-                "import_key_id is over 128 characters",
-            ));
-        }
         let view = self
             .service
             .upload(&caller, wrapped_key, import_key_id, activate_now)
@@ -218,12 +207,13 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                Some(&request.get_ref().key_id),
                 Permission::Read,
                 "get key",
             )
             .await?;
         let pb::KeyRequest { org_id: _, key_id } = request.into_inner();
-        let view = self.service.get(&caller, key_id_arg(&key_id)?).await?;
+        let view = self.service.get(&caller, &key_id).await?;
         Ok(Response::new(key_response(view)))
     }
 
@@ -235,6 +225,7 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Read,
                 "list keys",
             )
@@ -255,6 +246,7 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Read,
                 "list audit events",
             )
@@ -264,17 +256,16 @@ impl KeyAdminService for AdminApi {
             after_seq,
             page_size,
         } = request.into_inner();
-        let limit = if page_size == 0 {
-            DEFAULT_AUDIT_PAGE
-        } else {
-            page_size
+        let limit = match page_size {
+            0 => DEFAULT_AUDIT_PAGE,
+            n => n.min(MAX_AUDIT_PAGE),
         };
         let rows = self.service.audit_events(&caller, after_seq, limit).await?;
-        let next_after_seq =
-            match rows.len() as u64 == u64::from(limit.min(crate::service::MAX_AUDIT_PAGE)) {
-                true => rows.last().map_or(0, |r| r.event.seq),
-                false => 0,
-            };
+        // A full page may have more behind it; a short one is the end.
+        let next_after_seq = match rows.len() == limit as usize {
+            true => rows.last().map_or(0, |r| r.event.seq),
+            false => 0,
+        };
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: rows
                 .into_iter()
@@ -300,6 +291,7 @@ impl KeyAdminService for AdminApi {
             .authorize(
                 &request,
                 &request.get_ref().org_id,
+                None,
                 Permission::Read,
                 "verify audit log",
             )
@@ -312,10 +304,6 @@ impl KeyAdminService for AdminApi {
             problem: check.problem.map(|p| p.to_string()).unwrap_or_default(),
         }))
     }
-}
-
-fn key_id_arg(key_id: &str) -> Result<KeyId, Status> {
-    KeyId::parse(key_id).map_err(|e| Status::invalid_argument(format!("key_id: {e}")))
 }
 
 fn key_response(view: KeyView) -> pb::KeyResponse {

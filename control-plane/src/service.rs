@@ -41,6 +41,9 @@ const CONFLICT_RETRIES: usize = 5;
 /// Largest audit page.
 pub const MAX_AUDIT_PAGE: u32 = 1000;
 
+/// Largest wrapped key accepted: an RSA-8192 ciphertext.
+pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
+
 /// An org's keys as an admin sees them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrgView {
@@ -213,6 +216,7 @@ impl KeyService {
         activate_now: bool,
     ) -> Result<KeyView, ServiceError> {
         self.audited(caller, "upload", None, false, async {
+            check_upload(&wrapped_key, &import_key_id)?;
             let org = caller.org();
             let _guard = self.lock(org).await;
             // Checked before the HSM call too, so a refused upload imports nothing.
@@ -284,8 +288,12 @@ impl KeyService {
         &self,
         caller: &Caller,
         op: KeyOp,
-        key: KeyId,
+        key_id: &str,
     ) -> Result<KeyView, ServiceError> {
+        let key = match parse_key_id(key_id) {
+            Ok(key) => key,
+            Err(err) => return self.refuse(caller, op.name(), err).await,
+        };
         self.audited(caller, op.name(), Some(&key), false, async {
             let org = caller.org();
             let _guard = self.lock(org).await;
@@ -310,7 +318,11 @@ impl KeyService {
     }
 
     /// One key of the org.
-    pub async fn get(&self, caller: &Caller, key: KeyId) -> Result<KeyView, ServiceError> {
+    pub async fn get(&self, caller: &Caller, key_id: &str) -> Result<KeyView, ServiceError> {
+        let key = match parse_key_id(key_id) {
+            Ok(key) => key,
+            Err(err) => return self.refuse(caller, "get key", err).await,
+        };
         self.audited(caller, "get key", Some(&key), true, async {
             key_view(&self.load_or_enrol(caller.org()).await?, &key)
         })
@@ -349,12 +361,20 @@ impl KeyService {
             .await
     }
 
-    /// Records a call refused before it reached an operation (authorisation).
-    pub async fn record_refusal(&self, identity: &str, org: &OrgId, action: &str, result: String) {
+    /// Records a call refused before it reached an operation (authorisation);
+    /// `key_id` as the request named it, kept if it is a well-formed id.
+    pub async fn record_refusal(
+        &self,
+        identity: &str,
+        org: &OrgId,
+        action: &str,
+        key_id: Option<&str>,
+        result: String,
+    ) {
         let event = NewAuditEvent {
             time: self.clock.now(),
             actor: identity.to_owned(),
-            key: None,
+            key: key_id.and_then(|k| KeyId::parse(k).ok()).map(|k| k.0),
             action: action.to_owned(),
             result,
         };
@@ -396,6 +416,17 @@ impl KeyService {
             }
         }
         Ok(())
+    }
+
+    /// Audits and returns a refusal found before the operation started.
+    async fn refuse<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        err: ServiceError,
+    ) -> Result<T, ServiceError> {
+        self.audited(caller, action, None, false, async { Err(err) })
+            .await
     }
 
     /// Runs `op`, and audits its refusal, or its success if it is a read
@@ -734,6 +765,29 @@ pub async fn check_audit_chain(store: &dyn Store, org: &OrgId) -> Result<AuditCh
 fn refusal(err: &ServiceError) -> String {
     let status = err.to_status();
     format!("{:?}: {}", status.code(), status.message())
+}
+
+fn parse_key_id(key_id: &str) -> Result<KeyId, ServiceError> {
+    KeyId::parse(key_id).map_err(|e| ServiceError::InvalidArgument(format!("key_id: {e}")))
+}
+
+/// Bounds the upload's fields before anything reaches the HSM.
+fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<(), ServiceError> {
+    if wrapped_key.is_empty() {
+        return Err(ServiceError::InvalidArgument("wrapped_key is empty".into()));
+    }
+    if wrapped_key.len() > MAX_WRAPPED_KEY_BYTES {
+        return Err(ServiceError::InvalidArgument(format!(
+            "wrapped_key is {} bytes, over the limit of {MAX_WRAPPED_KEY_BYTES} (an RSA-8192 ciphertext)",
+            wrapped_key.len()
+        )));
+    }
+    if import_key_id.len() > 128 {
+        return Err(ServiceError::InvalidArgument(
+            "import_key_id is over 128 characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn new_key_id() -> KeyId {

@@ -20,32 +20,34 @@ async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
     let policy = data.path().join("policy.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut child = Command::new(binary("control-plane"))
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--tls-cert")
-        .arg(pki.path("server.crt"))
-        .arg("--tls-key")
-        .arg(pki.path("server.key"))
-        .arg("--tls-client-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--hsm-endpoint")
-        .arg(format!("https://{}", daemon.addr))
-        .arg("--hsm-tls-cert")
-        .arg(pki.path("control-plane.crt"))
-        .arg("--hsm-tls-key")
-        .arg(pki.path("control-plane.key"))
-        .arg("--hsm-tls-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--database")
-        .arg(format!("sqlite://{}", data.path().join("cmk.db").display()))
-        .arg("--policy-file")
-        .arg(&policy)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        Command::new(binary("control-plane"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--tls-cert")
+            .arg(pki.path("server.crt"))
+            .arg("--tls-key")
+            .arg(pki.path("server.key"))
+            .arg("--tls-client-ca")
+            .arg(pki.path("ca.crt"))
+            .arg("--hsm-endpoint")
+            .arg(format!("https://{}", daemon.addr))
+            .arg("--hsm-tls-cert")
+            .arg(pki.path("control-plane.crt"))
+            .arg("--hsm-tls-key")
+            .arg(pki.path("control-plane.key"))
+            .arg("--hsm-tls-ca")
+            .arg(pki.path("ca.crt"))
+            .arg("--database")
+            .arg(format!("sqlite://{}", data.path().join("cmk.db").display()))
+            .arg("--policy-file")
+            .arg(&policy)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     wait_healthy(addr, &pki.client_files("admin-acme")).await;
 
     let listing = KeyAdminServiceClient::new(pki.channel(addr, "admin-acme").await.unwrap())
@@ -58,13 +60,53 @@ async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
     assert_eq!(listing.keys.len(), 1, "the generic default key");
     assert_eq!(listing.active_key_id, listing.keys[0].key_id);
 
+    // Reflection v1alpha, as grpcurl uses it (Python grpcio stands in for it).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/reflection_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(addr.to_string())
+        .arg(pki.path("ca.crt"))
+        .arg(pki.path("reader-acme.crt"))
+        .arg(pki.path("reader-acme.key"))
+        .arg("cmk.control.v1.KeyAdminService")
+        .arg(r#"{"org_id": "acme"}"#)
+        .output()
+        .expect("python3 (with grpcio and grpcio-reflection) is required");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reflection client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "service cmk.control.v1.KeyAdminService",
+        "service grpc.health.v1.Health",
+        "method UploadKey",
+        "method RestoreKey",
+        "method VerifyAuditLog",
+        "key_id ",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("cmk.hsm"), "only its own API: {stdout}");
+
     let status = Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(child.wait().unwrap().success(), "a clean exit on SIGTERM");
+    assert!(child.0.wait().unwrap().success(), "a clean exit on SIGTERM");
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

@@ -151,7 +151,9 @@ impl Org {
                         key: active.id.clone(),
                     });
                 }
-                next.add(id.clone(), KeySource::GenericDefault, check_value)?;
+                // A pending key of the org's own stays pending (it can be
+                // cancelled); the generic record is pending only within this command.
+                next.add_beside_pending(id.clone(), KeySource::GenericDefault, check_value)?;
                 next.activate(&id)?;
             }
             Command::Activate(id) => next.activate(&id)?,
@@ -250,13 +252,22 @@ impl Working<'_> {
         source: KeySource,
         check_value: String,
     ) -> Result<(), LifecycleError> {
-        if self.org.keys.iter().any(|k| k.id == id) {
-            return Err(LifecycleError::DuplicateId(id));
-        }
         if let Some(pending) = self.org.in_state(KeyState::Pending) {
             return Err(LifecycleError::PendingExists {
                 pending: pending.id.clone(),
             });
+        }
+        self.add_beside_pending(id, source, check_value)
+    }
+
+    fn add_beside_pending(
+        &mut self,
+        id: KeyId,
+        source: KeySource,
+        check_value: String,
+    ) -> Result<(), LifecycleError> {
+        if self.org.keys.iter().any(|k| k.id == id) {
+            return Err(LifecycleError::DuplicateId(id));
         }
         self.changes.push(Change {
             key: id.clone(),
@@ -271,6 +282,8 @@ impl Working<'_> {
 
     /// Pending → active, the previous active key → rotating.
     fn activate(&mut self, id: &KeyId) -> Result<(), LifecycleError> {
+        // An unknown key is NOT_FOUND whatever the state of the org.
+        self.org.key(id)?;
         if let Some(master) = self.org.revoked_master() {
             let (state, remedy) = match master.state {
                 KeyState::Revoked => ("revoked", "reactivate it".to_string()),
@@ -446,11 +459,32 @@ mod tests {
         let (o, _) = org()
             .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
             .unwrap();
-        let (o, _) = o.handle(generic(), Timestamp(2), &p).unwrap();
+        let (o, _) = o
+            .handle(add("b", "BBBBBBBBBB", false), Timestamp(2), &p)
+            .unwrap();
+        let (o, _) = o.handle(generic(), Timestamp(3), &p).unwrap();
         assert_eq!(state(&o, "a"), KeyState::Rotating);
+        assert_eq!(state(&o, "b"), KeyState::Pending, "a pending key stays");
         assert_eq!(
             o.active().map(|k| k.source),
             Some(KeySource::GenericDefault)
+        );
+        o.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn an_unknown_key_is_unknown_even_while_the_master_is_revoked() {
+        let p = Policy::default();
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        let (o, _) = o
+            .handle(Command::Revoke(id("a")), Timestamp(2), &p)
+            .unwrap();
+        assert_eq!(
+            o.handle(Command::Activate(id("nope")), Timestamp(3), &p)
+                .unwrap_err(),
+            LifecycleError::UnknownKey(id("nope"))
         );
     }
 
