@@ -4,13 +4,14 @@
 //! each with its name.
 
 use std::{
-    fmt, fs,
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use cmk_control_plane_domain::Policy;
+pub use cmk_runtime::LogFormat;
 use cmk_tls::TlsFiles;
 use serde::Deserialize;
 
@@ -90,10 +91,7 @@ impl fmt::Display for ConfigError {
 impl RawSettings {
     /// Reads a TOML file; unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))
+        cmk_runtime::read_toml(path).map_err(|e| ConfigError(vec![e]))
     }
 
     /// Overlays every field set in `over` onto `self`.
@@ -235,14 +233,10 @@ impl RawSettings {
             )),
         };
 
-        let log_format = match self.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                errors.push(format!("log_format: {other:?} is not text or json"));
-                LogFormat::Text
-            }
-        };
+        let log_format = LogFormat::parse(self.log_format.as_deref()).unwrap_or_else(|e| {
+            errors.push(e);
+            LogFormat::Text
+        });
 
         let authz = match policy_file.as_os_str().is_empty() {
             true => None,
@@ -320,11 +314,46 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable.
-    Text,
-    /// One JSON object per line.
-    Json,
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let raw = RawSettings::from_file(&deploy.join("control-plane.example.toml")).unwrap();
+        assert_eq!(
+            raw.database.as_deref(),
+            Some("sqlite:///var/lib/cmk-cp/cmk.db")
+        );
+        assert_eq!(raw.hsm_endpoint.as_deref(), Some("https://cmk-hsm:7443"));
+        let policy =
+            AuthzPolicy::from_file(&deploy.join("control-plane.policy.example.toml")).unwrap();
+        assert_eq!(policy.identities(), 3);
+    }
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let raw = RawSettings {
+            listen: Some("nowhere".into()),
+            deactivated_retention_days: Some(0),
+            log_format: Some("xml".into()),
+            ..RawSettings::default()
+        };
+        let ConfigError(problems) = raw.validate().unwrap_err();
+        for expected in [
+            "tls_cert: required",
+            "policy_file: required",
+            "database: required",
+            "listen: ",
+            "deactivated_retention_days: 0 is out of range",
+            "log_format: \"xml\"",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected} in {problems:?}"
+            );
+        }
+    }
 }

@@ -1,11 +1,12 @@
 //! `control-plane`: see the library crate for what it does.
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use cmk_control_plane::{LogFormat, RawSettings, service::check_audit_chain};
+use cmk_control_plane::{RawSettings, service::check_audit_chain};
 use cmk_control_plane_domain::OrgId;
 use cmk_control_plane_store::{SqliteStore, Store};
+use cmk_runtime::{init_logging, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -122,33 +123,4 @@ async fn verify_audit(database: &str, only: Option<&str>) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CMK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::error!(%err, "cannot listen for SIGTERM; stop with Ctrl-C");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

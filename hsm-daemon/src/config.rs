@@ -12,6 +12,7 @@ use std::{
 };
 
 use cmk_hsm_custody::{ImportKeyBits, RootKey};
+pub use cmk_runtime::LogFormat;
 use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
 use serde::Deserialize;
@@ -82,10 +83,7 @@ pub struct RawSettings {
 impl RawSettings {
     /// Reads a TOML file; unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError(vec![format!("config file {}: {e}", path.display())]))
+        cmk_runtime::read_toml(path).map_err(|e| ConfigError(vec![e]))
     }
 
     /// Overlays every field set in `over` onto `self`.
@@ -232,14 +230,10 @@ impl RawSettings {
             ) as u64),
         };
 
-        let log_format = match self.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                errors.push(format!("log_format: {other:?} is not text or json"));
-                LogFormat::Text
-            }
-        };
+        let log_format = LogFormat::parse(self.log_format.as_deref()).unwrap_or_else(|e| {
+            errors.push(e);
+            LogFormat::Text
+        });
 
         let root_key = match (root_key_env, &self.root_key_file) {
             (Some(_), Some(_)) => {
@@ -338,15 +332,6 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
         }
     }
-}
-
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Every problem found in the configuration, one per line.

@@ -41,14 +41,4 @@ impl From<ServiceError> for Status {
     }
 }
 
-/// An error and all its sources on one line.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use cmk_runtime::error_chain as chain;

@@ -1,9 +1,10 @@
 //! `hsm-daemon`: see the library crate for what it does.
 
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use cmk_hsm_daemon::{LogFormat, RawSettings, Settings, config::ROOT_KEY_ENV, dev};
+use cmk_hsm_daemon::{RawSettings, Settings, config::ROOT_KEY_ENV, dev};
+use cmk_runtime::{init_logging, shutdown_signal};
 use cmk_secret::SecretBytes;
 
 #[derive(Parser)]
@@ -79,33 +80,4 @@ fn settings(cli: Cli) -> Result<(Settings, Option<String>), Box<dyn std::error::
     // The variable stays in this process's environment (removing it needs
     // `unsafe` under edition 2024), which is why the README prefers root_key_file.
     Ok((file.overlay(cli.settings).validate(root_key_env)?, None))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CMK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::error!(%err, "cannot listen for SIGTERM; stop with Ctrl-C");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -1,11 +1,20 @@
 //! The control plane in this process, over real mutual TLS, against an
 //! in-process HSM daemon, with a clock the tests move.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
 
 use cmk_control_plane::{RawSettings, Settings, clock::ManualClock};
 use cmk_hsm_daemon::Limits;
-use cmk_proto::control::v1::key_admin_service_client::KeyAdminServiceClient;
+use cmk_proto::control::v1::{
+    self as pb, KeyState, key_admin_service_client::KeyAdminServiceClient,
+};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
@@ -164,4 +173,100 @@ impl Drop for Deployment {
             cp.task.abort();
         }
     }
+}
+
+pub fn state_of(listing: &pb::ListKeysResponse, key_id: &str) -> Option<KeyState> {
+    listing
+        .keys
+        .iter()
+        .find(|k| k.key_id == key_id)
+        .map(|k| k.state())
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+pub fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl CLI is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// What an admin does by hand: 32 random bytes (kept in `<name>.bin`),
+/// wrapped under `pub.pem` with the seed's exact `openssl pkeyutl` recipe.
+pub fn wrap_new_key(dir: &Path, name: &str) -> Vec<u8> {
+    wrap(dir, name, 32, "pub.pem", "sha256")
+}
+
+/// `len` random bytes wrapped under the public key in `public` with RSA-OAEP,
+/// `digest` for both OAEP and MGF1.
+pub fn wrap(dir: &Path, name: &str, len: usize, public: &str, digest: &str) -> Vec<u8> {
+    let plain = format!("{name}.bin");
+    let wrapped = format!("{name}.wrapped");
+    openssl(dir, &["rand", "-out", &plain, &len.to_string()]);
+    openssl(
+        dir,
+        &[
+            "pkeyutl",
+            "-encrypt",
+            "-pubin",
+            "-inkey",
+            public,
+            "-in",
+            &plain,
+            "-out",
+            &wrapped,
+            "-pkeyopt",
+            "rsa_padding_mode:oaep",
+            "-pkeyopt",
+            &format!("rsa_oaep_md:{digest}"),
+            "-pkeyopt",
+            &format!("rsa_mgf1_md:{digest}"),
+        ],
+    );
+    std::fs::read(dir.join(wrapped)).unwrap()
+}
+
+/// Every file under `dir`, relative to it.
+pub fn files(dir: &Path) -> BTreeSet<PathBuf> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                out.insert(path.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The key check value of the key in `<name>.bin`, computed independently with
+/// `openssl mac`: AES-CMAC over a zero block, first 5 bytes, upper-case hex.
+pub fn check_value(dir: &Path, name: &str) -> String {
+    let key_hex = hex::encode(std::fs::read(dir.join(format!("{name}.bin"))).unwrap());
+    std::fs::write(dir.join("zero.bin"), [0u8; 16]).unwrap();
+    let mac = openssl(
+        dir,
+        &[
+            "mac",
+            "-cipher",
+            "AES-256-CBC",
+            "-macopt",
+            &format!("hexkey:{key_hex}"),
+            "-in",
+            "zero.bin",
+            "CMAC",
+        ],
+    );
+    String::from_utf8(mac).unwrap().trim()[..10].to_uppercase()
 }

@@ -9,7 +9,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use cmk_control_plane::clock::Clock;
 use cmk_proto::control::v1::{self as pb, KeySource, KeyState};
-use cmk_tests::control_plane::Deployment;
+use cmk_tests::control_plane::{self, Deployment, check_value, files, state_of};
 use tonic::Code;
 
 const ORG: &str = "acme";
@@ -31,74 +31,10 @@ async fn list(d: &Deployment) -> pb::ListKeysResponse {
         .into_inner()
 }
 
-fn state_of(listing: &pb::ListKeysResponse, key_id: &str) -> Option<KeyState> {
-    listing
-        .keys
-        .iter()
-        .find(|k| k.key_id == key_id)
-        .map(|k| k.state())
-}
-
-/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// What an admin does by hand: 32 random bytes, wrapped with the seed's exact
-/// `openssl pkeyutl` recipe. Returns the wrapped key and the key check value
-/// computed independently with `openssl mac` (AES-CMAC over a zero block).
+/// A new key wrapped the seed's way, and its check value as openssl computes it.
 fn wrap_new_key(dir: &Path, name: &str) -> (Vec<u8>, String) {
-    openssl(dir, &["rand", "-out", &format!("{name}.bin"), "32"]);
-    openssl(
-        dir,
-        &[
-            "pkeyutl",
-            "-encrypt",
-            "-pubin",
-            "-inkey",
-            "pub.pem",
-            "-in",
-            &format!("{name}.bin"),
-            "-out",
-            &format!("{name}.wrapped"),
-            "-pkeyopt",
-            "rsa_padding_mode:oaep",
-            "-pkeyopt",
-            "rsa_oaep_md:sha256",
-            "-pkeyopt",
-            "rsa_mgf1_md:sha256",
-        ],
-    );
-    let key_hex = hex::encode(std::fs::read(dir.join(format!("{name}.bin"))).unwrap());
-    std::fs::write(dir.join("zero.bin"), [0u8; 16]).unwrap();
-    let mac = openssl(
-        dir,
-        &[
-            "mac",
-            "-cipher",
-            "AES-256-CBC",
-            "-macopt",
-            &format!("hexkey:{key_hex}"),
-            "-in",
-            "zero.bin",
-            "CMAC",
-        ],
-    );
-    let kcv = String::from_utf8(mac).unwrap().trim()[..10].to_uppercase();
-    (
-        std::fs::read(dir.join(format!("{name}.wrapped"))).unwrap(),
-        kcv,
-    )
+    let wrapped = control_plane::wrap_new_key(dir, name);
+    (wrapped, check_value(dir, name))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -287,23 +223,10 @@ async fn the_seed_flow_survives_a_restart_between_every_step() {
 
 /// Destroyed keys leave a tombstone in the software keystore.
 fn tombstones(keystore: &Path) -> usize {
-    walk(keystore)
-        .into_iter()
+    files(keystore)
+        .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "destroyed"))
         .count()
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 async fn byok_on(d: &Deployment) {

@@ -6,11 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use cmk_control_plane_store::{SqliteStore, Store};
 use cmk_proto::control::v1::{
@@ -18,7 +14,10 @@ use cmk_proto::control::v1::{
 };
 use cmk_tests::{
     CONTROL_PLANE, INTRUDER,
-    control_plane::{ADMIN_ACME, ADMIN_GLOBEX, Deployment, READER_ACME, SERVICE_ACME},
+    control_plane::{
+        ADMIN_ACME, ADMIN_GLOBEX, Deployment, READER_ACME, SERVICE_ACME, files, openssl, state_of,
+        wrap, wrap_new_key,
+    },
 };
 use tonic::{Code, Status, transport::Channel};
 
@@ -869,79 +868,4 @@ async fn assert_intact(admin: &mut Observer) {
         .unwrap()
         .into_inner();
     assert!(check.intact, "{}: {}", admin.org, check.problem);
-}
-
-fn state_of(listing: &pb::ListKeysResponse, key_id: &str) -> Option<KeyState> {
-    listing
-        .keys
-        .iter()
-        .find(|k| k.key_id == key_id)
-        .map(|k| k.state())
-}
-
-/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl CLI is installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// What an admin does by hand: 32 random bytes, wrapped under `pub.pem` with
-/// the seed's exact `openssl pkeyutl` recipe.
-fn wrap_new_key(dir: &Path, name: &str) -> Vec<u8> {
-    wrap(dir, name, 32, "pub.pem", "sha256")
-}
-
-/// `len` random bytes wrapped under the public key in `public` with RSA-OAEP,
-/// `digest` for both OAEP and MGF1.
-fn wrap(dir: &Path, name: &str, len: usize, public: &str, digest: &str) -> Vec<u8> {
-    let plain = format!("{name}.bin");
-    let wrapped = format!("{name}.wrapped");
-    openssl(dir, &["rand", "-out", &plain, &len.to_string()]);
-    openssl(
-        dir,
-        &[
-            "pkeyutl",
-            "-encrypt",
-            "-pubin",
-            "-inkey",
-            public,
-            "-in",
-            &plain,
-            "-out",
-            &wrapped,
-            "-pkeyopt",
-            "rsa_padding_mode:oaep",
-            "-pkeyopt",
-            &format!("rsa_oaep_md:{digest}"),
-            "-pkeyopt",
-            &format!("rsa_mgf1_md:{digest}"),
-        ],
-    );
-    std::fs::read(dir.join(wrapped)).unwrap()
-}
-
-/// Every file under `dir`, relative to it.
-fn files(dir: &Path) -> BTreeSet<PathBuf> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                out.insert(path.strip_prefix(root).unwrap().to_path_buf());
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(dir, dir, &mut out);
-    out
 }
