@@ -43,7 +43,10 @@ pub enum StartError {
 
 /// Binds `settings.listen` and serves on the system clock until `shutdown`
 /// completes.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let listener = cmk_tls::bind(settings.listen).await?;
     serve(settings, Arc::new(SystemClock), listener, shutdown).await
 }
@@ -55,7 +58,7 @@ pub async fn serve(
     settings: Settings,
     clock: Arc<dyn Clock>,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let Settings {
         listen: _,
@@ -103,32 +106,16 @@ pub async fn serve(
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, hsm = %hsm.endpoint, "listening");
     let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signalled = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            info!("stopping: no new connections, finishing requests in flight");
-            stopping.notify_one();
-        }
-    };
-    let server = Server::builder()
+    let router = Server::builder()
         .timeout(limits.request_timeout)
         .add_service(admin)
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(incoming, signalled);
-    let served = tokio::select! {
-        served = server => served,
-        () = async {
-            stopping.notified().await;
-            tokio::time::sleep(limits.request_timeout).await;
-        } => {
-            warn!("connections still open after the grace period; stopping anyway");
-            Ok(())
-        }
-    };
+        .add_service(reflection().build_v1alpha()?);
+    let served = cmk_runtime::serve_with_grace(shutdown, limits.request_timeout, |signal| {
+        router.serve_with_incoming_shutdown(incoming, signal)
+    })
+    .await;
     timers.abort();
     info!("stopped");
     Ok(served?)

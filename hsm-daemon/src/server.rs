@@ -7,7 +7,7 @@ use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody};
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use tokio::net::TcpListener;
 use tonic::{service::InterceptorLayer, transport::Server};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{authz, config::Settings, error::chain, service::HsmApi};
 
@@ -32,7 +32,10 @@ pub enum StartError {
 }
 
 /// Binds `settings.listen` and serves until `shutdown` completes.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let listener = cmk_tls::bind(settings.listen).await?;
     serve(settings, listener, shutdown).await
 }
@@ -43,7 +46,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let Settings {
         listen: _,
@@ -82,16 +85,7 @@ pub async fn serve(
     let public = custody.import_public_key();
     info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
     let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signalled = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            info!("stopping: no new connections, finishing requests in flight");
-            stopping.notify_one();
-        }
-    };
-    let server = Server::builder()
+    let router = Server::builder()
         .timeout(limits.request_timeout)
         .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
             allowed_clients,
@@ -99,15 +93,12 @@ pub async fn serve(
         .add_service(hsm)
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(incoming, signalled);
-    tokio::select! {
-        served = server => served?,
-        () = async {
-            stopping.notified().await;
-            tokio::time::sleep(limits.request_timeout).await;
-        } => warn!("connections still open after the grace period; stopping anyway"),
-    }
+        .add_service(reflection().build_v1alpha()?);
+    let served = cmk_runtime::serve_with_grace(shutdown, limits.request_timeout, |signal| {
+        router.serve_with_incoming_shutdown(incoming, signal)
+    })
+    .await;
+    served?;
     info!("stopped");
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::{io::IsTerminal, path::Path};
+use std::{future::Future, io::IsTerminal, path::Path, pin::Pin, sync::Arc, time::Duration};
 
 use serde::de::DeserializeOwned;
 
@@ -65,6 +65,42 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+/// The signal a server stops accepting connections on.
+pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs the server `serve` builds around a [`StopSignal`] that fires when
+/// `shutdown` completes. Requests in flight then get `grace` to finish: a
+/// client that keeps an idle connection open cannot hold the process up
+/// beyond that.
+pub async fn serve_with_grace<S, E>(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    serve: impl FnOnce(StopSignal) -> S,
+) -> Result<(), E>
+where
+    S: Future<Output = Result<(), E>>,
+{
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        Box::pin(async move {
+            shutdown.await;
+            tracing::info!("stopping: no new connections, finishing requests in flight");
+            stopping.notify_one();
+        })
+    };
+    tokio::select! {
+        served = serve(signal) => served,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("connections still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 /// An error and all its sources on one line.
