@@ -9,7 +9,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const PROTOS: [&str; 2] = ["cmk/hsm/v1/hsm.proto", "cmk/control/v1/control.proto"];
+const PROTOS: [&str; 3] = [
+    "cmk/hsm/v1/hsm.proto",
+    "cmk/control/v1/control.proto",
+    "cmk/bench/v1/echo.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -19,7 +23,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("cmk_descriptor.bin"))
         // Messages that carry secret bytes print them redacted (see src/redact.rs).
-        .skip_debug([".cmk.hsm.v1.WrapRequest", ".cmk.hsm.v1.UnwrapResponse"])
+        .skip_debug([
+            ".cmk.hsm.v1.WrapRequest",
+            ".cmk.hsm.v1.UnwrapResponse",
+            ".cmk.control.v1.GenerateDataKeyResponse",
+            ".cmk.control.v1.DecryptResponse",
+        ])
         .protoc_arg("--experimental_allow_proto3_optional")
         .compile_with_config(
             {

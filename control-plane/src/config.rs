@@ -57,6 +57,19 @@ pub struct RawSettings {
     /// Days a deactivated key is kept before it is destroyed [default: 30].
     #[arg(long, env = "CMK_CP_DEACTIVATED_RETENTION_DAYS")]
     pub deactivated_retention_days: Option<u64>,
+    /// Days a master key may be active before it is flagged "rotation due";
+    /// the generic default key renews itself on this schedule [default: 365].
+    #[arg(long, env = "CMK_CP_ROTATION_PERIOD_DAYS")]
+    pub rotation_period_days: Option<u64>,
+    /// Most unwrapped KEKs held in memory [default: 100000].
+    #[arg(long, env = "CMK_CP_KEK_CACHE_ENTRIES")]
+    pub kek_cache_entries: Option<u64>,
+    /// Seconds an unwrapped KEK stays in memory [default: 300].
+    #[arg(long, env = "CMK_CP_KEK_CACHE_TTL_SECS")]
+    pub kek_cache_ttl_secs: Option<u64>,
+    /// KEKs re-wrapped per batch by rotation jobs [default: 1000].
+    #[arg(long, env = "CMK_CP_ROTATION_BATCH")]
+    pub rotation_batch: Option<u64>,
     /// Seconds between runs of the timers (expiry, repair) [default: 60].
     #[arg(long, env = "CMK_CP_MAINTENANCE_INTERVAL_SECS")]
     pub maintenance_interval_secs: Option<u64>,
@@ -109,6 +122,10 @@ impl RawSettings {
             database,
             policy_file,
             deactivated_retention_days,
+            rotation_period_days,
+            kek_cache_entries,
+            kek_cache_ttl_secs,
+            rotation_batch,
             maintenance_interval_secs,
             max_message_bytes,
             handshake_timeout_secs,
@@ -129,6 +146,10 @@ impl RawSettings {
             policy_file: policy_file.or(self.policy_file),
             deactivated_retention_days: deactivated_retention_days
                 .or(self.deactivated_retention_days),
+            rotation_period_days: rotation_period_days.or(self.rotation_period_days),
+            kek_cache_entries: kek_cache_entries.or(self.kek_cache_entries),
+            kek_cache_ttl_secs: kek_cache_ttl_secs.or(self.kek_cache_ttl_secs),
+            rotation_batch: rotation_batch.or(self.rotation_batch),
             maintenance_interval_secs: maintenance_interval_secs.or(self.maintenance_interval_secs),
             max_message_bytes: max_message_bytes.or(self.max_message_bytes),
             handshake_timeout_secs: handshake_timeout_secs.or(self.handshake_timeout_secs),
@@ -206,6 +227,28 @@ impl RawSettings {
             30,
             3650,
         );
+        let rotation_period_days = bounded(
+            "rotation_period_days",
+            self.rotation_period_days,
+            365,
+            36_500,
+        );
+        let keys = KeySettings {
+            kek_cache_entries: bounded(
+                "kek_cache_entries",
+                self.kek_cache_entries,
+                100_000,
+                10_000_000,
+            ) as usize,
+            kek_cache_ttl: Duration::from_secs(bounded(
+                "kek_cache_ttl_secs",
+                self.kek_cache_ttl_secs,
+                300,
+                86_400,
+            )),
+            // The HSM daemon's default batch limit is 1000 items.
+            rotation_batch: bounded("rotation_batch", self.rotation_batch, 1000, 100_000) as u32,
+        };
         let maintenance_interval = Duration::from_secs(bounded(
             "maintenance_interval_secs",
             self.maintenance_interval_secs,
@@ -258,8 +301,10 @@ impl RawSettings {
                 authz,
                 lifecycle: Policy {
                     deactivated_retention: Duration::from_secs(retention_days * 86_400),
+                    rotation_period: Duration::from_secs(rotation_period_days * 86_400),
                     ..Policy::default()
                 },
+                keys,
                 maintenance_interval,
                 limits,
                 log_format,
@@ -282,8 +327,10 @@ pub struct Settings {
     pub database: String,
     /// Who may do what.
     pub authz: AuthzPolicy,
-    /// Retention and restore windows.
+    /// Retention, restore and rotation periods.
     pub lifecycle: Policy,
+    /// KEK cache and rotation batches.
+    pub keys: KeySettings,
     /// Time between timer runs.
     pub maintenance_interval: Duration,
     /// Bounds on every request.
@@ -301,6 +348,17 @@ pub struct HsmSettings {
     pub server_name: String,
     /// The control plane's client certificate and key, and the daemon's CA.
     pub tls: TlsFiles,
+}
+
+/// How KEKs are cached and rotated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeySettings {
+    /// Most unwrapped KEKs in memory.
+    pub kek_cache_entries: usize,
+    /// How long one stays.
+    pub kek_cache_ttl: Duration,
+    /// KEKs per rotation batch.
+    pub rotation_batch: u32,
 }
 
 /// Bounds on requests.
@@ -328,6 +386,8 @@ mod tests {
             Some("sqlite:///var/lib/cmk-cp/cmk.db")
         );
         assert_eq!(raw.hsm_endpoint.as_deref(), Some("https://cmk-hsm:7443"));
+        assert_eq!(raw.rotation_period_days, Some(365));
+        assert_eq!(raw.rotation_batch, Some(1000));
         let policy =
             AuthzPolicy::from_file(&deploy.join("control-plane.policy.example.toml")).unwrap();
         assert_eq!(policy.identities(), 3);
@@ -338,6 +398,8 @@ mod tests {
         let raw = RawSettings {
             listen: Some("nowhere".into()),
             deactivated_retention_days: Some(0),
+            rotation_batch: Some(0),
+            kek_cache_ttl_secs: Some(86_401),
             log_format: Some("xml".into()),
             ..RawSettings::default()
         };
@@ -348,6 +410,8 @@ mod tests {
             "database: required",
             "listen: ",
             "deactivated_retention_days: 0 is out of range",
+            "rotation_batch: 0 is out of range",
+            "kek_cache_ttl_secs: 86401 is out of range",
             "log_format: \"xml\"",
         ] {
             assert!(

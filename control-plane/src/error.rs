@@ -1,11 +1,11 @@
 //! The control plane's one translation from errors to gRPC status codes.
 
-use cmk_control_plane_domain::LifecycleError;
+use cmk_control_plane_domain::{KekId, LifecycleError};
 use cmk_control_plane_store::StoreError;
 use tonic::{Code, Status};
 use tracing::error;
 
-use crate::{authz::Denied, hsm::HsmError};
+use crate::{authz::Denied, envelope::EnvelopeError, hsm::HsmError};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,15 @@ pub enum ServiceError {
     /// The metadata store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A wrapped content key or its context is refused.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The org never rotated a key.
+    #[error("the organisation has no rotation job: no key was ever rotated away from")]
+    NoRotation,
+    /// The org has no KEK with this id.
+    #[error("the organisation has no KEK {0}")]
+    UnknownKek(KekId),
 }
 
 impl ServiceError {
@@ -39,6 +48,19 @@ impl ServiceError {
                 LifecycleError::AlreadyPresent { .. } | LifecycleError::DuplicateId(_),
             ) => Code::AlreadyExists,
             Self::Lifecycle(_) => Code::FailedPrecondition,
+            Self::UnknownKek(_) | Self::NoRotation => Code::NotFound,
+            Self::Envelope(
+                EnvelopeError::Empty
+                | EnvelopeError::UnsupportedVersion(_)
+                | EnvelopeError::WrongLength { .. }
+                | EnvelopeError::BadKekId
+                | EnvelopeError::NotAuthentic
+                | EnvelopeError::ContextTooLong { .. },
+            ) => Code::InvalidArgument,
+            // Lengths the service itself chose: a bug, not the caller's doing.
+            Self::Envelope(
+                EnvelopeError::KekLength { .. } | EnvelopeError::ContentKeyLength { .. },
+            ) => return internal(),
             Self::Hsm(HsmError::Status(status)) => match status.code() {
                 // The HSM's explanation of bad key material is for the admin.
                 Code::InvalidArgument | Code::OutOfRange => {

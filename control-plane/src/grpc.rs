@@ -1,16 +1,23 @@
-//! The gRPC adapter of `cmk.control.v1.KeyAdminService`: parse the request,
-//! authorise the caller for the org it names, call the service, convert back.
+//! The gRPC adapters of `cmk.control.v1.KeyAdminService` and
+//! `ContentKeyService`: parse the request, authorise the caller for the org it
+//! names, call the service, convert back.
 
 use std::sync::Arc;
 
 use cmk_control_plane_domain::{KeyRecord, KeySource, KeyState, OrgId, Timestamp};
-use cmk_proto::control::v1::{self as pb, key_admin_service_server::KeyAdminService};
+use cmk_control_plane_store::JobState;
+use cmk_proto::control::v1::{
+    self as pb, content_key_service_server::ContentKeyService,
+    key_admin_service_server::KeyAdminService,
+};
 use cmk_tls::PeerIdentity;
 use tonic::{Request, Response, Status};
 
 use crate::{
     authz::{AuthzPolicy, Caller, Permission},
+    content::{DataKey, KekView, RevocationPreview},
     error::ServiceError,
+    rotation::RotationView,
     service::{KeyOp, KeyService, KeyView, MAX_AUDIT_PAGE, OrgView},
 };
 
@@ -124,10 +131,15 @@ impl KeyAdminService for AdminApi {
             )
             .await?;
         let pb::SetByokRequest { org_id: _, enabled } = request.into_inner();
-        let OrgView { byok, active, .. } = self.service.set_byok(&caller, enabled).await?;
+        let OrgView {
+            byok,
+            active,
+            rotation_due,
+            keys: _,
+        } = self.service.set_byok(&caller, enabled).await?;
         Ok(Response::new(pb::SetByokResponse {
             byok_enabled: byok,
-            active_key: active.map(key),
+            active_key: active.map(|k| key(k, rotation_due)),
         }))
     }
 
@@ -230,9 +242,15 @@ impl KeyAdminService for AdminApi {
                 "list keys",
             )
             .await?;
-        let OrgView { byok, keys, active } = self.service.list(&caller).await?;
+        let OrgView {
+            byok,
+            keys,
+            active,
+            rotation_due,
+        } = self.service.list(&caller).await?;
+        let due = |k: &KeyRecord| rotation_due && active.as_ref().is_some_and(|a| a.id == k.id);
         Ok(Response::new(pb::ListKeysResponse {
-            keys: keys.into_iter().map(key).collect(),
+            keys: keys.iter().map(|k| key(k.clone(), due(k))).collect(),
             active_key_id: active.map(|k| k.id.0).unwrap_or_default(),
             byok_enabled: byok,
         }))
@@ -304,16 +322,202 @@ impl KeyAdminService for AdminApi {
             problem: check.problem.map(|p| p.to_string()).unwrap_or_default(),
         }))
     }
-}
 
-fn key_response(view: KeyView) -> pb::KeyResponse {
-    pb::KeyResponse {
-        key: Some(key(view.key)),
-        active_key: view.active.map(key),
+    async fn get_rotation(
+        &self,
+        request: Request<pb::GetRotationRequest>,
+    ) -> Result<Response<pb::Rotation>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                None,
+                Permission::Read,
+                "get rotation",
+            )
+            .await?;
+        let view = self.service.rotation(&caller).await?;
+        Ok(Response::new(rotation(view)))
+    }
+
+    async fn preview_revocation(
+        &self,
+        request: Request<pb::KeyRequest>,
+    ) -> Result<Response<pb::PreviewRevocationResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                Some(&request.get_ref().key_id),
+                Permission::Read,
+                "preview revocation",
+            )
+            .await?;
+        let pb::KeyRequest { org_id: _, key_id } = request.into_inner();
+        let RevocationPreview {
+            key: record,
+            revocable,
+            keks_unreadable,
+            keks_wrapped_by_key,
+        } = self.service.preview_revocation(&caller, &key_id).await?;
+        Ok(Response::new(pb::PreviewRevocationResponse {
+            key: Some(key(record, false)),
+            revocable,
+            keks_unreadable,
+            // One KEK per resource.
+            resources_unreadable: keks_unreadable,
+            keks_wrapped_by_key,
+        }))
     }
 }
 
-fn key(record: KeyRecord) -> pb::Key {
+/// `ContentKeyService` over a [`KeyService`], for internal services.
+pub struct ContentKeyApi {
+    service: Arc<KeyService>,
+    authz: Arc<AuthzPolicy>,
+}
+
+impl ContentKeyApi {
+    /// The adapter.
+    pub fn new(service: Arc<KeyService>, authz: Arc<AuthzPolicy>) -> Self {
+        Self { service, authz }
+    }
+
+    /// As [`AdminApi::authorize`], for the internal-service role. Refusals
+    /// are audited: they are rare, unlike the calls themselves.
+    async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        org_id: &str,
+        action: &str,
+    ) -> Result<Caller, Status> {
+        AdminApi {
+            service: self.service.clone(),
+            authz: self.authz.clone(),
+        }
+        .authorize(request, org_id, None, Permission::UseKeys, action)
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl ContentKeyService for ContentKeyApi {
+    async fn create_kek(
+        &self,
+        request: Request<pb::CreateKekRequest>,
+    ) -> Result<Response<pb::CreateKekResponse>, Status> {
+        let caller = self
+            .authorize(&request, &request.get_ref().org_id, "create KEK")
+            .await?;
+        let pb::CreateKekRequest {
+            org_id: _,
+            resource,
+        } = request.into_inner();
+        let KekView {
+            id,
+            resource,
+            key,
+            created_at,
+            created,
+        } = self.service.create_kek(&caller, &resource).await?;
+        Ok(Response::new(pb::CreateKekResponse {
+            kek_id: id.as_str().to_owned(),
+            resource: resource.as_str().to_owned(),
+            key_id: key.0,
+            created,
+            created_at: Some(timestamp(created_at)),
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        request: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        let caller = self
+            .authorize(&request, &request.get_ref().org_id, "generate data key")
+            .await?;
+        let pb::GenerateDataKeyRequest {
+            org_id: _,
+            kek_id,
+            context,
+        } = request.into_inner();
+        let DataKey {
+            plaintext,
+            wrapped,
+            kek,
+        } = self
+            .service
+            .generate_data_key(&caller, &kek_id, &context)
+            .await?;
+        Ok(Response::new(pb::GenerateDataKeyResponse {
+            // The response owns this copy until it is encoded; prost cannot
+            // zeroize it.
+            plaintext: plaintext.expose().to_vec(),
+            wrapped_key: wrapped,
+            kek_id: kek.as_str().to_owned(),
+        }))
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let caller = self
+            .authorize(&request, &request.get_ref().org_id, "decrypt")
+            .await?;
+        let pb::DecryptRequest {
+            org_id: _,
+            wrapped_key,
+            context,
+        } = request.into_inner();
+        let (plaintext, kek) = self
+            .service
+            .decrypt(&caller, &wrapped_key, &context)
+            .await?;
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext: plaintext.expose().to_vec(),
+            kek_id: kek.as_str().to_owned(),
+        }))
+    }
+}
+
+fn rotation(view: RotationView) -> pb::Rotation {
+    let RotationView {
+        job,
+        paused,
+        rate_per_second,
+        eta_seconds,
+    } = view;
+    let state = match (job.state, paused) {
+        (JobState::Running, true) => pb::RotationState::Paused,
+        (JobState::Running, false) => pb::RotationState::Running,
+        (JobState::Finished, _) => pb::RotationState::Finished,
+        (JobState::Superseded, _) => pb::RotationState::Superseded,
+    };
+    pb::Rotation {
+        job_id: job.id,
+        state: state.into(),
+        target_key_id: job.target.0,
+        from_key_ids: job.from.into_iter().map(|k| k.0).collect(),
+        total: job.total,
+        done: job.done,
+        rate_per_second,
+        eta_seconds,
+        started_at: Some(timestamp(job.started_at)),
+        ended_at: job.ended_at.map(timestamp),
+    }
+}
+
+fn key_response(view: KeyView) -> pb::KeyResponse {
+    let due =
+        |k: &KeyRecord| view.rotation_due && view.active.as_ref().is_some_and(|a| a.id == k.id);
+    pb::KeyResponse {
+        key: Some(key(view.key.clone(), due(&view.key))),
+        active_key: view.active.clone().map(|k| key(k, view.rotation_due)),
+    }
+}
+
+fn key(record: KeyRecord, rotation_due: bool) -> pb::Key {
     let KeyRecord {
         id,
         source,
@@ -350,6 +554,7 @@ fn key(record: KeyRecord) -> pb::Key {
         activated_at: activated_at.map(timestamp),
         revoked_at: revoked_at.map(timestamp),
         expires_at: expires_at.map(timestamp),
+        rotation_due,
     }
 }
 

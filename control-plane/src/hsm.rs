@@ -48,6 +48,15 @@ pub struct ImportedKey {
     pub check_value: String,
 }
 
+/// A secret recovered by Unwrap, with the CMK that had wrapped it.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The secret.
+    pub plaintext: SecretBytes,
+    /// The handle of the CMK named inside the ciphertext.
+    pub handle: String,
+}
+
 /// A mutual-TLS client of `cmk.hsm.v1.HsmService`. Cheap to clone; clones share
 /// one HTTP/2 connection.
 #[derive(Clone, Debug)]
@@ -195,8 +204,11 @@ impl HsmClient {
         &self,
         ciphertext: &[u8],
         associated_data: &[u8],
-    ) -> Result<SecretBytes, HsmError> {
-        let response = self
+    ) -> Result<Unwrapped, HsmError> {
+        let pb::UnwrapResponse {
+            plaintext,
+            key_handle,
+        } = self
             .inner
             .clone()
             .unwrap(pb::UnwrapRequest {
@@ -205,7 +217,10 @@ impl HsmClient {
             })
             .await?
             .into_inner();
-        Ok(SecretBytes::new(response.plaintext))
+        Ok(Unwrapped {
+            plaintext: SecretBytes::new(plaintext),
+            handle: key_handle,
+        })
     }
 
     /// Wraps many secrets in one call; each item succeeds or fails on its own.
@@ -236,7 +251,7 @@ impl HsmClient {
     pub async fn unwrap_batch(
         &self,
         items: &[(&[u8], &[u8])],
-    ) -> Result<Vec<Result<SecretBytes, tonic::Status>>, HsmError> {
+    ) -> Result<Vec<Result<Unwrapped, tonic::Status>>, HsmError> {
         let request = pb::BatchUnwrapRequest {
             items: items
                 .iter()
@@ -254,7 +269,10 @@ impl HsmClient {
             .into_inner()
             .results;
         batch_results(results, items.len(), |r| match r.result? {
-            unwrap_result::Result::Ok(out) => Some(Ok(SecretBytes::new(out.plaintext))),
+            unwrap_result::Result::Ok(out) => Some(Ok(Unwrapped {
+                plaintext: SecretBytes::new(out.plaintext),
+                handle: out.key_handle,
+            })),
             unwrap_result::Result::Error(e) => Some(Err(item_status(e))),
         })
     }

@@ -7,9 +7,13 @@
 pub mod authz;
 pub mod clock;
 pub mod config;
+pub mod content;
+pub mod envelope;
 pub mod error;
 pub mod grpc;
 pub mod hsm;
+pub mod kek_cache;
+pub mod rotation;
 pub mod server;
 pub mod service;
 

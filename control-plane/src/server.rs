@@ -4,7 +4,10 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use cmk_control_plane_store::{SqliteStore, Store, StoreError};
-use cmk_proto::control::v1::key_admin_service_server::KeyAdminServiceServer;
+use cmk_proto::control::v1::{
+    content_key_service_server::ContentKeyServiceServer,
+    key_admin_service_server::KeyAdminServiceServer,
+};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -13,10 +16,13 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Settings,
     error::chain,
-    grpc::AdminApi,
+    grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
-    service::KeyService,
+    service::{KeyService, ServiceOptions},
 };
+
+/// Largest response: a full audit page with room to spare.
+const RESPONSE_LIMIT: usize = 4 << 20;
 
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +73,7 @@ pub async fn serve(
         database,
         authz,
         lifecycle,
+        keys,
         maintenance_interval,
         limits,
         log_format: _,
@@ -76,32 +83,46 @@ pub async fn serve(
     // Connected on first use, so that the control plane starts, serves reads and
     // reports UNAVAILABLE for key operations while the HSM daemon is down.
     let hsm_client = HsmClient::connect_lazy(&hsm.endpoint, &hsm.server_name, &hsm.tls)?;
-    // An import may still be running at the daemon for up to its request
-    // timeout; ours bounds that from this side.
-    let intent_grace = limits.request_timeout * 2;
+    let options = ServiceOptions {
+        // An import may still be running at the daemon for up to its request
+        // timeout; ours bounds that from this side.
+        intent_grace: limits.request_timeout * 2,
+        kek_cache_entries: keys.kek_cache_entries,
+        kek_cache_ttl: keys.kek_cache_ttl,
+        rotation_batch: keys.rotation_batch,
+        ..ServiceOptions::default()
+    };
     let service = Arc::new(KeyService::new(
-        store,
-        hsm_client,
-        clock,
-        lifecycle,
-        intent_grace,
+        store, hsm_client, clock, lifecycle, options,
     ));
     let timers = tokio::spawn(maintain(service.clone(), maintenance_interval));
+    let rotations = tokio::spawn(rotate(service.clone(), maintenance_interval));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<KeyAdminServiceServer<AdminApi>>()
+        .await;
+    health
+        .set_serving::<ContentKeyServiceServer<ContentKeyApi>>()
         .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("cmk.control.v1.KeyAdminService")
+            .with_service_name("cmk.control.v1.ContentKeyService")
             .with_service_name("grpc.health.v1.Health")
     };
-    let admin = KeyAdminServiceServer::new(AdminApi::new(service, Arc::new(authz)))
+    let authz = Arc::new(authz);
+    // Requests are bounded by the configured limit; responses by what the
+    // service returns (a page of up to 1000 audit events is ~200 KiB).
+    let max_response = RESPONSE_LIMIT.max(limits.max_message_bytes);
+    let admin = KeyAdminServiceServer::new(AdminApi::new(service.clone(), authz.clone()))
         .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
+        .max_encoding_message_size(max_response);
+    let content = ContentKeyServiceServer::new(ContentKeyApi::new(service, authz))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(max_response);
 
     let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, hsm = %hsm.endpoint, "listening");
@@ -109,6 +130,7 @@ pub async fn serve(
     let router = Server::builder()
         .timeout(limits.request_timeout)
         .add_service(admin)
+        .add_service(content)
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?);
@@ -117,6 +139,7 @@ pub async fn serve(
     })
     .await;
     timers.abort();
+    rotations.abort();
     info!("stopped");
     Ok(served?)
 }
@@ -134,5 +157,20 @@ async fn maintain(service: Arc<KeyService>, interval: Duration) {
         if let Err(err) = service.expire_due().await {
             warn!(error = %chain(&err), "removing expired keys failed; will retry");
         }
+        if let Err(err) = service.renew_generic().await {
+            warn!(error = %chain(&err), "renewing the generic default key failed; will retry");
+        }
+    }
+}
+
+/// The rotation worker: resumes running jobs at start-up, then works them
+/// whenever a change starts one, and at every maintenance interval (a job that
+/// waited for a reactivation, or for the HSM daemon, continues then).
+async fn rotate(service: Arc<KeyService>, interval: Duration) {
+    loop {
+        if let Err(err) = service.run_rotations().await {
+            warn!(error = %chain(&err), "rotation jobs could not be read; will retry");
+        }
+        service.rotation_started(interval).await;
     }
 }

@@ -11,7 +11,7 @@ use std::{
     collections::HashMap,
     future::Future,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use cmk_control_plane_domain::{
@@ -20,7 +20,8 @@ use cmk_control_plane_domain::{
     audit::{self, ChainedEvent},
 };
 use cmk_control_plane_store::{
-    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, Store, StoreError, StoredKey, StoredOrg,
+    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, RotationChange, Store, StoreError,
+    StoredKey, StoredOrg,
 };
 use cmk_proto::hsm::v1 as hsm_pb;
 use tracing::{info, warn};
@@ -30,6 +31,7 @@ use crate::{
     clock::Clock,
     error::{ServiceError, chain},
     hsm::{HsmClient, HsmError, random_handle},
+    kek_cache::KekCache,
 };
 
 /// The actor recorded for changes the service makes by itself.
@@ -53,6 +55,8 @@ pub struct OrgView {
     pub keys: Vec<KeyRecord>,
     /// The key that wraps new KEKs; `None` while the master key is revoked.
     pub active: Option<KeyRecord>,
+    /// The active key has been the master for longer than the rotation policy.
+    pub rotation_due: bool,
 }
 
 /// One key, beside the org's active key.
@@ -62,6 +66,39 @@ pub struct KeyView {
     pub key: KeyRecord,
     /// The org's active key.
     pub active: Option<KeyRecord>,
+    /// The active key has been the master for longer than the rotation policy.
+    pub rotation_due: bool,
+}
+
+/// Tunables of the key service beside the lifecycle policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// How long an import may still be in flight at the HSM daemon (its
+    /// request timeout, with margin): an unresolved import intent younger than
+    /// that is left alone by repair.
+    pub intent_grace: Duration,
+    /// Most unwrapped KEKs held in memory.
+    pub kek_cache_entries: usize,
+    /// How long an unwrapped KEK stays in memory.
+    pub kek_cache_ttl: Duration,
+    /// How long an org's key state is trusted before it is read again, so a
+    /// revocation made through another replica takes effect within this time
+    /// (one made through this process takes effect before its call returns).
+    pub org_state_ttl: Duration,
+    /// KEKs re-wrapped per HSM batch call and store transaction.
+    pub rotation_batch: u32,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            intent_grace: Duration::from_secs(60),
+            kek_cache_entries: 100_000,
+            kek_cache_ttl: Duration::from_secs(300),
+            org_state_ttl: Duration::from_secs(1),
+            rotation_batch: 1000,
+        }
+    }
 }
 
 /// The outcome of checking an org's audit chain.
@@ -117,44 +154,68 @@ impl KeyOp {
 }
 
 /// One change to an org, computed from the org as stored.
-struct Step {
-    command: Option<Command>,
-    byok: bool,
+pub(crate) struct Step {
+    pub(crate) command: Option<Command>,
+    pub(crate) byok: bool,
     /// Custody handle of material taken in for this change: it belongs to the
     /// key the change adds or recovers.
-    fresh_handle: Option<String>,
+    pub(crate) fresh_handle: Option<String>,
     /// The import intent the commit resolves.
-    import_intent: Option<String>,
+    pub(crate) import_intent: Option<String>,
+    /// A rotation job the change ends (a job is started by the commit of any
+    /// change that supersedes the active key).
+    pub(crate) finish_job: Option<u64>,
+    /// Keys that must wrap no KEK when the change commits.
+    pub(crate) require_unreferenced: Vec<KeyId>,
+}
+
+/// What content-key calls of one org may use, as last read from the store.
+#[derive(Debug)]
+pub(crate) struct OrgState {
+    /// The org's version it was read at.
+    pub(crate) version: u64,
+    /// When it was read.
+    pub(crate) read_at: Instant,
+    /// The key that wraps new KEKs (id and handle), or why the org's content
+    /// is blocked.
+    pub(crate) master: Result<(KeyId, String), LifecycleError>,
+    /// Keys that may unwrap KEKs (active and rotating) by id, with their handles.
+    pub(crate) unwrap_keys: HashMap<KeyId, String>,
 }
 
 /// The control plane's key operations.
 pub struct KeyService {
-    store: Arc<dyn Store>,
-    hsm: HsmClient,
-    clock: Arc<dyn Clock>,
-    policy: Policy,
-    intent_grace: Duration,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) hsm: HsmClient,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) policy: Policy,
+    pub(crate) options: ServiceOptions,
+    pub(crate) kek_cache: KekCache,
+    pub(crate) org_states: Mutex<HashMap<OrgId, Arc<OrgState>>>,
+    /// Woken when a change starts a rotation job.
+    pub(crate) rotation_wake: tokio::sync::Notify,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
 
 impl KeyService {
-    /// A service over `store` and `hsm`. `intent_grace` is how long an import
-    /// may still be in flight at the HSM daemon (its request timeout, with
-    /// margin): an unresolved import intent younger than that is left alone.
+    /// A service over `store` and `hsm`.
     pub fn new(
         store: Arc<dyn Store>,
         hsm: HsmClient,
         clock: Arc<dyn Clock>,
         policy: Policy,
-        intent_grace: Duration,
+        options: ServiceOptions,
     ) -> Self {
         Self {
             store,
             hsm,
             clock,
             policy,
-            intent_grace,
+            options,
+            kek_cache: KekCache::new(options.kek_cache_entries, options.kek_cache_ttl),
+            org_states: Mutex::default(),
+            rotation_wake: tokio::sync::Notify::new(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
@@ -194,14 +255,13 @@ impl KeyService {
                         id: new_key_id(),
                         check_value: generic.check_value.clone(),
                     }),
-                    byok: false,
                     fresh_handle: Some(generic.handle.clone()),
-                    import_intent: None,
+                    ..Step::settings(false)
                 })
             };
             self.apply(caller.identity(), org, action, None, plan)
                 .await?;
-            Ok(view(&self.finish_idle_rotations(org).await?))
+            Ok(self.view(&self.settle_rotations(org).await?))
         })
         .await
     }
@@ -251,9 +311,9 @@ impl KeyService {
                         check_value: imported.check_value.clone(),
                         activate_now,
                     }),
-                    byok: true,
                     fresh_handle: Some(handle.clone()),
                     import_intent: Some(handle.clone()),
+                    ..Step::settings(true)
                 })
             };
             let (stored, changes) = match self
@@ -275,10 +335,10 @@ impl KeyService {
                 .find(|c| matches!(c.from, None | Some(KeyState::Removed)))
                 .map_or(id.clone(), |c| c.key.clone());
             let stored = match activate_now {
-                true => self.finish_idle_rotations(org).await?,
+                true => self.settle_rotations(org).await?,
                 false => stored,
             };
-            key_view(&stored, &key)
+            self.key_view(&stored, &key)
         })
         .await
     }
@@ -310,9 +370,9 @@ impl KeyService {
                 .apply(caller.identity(), org, op.name(), Some(&key), plan)
                 .await?;
             if op == KeyOp::Activate {
-                stored = self.finish_idle_rotations(org).await?;
+                stored = self.settle_rotations(org).await?;
             }
-            key_view(&stored, &key)
+            self.key_view(&stored, &key)
         })
         .await
     }
@@ -324,7 +384,7 @@ impl KeyService {
             Err(err) => return self.refuse(caller, "get key", err).await,
         };
         self.audited(caller, "get key", Some(&key), true, async {
-            key_view(&self.load_or_enrol(caller.org()).await?, &key)
+            self.key_view(&self.load_or_enrol(caller.org()).await?, &key)
         })
         .await
     }
@@ -332,7 +392,7 @@ impl KeyService {
     /// Every listed key of the org.
     pub async fn list(&self, caller: &Caller) -> Result<OrgView, ServiceError> {
         self.audited(caller, "list keys", None, true, async {
-            Ok(view(&self.load_or_enrol(caller.org()).await?))
+            Ok(self.view(&self.load_or_enrol(caller.org()).await?))
         })
         .await
     }
@@ -409,7 +469,7 @@ impl KeyService {
     pub async fn repair(&self) -> Result<(), ServiceError> {
         let now = self.clock.now();
         for intent in self.store.open_intents().await? {
-            let stale = intent.created_at.plus(self.intent_grace) <= now;
+            let stale = intent.created_at.plus(self.options.intent_grace) <= now;
             if intent.kind == IntentKind::Destroy || stale {
                 info!(handle = %intent.handle, kind = ?intent.kind, "repairing an unfinished custody call");
                 self.discard(&intent.handle).await;
@@ -419,7 +479,7 @@ impl KeyService {
     }
 
     /// Audits and returns a refusal found before the operation started.
-    async fn refuse<T>(
+    pub(crate) async fn refuse<T>(
         &self,
         caller: &Caller,
         action: &str,
@@ -431,7 +491,7 @@ impl KeyService {
 
     /// Runs `op`, and audits its refusal, or its success if it is a read
     /// (a successful change is audited inside its own commit).
-    async fn audited<T>(
+    pub(crate) async fn audited<T>(
         &self,
         caller: &Caller,
         action: &str,
@@ -467,7 +527,7 @@ impl KeyService {
     /// command, and commits the outcome with its audit events and intents;
     /// recomputed if another writer got there first. Destroys the material of
     /// keys the change removed once the commit is durable.
-    async fn apply(
+    pub(crate) async fn apply(
         &self,
         actor: &str,
         org: &OrgId,
@@ -528,6 +588,39 @@ impl KeyService {
                     now,
                 )
             }));
+            // Superseding the active key starts a job that re-wraps every KEK
+            // to the new one; the job row is written with the change.
+            let superseded = changes
+                .iter()
+                .any(|c| c.from == Some(KeyState::Active) && c.to == KeyState::Rotating);
+            let rotation = match (superseded, next.active(), step.finish_job) {
+                (true, Some(target), _) => {
+                    let from: Vec<KeyId> = next
+                        .keys()
+                        .iter()
+                        .filter(|k| k.state == KeyState::Rotating)
+                        .map(|k| k.id.clone())
+                        .collect();
+                    events.push(self.event(
+                        actor,
+                        Some(target.id.0.clone()),
+                        &format!(
+                            "rotation started: re-wrapping the KEKs of {} to {}",
+                            from.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", "),
+                            target.id
+                        ),
+                        now,
+                    ));
+                    Some(RotationChange::Start {
+                        target: target.id.clone(),
+                        from,
+                        at: now,
+                    })
+                }
+                (_, _, Some(job)) => Some(RotationChange::Finish { job, at: now }),
+                _ => None,
+            };
+            let started = matches!(rotation, Some(RotationChange::Start { .. }));
             let commit = Commit {
                 org: org.clone(),
                 expected_version: Some(stored.version),
@@ -544,18 +637,27 @@ impl KeyService {
                     })
                     .collect(),
                 resolve_intents: step.import_intent.into_iter().collect(),
+                rotation,
+                require_unreferenced: step.require_unreferenced,
             };
             match self.store.commit(commit).await {
                 Ok(version) => {
-                    for handle in &destroy {
-                        self.discard(handle).await;
-                    }
                     let stored = StoredOrg {
                         org: org.clone(),
                         byok: step.byok,
                         version,
                         keys,
                     };
+                    // Before the call returns: a revocation is in force for
+                    // every later content-key call of this process.
+                    self.remember_org_state(&stored);
+                    // A new job, or a paused one that can continue.
+                    if started || changes.iter().any(|c| c.to == KeyState::Active) {
+                        self.rotation_wake.notify_one();
+                    }
+                    for handle in &destroy {
+                        self.discard(handle).await;
+                    }
                     return Ok((stored, changes));
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -565,39 +667,9 @@ impl KeyService {
         Err(StoreError::Conflict(org.clone()).into())
     }
 
-    /// Until KEKs exist, a rotation has nothing to re-wrap: every rotating key
-    /// finishes at once (the rotation job replaces this).
-    async fn finish_idle_rotations(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
-        let mut stored = self.load_or_enrol(org).await?;
-        let rotating: Vec<KeyId> = stored
-            .keys
-            .iter()
-            .filter(|k| k.record.state == KeyState::Rotating)
-            .map(|k| k.record.id.clone())
-            .collect();
-        for key in rotating {
-            let plan = |stored: &StoredOrg| {
-                Ok(Step {
-                    command: Some(Command::FinishRotation(key.clone())),
-                    ..Step::settings(stored.byok)
-                })
-            };
-            (stored, _) = self
-                .apply(
-                    SERVICE_ACTOR,
-                    org,
-                    "rotation finished: 0 KEKs to re-wrap",
-                    Some(&key),
-                    plan,
-                )
-                .await?;
-        }
-        Ok(stored)
-    }
-
     /// The org as stored; an org seen for the first time is enrolled with the
     /// generic default key as its master.
-    async fn load_or_enrol(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+    pub(crate) async fn load_or_enrol(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
         loop {
             if let Some(stored) = self.store.load_org(org).await? {
                 return Ok(stored);
@@ -625,6 +697,8 @@ impl KeyService {
                 }],
                 add_intents: Vec::new(),
                 resolve_intents: Vec::new(),
+                rotation: None,
+                require_unreferenced: Vec::new(),
             };
             match self.store.commit(commit).await {
                 // Another writer enrolled it first: load theirs.
@@ -635,7 +709,7 @@ impl KeyService {
     }
 
     /// The generic default key, generated in the HSM on first need.
-    async fn ensure_generic(&self) -> Result<GenericKey, ServiceError> {
+    pub(crate) async fn ensure_generic(&self) -> Result<GenericKey, ServiceError> {
         if let Some(key) = self.store.generic_key().await? {
             return Ok(key);
         }
@@ -679,7 +753,7 @@ impl KeyService {
 
     /// Destroys `handle`'s material and resolves its intent; on failure the
     /// intent stays for [`KeyService::repair`].
-    async fn discard(&self, handle: &str) {
+    pub(crate) async fn discard(&self, handle: &str) {
         match self.hsm.destroy(handle).await {
             Ok(_) => {}
             // Never imported (the call failed before it reached custody).
@@ -694,7 +768,7 @@ impl KeyService {
         }
     }
 
-    async fn lock(&self, org: &OrgId) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock(&self, org: &OrgId) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self
             .org_locks
             .lock()
@@ -706,7 +780,7 @@ impl KeyService {
         lock.lock_owned().await
     }
 
-    fn event(
+    pub(crate) fn event(
         &self,
         actor: &str,
         key: Option<String>,
@@ -725,12 +799,14 @@ impl KeyService {
 
 impl Step {
     /// A step that changes no key, only the BYOK setting (or nothing).
-    fn settings(byok: bool) -> Self {
+    pub(crate) fn settings(byok: bool) -> Self {
         Self {
             command: None,
             byok,
             fresh_handle: None,
             import_intent: None,
+            finish_job: None,
+            require_unreferenced: Vec::new(),
         }
     }
 }
@@ -790,35 +866,49 @@ fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<(), ServiceEr
     Ok(())
 }
 
-fn new_key_id() -> KeyId {
+pub(crate) fn new_key_id() -> KeyId {
     KeyId(format!("key-{}", &random_handle()[..16]))
 }
 
-fn view(stored: &StoredOrg) -> OrgView {
-    OrgView {
-        byok: stored.byok,
-        keys: stored
+impl KeyService {
+    pub(crate) fn view(&self, stored: &StoredOrg) -> OrgView {
+        let active = active(stored);
+        OrgView {
+            byok: stored.byok,
+            keys: stored
+                .keys
+                .iter()
+                .map(|k| &k.record)
+                .filter(|k| k.state != KeyState::Removed || k.needed)
+                .cloned()
+                .collect(),
+            rotation_due: self.rotation_due(active.as_ref()),
+            active,
+        }
+    }
+
+    pub(crate) fn key_view(
+        &self,
+        stored: &StoredOrg,
+        key: &KeyId,
+    ) -> Result<KeyView, ServiceError> {
+        let record = stored
             .keys
             .iter()
-            .map(|k| &k.record)
-            .filter(|k| k.state != KeyState::Removed || k.needed)
-            .cloned()
-            .collect(),
-        active: active(stored),
+            .find(|k| &k.record.id == key)
+            .map(|k| k.record.clone())
+            .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
+        let active = active(stored);
+        Ok(KeyView {
+            key: record,
+            rotation_due: self.rotation_due(active.as_ref()),
+            active,
+        })
     }
-}
 
-fn key_view(stored: &StoredOrg, key: &KeyId) -> Result<KeyView, ServiceError> {
-    let record = stored
-        .keys
-        .iter()
-        .find(|k| &k.record.id == key)
-        .map(|k| k.record.clone())
-        .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
-    Ok(KeyView {
-        key: record,
-        active: active(stored),
-    })
+    fn rotation_due(&self, active: Option<&KeyRecord>) -> bool {
+        active.is_some_and(|k| self.policy.rotation_due(k, self.clock.now()))
+    }
 }
 
 fn active(stored: &StoredOrg) -> Option<KeyRecord> {

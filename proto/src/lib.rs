@@ -22,5 +22,13 @@ pub mod control {
     }
 }
 
+/// A bare echo service: the baseline the benchmark measures the content-key
+/// API against, over the same mutual TLS (`cmk.bench.v1`).
+pub mod bench {
+    pub mod v1 {
+        tonic::include_proto!("cmk.bench.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every package, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cmk_descriptor");

@@ -5,7 +5,10 @@
 
 use std::fmt;
 
-use crate::hsm::v1::{UnwrapResponse, WrapRequest};
+use crate::{
+    control::v1::{DecryptResponse, GenerateDataKeyResponse},
+    hsm::v1::{UnwrapResponse, WrapRequest},
+};
 
 struct Redacted(usize);
 
@@ -43,6 +46,34 @@ impl fmt::Debug for UnwrapResponse {
     }
 }
 
+impl fmt::Debug for GenerateDataKeyResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let GenerateDataKeyResponse {
+            plaintext,
+            wrapped_key,
+            kek_id,
+        } = self;
+        f.debug_struct("GenerateDataKeyResponse")
+            .field("plaintext", &Redacted(plaintext.len()))
+            .field(
+                "wrapped_key",
+                &format_args!("[{} bytes]", wrapped_key.len()),
+            )
+            .field("kek_id", kek_id)
+            .finish()
+    }
+}
+
+impl fmt::Debug for DecryptResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let DecryptResponse { plaintext, kek_id } = self;
+        f.debug_struct("DecryptResponse")
+            .field("plaintext", &Redacted(plaintext.len()))
+            .field("kek_id", kek_id)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,7 +95,21 @@ mod tests {
                 })),
             }],
         };
-        for printed in [format!("{request:?}"), format!("{response:?}")] {
+        let data_key = GenerateDataKeyResponse {
+            plaintext: vec![0xAB; 32],
+            wrapped_key: vec![1; 90],
+            kek_id: "kek-1".into(),
+        };
+        let decrypted = DecryptResponse {
+            plaintext: vec![0xAB; 32],
+            kek_id: "kek-1".into(),
+        };
+        for printed in [
+            format!("{request:?}"),
+            format!("{response:?}"),
+            format!("{data_key:?}"),
+            format!("{decrypted:?}"),
+        ] {
             assert!(printed.contains("<redacted 32 bytes>"), "{printed}");
             assert!(!printed.contains("171"), "{printed}"); // 0xAB in decimal
         }

@@ -319,3 +319,70 @@ impl Drop for DaemonProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The `control-plane` binary as a child process, killed when dropped.
+pub struct ControlPlaneProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ControlPlaneProcess {
+    /// Starts the real binary on `port` against the HSM daemon at `hsm`, with
+    /// its SQLite file and policy (the tests' [`control_plane::POLICY`]) in
+    /// `data`, and `env` as extra `CMK_CP_*` settings; waits for its health
+    /// check to pass.
+    pub async fn start(
+        pki: &Pki,
+        hsm: SocketAddr,
+        data: &Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let policy = data.join("policy.toml");
+        std::fs::write(&policy, control_plane::POLICY).unwrap();
+        let child = Command::new(binary("control-plane"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--tls-cert")
+            .arg(pki.path("server.crt"))
+            .arg("--tls-key")
+            .arg(pki.path("server.key"))
+            .arg("--tls-client-ca")
+            .arg(pki.path("ca.crt"))
+            .arg("--hsm-endpoint")
+            .arg(format!("https://{hsm}"))
+            .arg("--hsm-tls-cert")
+            .arg(pki.path("control-plane.crt"))
+            .arg("--hsm-tls-key")
+            .arg(pki.path("control-plane.key"))
+            .arg("--hsm-tls-ca")
+            .arg(pki.path("ca.crt"))
+            .arg("--database")
+            .arg(format!("sqlite://{}", data.join("cmk.db").display()))
+            .arg("--policy-file")
+            .arg(&policy)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let process = Self { child, addr };
+        wait_healthy(addr, &pki.client_files("admin-acme")).await;
+        process
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

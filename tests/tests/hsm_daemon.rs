@@ -831,7 +831,9 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
         .wrap(&imported.handle, &kek, b"org/kek")
         .await
         .unwrap();
-    assert!(client.unwrap(&ct, b"org/kek").await.unwrap().ct_eq(&kek));
+    let unwrapped = client.unwrap(&ct, b"org/kek").await.unwrap();
+    assert!(unwrapped.plaintext.ct_eq(&kek));
+    assert_eq!(unwrapped.handle, imported.handle);
 
     let wrapped = client
         .wrap_batch(&[
@@ -847,7 +849,8 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
         .unwrap_batch(&[(a, b"a"), (c, b"wrong")])
         .await
         .unwrap();
-    assert!(unwrapped[0].as_ref().unwrap().ct_eq(&kek));
+    assert!(unwrapped[0].as_ref().unwrap().plaintext.ct_eq(&kek));
+    assert_eq!(unwrapped[0].as_ref().unwrap().handle, imported.handle);
     assert_eq!(
         unwrapped[1].as_ref().unwrap_err().code(),
         Code::InvalidArgument

@@ -100,6 +100,95 @@ impl fmt::Display for KeyId {
     }
 }
 
+/// Identifier of a key-encryption key: `kek-` and 32 lower-case hex characters,
+/// chosen by the service at random, so that an id never names a KEK of
+/// another org.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KekId(String);
+
+impl KekId {
+    /// Length of every KEK id.
+    pub const LEN: usize = 36;
+
+    /// Parses a KEK id from a request or a wrapped content key.
+    pub fn parse(id: &str) -> Result<Self, String> {
+        let hex = id
+            .strip_prefix("kek-")
+            .ok_or_else(|| "KEK id must start with \"kek-\"".to_owned())?;
+        if hex.len() != 32 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err("KEK id must be \"kek-\" and 32 lower-case hex characters".into());
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    /// A KEK id from 16 random bytes.
+    pub fn from_random(bytes: [u8; 16]) -> Self {
+        use std::fmt::Write;
+        let mut id = String::with_capacity(Self::LEN);
+        id.push_str("kek-");
+        for b in bytes {
+            // Writing to a String cannot fail.
+            let _ = write!(id, "{b:02x}");
+        }
+        Self(id)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KekId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The resource a KEK protects (a space, a meeting): 1 to 128 characters of
+/// `A-Z a-z 0-9 . _ - : /`, named by the internal service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceId(String);
+
+impl ResourceId {
+    /// The longest accepted resource name.
+    pub const MAX_LEN: usize = 128;
+
+    /// Parses a resource name from a request.
+    pub fn parse(id: &str) -> Result<Self, String> {
+        if id.is_empty() {
+            return Err("resource is empty".into());
+        }
+        if id.len() > Self::MAX_LEN {
+            return Err(format!(
+                "resource is {} bytes, over the limit of {}",
+                id.len(),
+                Self::MAX_LEN
+            ));
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+        {
+            return Err(
+                "resource may contain only letters, digits, '.', '_', '-', ':' and '/'".into(),
+            );
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Where a key's material lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeySource {
@@ -247,6 +336,22 @@ pub struct Policy {
     pub deactivated_retention: Duration,
     /// How long a deleted key can be restored (30 days).
     pub restore_window: Duration,
+    /// How long a key may be the master before it is flagged "rotation due";
+    /// the generic default key renews itself on this schedule.
+    pub rotation_period: Duration,
+}
+
+impl Policy {
+    /// Whether `key` has been the master for longer than the rotation period:
+    /// only an active key can be due, and its age counts from its activation.
+    pub fn rotation_due(&self, key: &KeyRecord, now: Timestamp) -> bool {
+        key.state == KeyState::Active
+            && key
+                .activated_at
+                .unwrap_or(key.created_at)
+                .plus(self.rotation_period)
+                <= now
+    }
 }
 
 impl Default for Policy {
@@ -254,6 +359,7 @@ impl Default for Policy {
         Self {
             deactivated_retention: Duration::from_secs(30 * 86_400),
             restore_window: Duration::from_secs(30 * 86_400),
+            rotation_period: Duration::from_secs(365 * 86_400),
         }
     }
 }
@@ -292,6 +398,21 @@ pub enum LifecycleError {
         /// What to do.
         remedy: String,
     },
+    /// A content-key call while the master key is revoked, deleted or lost.
+    #[error(
+        "the organisation's master key {master} is {state}: nothing can be encrypted or decrypted until you {remedy}"
+    )]
+    ContentBlocked {
+        /// The revoked master key.
+        master: KeyId,
+        /// Its state.
+        state: &'static str,
+        /// What to do.
+        remedy: String,
+    },
+    /// No key is active (cannot happen while the invariants hold).
+    #[error("the organisation has no active master key")]
+    NoActiveKey,
     /// Restore after the window.
     #[error("key {key} can no longer be restored: its restore window ended at {ended}")]
     RestoreWindowClosed {
@@ -333,6 +454,9 @@ pub enum LifecycleError {
         /// The org's record of it.
         key: KeyId,
     },
+    /// The generic default key can only be renewed where it is the master.
+    #[error("the organisation's master key is not the generic default key")]
+    GenericNotMaster,
     /// Bring-your-own-key is switched off for the org.
     #[error(
         "bring-your-own-key is switched off for this organisation: switch it on before uploading or activating a key of your own"
@@ -363,5 +487,42 @@ mod tests {
         assert!(OrgId::parse("a/b").unwrap_err().contains("only letters"));
         assert!(KeyId::parse("key 1").unwrap_err().starts_with("key id"));
         assert!(KeyId::parse("\u{e9}").is_err());
+    }
+
+    #[test]
+    fn kek_ids_are_random_hex_and_resources_are_plain() {
+        let id = KekId::from_random([0xab; 16]);
+        assert_eq!(id.as_str(), format!("kek-{}", "ab".repeat(16)));
+        assert_eq!(KekId::parse(id.as_str()).unwrap(), id);
+        assert!(KekId::parse("kek-AB").is_err());
+        assert!(KekId::parse(&format!("kek-{}", "AB".repeat(16))).is_err());
+        assert!(KekId::parse(&"a".repeat(36)).is_err());
+        assert!(ResourceId::parse("space:42/meeting-7").is_ok());
+        assert!(ResourceId::parse("").is_err());
+        assert!(
+            ResourceId::parse(&"r".repeat(129))
+                .unwrap_err()
+                .contains("129 bytes")
+        );
+        assert!(ResourceId::parse("a b").is_err());
+    }
+
+    #[test]
+    fn only_an_active_key_past_the_period_is_due() {
+        let policy = Policy::default();
+        let year = 365 * 86_400;
+        let mut key = KeyRecord::pending(
+            KeyId("k".into()),
+            KeySource::Uploaded,
+            "AAAAAAAAAA".into(),
+            Timestamp(0),
+        );
+        assert!(!policy.rotation_due(&key, Timestamp(2 * year)), "pending");
+        key.state = KeyState::Active;
+        key.activated_at = Some(Timestamp(100));
+        assert!(!policy.rotation_due(&key, Timestamp(year + 99)));
+        assert!(policy.rotation_due(&key, Timestamp(year + 100)));
+        key.state = KeyState::Rotating;
+        assert!(!policy.rotation_due(&key, Timestamp(2 * year)), "rotating");
     }
 }

@@ -26,6 +26,15 @@ pub enum Command {
         /// The generic default key's check value.
         check_value: String,
     },
+    /// The generic default key was renewed: the org's record of the new
+    /// material becomes the master, the old one rotates. Only while the old
+    /// generic default key is the master.
+    RenewGeneric {
+        /// Id for the org's record of the new generic default key.
+        id: KeyId,
+        /// The new material's check value.
+        check_value: String,
+    },
     /// Pending → active; the active key starts rotating.
     Activate(KeyId),
     /// Pending → removed.
@@ -95,6 +104,31 @@ impl Org {
         self.in_state(KeyState::Active)
     }
 
+    /// The key that wraps new KEKs, or why the org's KEKs and content keys
+    /// cannot be used at all: while the master key is revoked, deleted or lost,
+    /// nothing of the org may be encrypted or decrypted (SPEC §4).
+    pub fn content_master(&self) -> Result<&KeyRecord, LifecycleError> {
+        if let Some(master) = self.revoked_master() {
+            let (state, remedy) = match master.state {
+                KeyState::Revoked => ("revoked", "reactivate it".to_owned()),
+                KeyState::Deleted => ("deleted", "restore and reactivate it".to_owned()),
+                _ => (
+                    "removed",
+                    format!(
+                        "upload the original key (check value {}) again and reactivate it",
+                        master.check_value
+                    ),
+                ),
+            };
+            return Err(LifecycleError::ContentBlocked {
+                master: master.id.clone(),
+                state,
+                remedy,
+            });
+        }
+        self.active().ok_or(LifecycleError::NoActiveKey)
+    }
+
     /// A key by id.
     pub fn key(&self, id: &KeyId) -> Result<&KeyRecord, LifecycleError> {
         self.keys
@@ -153,6 +187,21 @@ impl Org {
                 }
                 // A pending key of the org's own stays pending (it can be
                 // cancelled); the generic record is pending only within this command.
+                next.add_beside_pending(id.clone(), KeySource::GenericDefault, check_value)?;
+                next.activate(&id)?;
+            }
+            Command::RenewGeneric { id, check_value } => {
+                match self.active() {
+                    Some(active)
+                        if active.source == KeySource::GenericDefault
+                            && active.check_value != check_value => {}
+                    Some(active) if active.source == KeySource::GenericDefault => {
+                        return Err(LifecycleError::GenericAlreadyActive {
+                            key: active.id.clone(),
+                        });
+                    }
+                    _ => return Err(LifecycleError::GenericNotMaster),
+                }
                 next.add_beside_pending(id.clone(), KeySource::GenericDefault, check_value)?;
                 next.activate(&id)?;
             }
@@ -284,20 +333,14 @@ impl Working<'_> {
     fn activate(&mut self, id: &KeyId) -> Result<(), LifecycleError> {
         // An unknown key is NOT_FOUND whatever the state of the org.
         self.org.key(id)?;
-        if let Some(master) = self.org.revoked_master() {
-            let (state, remedy) = match master.state {
-                KeyState::Revoked => ("revoked", "reactivate it".to_string()),
-                KeyState::Deleted => ("deleted", "restore and reactivate it".to_string()),
-                _ => (
-                    "removed",
-                    format!(
-                        "upload the original key (check value {}) again and reactivate it",
-                        master.check_value
-                    ),
-                ),
-            };
+        if let Err(LifecycleError::ContentBlocked {
+            master,
+            state,
+            remedy,
+        }) = self.org.content_master()
+        {
             return Err(LifecycleError::MasterRevoked {
-                master: master.id.clone(),
+                master,
                 state,
                 remedy,
             });
@@ -446,6 +489,66 @@ mod tests {
     }
 
     #[test]
+    fn content_is_blocked_while_the_master_is_revoked_deleted_or_lost() {
+        let p = Policy::default();
+        assert_eq!(org().content_master().unwrap().id, id("generic"));
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        assert_eq!(o.content_master().unwrap().id, id("a"));
+        let (o, _) = o
+            .handle(Command::Revoke(id("a")), Timestamp(2), &p)
+            .unwrap();
+        let err = o.content_master().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the organisation's master key a is revoked: nothing can be encrypted or \
+             decrypted until you reactivate it"
+        );
+        let (o, _) = o
+            .handle(Command::Delete(id("a")), Timestamp(3), &p)
+            .unwrap();
+        assert!(
+            o.content_master()
+                .unwrap_err()
+                .to_string()
+                .contains("is deleted")
+        );
+        let (o, _) = o
+            .handle(Command::Restore(id("a")), Timestamp(4), &p)
+            .unwrap();
+        let (o, _) = o
+            .handle(Command::Reactivate(id("a")), Timestamp(5), &p)
+            .unwrap();
+        assert_eq!(o.content_master().unwrap().id, id("a"));
+    }
+
+    #[test]
+    fn a_renewed_generic_default_key_replaces_the_old_one_only_where_it_is_the_master() {
+        let p = Policy::default();
+        let renew = |kcv: &str| Command::RenewGeneric {
+            id: id("generic-2"),
+            check_value: kcv.into(),
+        };
+        assert!(matches!(
+            org().handle(renew("GEN0000000"), Timestamp(1), &p),
+            Err(LifecycleError::GenericAlreadyActive { .. })
+        ));
+        let (o, changes) = org().handle(renew("GEN1111111"), Timestamp(1), &p).unwrap();
+        assert_eq!(state(&o, "generic"), KeyState::Rotating);
+        assert_eq!(state(&o, "generic-2"), KeyState::Active);
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        let (own, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        assert_eq!(
+            own.handle(renew("GEN1111111"), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::GenericNotMaster
+        );
+    }
+
+    #[test]
     fn byok_off_rotates_back_to_the_generic_default_key() {
         let p = Policy::default();
         let generic = || Command::UseGenericDefault {
@@ -556,6 +659,14 @@ mod tests {
                 id: KeyId(format!("g-{k}")),
                 check_value: "GEN0000000".into()
             }),
+            (
+                key.clone(),
+                prop_oneof![Just("GEN0000000"), Just("GEN1111111")]
+            )
+                .prop_map(|(k, kcv)| Command::RenewGeneric {
+                    id: KeyId(format!("r-{k}")),
+                    check_value: kcv.into()
+                }),
             key.clone().prop_map(Command::Activate),
             key.clone().prop_map(Command::Cancel),
             key.clone().prop_map(Command::Revoke),

@@ -10,12 +10,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cmk_control_plane_domain::{
-    KeyId, KeyRecord, KeySource, KeyState, OrgId, Timestamp,
+    KekId, KeyId, KeyRecord, KeySource, KeyState, OrgId, ResourceId, Timestamp,
     audit::{self, ChainedEvent},
 };
 
 use crate::{
-    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, Store, StoreError, StoredKey, StoredOrg,
+    Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, Rewrap, RotationChange,
+    RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg,
 };
 
 /// Runs every check of this module against `store`, which must be empty.
@@ -31,6 +32,15 @@ pub async fn all(store: &dyn Store) {
     commits_record_and_resolve_intents(store).await;
     generic_key_is_stored_once(store).await;
     orgs_with_expired_keys_are_found(store).await;
+    keks_are_stored_once_per_resource(store).await;
+    kek_counts_count_each_keys_keks(store).await;
+    pages_of_keks_not_wrapped_by_a_key_cover_each_once(store).await;
+    rotation_jobs_start_supersede_and_finish(store).await;
+    rewraps_apply_only_where_the_key_is_unchanged(store).await;
+    rewraps_conflict_on_a_stale_version_or_a_job_not_running(store).await;
+    keys_still_wrapping_keks_cannot_be_required_unreferenced(store).await;
+    orgs_using_a_handle_are_found(store).await;
+    generic_key_is_renewed_and_the_old_one_dropped_once_unused(store).await;
 }
 
 /// An org id the check owns.
@@ -95,6 +105,8 @@ pub fn commit(
         audit,
         add_intents: Vec::new(),
         resolve_intents: Vec::new(),
+        rotation: None,
+        require_unreferenced: Vec::new(),
     }
 }
 
@@ -125,6 +137,119 @@ pub async fn open_among(store: &dyn Store, handles: &[impl AsRef<str>]) -> Vec<I
         .into_iter()
         .filter(|i| handles.iter().any(|h| h.as_ref() == i.handle))
         .collect()
+}
+
+/// A KEK id the check owns: `check` tells the checks apart.
+pub fn kek_id(check: u32, n: u32) -> KekId {
+    let mut bytes = [0; 16];
+    bytes[..4].copy_from_slice(&check.to_be_bytes());
+    bytes[12..].copy_from_slice(&n.to_be_bytes());
+    KekId::from_random(bytes)
+}
+
+/// KEK `n` of the check, for `resource`, wrapped by `key`.
+pub fn kek(check: u32, n: u32, resource: &str, key: &str) -> StoredKek {
+    StoredKek {
+        id: kek_id(check, n),
+        resource: ResourceId::parse(resource).expect("valid resource"),
+        key: KeyId(key.into()),
+        // Distinct per KEK and per wrapping key, so a lost or misplaced write shows.
+        wrapped: format!("wrapped {check}/{n} by {key}").into_bytes(),
+        created_at: Timestamp(1_700_000_000 + i64::from(n)),
+    }
+}
+
+/// `kek` re-wrapped from its key to `to`.
+pub fn rewrap(kek: &StoredKek, to: &str) -> Rewrap {
+    Rewrap {
+        kek: kek.id.clone(),
+        from: kek.key.clone(),
+        to: KeyId(to.into()),
+        wrapped: format!("{} re-wrapped by {to}", kek.id).into_bytes(),
+    }
+}
+
+/// `kek` as `rewrap` leaves it.
+pub fn rewrapped(kek: &StoredKek, rewrap: &Rewrap) -> StoredKek {
+    StoredKek {
+        key: rewrap.to.clone(),
+        wrapped: rewrap.wrapped.clone(),
+        ..kek.clone()
+    }
+}
+
+/// A commit that starts a rotation job towards `target`.
+pub fn start_rotation(org: &OrgId, version: u64, target: &str, from: &[&str], at: i64) -> Commit {
+    Commit {
+        rotation: Some(RotationChange::Start {
+            target: KeyId(target.into()),
+            from: from.iter().map(|k| KeyId((*k).into())).collect(),
+            at: Timestamp(at),
+        }),
+        ..commit(
+            org,
+            Some(version),
+            Vec::new(),
+            vec![event("rotation started")],
+        )
+    }
+}
+
+/// A commit that finishes the org's job `job`.
+pub fn finish_rotation(org: &OrgId, version: u64, job: u64, at: i64) -> Commit {
+    Commit {
+        rotation: Some(RotationChange::Finish {
+            job,
+            at: Timestamp(at),
+        }),
+        ..commit(
+            org,
+            Some(version),
+            Vec::new(),
+            vec![event("rotation finished")],
+        )
+    }
+}
+
+/// Creates an org with `keys` (id and state), each with a handle of the
+/// check's own; returns its version.
+pub async fn org_with_keys(
+    store: &dyn Store,
+    check: u32,
+    org: &OrgId,
+    keys: &[(&str, KeyState)],
+) -> u64 {
+    let keys = (0u32..)
+        .zip(keys)
+        .map(|(n, (id, state))| key_in(id, handle(check, 1000 + n), *state, None))
+        .collect();
+    store
+        .commit(commit(org, None, keys, Vec::new()))
+        .await
+        .expect("create org")
+}
+
+/// Every KEK of the org not wrapped by `target`, paged through `limit` at a time.
+pub async fn all_not_wrapped_by(
+    store: &dyn Store,
+    org: &OrgId,
+    target: &str,
+    limit: u32,
+) -> Vec<StoredKek> {
+    let target = KeyId(target.into());
+    let mut all: Vec<StoredKek> = Vec::new();
+    loop {
+        let after = all.last().map(|k| k.id.clone());
+        let page = store
+            .keks_not_wrapped_by(org, &target, after.as_ref(), limit)
+            .await
+            .expect("keks_not_wrapped_by");
+        assert!(page.len() <= limit as usize, "a page holds at most `limit`");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
 }
 
 /// An org never committed loads as `None` and has no audit events.
@@ -279,6 +404,11 @@ pub async fn stale_versions_conflict_and_write_nothing(store: &dyn Store) {
             byok: false,
             add_intents: vec![intent(added.clone(), IntentKind::Destroy, Some(&org), 11)],
             resolve_intents: vec![open.clone()],
+            rotation: Some(RotationChange::Start {
+                target: KeyId("a".into()),
+                from: Vec::new(),
+                at: Timestamp(5),
+            }),
             ..commit(
                 &org,
                 expected,
@@ -298,6 +428,11 @@ pub async fn stale_versions_conflict_and_write_nothing(store: &dyn Store) {
             open_among(store, &[&open, &added]).await,
             vec![intent(open.clone(), IntentKind::Import, Some(&org), 10)],
             "intents are untouched by a conflicting commit"
+        );
+        assert_eq!(
+            store.latest_rotation(&org).await.expect("latest_rotation"),
+            None,
+            "no rotation job is started by a conflicting commit"
         );
     }
 
@@ -356,6 +491,11 @@ pub async fn a_failed_commit_writes_nothing(store: &dyn Store) {
     // The last part of the commit fails (the handle already has an intent).
     let failing = Commit {
         add_intents: vec![intent(taken.clone(), IntentKind::Destroy, Some(&org), 2)],
+        rotation: Some(RotationChange::Start {
+            target: KeyId("a".into()),
+            from: Vec::new(),
+            at: Timestamp(2),
+        }),
         ..commit(
             &org,
             Some(1),
@@ -369,6 +509,10 @@ pub async fn a_failed_commit_writes_nothing(store: &dyn Store) {
     assert_eq!(
         open_among(store, &[&taken]).await,
         vec![intent(taken.clone(), IntentKind::Import, None, 1)]
+    );
+    assert_eq!(
+        store.latest_rotation(&org).await.expect("latest_rotation"),
+        None
     );
     store.resolve_intent(&taken).await.expect("resolve_intent");
 }
@@ -808,5 +952,977 @@ pub async fn orgs_with_expired_keys_are_found(store: &dyn Store) {
             org_id("expiry-due-deleted-now"),
             org_id("expiry-due-twice"),
         ]
+    );
+}
+
+/// A KEK is stored once per resource and org: inserting another for the same
+/// resource returns the stored one; a stale org version is refused and
+/// writes nothing.
+pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
+    const CHECK: u32 = 9;
+    let org = org_id("keks");
+    let other = org_id("keks-other");
+    let version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[("k-a", KeyState::Active), ("k-b", KeyState::Pending)],
+    )
+    .await;
+    org_with_keys(store, CHECK, &other, &[("k-a", KeyState::Active)]).await;
+
+    let first = kek(CHECK, 1, "space:1/meeting-1", "k-a");
+    assert_eq!(
+        store
+            .insert_kek(&org, version, first.clone())
+            .await
+            .expect("insert_kek"),
+        first
+    );
+    assert_eq!(
+        store.kek(&org, &first.id).await.expect("kek"),
+        Some(first.clone()),
+        "every field reads back as written"
+    );
+
+    // Another KEK for the same resource (a racing caller, or a retry that
+    // drew a new id): the stored one is returned and nothing is written.
+    let same_resource = kek(CHECK, 2, "space:1/meeting-1", "k-b");
+    assert_eq!(
+        store
+            .insert_kek(&org, version, same_resource.clone())
+            .await
+            .expect("insert_kek again"),
+        first
+    );
+    assert_eq!(store.kek(&org, &same_resource.id).await.expect("kek"), None);
+
+    // The org's keys change: a KEK wrapped by the key chosen before is refused.
+    let version = store
+        .commit(commit(&org, Some(version), Vec::new(), Vec::new()))
+        .await
+        .expect("commit");
+    let late = kek(CHECK, 3, "space:1/meeting-2", "k-a");
+    for stale in [version - 1, version + 1, u64::MAX] {
+        match store.insert_kek(&org, stale, late.clone()).await {
+            Err(StoreError::Conflict(conflicting)) => assert_eq!(conflicting, org),
+            other => panic!("insert_kek at version {stale} of {version}: {other:?}"),
+        }
+        assert_eq!(store.kek(&org, &late.id).await.expect("kek"), None);
+    }
+    // Nothing would be written for a resource that has its KEK, so even a
+    // stale version gets it back: a retry after a lost reply is harmless.
+    assert_eq!(
+        store
+            .insert_kek(&org, version - 1, same_resource.clone())
+            .await
+            .expect("insert_kek of a stored resource at a stale version"),
+        first
+    );
+    assert_eq!(
+        store
+            .insert_kek(&org, version, late.clone())
+            .await
+            .expect("insert_kek at the current version"),
+        late
+    );
+
+    // KEKs belong to their org: another org neither sees them nor shares
+    // their resources.
+    assert_eq!(store.kek(&other, &first.id).await.expect("kek"), None);
+    let others = kek(CHECK, 4, "space:1/meeting-1", "k-a");
+    assert_eq!(
+        store
+            .insert_kek(&other, 1, others.clone())
+            .await
+            .expect("insert_kek in another org"),
+        others
+    );
+    assert_eq!(
+        store.kek(&org, &kek_id(CHECK, 99)).await.expect("kek"),
+        None
+    );
+
+    // An org that does not exist has no version to match.
+    let never = org_id("keks-never");
+    assert!(matches!(
+        store
+            .insert_kek(&never, 1, kek(CHECK, 5, "space:2", "k-a"))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.kek(&never, &kek_id(CHECK, 5)).await.expect("kek"),
+        None
+    );
+}
+
+/// `kek_counts` lists each key that wraps a KEK, with how many, in key id order.
+pub async fn kek_counts_count_each_keys_keks(store: &dyn Store) {
+    const CHECK: u32 = 10;
+    let org = org_id("kek-counts");
+    let version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[
+            ("k-b", KeyState::Active),
+            ("k-a", KeyState::Rotating),
+            ("k-c", KeyState::Pending),
+        ],
+    )
+    .await;
+    assert!(store.kek_counts(&org).await.expect("kek_counts").is_empty());
+    // Inserted in an order that is not the key order.
+    for (n, key) in (1..).zip(["k-b", "k-a", "k-b", "k-b", "k-a"]) {
+        store
+            .insert_kek(&org, version, kek(CHECK, n, &format!("r-{n}"), key))
+            .await
+            .expect("insert_kek");
+    }
+    assert_eq!(
+        store.kek_counts(&org).await.expect("kek_counts"),
+        vec![(KeyId("k-a".into()), 2), (KeyId("k-b".into()), 3)],
+        "keys that wrap nothing are absent"
+    );
+    assert!(
+        store
+            .kek_counts(&org_id("kek-counts-never"))
+            .await
+            .expect("kek_counts of an unknown org")
+            .is_empty()
+    );
+}
+
+/// Paging through the KEKs not wrapped by a key yields each of them exactly
+/// once, in id order, and nothing of another org.
+pub async fn pages_of_keks_not_wrapped_by_a_key_cover_each_once(store: &dyn Store) {
+    const CHECK: u32 = 11;
+    let org = org_id("kek-pages");
+    let other = org_id("kek-pages-other");
+    let keys = [
+        ("k-new", KeyState::Active),
+        ("k-old", KeyState::Rotating),
+        ("k-older", KeyState::Rotating),
+    ];
+    let version = org_with_keys(store, CHECK, &org, &keys).await;
+    let other_version = org_with_keys(store, CHECK, &other, &keys).await;
+    // Ids inserted out of order, wrapped by a mix of keys; all even, so that
+    // the other org's odd ones fall between them.
+    let mut expected = Vec::new();
+    for n in [7, 3, 11, 1, 9, 4, 12, 2, 8, 5, 10, 6] {
+        let key = match n % 3 {
+            0 => "k-new",
+            1 => "k-old",
+            _ => "k-older",
+        };
+        let kek = kek(CHECK, 2 * n, &format!("space:{n}"), key);
+        store
+            .insert_kek(&org, version, kek.clone())
+            .await
+            .expect("insert_kek");
+        if key != "k-new" {
+            expected.push(kek);
+        }
+    }
+    for n in [1, 9, 25] {
+        store
+            .insert_kek(&other, other_version, kek(CHECK, n, "space:1", "k-old"))
+            .await
+            .expect("insert_kek");
+    }
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(expected.len(), 8);
+
+    for limit in [1, 3, 8, 100] {
+        assert_eq!(
+            all_not_wrapped_by(store, &org, "k-new", limit).await,
+            expected,
+            "pages of {limit}"
+        );
+    }
+    assert!(
+        store
+            .keks_not_wrapped_by(&org, &KeyId("k-new".into()), None, 0)
+            .await
+            .expect("limit 0")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .keks_not_wrapped_by(&org, &KeyId("k-new".into()), Some(&expected[5].id), 2)
+            .await
+            .expect("page after an id"),
+        expected[6..8].to_vec()
+    );
+    // `after` need not be a KEK that matches, or one that exists.
+    assert_eq!(
+        store
+            .keks_not_wrapped_by(&org, &KeyId("k-new".into()), Some(&kek_id(CHECK, 6)), 100)
+            .await
+            .expect("page after a KEK wrapped by the target")
+            .first()
+            .map(|k| k.id.clone()),
+        Some(kek_id(CHECK, 8))
+    );
+    assert!(
+        store
+            .keks_not_wrapped_by(
+                &org,
+                &KeyId("k-new".into()),
+                Some(&KekId::from_random([0xff; 16])),
+                100
+            )
+            .await
+            .expect("page after every id")
+            .is_empty()
+    );
+    // A key the org does not have wraps nothing, so every KEK is listed.
+    assert_eq!(all_not_wrapped_by(store, &org, "k-none", 5).await.len(), 12);
+}
+
+/// Starting a job counts the KEKs not wrapped by its target and supersedes
+/// the org's running job; only the running job can be finished.
+pub async fn rotation_jobs_start_supersede_and_finish(store: &dyn Store) {
+    const CHECK: u32 = 12;
+    let org = org_id("rotation-jobs");
+    let mut version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[
+            ("k-1", KeyState::Active),
+            ("k-2", KeyState::Pending),
+            ("k-3", KeyState::Pending),
+        ],
+    )
+    .await;
+    assert_eq!(
+        store.latest_rotation(&org).await.expect("latest_rotation"),
+        None
+    );
+    for n in 1..=5 {
+        let key = if n <= 3 { "k-1" } else { "k-2" };
+        store
+            .insert_kek(&org, version, kek(CHECK, n, &format!("r-{n}"), key))
+            .await
+            .expect("insert_kek");
+    }
+
+    version = store
+        .commit(start_rotation(&org, version, "k-2", &["k-1"], 100))
+        .await
+        .expect("start");
+    let first = RotationJob {
+        org: org.clone(),
+        id: 1,
+        target: KeyId("k-2".into()),
+        from: vec![KeyId("k-1".into())],
+        total: 3,
+        done: 0,
+        started_at: Timestamp(100),
+        ended_at: None,
+        state: JobState::Running,
+    };
+    assert_eq!(
+        store.latest_rotation(&org).await.expect("latest_rotation"),
+        Some(first.clone()),
+        "the total counts the KEKs not wrapped by the target"
+    );
+    assert!(
+        running_of(store, &org).await == vec![first.clone()],
+        "a started job is running"
+    );
+
+    // A newer activation supersedes it.
+    version = store
+        .commit(start_rotation(&org, version, "k-3", &["k-2", "k-1"], 200))
+        .await
+        .expect("start again");
+    let second = RotationJob {
+        id: 2,
+        target: KeyId("k-3".into()),
+        from: vec![KeyId("k-2".into()), KeyId("k-1".into())],
+        total: 5,
+        started_at: Timestamp(200),
+        ..first.clone()
+    };
+    assert_eq!(
+        store.latest_rotation(&org).await.expect("latest_rotation"),
+        Some(second.clone())
+    );
+    assert_eq!(running_of(store, &org).await, vec![second.clone()]);
+
+    // Only the running job can finish; a refused finish writes nothing.
+    let before = store.load_org(&org).await.expect("load_org");
+    let chain_before = chain_of(store, &org).await;
+    for job in [1, 3, u64::MAX] {
+        match store.commit(finish_rotation(&org, version, job, 300)).await {
+            Err(StoreError::Conflict(conflicting)) => assert_eq!(conflicting, org),
+            other => panic!("finishing job {job}: {other:?}"),
+        }
+        assert_eq!(store.load_org(&org).await.expect("load_org"), before);
+        assert_eq!(chain_of(store, &org).await, chain_before);
+        assert_eq!(
+            store.latest_rotation(&org).await.expect("latest_rotation"),
+            Some(second.clone())
+        );
+    }
+    version = store
+        .commit(finish_rotation(&org, version, 2, 300))
+        .await
+        .expect("finish");
+    let finished = RotationJob {
+        state: JobState::Finished,
+        ended_at: Some(Timestamp(300)),
+        ..second.clone()
+    };
+    assert_eq!(
+        store.latest_rotation(&org).await.expect("latest_rotation"),
+        Some(finished)
+    );
+    assert!(running_of(store, &org).await.is_empty());
+    assert!(
+        matches!(
+            store.commit(finish_rotation(&org, version, 2, 400)).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a finished job cannot finish again"
+    );
+
+    // Numbering goes on after a finished job, and a start with no KEK to
+    // re-wrap still makes a job (with nothing to do).
+    let empty = org_id("rotation-jobs-empty");
+    let empty_version = org_with_keys(
+        store,
+        CHECK,
+        &empty,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    store
+        .commit(start_rotation(&empty, empty_version, "k-2", &[], 500))
+        .await
+        .expect("start without KEKs");
+    store
+        .commit(start_rotation(&org, version, "k-1", &["k-3"], 600))
+        .await
+        .expect("start after finishing");
+    let third = store
+        .latest_rotation(&org)
+        .await
+        .expect("latest_rotation")
+        .expect("a job");
+    assert_eq!((third.id, third.total, third.from.len()), (3, 2, 1));
+    let empty_job = store
+        .latest_rotation(&empty)
+        .await
+        .expect("latest_rotation")
+        .expect("a job");
+    assert_eq!((empty_job.id, empty_job.total), (1, 0));
+    assert!(empty_job.from.is_empty());
+
+    // Running jobs are listed by org id.
+    let running = store.running_rotations().await.expect("running_rotations");
+    assert!(
+        running.windows(2).all(|w| w[0].org < w[1].org),
+        "one running job per org, in org id order: {running:?}"
+    );
+    let mine: Vec<&RotationJob> = running
+        .iter()
+        .filter(|j| j.org == org || j.org == empty)
+        .collect();
+    assert_eq!(mine, vec![&third, &empty_job]);
+}
+
+/// The org's running jobs among all running ones.
+async fn running_of(store: &dyn Store, org: &OrgId) -> Vec<RotationJob> {
+    store
+        .running_rotations()
+        .await
+        .expect("running_rotations")
+        .into_iter()
+        .filter(|j| &j.org == org)
+        .collect()
+}
+
+/// A re-wrap is written only if the KEK is still wrapped by the key it was
+/// read under, and only written ones are counted in the job's progress.
+pub async fn rewraps_apply_only_where_the_key_is_unchanged(store: &dyn Store) {
+    const CHECK: u32 = 13;
+    let org = org_id("rewrap-cas");
+    let mut version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[
+            ("k-old", KeyState::Active),
+            ("k-new", KeyState::Pending),
+            ("k-other", KeyState::Pending),
+        ],
+    )
+    .await;
+    let keks: Vec<StoredKek> = (1..=6)
+        .map(|n| kek(CHECK, n, &format!("r-{n}"), "k-old"))
+        .collect();
+    for kek in &keks {
+        store
+            .insert_kek(&org, version, kek.clone())
+            .await
+            .expect("insert_kek");
+    }
+    version = store
+        .commit(start_rotation(&org, version, "k-new", &["k-old"], 10))
+        .await
+        .expect("start");
+
+    // Read under k-old; meanwhile KEK 2 was re-wrapped elsewhere to k-other.
+    let raced = rewrap(&keks[1], "k-other");
+    assert_eq!(
+        store
+            .rewrap_keks(&org, version, 1, vec![raced.clone()])
+            .await
+            .expect("rewrap"),
+        1
+    );
+    let batch: Vec<Rewrap> = keks[..4].iter().map(|k| rewrap(k, "k-new")).collect();
+    let mut with_unknown = batch.clone();
+    with_unknown.push(Rewrap {
+        kek: kek_id(CHECK, 99),
+        ..rewrap(&keks[0], "k-new")
+    });
+    assert_eq!(
+        store
+            .rewrap_keks(&org, version, 1, with_unknown)
+            .await
+            .expect("rewrap"),
+        3,
+        "a KEK no longer wrapped by `from`, and one that does not exist, are skipped"
+    );
+    for (i, kek) in keks[..4].iter().enumerate() {
+        let expected = if i == 1 {
+            rewrapped(kek, &raced)
+        } else {
+            rewrapped(kek, &batch[i])
+        };
+        assert_eq!(
+            store.kek(&org, &kek.id).await.expect("kek"),
+            Some(expected),
+            "KEK {i}"
+        );
+    }
+    assert_eq!(
+        store.kek(&org, &kek_id(CHECK, 99)).await.expect("kek"),
+        None
+    );
+
+    // Repeating the batch (a retry after a lost reply) writes and counts nothing.
+    assert_eq!(
+        store
+            .rewrap_keks(&org, version, 1, batch.clone())
+            .await
+            .expect("rewrap again"),
+        0
+    );
+    assert_eq!(
+        store
+            .rewrap_keks(&org, version, 1, Vec::new())
+            .await
+            .expect("rewrap nothing"),
+        0
+    );
+    let job = store
+        .latest_rotation(&org)
+        .await
+        .expect("latest_rotation")
+        .expect("job");
+    assert_eq!((job.total, job.done), (6, 4));
+    assert_eq!(
+        store.kek_counts(&org).await.expect("kek_counts"),
+        vec![
+            (KeyId("k-new".into()), 3),
+            (KeyId("k-old".into()), 2),
+            (KeyId("k-other".into()), 1),
+        ]
+    );
+    assert_eq!(
+        all_not_wrapped_by(store, &org, "k-new", 10).await,
+        vec![
+            rewrapped(&keks[1], &raced),
+            keks[4].clone(),
+            keks[5].clone()
+        ]
+    );
+}
+
+/// A re-wrap batch is refused whole, writing nothing, if the org changed
+/// since it was read or its job is no longer running.
+pub async fn rewraps_conflict_on_a_stale_version_or_a_job_not_running(store: &dyn Store) {
+    const CHECK: u32 = 14;
+    let org = org_id("rewrap-conflict");
+    let mut version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[
+            ("k-1", KeyState::Active),
+            ("k-2", KeyState::Pending),
+            ("k-3", KeyState::Pending),
+        ],
+    )
+    .await;
+    let keks: Vec<StoredKek> = (1..=2)
+        .map(|n| kek(CHECK, n, &format!("r-{n}"), "k-1"))
+        .collect();
+    for kek in &keks {
+        store
+            .insert_kek(&org, version, kek.clone())
+            .await
+            .expect("insert_kek");
+    }
+    version = store
+        .commit(start_rotation(&org, version, "k-2", &["k-1"], 10))
+        .await
+        .expect("start");
+    let batch: Vec<Rewrap> = keks.iter().map(|k| rewrap(k, "k-2")).collect();
+
+    let assert_untouched = |why: &'static str| {
+        let org = org.clone();
+        let keks = keks.clone();
+        async move {
+            for kek in &keks {
+                assert_eq!(
+                    store.kek(&org, &kek.id).await.expect("kek"),
+                    Some(kek.clone()),
+                    "{why}"
+                );
+            }
+        }
+    };
+
+    for stale in [version - 1, version + 1, u64::MAX] {
+        match store.rewrap_keks(&org, stale, 1, batch.clone()).await {
+            Err(StoreError::Conflict(conflicting)) => assert_eq!(conflicting, org),
+            other => panic!("rewrap at version {stale} of {version}: {other:?}"),
+        }
+        assert_untouched("a stale version writes nothing").await;
+    }
+    for job in [0, 2, u64::MAX] {
+        assert!(
+            matches!(
+                store.rewrap_keks(&org, version, job, batch.clone()).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "job {job} does not exist"
+        );
+        assert_untouched("an unknown job writes nothing").await;
+    }
+
+    // Superseded: job 1 is no longer running.
+    version = store
+        .commit(start_rotation(&org, version, "k-3", &["k-1", "k-2"], 20))
+        .await
+        .expect("start again");
+    assert!(matches!(
+        store.rewrap_keks(&org, version, 1, batch.clone()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_untouched("a superseded job writes nothing").await;
+
+    // Finished: job 2 is no longer running either.
+    version = store
+        .commit(finish_rotation(&org, version, 2, 30))
+        .await
+        .expect("finish");
+    let batch: Vec<Rewrap> = keks.iter().map(|k| rewrap(k, "k-3")).collect();
+    assert!(matches!(
+        store.rewrap_keks(&org, version, 2, batch).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_untouched("a finished job writes nothing").await;
+    let job = store
+        .latest_rotation(&org)
+        .await
+        .expect("latest_rotation")
+        .expect("job");
+    assert_eq!((job.id, job.done), (2, 0));
+
+    // Another org's job is not this org's.
+    let other = org_id("rewrap-conflict-other");
+    let other_version = org_with_keys(
+        store,
+        CHECK,
+        &other,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    let other_version = store
+        .commit(start_rotation(&other, other_version, "k-2", &["k-1"], 40))
+        .await
+        .expect("start in another org");
+    let batch: Vec<Rewrap> = keks.iter().map(|k| rewrap(k, "k-2")).collect();
+    assert_eq!(
+        store
+            .rewrap_keks(&other, other_version, 1, batch)
+            .await
+            .expect("rewrap in another org"),
+        0,
+        "KEKs of another org are not re-wrapped"
+    );
+    assert_untouched("KEKs of another org are not re-wrapped").await;
+}
+
+/// A commit that requires a key to wrap no KEK fails, writing nothing, while
+/// one still does.
+pub async fn keys_still_wrapping_keks_cannot_be_required_unreferenced(store: &dyn Store) {
+    const CHECK: u32 = 15;
+    let org = org_id("unreferenced");
+    let mut version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[("k-old", KeyState::Rotating), ("k-new", KeyState::Active)],
+    )
+    .await;
+    let held = kek(CHECK, 1, "r-1", "k-old");
+    store
+        .insert_kek(&org, version, held.clone())
+        .await
+        .expect("insert_kek");
+    version = store
+        .commit(start_rotation(&org, version, "k-new", &["k-old"], 10))
+        .await
+        .expect("start");
+
+    // Everything a commit can carry, so that any part written despite the
+    // refusal shows.
+    let deactivate = |version| Commit {
+        require_unreferenced: vec![KeyId("k-new".into()), KeyId("k-old".into())],
+        rotation: Some(RotationChange::Finish {
+            job: 1,
+            at: Timestamp(20),
+        }),
+        add_intents: vec![intent(
+            handle(CHECK, 1),
+            IntentKind::Destroy,
+            Some(&org),
+            20,
+        )],
+        ..commit(
+            &org,
+            Some(version),
+            vec![key_in(
+                "k-old",
+                handle(CHECK, 1000),
+                KeyState::Deactivated,
+                None,
+            )],
+            vec![event("deactivate")],
+        )
+    };
+    let before = store.load_org(&org).await.expect("load_org");
+    let chain_before = chain_of(store, &org).await;
+    match store.commit(deactivate(version)).await {
+        Err(StoreError::Conflict(conflicting)) => assert_eq!(conflicting, org),
+        other => panic!("k-old still wraps a KEK: {other:?}"),
+    }
+    assert_eq!(store.load_org(&org).await.expect("load_org"), before);
+    assert_eq!(chain_of(store, &org).await, chain_before);
+    assert!(open_among(store, &[handle(CHECK, 1)]).await.is_empty());
+    assert_eq!(
+        store
+            .latest_rotation(&org)
+            .await
+            .expect("latest_rotation")
+            .map(|j| j.state),
+        Some(JobState::Running)
+    );
+
+    // Once the last KEK is re-wrapped away, the same change commits.
+    assert_eq!(
+        store
+            .rewrap_keks(&org, version, 1, vec![rewrap(&held, "k-new")])
+            .await
+            .expect("rewrap"),
+        1
+    );
+    let Err(StoreError::Conflict(_)) = store
+        .commit(Commit {
+            require_unreferenced: vec![KeyId("k-new".into())],
+            ..deactivate(version)
+        })
+        .await
+    else {
+        panic!("k-new now wraps the KEK");
+    };
+    version = store
+        .commit(Commit {
+            require_unreferenced: vec![KeyId("k-old".into()), KeyId("k-unknown".into())],
+            ..deactivate(version)
+        })
+        .await
+        .expect("deactivate");
+    let loaded = store.load_org(&org).await.expect("load_org").expect("org");
+    assert_eq!(loaded.version, version);
+    assert!(
+        loaded
+            .keys
+            .iter()
+            .any(|k| k.record.id.0 == "k-old" && k.record.state == KeyState::Deactivated)
+    );
+    assert_eq!(
+        store
+            .latest_rotation(&org)
+            .await
+            .expect("latest_rotation")
+            .map(|j| j.state),
+        Some(JobState::Finished)
+    );
+    store
+        .resolve_intent(&handle(CHECK, 1))
+        .await
+        .expect("resolve_intent");
+}
+
+/// `orgs_using_handle` lists each org with a key record not removed that uses
+/// the handle, once, in id order.
+pub async fn orgs_using_a_handle_are_found(store: &dyn Store) {
+    const CHECK: u32 = 16;
+    let shared = handle(CHECK, 1);
+    let another = handle(CHECK, 2);
+    let cases = [
+        (
+            "using-twice",
+            vec![(KeyState::Active, &shared), (KeyState::Revoked, &shared)],
+        ),
+        ("using-removed", vec![(KeyState::Removed, &shared)]),
+        ("using-deactivated", vec![(KeyState::Deactivated, &shared)]),
+        ("using-another", vec![(KeyState::Active, &another)]),
+        ("using-deleted", vec![(KeyState::Deleted, &shared)]),
+    ];
+    let mut n = 0;
+    for (name, keys) in cases {
+        let keys = keys
+            .into_iter()
+            .map(|(state, handle)| {
+                n += 1;
+                key_in(&format!("k-{n}"), handle.clone(), state, None)
+            })
+            .collect();
+        store
+            .commit(commit(&org_id(name), None, keys, Vec::new()))
+            .await
+            .expect("create");
+    }
+    assert_eq!(
+        store
+            .orgs_using_handle(&shared)
+            .await
+            .expect("orgs_using_handle"),
+        vec![
+            org_id("using-deactivated"),
+            org_id("using-deleted"),
+            org_id("using-twice"),
+        ]
+    );
+    assert!(
+        store
+            .orgs_using_handle(&handle(CHECK, 3))
+            .await
+            .expect("orgs_using_handle")
+            .is_empty()
+    );
+}
+
+/// The generic default key is renewed only from the key still stored; the
+/// old key is kept as retired until no org uses it, then forgotten with a
+/// `Destroy` intent. Needs the generic key that `generic_key_is_stored_once`
+/// leaves.
+pub async fn generic_key_is_renewed_and_the_old_one_dropped_once_unused(store: &dyn Store) {
+    const CHECK: u32 = 17;
+    let old = store
+        .generic_key()
+        .await
+        .expect("generic_key")
+        .expect("this check needs a store with a generic key");
+    let renewed = GenericKey {
+        handle: handle(CHECK, 1),
+        check_value: "0a0b0c".into(),
+        created_at: Timestamp(old.created_at.0 + 100),
+    };
+    let loser = GenericKey {
+        handle: handle(CHECK, 2),
+        check_value: "0d0e0f".into(),
+        created_at: Timestamp(old.created_at.0 + 101),
+    };
+    let mine = [&old.handle, &renewed.handle, &loser.handle];
+    let retired_among = || async {
+        store
+            .retired_generic_keys()
+            .await
+            .expect("retired_generic_keys")
+            .into_iter()
+            .filter(|k| mine.contains(&&k.handle))
+            .collect::<Vec<_>>()
+    };
+    for k in [&renewed, &loser] {
+        store
+            .record_intent(intent(k.handle.clone(), IntentKind::Import, None, 1))
+            .await
+            .expect("record_intent");
+    }
+    // An org without BYOK uses the old key.
+    let org = org_id("generic-renewal");
+    let mut user = key_in("k-generic", old.handle.clone(), KeyState::Active, None);
+    user.record.source = KeySource::GenericDefault;
+    store
+        .commit(commit(&org, None, vec![user.clone()], Vec::new()))
+        .await
+        .expect("create");
+
+    // A renewal from a key that is not the stored one changes nothing.
+    assert_eq!(
+        store
+            .renew_generic_key(&loser.handle, renewed.clone())
+            .await
+            .expect("renew from a stale handle"),
+        old
+    );
+    assert_eq!(
+        store.generic_key().await.expect("generic_key"),
+        Some(old.clone())
+    );
+    assert!(retired_among().await.is_empty());
+    assert_eq!(
+        open_among(store, &[&renewed.handle]).await.len(),
+        1,
+        "the unused key's intent stays open"
+    );
+
+    assert_eq!(
+        store
+            .renew_generic_key(&old.handle, renewed.clone())
+            .await
+            .expect("renew"),
+        renewed
+    );
+    assert_eq!(
+        store.generic_key().await.expect("generic_key"),
+        Some(renewed.clone())
+    );
+    assert_eq!(retired_among().await, vec![old.clone()]);
+    assert!(
+        open_among(store, &[&renewed.handle]).await.is_empty(),
+        "storing the key resolves its import intent"
+    );
+
+    // A retry after a lost reply is harmless; a racing renewal loses.
+    assert_eq!(
+        store
+            .renew_generic_key(&old.handle, renewed.clone())
+            .await
+            .expect("renew again"),
+        renewed
+    );
+    assert_eq!(
+        store
+            .renew_generic_key(&old.handle, loser.clone())
+            .await
+            .expect("renew racing"),
+        renewed
+    );
+    assert_eq!(retired_among().await, vec![old.clone()]);
+    assert_eq!(
+        open_among(store, &[&loser.handle]).await,
+        vec![intent(loser.handle.clone(), IntentKind::Import, None, 1)],
+        "the losing key's intent stays open, so repair destroys its material"
+    );
+    store
+        .resolve_intent(&loser.handle)
+        .await
+        .expect("resolve_intent");
+
+    // The old key is not dropped while an org's key record uses it.
+    let now = Timestamp(1_800_000_000);
+    assert_eq!(
+        store
+            .orgs_using_handle(&old.handle)
+            .await
+            .expect("orgs_using_handle"),
+        vec![org.clone()]
+    );
+    assert!(
+        !store
+            .drop_retired_generic_key(&old.handle, now)
+            .await
+            .expect("drop while in use")
+    );
+    assert_eq!(retired_among().await, vec![old.clone()]);
+    assert!(open_among(store, &[&old.handle]).await.is_empty());
+    // Nor is the stored key, which is not retired.
+    assert!(
+        !store
+            .drop_retired_generic_key(&renewed.handle, now)
+            .await
+            .expect("drop the stored key")
+    );
+    assert!(open_among(store, &[&renewed.handle]).await.is_empty());
+
+    // Once the org's record is removed, it is dropped with a Destroy intent.
+    user.record.state = KeyState::Removed;
+    store
+        .commit(commit(&org, Some(1), vec![user], Vec::new()))
+        .await
+        .expect("remove");
+    assert!(
+        store
+            .orgs_using_handle(&old.handle)
+            .await
+            .expect("orgs_using_handle")
+            .is_empty()
+    );
+    assert!(
+        store
+            .drop_retired_generic_key(&old.handle, now)
+            .await
+            .expect("drop")
+    );
+    assert!(retired_among().await.is_empty());
+    assert_eq!(
+        open_among(store, &[&old.handle]).await,
+        vec![intent(old.handle.clone(), IntentKind::Destroy, None, now.0)]
+    );
+    assert!(
+        !store
+            .drop_retired_generic_key(&old.handle, now)
+            .await
+            .expect("drop again"),
+        "a key already dropped is not dropped twice"
+    );
+    assert_eq!(open_among(store, &[&old.handle]).await.len(), 1);
+    store
+        .resolve_intent(&old.handle)
+        .await
+        .expect("resolve_intent");
+
+    // Retired keys are listed oldest first.
+    let newest = GenericKey {
+        handle: handle(CHECK, 3),
+        check_value: "101112".into(),
+        created_at: Timestamp(renewed.created_at.0 + 1),
+    };
+    store
+        .renew_generic_key(&renewed.handle, newest.clone())
+        .await
+        .expect("renew");
+    let retired = store
+        .retired_generic_keys()
+        .await
+        .expect("retired_generic_keys");
+    assert!(retired.contains(&renewed));
+    assert!(
+        retired
+            .windows(2)
+            .all(|w| w[0].created_at <= w[1].created_at)
     );
 }

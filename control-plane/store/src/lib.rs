@@ -32,7 +32,9 @@ mod codec;
 pub mod contract;
 pub mod sqlite;
 
-use cmk_control_plane_domain::{KeyRecord, OrgId, Timestamp, audit::ChainedEvent};
+use cmk_control_plane_domain::{
+    KekId, KeyId, KeyRecord, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
+};
 
 pub use sqlite::SqliteStore;
 
@@ -107,6 +109,116 @@ pub struct GenericKey {
     pub created_at: Timestamp,
 }
 
+/// A key-encryption key as stored: always wrapped by one of its org's CMKs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredKek {
+    /// Its id (unique across orgs: chosen at random).
+    pub id: KekId,
+    /// The resource it protects; one KEK per resource and org.
+    pub resource: ResourceId,
+    /// The CMK that wraps it.
+    pub key: KeyId,
+    /// The HSM daemon's Wrap ciphertext of the KEK (not secret, but opaque).
+    pub wrapped: Vec<u8>,
+    /// When it was created.
+    pub created_at: Timestamp,
+}
+
+impl std::fmt::Debug for StoredKek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredKek")
+            .field("id", &self.id)
+            .field("resource", &self.resource)
+            .field("key", &self.key)
+            .field("wrapped", &format_args!("[{} bytes]", self.wrapped.len()))
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// One KEK re-wrapped by a rotation job.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rewrap {
+    /// The KEK.
+    pub kek: KekId,
+    /// The CMK it was wrapped by when read; the write happens only if it still is.
+    pub from: KeyId,
+    /// The CMK that wraps it now.
+    pub to: KeyId,
+    /// The new ciphertext.
+    pub wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for Rewrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewrap")
+            .field("kek", &self.kek)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("wrapped", &format_args!("[{} bytes]", self.wrapped.len()))
+            .finish()
+    }
+}
+
+/// Where a rotation job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Re-wrapping KEKs (or waiting: while the master is revoked it cannot wrap).
+    Running,
+    /// Every KEK is wrapped by the target and every key it rotated away from
+    /// has left the rotating state.
+    Finished,
+    /// A newer activation started a job with another target, which took over.
+    Superseded,
+}
+
+/// A rotation job: re-wrap every KEK of the org that is not wrapped by
+/// `target` to `target`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RotationJob {
+    /// The org.
+    pub org: OrgId,
+    /// Numbered from 1 within the org.
+    pub id: u64,
+    /// The key every KEK is re-wrapped to (the active key when the job started).
+    pub target: KeyId,
+    /// The rotating keys when the job started.
+    pub from: Vec<KeyId>,
+    /// KEKs not wrapped by `target` when the job started.
+    pub total: u64,
+    /// KEKs re-wrapped so far.
+    pub done: u64,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it finished or was superseded.
+    pub ended_at: Option<Timestamp>,
+    /// Where it is.
+    pub state: JobState,
+}
+
+/// A rotation job started or ended by a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotationChange {
+    /// Start a job towards `target` (the org's new active key), counting its
+    /// total in the same transaction; a running job of the org is superseded
+    /// (`ended_at` = `at`).
+    Start {
+        /// The new active key.
+        target: KeyId,
+        /// The rotating keys.
+        from: Vec<KeyId>,
+        /// Now.
+        at: Timestamp,
+    },
+    /// The org's running job finished (`ended_at` = `at`).
+    Finish {
+        /// The job.
+        job: u64,
+        /// Now.
+        at: Timestamp,
+    },
+}
+
 /// One org's change, written all or nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Commit {
@@ -126,6 +238,12 @@ pub struct Commit {
     pub add_intents: Vec<Intent>,
     /// Handles whose intents the change resolves.
     pub resolve_intents: Vec<String>,
+    /// A rotation job the change starts or ends.
+    pub rotation: Option<RotationChange>,
+    /// Keys that must wrap no KEK when the change commits (a rotating key
+    /// becoming deactivated), counted inside the transaction; if one still
+    /// does, the commit fails with [`StoreError::Conflict`] and writes nothing.
+    pub require_unreferenced: Vec<KeyId>,
 }
 
 /// Why the store failed.
@@ -195,4 +313,78 @@ pub trait Store: Send + Sync + 'static {
     /// Orgs with a deactivated or deleted key whose `expires_at <= now`, each
     /// once, in id order.
     async fn orgs_with_expired_keys(&self, now: Timestamp) -> Result<Vec<OrgId>, StoreError>;
+
+    /// Replaces the generic default key `old_handle` with `new` (resolving the
+    /// new key's import intent) and keeps the old one as retired, unless the
+    /// stored key is no longer `old_handle`; returns the key stored afterwards.
+    async fn renew_generic_key(
+        &self,
+        old_handle: &str,
+        new: GenericKey,
+    ) -> Result<GenericKey, StoreError>;
+
+    /// Generic default keys replaced by a renewal whose material is not yet
+    /// destroyed, oldest first.
+    async fn retired_generic_keys(&self) -> Result<Vec<GenericKey>, StoreError>;
+
+    /// Forgets a retired generic default key and records a `Destroy` intent for
+    /// it, in one transaction, if no key record of any org in a state other
+    /// than removed still uses its handle; returns whether it did.
+    async fn drop_retired_generic_key(
+        &self,
+        handle: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
+    /// Orgs with a key record in a state other than removed that uses
+    /// `handle`, each once, in id order.
+    async fn orgs_using_handle(&self, handle: &str) -> Result<Vec<OrgId>, StoreError>;
+
+    /// Stores a new KEK wrapped by the org's active key, unless the org already
+    /// has a KEK for its resource; returns the one stored for the resource.
+    /// Fails with [`StoreError::Conflict`], writing nothing, if the org's
+    /// version is no longer `org_version` (its keys changed since the caller
+    /// chose the wrapping key).
+    async fn insert_kek(
+        &self,
+        org: &OrgId,
+        org_version: u64,
+        kek: StoredKek,
+    ) -> Result<StoredKek, StoreError>;
+
+    /// One KEK of the org.
+    async fn kek(&self, org: &OrgId, id: &KekId) -> Result<Option<StoredKek>, StoreError>;
+
+    /// How many KEKs each of the org's keys wraps; keys that wrap none are
+    /// absent. In key id order.
+    async fn kek_counts(&self, org: &OrgId) -> Result<Vec<(KeyId, u64)>, StoreError>;
+
+    /// Up to `limit` KEKs of the org not wrapped by `target`, with ids after
+    /// `after`, in id order.
+    async fn keks_not_wrapped_by(
+        &self,
+        org: &OrgId,
+        target: &KeyId,
+        after: Option<&KekId>,
+        limit: u32,
+    ) -> Result<Vec<StoredKek>, StoreError>;
+
+    /// Writes re-wrapped KEKs in one transaction, each only if it is still
+    /// wrapped by its `from` key, and adds the number written to the org's
+    /// running job `job`; returns that number. Fails with
+    /// [`StoreError::Conflict`], writing nothing, if the org's version is no
+    /// longer `org_version` or `job` is no longer running.
+    async fn rewrap_keks(
+        &self,
+        org: &OrgId,
+        org_version: u64,
+        job: u64,
+        rewraps: Vec<Rewrap>,
+    ) -> Result<u64, StoreError>;
+
+    /// The org's most recent rotation job.
+    async fn latest_rotation(&self, org: &OrgId) -> Result<Option<RotationJob>, StoreError>;
+
+    /// Every running rotation job, by org id.
+    async fn running_rotations(&self) -> Result<Vec<RotationJob>, StoreError>;
 }

@@ -6,12 +6,12 @@
 use std::{path::Path, sync::Arc};
 
 use cmk_control_plane_domain::{
-    KeyState, Timestamp,
+    KeyId, KeyState, OrgId, Timestamp,
     audit::{self, ChainError},
 };
 use cmk_control_plane_store::{
-    GenericKey, IntentKind, SqliteStore, Store, StoreError,
-    contract::{self, commit, event, handle, intent, key, org_id},
+    GenericKey, IntentKind, Rewrap, SqliteStore, Store, StoreError, StoredKek,
+    contract::{self, commit, event, handle, intent, kek, key, org_id, rewrap},
 };
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
 use tempfile::TempDir;
@@ -276,4 +276,234 @@ async fn of_two_concurrent_commits_from_one_version_exactly_one_wins() {
     assert_eq!(rows.len(), 20, "only the winners' events were appended");
     assert!(audit::verify(org.as_str(), &rows).is_ok());
     assert_eq!(store.load_org(&org).await.unwrap().unwrap().version, 21);
+}
+
+/// Counts per key as the `keks` table has them, bypassing `kek_counts`.
+async fn counted_by_hand(path: &Path, org: &OrgId) -> Vec<(KeyId, u64)> {
+    let mut conn = raw(path).await;
+    sqlx::query_as::<_, (String, i64)>(
+        "SELECT key_id, count(*) FROM keks WHERE org = ?1 GROUP BY key_id ORDER BY key_id",
+    )
+    .bind(org.as_str())
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(key, n)| (KeyId(key), u64::try_from(n).unwrap()))
+    .collect()
+}
+
+#[tokio::test]
+async fn large_batches_are_written_whole_and_counted_exactly() {
+    const CHECK: u32 = 103;
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir).await;
+    let org = org_id("large-batches");
+    let keys = [
+        ("k-1", KeyState::Rotating),
+        ("k-2", KeyState::Rotating),
+        ("k-3", KeyState::Active),
+    ];
+    let version = contract::org_with_keys(&store, CHECK, &org, &keys).await;
+    // More than one multi-row statement's worth, not a multiple of it, and
+    // in no particular order.
+    let keks: Vec<StoredKek> = (0..1203u32)
+        .rev()
+        .map(|n| {
+            let key = if n % 3 == 0 { "k-2" } else { "k-1" };
+            kek(CHECK, n, &format!("space:{n}"), key)
+        })
+        .collect();
+    store
+        .insert_keks_unchecked(&org, keks.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.kek_counts(&org).await.unwrap(),
+        vec![(KeyId("k-1".into()), 802), (KeyId("k-2".into()), 401)]
+    );
+    let version = store
+        .commit(contract::start_rotation(
+            &org,
+            version,
+            "k-3",
+            &["k-1", "k-2"],
+            10,
+        ))
+        .await
+        .unwrap();
+
+    // One batch with several (from, to) pairs, a KEK re-wrapped twice along a
+    // chain (k-1 → k-2 → k-3), a stale `from`, and a no-op from a key to itself.
+    let mut batch: Vec<Rewrap> = keks.iter().map(|k| rewrap(k, "k-3")).collect();
+    let chained = &keks[1];
+    assert_eq!(chained.key.0, "k-1");
+    batch[1] = rewrap(chained, "k-2");
+    batch.push(Rewrap {
+        from: KeyId("k-2".into()),
+        ..rewrap(chained, "k-3")
+    });
+    let stale = &keks[2];
+    batch[2] = Rewrap {
+        from: KeyId("k-3".into()),
+        ..rewrap(stale, "k-3")
+    };
+    let unchanged = &keks[4];
+    batch[4] = rewrap(unchanged, "k-1");
+    let written = store.rewrap_keks(&org, version, 1, batch).await.unwrap();
+    // Every KEK but the stale one, plus the chained KEK's second step.
+    assert_eq!(written, 1203 - 1 + 1);
+    assert_eq!(
+        store.kek_counts(&org).await.unwrap(),
+        counted_by_hand(&path(&dir), &org).await
+    );
+    // The stale KEK stays with k-2, the no-op one with k-1.
+    assert_eq!(
+        (stale.key.0.as_str(), unchanged.key.0.as_str()),
+        ("k-2", "k-1")
+    );
+    assert_eq!(
+        store.kek_counts(&org).await.unwrap(),
+        vec![
+            (KeyId("k-1".into()), 1),
+            (KeyId("k-2".into()), 1),
+            (KeyId("k-3".into()), 1201),
+        ]
+    );
+    assert_eq!(
+        contract::all_not_wrapped_by(&store, &org, "k-3", 1000)
+            .await
+            .len(),
+        2
+    );
+    let job = store.latest_rotation(&org).await.unwrap().unwrap();
+    assert_eq!((job.total, job.done), (1203, written));
+}
+
+#[tokio::test]
+async fn a_second_running_job_of_an_org_is_refused_by_the_database() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir).await;
+    let org = org_id("one-running");
+    let version = contract::org_with_keys(
+        &store,
+        104,
+        &org,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    store
+        .commit(contract::start_rotation(&org, version, "k-2", &["k-1"], 1))
+        .await
+        .unwrap();
+    let mut conn = raw(&path(&dir)).await;
+    let refused = sqlx::query(
+        "INSERT INTO rotation_jobs (org, job, target, total, done, started_at, ended_at, state) \
+         VALUES (?1, 2, 'k-1', 0, 0, 2, NULL, 'running')",
+    )
+    .bind(org.as_str())
+    .execute(&mut conn)
+    .await;
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+#[tokio::test]
+async fn unknown_kek_and_job_values_are_corruption_naming_the_column() {
+    const CHECK: u32 = 105;
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir).await;
+    let org = org_id("corrupt-keks");
+    let version = contract::org_with_keys(
+        &store,
+        CHECK,
+        &org,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    let stored = kek(CHECK, 1, "space:1", "k-1");
+    store
+        .insert_kek(&org, version, stored.clone())
+        .await
+        .unwrap();
+    store
+        .commit(contract::start_rotation(&org, version, "k-2", &["k-1"], 1))
+        .await
+        .unwrap();
+
+    let mut conn = raw(&path(&dir)).await;
+    sqlx::query("UPDATE keks SET resource = 'no spaces allowed' WHERE org = ?1")
+        .bind(org.as_str())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    match store.kek(&org, &stored.id).await {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains("keks.resource"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    sqlx::query("UPDATE rotation_jobs SET state = 'paused' WHERE org = ?1")
+        .bind(org.as_str())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    match store.latest_rotation(&org).await {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains("rotation_jobs.state"), "{message}");
+            assert!(message.contains("paused"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn keks_jobs_and_retired_keys_survive_closing_and_reopening() {
+    const CHECK: u32 = 106;
+    let dir = TempDir::new().unwrap();
+    let org = org_id("reopen-keks");
+    let first = GenericKey {
+        handle: handle(CHECK, 1),
+        check_value: "a1b2c3".into(),
+        created_at: Timestamp(1_700_000_000),
+    };
+    let second = GenericKey {
+        handle: handle(CHECK, 2),
+        ..first.clone()
+    };
+    let stored = kek(CHECK, 1, "space:1", "k-1");
+    let (job, counts) = {
+        let store = open(&dir).await;
+        let version = contract::org_with_keys(
+            &store,
+            CHECK,
+            &org,
+            &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+        )
+        .await;
+        store
+            .insert_kek(&org, version, stored.clone())
+            .await
+            .unwrap();
+        store
+            .commit(contract::start_rotation(&org, version, "k-2", &["k-1"], 1))
+            .await
+            .unwrap();
+        store.put_generic_key(first.clone()).await.unwrap();
+        store
+            .renew_generic_key(&first.handle, second.clone())
+            .await
+            .unwrap();
+        let job = store.latest_rotation(&org).await.unwrap();
+        let counts = store.kek_counts(&org).await.unwrap();
+        store.close().await;
+        (job, counts)
+    };
+    let store = open(&dir).await;
+    assert_eq!(store.kek(&org, &stored.id).await.unwrap(), Some(stored));
+    assert_eq!(store.latest_rotation(&org).await.unwrap(), job);
+    assert!(job.is_some());
+    assert_eq!(store.running_rotations().await.unwrap(), vec![job.unwrap()]);
+    assert_eq!(store.kek_counts(&org).await.unwrap(), counts);
+    assert_eq!(store.generic_key().await.unwrap(), Some(second));
+    assert_eq!(store.retired_generic_keys().await.unwrap(), vec![first]);
 }

@@ -1,0 +1,372 @@
+//! KEKs and content keys for the org's internal services (SPEC §5).
+//!
+//! A KEK is 32 random bytes made here, wrapped by the org's active CMK through
+//! the HSM daemon (with the org and KEK id as associated data) and stored only
+//! in that form. Content keys are made and opened here with the unwrapped KEK
+//! (see [`crate::envelope`]), which is cached in memory.
+//!
+//! # Revocation
+//!
+//! Every call first consults the org's key state ([`OrgState`]): while the
+//! master key is revoked, deleted or lost, nothing is encrypted or decrypted.
+//! A change committed by this process replaces that state before its call
+//! returns, and empties the org's cache entries when the org becomes blocked;
+//! a change committed by another replica is seen within `org_state_ttl`.
+//! Content-key calls themselves are not audited (they are the data path, at
+//! thousands per second); KEK creation and refused authorisation are.
+
+use std::{sync::Arc, time::Instant};
+
+use cmk_control_plane_domain::{KekId, KeyId, KeyState, Org, OrgId, ResourceId, Timestamp};
+use cmk_control_plane_store::{NewAuditEvent, StoreError, StoredKek, StoredOrg};
+use cmk_secret::SecretBytes;
+use tonic::Code;
+use tracing::debug;
+
+use crate::{
+    authz::Caller,
+    envelope::{self, EnvelopeError},
+    error::ServiceError,
+    hsm::HsmError,
+    service::{KeyService, OrgState},
+};
+
+/// How often a KEK insert that lost a race with a change of the org's keys is
+/// retried with the new active key.
+const KEK_CONFLICT_RETRIES: usize = 5;
+
+/// A KEK as the internal service sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekView {
+    /// Its id.
+    pub id: KekId,
+    /// The resource it protects.
+    pub resource: ResourceId,
+    /// The CMK that wraps it now.
+    pub key: KeyId,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// A new content key.
+#[derive(Debug)]
+pub struct DataKey {
+    /// The key itself.
+    pub plaintext: SecretBytes,
+    /// Wrapped by the KEK, bound to the org and the context.
+    pub wrapped: Vec<u8>,
+    /// The KEK.
+    pub kek: KekId,
+}
+
+/// What revoking a key would make unreadable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationPreview {
+    /// The key, as it is now.
+    pub key: cmk_control_plane_domain::KeyRecord,
+    /// Whether it can be revoked now.
+    pub revocable: bool,
+    /// KEKs (one per resource) that would become unreadable.
+    pub keks_unreadable: u64,
+    /// KEKs wrapped by the key itself.
+    pub keks_wrapped_by_key: u64,
+}
+
+impl KeyService {
+    /// The KEK of `resource`, created and wrapped by the active master key on
+    /// first call.
+    pub async fn create_kek(
+        &self,
+        caller: &Caller,
+        resource: &str,
+    ) -> Result<KekView, ServiceError> {
+        let resource = ResourceId::parse(resource)
+            .map_err(|e| ServiceError::InvalidArgument(format!("resource: {e}")))?;
+        let org = caller.org();
+        let mut state = self.org_state(org).await?;
+        for _ in 0..KEK_CONFLICT_RETRIES {
+            let (master, handle) = state.master.clone()?;
+            let id = KekId::from_random(random_bytes());
+            let kek = envelope::new_content_key();
+            let wrapped = self
+                .hsm
+                .wrap(&handle, &kek, &envelope::kek_associated_data(org, &id))
+                .await?;
+            let now = self.clock.now();
+            let candidate = StoredKek {
+                id: id.clone(),
+                resource: resource.clone(),
+                key: master.clone(),
+                wrapped,
+                created_at: now,
+            };
+            let stored = match self.store.insert_kek(org, state.version, candidate).await {
+                Ok(stored) => stored,
+                // The org's keys changed since the state was read: wrap
+                // again under whatever is active now.
+                Err(StoreError::Conflict(_)) => {
+                    state = self.reload_org_state(org).await?;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let created = stored.id == id;
+            if created {
+                self.kek_cache.insert(org.clone(), id.clone(), kek);
+                let event = NewAuditEvent {
+                    time: now,
+                    actor: caller.identity().to_owned(),
+                    key: Some(master.0.clone()),
+                    action: format!("create KEK {id} for resource {resource}"),
+                    result: "ok".to_owned(),
+                };
+                self.store.append_audit(org, vec![event]).await?;
+            }
+            return Ok(KekView {
+                id: stored.id,
+                resource: stored.resource,
+                key: stored.key,
+                created_at: stored.created_at,
+                created,
+            });
+        }
+        Err(StoreError::Conflict(org.clone()).into())
+    }
+
+    /// A new content key wrapped by the KEK `kek_id`, bound to `context`.
+    pub async fn generate_data_key(
+        &self,
+        caller: &Caller,
+        kek_id: &str,
+        context: &[u8],
+    ) -> Result<DataKey, ServiceError> {
+        let kek_id = KekId::parse(kek_id)
+            .map_err(|e| ServiceError::InvalidArgument(format!("kek_id: {e}")))?;
+        check_context(context)?;
+        let org = caller.org();
+        let kek = self
+            .unwrapped_kek(org, &kek_id)
+            .await?
+            .ok_or_else(|| ServiceError::UnknownKek(kek_id.clone()))?;
+        let plaintext = envelope::new_content_key();
+        let wrapped = envelope::seal(org, &kek_id, &kek, context, &plaintext)?;
+        Ok(DataKey {
+            plaintext,
+            wrapped,
+            kek: kek_id,
+        })
+    }
+
+    /// The content key inside `wrapped`, if it was made by this org with
+    /// `context`.
+    pub async fn decrypt(
+        &self,
+        caller: &Caller,
+        wrapped: &[u8],
+        context: &[u8],
+    ) -> Result<(SecretBytes, KekId), ServiceError> {
+        check_context(context)?;
+        let parsed = envelope::parse(wrapped)?;
+        let org = caller.org();
+        let Some(kek) = self.unwrapped_kek(org, parsed.kek_id()).await? else {
+            // KEK ids are random: one the org does not have was made by
+            // another org, or is forged.
+            debug!(%org, kek = %parsed.kek_id(), "decrypt of a content key of an unknown KEK");
+            return Err(EnvelopeError::NotAuthentic.into());
+        };
+        let plaintext = parsed.open(org, &kek, context)?;
+        Ok((plaintext, parsed.kek_id().clone()))
+    }
+
+    /// What revoking `key_id` would make unreadable; changes nothing.
+    pub async fn preview_revocation(
+        &self,
+        caller: &Caller,
+        key_id: &str,
+    ) -> Result<RevocationPreview, ServiceError> {
+        let key = match KeyId::parse(key_id) {
+            Ok(key) => key,
+            Err(e) => {
+                let err = ServiceError::InvalidArgument(format!("key_id: {e}"));
+                return self.refuse(caller, "preview revocation", err).await;
+            }
+        };
+        self.audited(caller, "preview revocation", Some(&key), true, async {
+            let org = caller.org();
+            let stored = self.load_or_enrol(org).await?;
+            let current = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
+            let record = current.key(&key)?.clone();
+            let revocable = record.state == KeyState::Active
+                && record.source != cmk_control_plane_domain::KeySource::GenericDefault;
+            let counts = self.store.kek_counts(org).await?;
+            let total: u64 = counts.iter().map(|(_, n)| n).sum();
+            let own = counts
+                .iter()
+                .find(|(k, _)| k == &key)
+                .map_or(0, |(_, n)| *n);
+            Ok(RevocationPreview {
+                key: record,
+                revocable,
+                // Revoking the master blocks the whole org, KEKs still wrapped
+                // by rotating keys included.
+                keks_unreadable: if revocable { total } else { 0 },
+                keks_wrapped_by_key: own,
+            })
+        })
+        .await
+    }
+
+    /// The unwrapped KEK, from the cache or through the HSM daemon; `None` if
+    /// the org has no such KEK. Refused while the org's content is blocked.
+    async fn unwrapped_kek(
+        &self,
+        org: &OrgId,
+        id: &KekId,
+    ) -> Result<Option<Arc<SecretBytes>>, ServiceError> {
+        let mut state = self.org_state(org).await?;
+        state.master.clone()?;
+        if let Some(kek) = self.kek_cache.get(org, id) {
+            return Ok(Some(kek));
+        }
+        let Some(stored) = self.store.kek(org, id).await? else {
+            return Ok(None);
+        };
+        // A KEK re-wrapped to a key activated after the state was read.
+        if !state.unwrap_keys.contains_key(&stored.key) {
+            state = self.reload_org_state(org).await?;
+            state.master.clone()?;
+        }
+        let expected = state.unwrap_keys.get(&stored.key).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "KEK {id} is wrapped by key {}, which is neither active nor rotating",
+                stored.key
+            ))
+        })?;
+        let unwrapped = self
+            .hsm
+            .unwrap(&stored.wrapped, &envelope::kek_associated_data(org, id))
+            .await
+            .map_err(|err| match err {
+                // The HSM's refusal of a stored KEK is not about the caller's
+                // input: the row was altered outside the service.
+                HsmError::Status(status)
+                    if matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) =>
+                {
+                    ServiceError::Store(StoreError::Corrupt(format!(
+                        "KEK {id} does not unwrap: {}",
+                        status.message()
+                    )))
+                }
+                err => err.into(),
+            })?;
+        // The row names its key; the ciphertext names the handle. A mismatch
+        // means the row was altered outside the service.
+        if &unwrapped.handle != expected {
+            return Err(StoreError::Corrupt(format!(
+                "KEK {id} is stored as wrapped by key {}, but its ciphertext names another CMK",
+                stored.key
+            ))
+            .into());
+        }
+        let kek = self
+            .kek_cache
+            .insert(org.clone(), id.clone(), unwrapped.plaintext);
+        // A revocation that landed during the HSM call must not leave the KEK
+        // cached behind it.
+        if self.org_state(org).await?.master.is_err() {
+            self.kek_cache.invalidate_org(org);
+        }
+        Ok(Some(kek))
+    }
+
+    /// The org's key state, read again once older than `org_state_ttl`.
+    pub(crate) async fn org_state(&self, org: &OrgId) -> Result<Arc<OrgState>, ServiceError> {
+        let cached = self
+            .org_states
+            .lock()
+            // The map holds no invariant a panicking holder could break.
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(org)
+            .cloned();
+        match cached {
+            Some(state) if state.read_at.elapsed() < self.options.org_state_ttl => Ok(state),
+            _ => self.reload_org_state(org).await,
+        }
+    }
+
+    async fn reload_org_state(&self, org: &OrgId) -> Result<Arc<OrgState>, ServiceError> {
+        let stored = self.load_or_enrol(org).await?;
+        Ok(self.remember_org_state(&stored))
+    }
+
+    /// Replaces the org's key state with `stored`'s, and drops the org's
+    /// cached KEKs if its content is now blocked. A state older than the one
+    /// held is ignored, so a slow reader cannot undo a revocation.
+    pub(crate) fn remember_org_state(&self, stored: &StoredOrg) -> Arc<OrgState> {
+        let state = Arc::new(org_state_of(stored));
+        let mut states = self
+            .org_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = match states.get(&stored.org) {
+            Some(held) if held.version > state.version => held.clone(),
+            _ => {
+                states.insert(stored.org.clone(), state.clone());
+                state
+            }
+        };
+        drop(states);
+        if state.master.is_err() {
+            self.kek_cache.invalidate_org(&stored.org);
+        }
+        state
+    }
+}
+
+/// What content-key calls may use, from the org as stored.
+pub(crate) fn org_state_of(stored: &StoredOrg) -> OrgState {
+    let handle_of = |id: &KeyId| {
+        stored
+            .keys
+            .iter()
+            .find(|k| &k.record.id == id)
+            .map(|k| k.handle.clone())
+    };
+    let org = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
+    let master = org.content_master().and_then(|k| {
+        handle_of(&k.id)
+            .map(|h| (k.id.clone(), h))
+            .ok_or(cmk_control_plane_domain::LifecycleError::NoActiveKey)
+    });
+    OrgState {
+        version: stored.version,
+        read_at: Instant::now(),
+        master,
+        unwrap_keys: stored
+            .keys
+            .iter()
+            .filter(|k| matches!(k.record.state, KeyState::Active | KeyState::Rotating))
+            .map(|k| (k.record.id.clone(), k.handle.clone()))
+            .collect(),
+    }
+}
+
+fn check_context(context: &[u8]) -> Result<(), ServiceError> {
+    if context.len() > envelope::MAX_CONTEXT_BYTES {
+        return Err(EnvelopeError::ContextTooLong {
+            actual: context.len(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn random_bytes() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    // AWS-LC's RAND_bytes aborts the process rather than return without filling
+    // the buffer, so this error cannot occur.
+    aws_lc_rs::rand::fill(&mut bytes).expect("AWS-LC RAND_bytes never fails without aborting");
+    bytes
+}

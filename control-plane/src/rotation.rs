@@ -1,0 +1,540 @@
+//! Rotation jobs: re-wrap every KEK of an org to its active key (SPEC §6).
+//!
+//! A job is a row written in the same transaction as the activation that
+//! supersedes the old key; the work it stands for is not a list but a query
+//! ("KEKs of the org not wrapped by the target"), so it is resumable by
+//! construction. Each batch is read, unwrapped and wrapped through the HSM
+//! daemon's batch RPCs, then written in one transaction that changes a KEK only
+//! if it is still wrapped by the key it was read under, and only if the org's
+//! keys have not changed meanwhile. A crash at any point leaves every KEK
+//! wrapped by either its old key, which stays in custody while it is rotating,
+//! or the target: none is lost and none is wrapped by a key that is gone.
+//!
+//! A rotating key becomes deactivated only in a commit that counts, inside its
+//! transaction, that no KEK references it any more; the count is in the audit
+//! event. While the master key is revoked the job waits; a newer activation
+//! supersedes it with a job towards the newer key.
+
+use std::{collections::HashMap, time::Instant};
+
+use cmk_control_plane_domain::{Command, KeyId, KeyState, OrgId, Timestamp};
+use cmk_control_plane_store::{
+    GenericKey, Intent, IntentKind, JobState, Rewrap, RotationJob, StoreError, StoredKek, StoredOrg,
+};
+use cmk_secret::SecretBytes;
+use tracing::{info, warn};
+
+use crate::{
+    authz::Caller,
+    content::org_state_of,
+    envelope,
+    error::{ServiceError, chain},
+    hsm::random_handle,
+    service::{KeyService, SERVICE_ACTOR, Step, new_key_id},
+};
+
+/// A rotation job with what the caller needs to follow it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RotationView {
+    /// The job as stored.
+    pub job: RotationJob,
+    /// Running, but waiting for the master key to be reactivated.
+    pub paused: bool,
+    /// KEKs re-wrapped per second since the job started.
+    pub rate_per_second: f64,
+    /// Estimated seconds to completion; 0 unless running.
+    pub eta_seconds: u64,
+}
+
+/// What a pass works under until a write reports a conflict.
+struct Epoch {
+    /// The org's version the writes expect.
+    version: u64,
+    /// The running job.
+    job: u64,
+    /// Its target (the active key) and the target's handle.
+    target: KeyId,
+    target_handle: String,
+    /// Keys that may have wrapped a KEK, with their handles.
+    unwrap_keys: HashMap<KeyId, String>,
+}
+
+/// A batch's store write, running while the next batch is prepared.
+struct Write {
+    attempted: u64,
+    task: tokio::task::JoinHandle<Result<u64, StoreError>>,
+}
+
+impl Write {
+    /// Waits for the write; `true` if some rows were skipped because they
+    /// had changed since they were read.
+    async fn finish(self) -> Result<bool, ServiceError> {
+        let written = self.task.await.map_err(|e| {
+            StoreError::Unavailable(format!("the KEK write task failed: {e}").into())
+        })??;
+        Ok(written < self.attempted)
+    }
+}
+
+/// Where one pass over an org's KEKs ended.
+enum Pass {
+    /// Every KEK is wrapped by the target.
+    Complete,
+    /// The job is not running, or the master is revoked: nothing to do now.
+    Idle,
+    /// Some KEKs could not be re-wrapped; retried at the next tick.
+    Failures(u64),
+}
+
+impl KeyService {
+    /// The org's most recent rotation job and its progress.
+    pub async fn rotation(&self, caller: &Caller) -> Result<RotationView, ServiceError> {
+        self.audited(caller, "get rotation", None, true, async {
+            let org = caller.org();
+            let job = self
+                .store
+                .latest_rotation(org)
+                .await?
+                .ok_or(ServiceError::NoRotation)?;
+            let blocked = self.org_state(org).await?.master.is_err();
+            Ok(progress(job, blocked, self.clock.now()))
+        })
+        .await
+    }
+
+    /// Works every running rotation job until it is complete or cannot
+    /// progress now. Errors of one org are logged and do not stop the others.
+    pub async fn run_rotations(&self) -> Result<(), ServiceError> {
+        for job in self.store.running_rotations().await? {
+            if let Err(err) = self.rotate(&job.org).await {
+                warn!(org = %job.org, job = job.id, error = %chain(&err), "rotation stopped; will retry");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until a change starts a rotation job, or `timeout` passes.
+    pub async fn rotation_started(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.rotation_wake.notified()).await;
+    }
+
+    /// Re-wraps the org's KEKs to its active key, then retires the keys no KEK
+    /// references any more.
+    async fn rotate(&self, org: &OrgId) -> Result<(), ServiceError> {
+        match self.rewrap_pass(org).await? {
+            Pass::Complete => {
+                let _guard = self.lock(org).await;
+                self.settle_rotations(org).await?;
+            }
+            Pass::Idle => {}
+            Pass::Failures(n) => {
+                warn!(%org, failed = n, "some KEKs could not be re-wrapped; will retry");
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over the org's KEKs not wrapped by the job's target.
+    ///
+    /// The store write of each batch overlaps the read and the HSM calls of
+    /// the next: their rows are disjoint (the next batch starts after the last
+    /// id of this one), and every write re-checks the org's version and the
+    /// job, so a write that lost a race fails whole and the pass starts over
+    /// under the new state.
+    async fn rewrap_pass(&self, org: &OrgId) -> Result<Pass, ServiceError> {
+        let mut epoch: Option<Epoch> = None;
+        let mut in_flight: Option<Write> = None;
+        let mut after = None;
+        let mut failed = 0u64;
+        // Rows skipped because they changed under us are picked up by one more
+        // pass from the start.
+        let mut skipped = false;
+        let mut last_report = Instant::now();
+        loop {
+            let current = match &epoch {
+                Some(current) => current,
+                None => match self.epoch(org).await? {
+                    Some(current) => epoch.insert(current),
+                    None => return Ok(Pass::Idle),
+                },
+            };
+            let batch = self
+                .store
+                .keks_not_wrapped_by(
+                    org,
+                    &current.target,
+                    after.as_ref(),
+                    self.options.rotation_batch,
+                )
+                .await?;
+            let rewraps = match batch.last() {
+                Some(_) => Some(self.rewrap_batch(org, current, &batch, &mut failed).await?),
+                None => None,
+            };
+            if let Some(write) = in_flight.take() {
+                match write.finish().await {
+                    Ok(short) => skipped |= short,
+                    // The org's keys changed (revoked, or a newer activation)
+                    // or the job ended: start over under the new state.
+                    Err(ServiceError::Store(StoreError::Conflict(_))) => {
+                        epoch = None;
+                        after = None;
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            let (Some(last), Some(rewraps)) = (batch.last(), rewraps) else {
+                if failed > 0 {
+                    return Ok(Pass::Failures(failed));
+                }
+                if std::mem::take(&mut skipped) {
+                    after = None;
+                    continue;
+                }
+                return Ok(Pass::Complete);
+            };
+            after = Some(last.id.clone());
+            let attempted = rewraps.len() as u64;
+            let store = self.store.clone();
+            let (org_id, version, job) = (org.clone(), current.version, current.job);
+            in_flight = Some(Write {
+                attempted,
+                task: tokio::spawn(async move {
+                    store.rewrap_keks(&org_id, version, job, rewraps).await
+                }),
+            });
+            if last_report.elapsed().as_secs() >= 5 {
+                last_report = Instant::now();
+                if let Some(job) = self.store.latest_rotation(org).await? {
+                    info!(%org, job = job.id, done = job.done, total = job.total, "rotation progress");
+                }
+            }
+        }
+    }
+
+    /// The org's running job and the state it works under, or `None` when
+    /// there is nothing to do now.
+    async fn epoch(&self, org: &OrgId) -> Result<Option<Epoch>, ServiceError> {
+        let stored = self.load_or_enrol(org).await?;
+        let Some(job) = self
+            .store
+            .latest_rotation(org)
+            .await?
+            .filter(|j| j.state == JobState::Running)
+        else {
+            return Ok(None);
+        };
+        let state = org_state_of(&stored);
+        let Ok((target, target_handle)) = state.master.clone() else {
+            info!(%org, job = job.id, "rotation waits: the master key is revoked");
+            return Ok(None);
+        };
+        if target != job.target {
+            warn!(%org, job = job.id, target = %job.target, active = %target,
+                  "rotation job's target is not the active key; waiting for a newer job");
+            return Ok(None);
+        }
+        Ok(Some(Epoch {
+            version: stored.version,
+            job: job.id,
+            target,
+            target_handle,
+            unwrap_keys: state.unwrap_keys,
+        }))
+    }
+
+    /// Unwraps `batch` and wraps it under the target through the HSM daemon;
+    /// KEKs that fail either step are counted in `failed` and left as they are.
+    async fn rewrap_batch(
+        &self,
+        org: &OrgId,
+        epoch: &Epoch,
+        batch: &[StoredKek],
+        failed: &mut u64,
+    ) -> Result<Vec<Rewrap>, ServiceError> {
+        let aads: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|k| envelope::kek_associated_data(org, &k.id))
+            .collect();
+        let items: Vec<(&[u8], &[u8])> = batch
+            .iter()
+            .zip(&aads)
+            .map(|(k, aad)| (k.wrapped.as_slice(), aad.as_slice()))
+            .collect();
+        let unwrapped = self.hsm.unwrap_batch(&items).await?;
+        let mut plain: Vec<(usize, SecretBytes)> = Vec::with_capacity(batch.len());
+        for (i, (kek, result)) in batch.iter().zip(unwrapped).enumerate() {
+            match result {
+                Ok(u) if epoch.unwrap_keys.get(&kek.key) == Some(&u.handle) => {
+                    plain.push((i, u.plaintext));
+                }
+                Ok(_) => {
+                    *failed += 1;
+                    warn!(%org, kek = %kek.id, key = %kek.key,
+                          "KEK's ciphertext names another CMK than its row; left as it is");
+                }
+                Err(status) => {
+                    *failed += 1;
+                    warn!(%org, kek = %kek.id, key = %kek.key, code = ?status.code(),
+                          message = status.message(), "cannot unwrap KEK; left as it is");
+                }
+            }
+        }
+        let wrap_items: Vec<(&str, &SecretBytes, &[u8])> = plain
+            .iter()
+            .map(|(i, p)| (epoch.target_handle.as_str(), p, aads[*i].as_slice()))
+            .collect();
+        let wrapped = match wrap_items.is_empty() {
+            true => Vec::new(),
+            false => self.hsm.wrap_batch(&wrap_items).await?,
+        };
+        let mut rewraps = Vec::with_capacity(plain.len());
+        for ((i, _), result) in plain.iter().zip(wrapped) {
+            let kek = &batch[*i];
+            match result {
+                Ok(ciphertext) => rewraps.push(Rewrap {
+                    kek: kek.id.clone(),
+                    from: kek.key.clone(),
+                    to: epoch.target.clone(),
+                    wrapped: ciphertext,
+                }),
+                Err(status) => {
+                    *failed += 1;
+                    warn!(%org, kek = %kek.id, code = ?status.code(),
+                          message = status.message(), "cannot wrap KEK under the target key");
+                }
+            }
+        }
+        Ok(rewraps)
+    }
+
+    /// Under the org's lock: moves every rotating key that no KEK references
+    /// any more out of rotation (the commit counts again), and ends the running
+    /// job once no rotating key is left. Returns the org as stored.
+    pub(crate) async fn settle_rotations(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+        let counts: HashMap<KeyId, u64> = self.store.kek_counts(org).await?.into_iter().collect();
+        let mut stored = self.load_or_enrol(org).await?;
+        let idle: Vec<KeyId> = stored
+            .keys
+            .iter()
+            .filter(|k| k.record.state == KeyState::Rotating)
+            .filter(|k| counts.get(&k.record.id).copied().unwrap_or(0) == 0)
+            .map(|k| k.record.id.clone())
+            .collect();
+        for key in idle {
+            let plan = |stored: &StoredOrg| {
+                Ok(Step {
+                    command: Some(Command::FinishRotation(key.clone())),
+                    require_unreferenced: vec![key.clone()],
+                    ..Step::settings(stored.byok)
+                })
+            };
+            let action = format!("rotation finished for key {key}: 0 KEKs wrapped by it (counted)");
+            (stored, _) = self
+                .apply(SERVICE_ACTOR, org, &action, Some(&key), plan)
+                .await?;
+        }
+        let rotating = stored
+            .keys
+            .iter()
+            .any(|k| k.record.state == KeyState::Rotating);
+        let running = self
+            .store
+            .latest_rotation(org)
+            .await?
+            .filter(|j| j.state == JobState::Running);
+        if let (false, Some(job)) = (rotating, running) {
+            let plan = |stored: &StoredOrg| {
+                Ok(Step {
+                    finish_job: Some(job.id),
+                    ..Step::settings(stored.byok)
+                })
+            };
+            let action = format!(
+                "rotation job {} finished: {} of {} KEKs re-wrapped to {}",
+                job.id, job.done, job.total, job.target
+            );
+            (stored, _) = self
+                .apply(SERVICE_ACTOR, org, &action, Some(&job.target), plan)
+                .await?;
+            info!(%org, job = job.id, done = job.done, total = job.total, "rotation finished");
+        }
+        Ok(stored)
+    }
+
+    /// Renews the generic default key once it is older than the rotation
+    /// period, moves every org whose master it is onto the new material, and
+    /// destroys retired material no org's key uses any more.
+    pub async fn renew_generic(&self) -> Result<(), ServiceError> {
+        let now = self.clock.now();
+        if let Some(current) = self.store.generic_key().await?
+            && current.created_at.plus(self.policy.rotation_period) <= now
+        {
+            self.generate_successor(&current, now).await?;
+        }
+        let Some(current) = self.store.generic_key().await? else {
+            return Ok(());
+        };
+        for retired in self.store.retired_generic_keys().await? {
+            for org in self.store.orgs_using_handle(&retired.handle).await? {
+                self.move_to_generic(&org, &retired, &current).await?;
+            }
+            if self
+                .store
+                .drop_retired_generic_key(&retired.handle, self.clock.now())
+                .await?
+            {
+                info!(check_value = %retired.check_value, "retired generic default key destroyed");
+                self.discard(&retired.handle).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn generate_successor(
+        &self,
+        current: &GenericKey,
+        now: Timestamp,
+    ) -> Result<(), ServiceError> {
+        let handle = random_handle();
+        self.store
+            .record_intent(Intent {
+                handle: handle.clone(),
+                kind: IntentKind::Import,
+                org: None,
+                created_at: now,
+            })
+            .await?;
+        let generated = match self.hsm.generate(&handle).await {
+            Ok(generated) => generated,
+            Err(err) => {
+                self.discard(&handle).await;
+                return Err(err.into());
+            }
+        };
+        let stored = self
+            .store
+            .renew_generic_key(
+                &current.handle,
+                GenericKey {
+                    handle: handle.clone(),
+                    check_value: generated.check_value,
+                    created_at: now,
+                },
+            )
+            .await?;
+        if stored.handle == handle {
+            info!(old = %current.check_value, new = %stored.check_value,
+                  "renewed the generic default key");
+        } else {
+            // Another replica renewed it first; ours is unused.
+            self.discard(&handle).await;
+        }
+        Ok(())
+    }
+
+    /// Where `retired` is the org's master, the org's record of `current`
+    /// becomes the master and the old one rotates.
+    async fn move_to_generic(
+        &self,
+        org: &OrgId,
+        retired: &GenericKey,
+        current: &GenericKey,
+    ) -> Result<(), ServiceError> {
+        let _guard = self.lock(org).await;
+        let master_is_retired = |stored: &StoredOrg| {
+            stored
+                .keys
+                .iter()
+                .any(|k| k.record.state == KeyState::Active && k.handle == retired.handle)
+        };
+        // An org only rotating away from the retired key needs nothing here.
+        if !master_is_retired(&self.load_or_enrol(org).await?) {
+            return Ok(());
+        }
+        let plan = |stored: &StoredOrg| {
+            Ok(Step {
+                command: master_is_retired(stored).then(|| Command::RenewGeneric {
+                    id: new_key_id(),
+                    check_value: current.check_value.clone(),
+                }),
+                fresh_handle: Some(current.handle.clone()),
+                ..Step::settings(stored.byok)
+            })
+        };
+        self.apply(
+            SERVICE_ACTOR,
+            org,
+            "renew the generic default key",
+            None,
+            plan,
+        )
+        .await?;
+        self.settle_rotations(org).await?;
+        Ok(())
+    }
+}
+
+/// Progress figures of `job` at `now`.
+fn progress(job: RotationJob, blocked: bool, now: Timestamp) -> RotationView {
+    let running = job.state == JobState::Running;
+    let end = job.ended_at.unwrap_or(now);
+    let elapsed = (end.0 - job.started_at.0).max(1) as f64;
+    let rate = job.done as f64 / elapsed;
+    let remaining = job.total.saturating_sub(job.done);
+    let eta_seconds = match (running && !blocked, rate > 0.0) {
+        (true, true) => (remaining as f64 / rate).ceil() as u64,
+        _ => 0,
+    };
+    RotationView {
+        paused: running && blocked,
+        rate_per_second: rate,
+        eta_seconds,
+        job,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(total: u64, done: u64, state: JobState) -> RotationJob {
+        RotationJob {
+            org: OrgId::parse("acme").expect("valid"),
+            id: 1,
+            target: KeyId("key-b".into()),
+            from: vec![KeyId("key-a".into())],
+            total,
+            done,
+            started_at: Timestamp(1000),
+            ended_at: None,
+            state,
+        }
+    }
+
+    #[test]
+    fn progress_reports_rate_and_eta_only_while_running() {
+        let view = progress(job(1000, 250, JobState::Running), false, Timestamp(1010));
+        assert_eq!(view.rate_per_second, 25.0);
+        assert_eq!(view.eta_seconds, 30);
+        assert!(!view.paused);
+
+        let paused = progress(job(1000, 250, JobState::Running), true, Timestamp(1010));
+        assert!(paused.paused);
+        assert_eq!(paused.eta_seconds, 0, "no estimate while revoked");
+
+        let mut finished = job(1000, 1000, JobState::Finished);
+        finished.ended_at = Some(Timestamp(1020));
+        let view = progress(finished, false, Timestamp(5000));
+        assert_eq!(
+            view.rate_per_second, 50.0,
+            "rate over the job's own duration"
+        );
+        assert_eq!(view.eta_seconds, 0);
+
+        let fresh = progress(job(10, 0, JobState::Running), false, Timestamp(1000));
+        assert_eq!(fresh.rate_per_second, 0.0);
+        assert_eq!(fresh.eta_seconds, 0, "no estimate before any progress");
+    }
+}
