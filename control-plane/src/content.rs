@@ -102,7 +102,19 @@ impl KeyService {
                 wrapped,
                 created_at: now,
             };
-            let stored = match self.store.insert_kek(org, state.version, candidate).await {
+            // Written with the KEK, and only if this call creates it.
+            let event = NewAuditEvent {
+                time: now,
+                actor: caller.identity().to_owned(),
+                key: Some(master.0.clone()),
+                action: format!("create KEK {id} for resource {resource}"),
+                result: "ok".to_owned(),
+            };
+            let stored = match self
+                .store
+                .insert_kek(org, state.version, candidate, vec![event])
+                .await
+            {
                 Ok(stored) => stored,
                 // The org's keys changed since the state was read: wrap
                 // again under whatever is active now.
@@ -115,14 +127,6 @@ impl KeyService {
             let created = stored.id == id;
             if created {
                 self.kek_cache.insert(org.clone(), id.clone(), kek);
-                let event = NewAuditEvent {
-                    time: now,
-                    actor: caller.identity().to_owned(),
-                    key: Some(master.0.clone()),
-                    action: format!("create KEK {id} for resource {resource}"),
-                    result: "ok".to_owned(),
-                };
-                self.store.append_audit(org, vec![event]).await?;
             }
             return Ok(KekView {
                 id: stored.id,

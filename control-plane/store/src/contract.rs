@@ -972,12 +972,27 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
     org_with_keys(store, CHECK, &other, &[("k-a", KeyState::Active)]).await;
 
     let first = kek(CHECK, 1, "space:1/meeting-1", "k-a");
+    async fn created(store: &dyn Store, org: &OrgId) -> usize {
+        store
+            .audit_events(org, 0, 1000)
+            .await
+            .expect("audit_events")
+            .into_iter()
+            .filter(|e| e.event.action.starts_with("create KEK"))
+            .count()
+    }
+    let before = created(store, &org).await;
     assert_eq!(
         store
-            .insert_kek(&org, version, first.clone())
+            .insert_kek(&org, version, first.clone(), vec![event("create KEK 1")])
             .await
             .expect("insert_kek"),
         first
+    );
+    assert_eq!(
+        created(store, &org).await,
+        before + 1,
+        "audited with the KEK"
     );
     assert_eq!(
         store.kek(&org, &first.id).await.expect("kek"),
@@ -990,10 +1005,20 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
     let same_resource = kek(CHECK, 2, "space:1/meeting-1", "k-b");
     assert_eq!(
         store
-            .insert_kek(&org, version, same_resource.clone())
+            .insert_kek(
+                &org,
+                version,
+                same_resource.clone(),
+                vec![event("create KEK 2")]
+            )
             .await
             .expect("insert_kek again"),
         first
+    );
+    assert_eq!(
+        created(store, &org).await,
+        before + 1,
+        "nothing written, not even the event"
     );
     assert_eq!(store.kek(&org, &same_resource.id).await.expect("kek"), None);
 
@@ -1004,7 +1029,10 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
         .expect("commit");
     let late = kek(CHECK, 3, "space:1/meeting-2", "k-a");
     for stale in [version - 1, version + 1, u64::MAX] {
-        match store.insert_kek(&org, stale, late.clone()).await {
+        match store
+            .insert_kek(&org, stale, late.clone(), Vec::new())
+            .await
+        {
             Err(StoreError::Conflict(conflicting)) => assert_eq!(conflicting, org),
             other => panic!("insert_kek at version {stale} of {version}: {other:?}"),
         }
@@ -1014,14 +1042,14 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
     // stale version gets it back: a retry after a lost reply is harmless.
     assert_eq!(
         store
-            .insert_kek(&org, version - 1, same_resource.clone())
+            .insert_kek(&org, version - 1, same_resource.clone(), Vec::new())
             .await
             .expect("insert_kek of a stored resource at a stale version"),
         first
     );
     assert_eq!(
         store
-            .insert_kek(&org, version, late.clone())
+            .insert_kek(&org, version, late.clone(), Vec::new())
             .await
             .expect("insert_kek at the current version"),
         late
@@ -1033,7 +1061,7 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
     let others = kek(CHECK, 4, "space:1/meeting-1", "k-a");
     assert_eq!(
         store
-            .insert_kek(&other, 1, others.clone())
+            .insert_kek(&other, 1, others.clone(), Vec::new())
             .await
             .expect("insert_kek in another org"),
         others
@@ -1047,7 +1075,7 @@ pub async fn keks_are_stored_once_per_resource(store: &dyn Store) {
     let never = org_id("keks-never");
     assert!(matches!(
         store
-            .insert_kek(&never, 1, kek(CHECK, 5, "space:2", "k-a"))
+            .insert_kek(&never, 1, kek(CHECK, 5, "space:2", "k-a"), Vec::new())
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -1076,7 +1104,12 @@ pub async fn kek_counts_count_each_keys_keks(store: &dyn Store) {
     // Inserted in an order that is not the key order.
     for (n, key) in (1..).zip(["k-b", "k-a", "k-b", "k-b", "k-a"]) {
         store
-            .insert_kek(&org, version, kek(CHECK, n, &format!("r-{n}"), key))
+            .insert_kek(
+                &org,
+                version,
+                kek(CHECK, n, &format!("r-{n}"), key),
+                Vec::new(),
+            )
             .await
             .expect("insert_kek");
     }
@@ -1118,7 +1151,7 @@ pub async fn pages_of_keks_not_wrapped_by_a_key_cover_each_once(store: &dyn Stor
         };
         let kek = kek(CHECK, 2 * n, &format!("space:{n}"), key);
         store
-            .insert_kek(&org, version, kek.clone())
+            .insert_kek(&org, version, kek.clone(), Vec::new())
             .await
             .expect("insert_kek");
         if key != "k-new" {
@@ -1127,7 +1160,12 @@ pub async fn pages_of_keks_not_wrapped_by_a_key_cover_each_once(store: &dyn Stor
     }
     for n in [1, 9, 25] {
         store
-            .insert_kek(&other, other_version, kek(CHECK, n, "space:1", "k-old"))
+            .insert_kek(
+                &other,
+                other_version,
+                kek(CHECK, n, "space:1", "k-old"),
+                Vec::new(),
+            )
             .await
             .expect("insert_kek");
     }
@@ -1204,7 +1242,12 @@ pub async fn rotation_jobs_start_supersede_and_finish(store: &dyn Store) {
     for n in 1..=5 {
         let key = if n <= 3 { "k-1" } else { "k-2" };
         store
-            .insert_kek(&org, version, kek(CHECK, n, &format!("r-{n}"), key))
+            .insert_kek(
+                &org,
+                version,
+                kek(CHECK, n, &format!("r-{n}"), key),
+                Vec::new(),
+            )
             .await
             .expect("insert_kek");
     }
@@ -1367,7 +1410,7 @@ pub async fn rewraps_apply_only_where_the_key_is_unchanged(store: &dyn Store) {
         .collect();
     for kek in &keks {
         store
-            .insert_kek(&org, version, kek.clone())
+            .insert_kek(&org, version, kek.clone(), Vec::new())
             .await
             .expect("insert_kek");
     }
@@ -1476,7 +1519,7 @@ pub async fn rewraps_conflict_on_a_stale_version_or_a_job_not_running(store: &dy
         .collect();
     for kek in &keks {
         store
-            .insert_kek(&org, version, kek.clone())
+            .insert_kek(&org, version, kek.clone(), Vec::new())
             .await
             .expect("insert_kek");
     }
@@ -1586,7 +1629,7 @@ pub async fn keys_still_wrapping_keks_cannot_be_required_unreferenced(store: &dy
     .await;
     let held = kek(CHECK, 1, "r-1", "k-old");
     store
-        .insert_kek(&org, version, held.clone())
+        .insert_kek(&org, version, held.clone(), Vec::new())
         .await
         .expect("insert_kek");
     version = store

@@ -340,16 +340,18 @@ pub trait Store: Send + Sync + 'static {
     /// `handle`, each once, in id order.
     async fn orgs_using_handle(&self, handle: &str) -> Result<Vec<OrgId>, StoreError>;
 
-    /// Stores a new KEK wrapped by the org's active key, unless the org already
-    /// has a KEK for its resource; returns the one stored for the resource.
-    /// Fails with [`StoreError::Conflict`], writing nothing, if the org's
-    /// version is no longer `org_version` (its keys changed since the caller
-    /// chose the wrapping key).
+    /// Stores a new KEK wrapped by the org's active key, with `audit` appended
+    /// to the org's chain in the same transaction, unless the org already has
+    /// a KEK for its resource (then nothing is written); returns the one stored
+    /// for the resource. Fails with [`StoreError::Conflict`], writing nothing,
+    /// if the org's version is no longer `org_version` (its keys changed since
+    /// the caller chose the wrapping key).
     async fn insert_kek(
         &self,
         org: &OrgId,
         org_version: u64,
         kek: StoredKek,
+        audit: Vec<NewAuditEvent>,
     ) -> Result<StoredKek, StoreError>;
 
     /// One KEK of the org.

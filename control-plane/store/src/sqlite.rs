@@ -504,6 +504,7 @@ impl Store for SqliteStore {
         org: &OrgId,
         org_version: u64,
         kek: StoredKek,
+        audit: Vec<NewAuditEvent>,
     ) -> Result<StoredKek, StoreError> {
         let mut tx = self.begin_write().await?;
         // The resource's KEK first: a retry whose reply was lost, or a caller
@@ -524,6 +525,9 @@ impl Store for SqliteStore {
         }
         check_version(&mut tx, org, org_version).await?;
         insert_kek_rows(&mut tx, org, vec![kek.clone()]).await?;
+        if !audit.is_empty() {
+            append_chained(&mut tx, org, audit).await?;
+        }
         tx.commit().await.map_err(db)?;
         Ok(kek)
     }

@@ -422,7 +422,7 @@ async fn unknown_kek_and_job_values_are_corruption_naming_the_column() {
     .await;
     let stored = kek(CHECK, 1, "space:1", "k-1");
     store
-        .insert_kek(&org, version, stored.clone())
+        .insert_kek(&org, version, stored.clone(), Vec::new())
         .await
         .unwrap();
     store
@@ -481,7 +481,7 @@ async fn keks_jobs_and_retired_keys_survive_closing_and_reopening() {
         )
         .await;
         store
-            .insert_kek(&org, version, stored.clone())
+            .insert_kek(&org, version, stored.clone(), Vec::new())
             .await
             .unwrap();
         store
