@@ -17,7 +17,9 @@
 
 use std::{sync::Arc, time::Instant};
 
-use cmk_control_plane_domain::{KekId, KeyId, KeyState, Org, OrgId, ResourceId, Timestamp};
+use cmk_control_plane_domain::{
+    Action, KekId, KeyId, KeyState, Org, OrgId, ResourceId, Timestamp, transition,
+};
 use cmk_control_plane_store::{NewAuditEvent, StoreError, StoredKek, StoredOrg};
 use cmk_secret::SecretBytes;
 use tonic::Code;
@@ -202,8 +204,9 @@ impl KeyService {
             let stored = self.load_or_enrol(org).await?;
             let current = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
             let record = current.key(&key)?.clone();
-            let revocable = record.state == KeyState::Active
-                && record.source != cmk_control_plane_domain::KeySource::GenericDefault;
+            // The lifecycle's own rule, so the preview cannot disagree with it.
+            let revocable =
+                transition(&record, Action::Revoke, self.clock.now(), &self.policy).is_ok();
             let counts = self.store.kek_counts(org).await?;
             let total: u64 = counts.iter().map(|(_, n)| n).sum();
             let own = counts

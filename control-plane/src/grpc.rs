@@ -36,8 +36,6 @@ impl AdminApi {
         Self { service, authz }
     }
 
-    /// Parses the org id and checks the caller's role for it; a refusal is
-    /// audited in that org's log.
     async fn authorize<T>(
         &self,
         request: &Request<T>,
@@ -46,21 +44,16 @@ impl AdminApi {
         permission: Permission,
         action: &str,
     ) -> Result<Caller, Status> {
-        let org =
-            OrgId::parse(org_id).map_err(|e| Status::invalid_argument(format!("org_id: {e}")))?;
-        let peer = PeerIdentity::of_request(request);
-        match self.authz.authorize(peer.as_ref(), &org, permission) {
-            Ok(caller) => Ok(caller),
-            Err(denied) => {
-                let status = ServiceError::from(denied).to_status();
-                let identity = peer.as_ref().map_or("(no identity)", PeerIdentity::as_str);
-                let result = format!("{:?}: {}", status.code(), status.message());
-                self.service
-                    .record_refusal(identity, &org, action, key_id, result)
-                    .await;
-                Err(status)
-            }
-        }
+        authorize(
+            &self.service,
+            &self.authz,
+            request,
+            org_id,
+            key_id,
+            permission,
+            action,
+        )
+        .await
     }
 
     async fn change(
@@ -383,20 +376,51 @@ impl ContentKeyApi {
         Self { service, authz }
     }
 
-    /// As [`AdminApi::authorize`], for the internal-service role. Refusals
-    /// are audited: they are rare, unlike the calls themselves.
+    /// For the internal-service role. Refusals are audited: they are rare,
+    /// unlike the calls themselves.
     async fn authorize<T>(
         &self,
         request: &Request<T>,
         org_id: &str,
         action: &str,
     ) -> Result<Caller, Status> {
-        AdminApi {
-            service: self.service.clone(),
-            authz: self.authz.clone(),
-        }
-        .authorize(request, org_id, None, Permission::UseKeys, action)
+        authorize(
+            &self.service,
+            &self.authz,
+            request,
+            org_id,
+            None,
+            Permission::UseKeys,
+            action,
+        )
         .await
+    }
+}
+
+/// Parses the org id and checks the caller's role for it; a refusal is
+/// audited in that org's log, with the key id the request named.
+async fn authorize<T>(
+    service: &KeyService,
+    authz: &AuthzPolicy,
+    request: &Request<T>,
+    org_id: &str,
+    key_id: Option<&str>,
+    permission: Permission,
+    action: &str,
+) -> Result<Caller, Status> {
+    let org = OrgId::parse(org_id).map_err(|e| Status::invalid_argument(format!("org_id: {e}")))?;
+    let peer = PeerIdentity::of_request(request);
+    match authz.authorize(peer.as_ref(), &org, permission) {
+        Ok(caller) => Ok(caller),
+        Err(denied) => {
+            let status = ServiceError::from(denied).to_status();
+            let identity = peer.as_ref().map_or("(no identity)", PeerIdentity::as_str);
+            let result = format!("{:?}: {}", status.code(), status.message());
+            service
+                .record_refusal(identity, &org, action, key_id, result)
+                .await;
+            Err(status)
+        }
     }
 }
 

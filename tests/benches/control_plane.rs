@@ -62,7 +62,9 @@ use cmk_proto::{
     },
 };
 use cmk_secret::SecretBytes;
-use cmk_tests::{CONTROL_PLANE, Pki, control_plane, free_port, wait_healthy};
+use cmk_tests::{
+    CONTROL_PLANE, Pki, control_plane, control_plane_command, free_port, wait_healthy,
+};
 use cmk_tls::TlsFiles;
 use tonic::transport::Channel;
 
@@ -363,30 +365,7 @@ async fn start_control_plane(
     dir: &Path,
 ) -> Service {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let policy = dir.join("policy.toml");
-    std::fs::write(&policy, control_plane::POLICY).unwrap();
-    let mut command = Command::new(&binaries.control_plane);
-    command
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--tls-cert")
-        .arg(pki.path("server.crt"))
-        .arg("--tls-key")
-        .arg(pki.path("server.key"))
-        .arg("--tls-client-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--hsm-endpoint")
-        .arg(format!("https://{hsm}"))
-        .arg("--hsm-tls-cert")
-        .arg(pki.path("control-plane.crt"))
-        .arg("--hsm-tls-key")
-        .arg(pki.path("control-plane.key"))
-        .arg("--hsm-tls-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--database")
-        .arg(format!("sqlite://{}", database(dir).display()))
-        .arg("--policy-file")
-        .arg(&policy);
+    let command = control_plane_command(&binaries.control_plane, pki, hsm, dir, addr);
     let log = dir.join("control-plane.log");
     Service::start(
         "control-plane",

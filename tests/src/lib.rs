@@ -320,6 +320,43 @@ impl Drop for DaemonProcess {
     }
 }
 
+/// A command that starts the control-plane executable `program` on `addr`
+/// with the test PKI, against the HSM daemon at `hsm`, with its SQLite file
+/// (`cmk.db`) and the tests' [`control_plane::POLICY`] (written now) in `data`.
+pub fn control_plane_command(
+    program: &Path,
+    pki: &Pki,
+    hsm: SocketAddr,
+    data: &Path,
+    addr: SocketAddr,
+) -> Command {
+    let policy = data.join("policy.toml");
+    std::fs::write(&policy, control_plane::POLICY).unwrap();
+    let mut command = Command::new(program);
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--tls-cert")
+        .arg(pki.path("server.crt"))
+        .arg("--tls-key")
+        .arg(pki.path("server.key"))
+        .arg("--tls-client-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--hsm-endpoint")
+        .arg(format!("https://{hsm}"))
+        .arg("--hsm-tls-cert")
+        .arg(pki.path("control-plane.crt"))
+        .arg("--hsm-tls-key")
+        .arg(pki.path("control-plane.key"))
+        .arg("--hsm-tls-ca")
+        .arg(pki.path("ca.crt"))
+        .arg("--database")
+        .arg(format!("sqlite://{}", data.join("cmk.db").display()))
+        .arg("--policy-file")
+        .arg(policy);
+    command
+}
+
 /// The `control-plane` binary as a child process, killed when dropped.
 pub struct ControlPlaneProcess {
     pub child: Child,
@@ -339,29 +376,7 @@ impl ControlPlaneProcess {
         env: &[(&str, &str)],
     ) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let policy = data.join("policy.toml");
-        std::fs::write(&policy, control_plane::POLICY).unwrap();
-        let child = Command::new(binary("control-plane"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--tls-cert")
-            .arg(pki.path("server.crt"))
-            .arg("--tls-key")
-            .arg(pki.path("server.key"))
-            .arg("--tls-client-ca")
-            .arg(pki.path("ca.crt"))
-            .arg("--hsm-endpoint")
-            .arg(format!("https://{hsm}"))
-            .arg("--hsm-tls-cert")
-            .arg(pki.path("control-plane.crt"))
-            .arg("--hsm-tls-key")
-            .arg(pki.path("control-plane.key"))
-            .arg("--hsm-tls-ca")
-            .arg(pki.path("ca.crt"))
-            .arg("--database")
-            .arg(format!("sqlite://{}", data.join("cmk.db").display()))
-            .arg("--policy-file")
-            .arg(&policy)
+        let child = control_plane_command(&binary("control-plane"), pki, hsm, data, addr)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -9,7 +9,7 @@ use std::{
 };
 
 use cmk_proto::control::v1::{self as pb, key_admin_service_client::KeyAdminServiceClient};
-use cmk_tests::{DaemonProcess, Pki, binary, control_plane::POLICY, free_port, wait_healthy};
+use cmk_tests::{DaemonProcess, Pki, binary, control_plane_command, free_port, wait_healthy};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
@@ -17,36 +17,20 @@ async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
     let keystore = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     let daemon = DaemonProcess::start(&pki, keystore.path(), free_port()).await;
-    let policy = data.path().join("policy.toml");
-    std::fs::write(&policy, POLICY).unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let mut child = Killed(
-        Command::new(binary("control-plane"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--tls-cert")
-            .arg(pki.path("server.crt"))
-            .arg("--tls-key")
-            .arg(pki.path("server.key"))
-            .arg("--tls-client-ca")
-            .arg(pki.path("ca.crt"))
-            .arg("--hsm-endpoint")
-            .arg(format!("https://{}", daemon.addr))
-            .arg("--hsm-tls-cert")
-            .arg(pki.path("control-plane.crt"))
-            .arg("--hsm-tls-key")
-            .arg(pki.path("control-plane.key"))
-            .arg("--hsm-tls-ca")
-            .arg(pki.path("ca.crt"))
-            .arg("--database")
-            .arg(format!("sqlite://{}", data.path().join("cmk.db").display()))
-            .arg("--policy-file")
-            .arg(&policy)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
+        control_plane_command(
+            &binary("control-plane"),
+            &pki,
+            daemon.addr,
+            data.path(),
+            addr,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap(),
     );
     wait_healthy(addr, &pki.client_files("admin-acme")).await;
 
