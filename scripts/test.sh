@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check and test of cmk: formatting, clippy, the unit tests and the
 # end-to-end tests (the real binaries over real mutual TLS). Installs what the
-# tests need when it is missing: the OpenSSL CLI and Python's grpcio with
-# grpcio-reflection (the stand-in reflection client). A missing tool makes the
-# tests fail; nothing is skipped.
+# tests need when it is missing: the OpenSSL CLI, jq, and Python's grpcio with
+# grpcio-reflection (tests/grpcurl.py, the reflection client the walk-through
+# runs in grpcurl's place). A missing tool makes the tests fail; nothing is
+# skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
+command -v jq >/dev/null || missing+=(jq)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"

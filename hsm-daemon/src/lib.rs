@@ -12,7 +12,6 @@
 
 mod authz;
 pub mod config;
-pub mod dev;
 mod error;
 mod server;
 mod service;

@@ -2,8 +2,8 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use cmk_hsm_daemon::{RawSettings, Settings, config::ROOT_KEY_ENV, dev};
+use clap::Parser;
+use cmk_hsm_daemon::{RawSettings, Settings, config::ROOT_KEY_ENV};
 use cmk_runtime::{init_logging, shutdown_signal};
 use cmk_secret::SecretBytes;
 
@@ -14,28 +14,16 @@ use cmk_secret::SecretBytes;
 )]
 struct Cli {
     /// TOML configuration file; flags and environment variables override it.
-    #[arg(long, short, env = "CMK_HSM_CONFIG", global = true)]
+    #[arg(long, short, env = "CMK_HSM_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: RawSettings,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run on loopback with a generated development CA and root key (not for production).
-    Dev {
-        /// Directory for the development CA, root key and keystore.
-        #[arg(long, default_value = ".cmk-dev")]
-        dir: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (settings, banner) = match settings(cli) {
-        Ok(pair) => pair,
+    let settings = match settings(cli) {
+        Ok(settings) => settings,
         Err(err) => {
             eprintln!("hsm-daemon: {err}");
             return ExitCode::from(2);
@@ -49,12 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        if let Some(banner) = banner {
-            eprintln!("{banner}");
-        }
-        cmk_hsm_daemon::run(settings, shutdown_signal()).await
-    });
+    let result = runtime.block_on(cmk_hsm_daemon::run(settings, shutdown_signal()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -65,12 +48,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn settings(cli: Cli) -> Result<(Settings, Option<String>), Box<dyn std::error::Error>> {
-    if let Some(Command::Dev { dir }) = cli.command {
-        let settings = dev::prepare(&dir, cli.settings)?;
-        let banner = dev::banner(&dir, &settings);
-        return Ok((settings, Some(banner)));
-    }
+fn settings(cli: Cli) -> Result<Settings, Box<dyn std::error::Error>> {
     let file = match &cli.config {
         Some(path) => RawSettings::from_file(path)?,
         None => RawSettings::default(),
@@ -79,5 +57,5 @@ fn settings(cli: Cli) -> Result<(Settings, Option<String>), Box<dyn std::error::
         std::env::var_os(ROOT_KEY_ENV).map(|value| SecretBytes::new(value.into_encoded_bytes()));
     // The variable stays in this process's environment (removing it needs
     // `unsafe` under edition 2024), which is why the README prefers root_key_file.
-    Ok((file.overlay(cli.settings).validate(root_key_env)?, None))
+    Ok(file.overlay(cli.settings).validate(root_key_env)?)
 }

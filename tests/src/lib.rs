@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod control_plane;
+pub mod walkthrough;
 
 use std::{
     collections::BTreeSet,

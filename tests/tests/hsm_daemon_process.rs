@@ -16,7 +16,7 @@ use cmk_hsm_custody::{ImportPublicKey, contract};
 use cmk_proto::hsm::v1::{
     GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest, import_request::Source,
 };
-use cmk_tests::{DaemonProcess, Pki, binary, free_port, wait_healthy};
+use cmk_tests::{DaemonProcess, Pki, binary, free_port};
 
 /// Decrypts a Wrap ciphertext with the raw key, per the documented v1 format:
 /// proves the daemon wraps with exactly the key that was imported.
@@ -164,51 +164,6 @@ fn refuses_to_start_without_a_root_key_and_names_every_bad_setting() {
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_mode_comes_up_and_reuses_its_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let dev = dir.path().join("dev");
-    let mut key_ids = Vec::new();
-    for _ in 0..2 {
-        let port = free_port();
-        let mut child = Command::new(binary("hsm-daemon"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "dev", "--dir"])
-            .arg(&dev)
-            .env_remove("CMK_HSM_ROOT_KEY")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let files = cmk_tls::TlsFiles {
-            cert: dev.join("pki/control-plane.crt"),
-            key: dev.join("pki/control-plane.key"),
-            ca: dev.join("pki/ca.crt"),
-        };
-        let addr = ([127, 0, 0, 1], port).into();
-        wait_healthy(addr, &files).await;
-        let mut client = cmk_proto::hsm::v1::hsm_service_client::HsmServiceClient::new(
-            cmk_tests::channel(addr, &files).await.unwrap(),
-        );
-        key_ids.push(
-            client
-                .get_import_public_key(GetImportPublicKeyRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .key_id,
-        );
-        drop(client);
-        // SIGTERM: a clean stop.
-        Command::new("kill")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        let status = child.wait().unwrap();
-        assert!(status.success(), "dev daemon exited with {status}");
-    }
-    assert_eq!(key_ids[0], key_ids[1], "the second run reuses the keystore");
 }
 
 #[tokio::test]

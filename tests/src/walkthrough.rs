@@ -1,0 +1,215 @@
+//! The walk-through's setting: a directory prepared by `cmk-quickstart init`,
+//! the real `hsm-daemon` and `control-plane` executables started on its
+//! configuration files, and a shell that runs each step exactly as written in
+//! `docs/walkthrough.md` and keeps a transcript of commands and outputs.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use crate::{binary, free_port, wait_healthy};
+
+/// The two processes, started from the quickstart's configuration files.
+pub struct Setup {
+    /// The quickstart directory.
+    pub dev: PathBuf,
+    /// The control plane's address.
+    pub listen: SocketAddr,
+    children: Vec<Child>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Prepares a fresh directory with `cmk-quickstart init` and starts both
+    /// binaries on it.
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = tmp.path().join("dev");
+        let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let hsm_listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let init = Command::new(binary("cmk-quickstart"))
+            .arg("init")
+            .arg("--dir")
+            .arg(&dev)
+            .args(["--listen", &listen.to_string()])
+            .args(["--hsm-listen", &hsm_listen.to_string()])
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{init:?}");
+        let mut children = Vec::new();
+        // Where the quickstart keeps its logs too.
+        let log = |name: &str| {
+            std::fs::File::create(dev.join("logs").join(format!("{name}.log"))).unwrap()
+        };
+        for (program, config) in [
+            ("hsm-daemon", "hsm-daemon.toml"),
+            ("control-plane", "control-plane.toml"),
+        ] {
+            children.push(
+                Command::new(binary(program))
+                    .arg("--config")
+                    .arg(dev.join(config))
+                    .env_remove("CMK_HSM_ROOT_KEY")
+                    .stdin(Stdio::null())
+                    .stdout(log(program))
+                    .stderr(log(&format!("{program}.err")))
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let files = |stem: &str| cmk_tls::TlsFiles {
+            cert: dev.join(format!("pki/{stem}.crt")),
+            key: dev.join(format!("pki/{stem}.key")),
+            ca: dev.join("pki/ca.crt"),
+        };
+        wait_healthy(hsm_listen, &files("control-plane-client")).await;
+        wait_healthy(listen, &files("admin")).await;
+        Self {
+            dev,
+            listen,
+            children,
+            _tmp: tmp,
+        }
+    }
+
+    /// A shell in a fresh working directory beside the quickstart directory,
+    /// with `cmkctl` on its PATH, `grpcurl` standing for `tests/grpcurl.py`,
+    /// and `DEV` (the quickstart directory) and `CP` (the control plane's
+    /// address) set.
+    pub fn shell(&self) -> Shell {
+        let work = self.dev.parent().unwrap().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        Shell {
+            work,
+            env: vec![
+                ("DEV".into(), self.dev.display().to_string()),
+                ("CP".into(), self.listen.to_string()),
+            ],
+            transcript: String::new(),
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What one step printed.
+#[derive(Debug)]
+pub struct Step {
+    /// Exit status.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Step {
+    /// Standard output, after checking the step succeeded.
+    pub fn ok(self) -> String {
+        assert_eq!(self.code, 0, "step failed: {self:?}");
+        self.stdout
+    }
+}
+
+/// Runs steps with bash and records them.
+pub struct Shell {
+    /// The working directory of every step.
+    pub work: PathBuf,
+    env: Vec<(String, String)>,
+    transcript: String,
+}
+
+impl Shell {
+    /// Sets a variable for the following steps.
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.into(), value.into()));
+    }
+
+    /// Runs `script` (one step of the walk-through) with bash.
+    pub fn run(&mut self, script: &str) -> Step {
+        self.run_with_input(script, "")
+    }
+
+    /// Runs `script` with `input` on its standard input.
+    pub fn run_with_input(&mut self, script: &str, input: &str) -> Step {
+        let step = self.quiet_with_input(script, input);
+        let _ = writeln!(self.transcript, "$ {script}");
+        if !input.is_empty() {
+            let _ = writeln!(self.transcript, "[stdin: {}]", input.trim_end());
+        }
+        self.transcript.push_str(&step.stdout);
+        self.transcript.push_str(&step.stderr);
+        if step.code != 0 {
+            let _ = writeln!(self.transcript, "[exit {}]", step.code);
+        }
+        self.transcript.push('\n');
+        step
+    }
+
+    /// Runs `script` without recording it (polling, for instance).
+    pub fn quiet(&mut self, script: &str) -> Step {
+        self.quiet_with_input(script, "")
+    }
+
+    fn quiet_with_input(&mut self, script: &str, input: &str) -> Step {
+        use std::io::Write;
+        let bins = binary("cmkctl");
+        let bins = bins.parent().unwrap();
+        let grpcurl = Path::new(env!("CARGO_MANIFEST_DIR")).join("grpcurl.py");
+        let prelude = format!(
+            "set -o pipefail\ngrpcurl() {{ python3 {} \"$@\"; }}\n",
+            grpcurl.display()
+        );
+        let mut child = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{prelude}{script}"))
+            .current_dir(&self.work)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bins.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env_remove("CMKCTL_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("bash is required");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        Step {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Writes the transcript to `<dir>/<name>.txt` (the tests pass cargo's
+    /// `CARGO_TARGET_TMPDIR`): the material of `docs/walkthrough.md`.
+    pub fn save(&self, dir: &str, name: &str) -> PathBuf {
+        let path = Path::new(dir).join(format!("{name}.txt"));
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(&path, &self.transcript).unwrap();
+        path
+    }
+}
