@@ -79,7 +79,7 @@ def main():
         print("  Code:", pascal(err.code()), file=sys.stderr)
         print("  Message:", err.details(), file=sys.stderr)
         return 64 + err.code().value[0]
-    print(json_format.MessageToJson(response, indent=2))
+    print(json_format.MessageToJson(response, indent=2, ensure_ascii=False))
     return 0
 
 

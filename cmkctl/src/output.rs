@@ -971,7 +971,7 @@ mod tests {
         let text = ListView::from(sample()).table();
         let expected = "   KEY ID    SOURCE           STATE     CHECK VALUE  CREATED               ACTIVATED             EXPIRES  NOTE
    key-0001  generic_default  rotating  0A1B2C3D4E   2025-01-01T00:00:00Z  2025-01-01T00:00:00Z  -
-*  key-0002  byok             active    1A0B2DF267   2026-01-01T00:00:00Z  2026-01-01T01:00:00Z  -        rotation due
+*  key-0002  uploaded         active    1A0B2DF267   2026-01-01T00:00:00Z  2026-01-01T01:00:00Z  -        rotation due
 
 BYOK on; active key key-0002 (*)
 ";

@@ -344,6 +344,23 @@ async fn a_revocation_pauses_the_job_and_a_reactivation_resumes_it() {
     assert_eq!(paused.state(), RotationState::Paused, "{paused:?}");
     assert!(paused.done < paused.total, "paused part-way: {paused:?}");
     assert_eq!(paused.eta_seconds, 0);
+    // An admin watching with cmkctl sees the pause, then the end of the job.
+    let files = d.hsm.pki.client_files("admin-acme");
+    let watch = std::process::Command::new(cmk_tests::binary("cmkctl"))
+        .args(["--endpoint", &format!("https://{}", d.addr())])
+        .args(["--server-name", "localhost", "--org", ORG])
+        .arg("--ca")
+        .arg(&files.ca)
+        .arg("--cert")
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .args(["rotation", "watch", "--interval-ms", "100"])
+        .env_remove("CMKCTL_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let listing = list(&mut admin).await;
     assert_eq!(state_of(&listing, &old), Some(KeyState::Rotating));
     assert_eq!(listing.active_key_id, "");
@@ -371,6 +388,24 @@ async fn a_revocation_pauses_the_job_and_a_reactivation_resumes_it() {
     assert_eq!(job.state(), RotationState::Finished, "{job:?}");
     assert_eq!(job.job_id, paused.job_id, "the same job resumed");
     assert_eq!((job.done, job.total), (KEKS as u64, KEKS as u64));
+    let watched = tokio::task::spawn_blocking(|| watch.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr),
+    );
+    assert!(watched.status.success(), "{watched:?}");
+    assert!(
+        stderr.contains("paused: the master key is revoked; waiting for reactivation"),
+        "{stderr}"
+    );
+    let finished = format!(
+        "rotation job {} finished: {KEKS} of {KEKS} KEKs re-wrapped to {new}",
+        job.job_id
+    );
+    assert!(stdout.contains(&finished), "{stdout}");
     assert_rotated(&mut admin, &svc, &new, &[&old], &keks, &samples, true).await;
 }
 
