@@ -328,8 +328,10 @@ async fn a_second_activation_supersedes_the_running_job() {
 /// reactivating it resumes the job, which finishes with every KEK counted once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revocation_pauses_the_job_and_a_reactivation_resumes_it() {
-    const KEKS: usize = 1000;
-    let d = Deployment::start_with(Limits::default(), |raw| raw.rotation_batch = Some(10)).await;
+    // One KEK per batch: each batch is two HSM calls and a commit, so the job
+    // lasts seconds and the revoke lands part-way on any machine.
+    const KEKS: usize = 2000;
+    let d = Deployment::start_with(Limits::default(), |raw| raw.rotation_batch = Some(1)).await;
     let work = tempfile::tempdir().unwrap();
     let mut admin = d.client("admin-acme").await;
     let mut svc = d.content("service-acme").await;
