@@ -24,6 +24,10 @@ pub struct RawSettings {
     /// Address to listen on [default: 127.0.0.1:8443].
     #[arg(long, env = "CMK_CP_LISTEN")]
     pub listen: Option<String>,
+    /// Plaintext address serving only gRPC health, for probes that cannot
+    /// present a client certificate (Kubernetes); off unless set.
+    #[arg(long, env = "CMK_CP_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
     /// Server certificate chain, PEM.
     #[arg(long, env = "CMK_CP_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -111,6 +115,7 @@ impl RawSettings {
     pub fn overlay(self, over: Self) -> Self {
         let Self {
             listen,
+            health_listen,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -134,6 +139,7 @@ impl RawSettings {
         } = over;
         Self {
             listen: listen.or(self.listen),
+            health_listen: health_listen.or(self.health_listen),
             tls_cert: tls_cert.or(self.tls_cert),
             tls_key: tls_key.or(self.tls_key),
             tls_client_ca: tls_client_ca.or(self.tls_client_ca),
@@ -195,6 +201,15 @@ impl RawSettings {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
+        let health_listen = self.health_listen.as_deref().and_then(|addr| {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| {
+                    errors.push(format!(
+                        "health_listen: {e} (expected host:port, e.g. 0.0.0.0:8081)"
+                    ))
+                })
+                .ok()
+        });
 
         let hsm_endpoint = self
             .hsm_endpoint
@@ -291,6 +306,7 @@ impl RawSettings {
         match authz {
             Some(authz) if errors.is_empty() => Ok(Settings {
                 listen,
+                health_listen,
                 tls,
                 hsm: HsmSettings {
                     endpoint: hsm_endpoint,
@@ -319,6 +335,8 @@ impl RawSettings {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Plaintext gRPC health only, for probes; off when `None`.
+    pub health_listen: Option<SocketAddr>,
     /// Server certificate, key, and the CA clients must chain to.
     pub tls: TlsFiles,
     /// How to reach the HSM daemon.

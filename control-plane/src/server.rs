@@ -68,6 +68,7 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let Settings {
         listen: _,
+        health_listen,
         tls,
         hsm,
         database,
@@ -105,6 +106,12 @@ pub async fn serve(
     health
         .set_serving::<ContentKeyServiceServer<ContentKeyApi>>()
         .await;
+    // Dropped (and stopped) when serving ends.
+    let _probes = cmk_runtime::health_probes(
+        health_listen,
+        tonic::service::Routes::new(health_service.clone()),
+    )
+    .await?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)

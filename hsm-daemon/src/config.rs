@@ -31,6 +31,10 @@ pub struct RawSettings {
     /// Address to listen on [default: 127.0.0.1:7443].
     #[arg(long, env = "CMK_HSM_LISTEN")]
     pub listen: Option<String>,
+    /// Plaintext address serving only gRPC health, for probes that cannot
+    /// present a client certificate (Kubernetes); off unless set.
+    #[arg(long, env = "CMK_HSM_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
     /// Directory of the software keystore.
     #[arg(long, env = "CMK_HSM_KEYSTORE_DIR")]
     pub keystore_dir: Option<PathBuf>,
@@ -90,6 +94,7 @@ impl RawSettings {
     pub fn overlay(self, over: Self) -> Self {
         let Self {
             listen,
+            health_listen,
             keystore_dir,
             root_key_file,
             import_key_bits,
@@ -107,6 +112,7 @@ impl RawSettings {
         } = over;
         Self {
             listen: listen.or(self.listen),
+            health_listen: health_listen.or(self.health_listen),
             keystore_dir: keystore_dir.or(self.keystore_dir),
             root_key_file: root_key_file.or(self.root_key_file),
             import_key_bits: import_key_bits.or(self.import_key_bits),
@@ -165,6 +171,15 @@ impl RawSettings {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
+        let health_listen = self.health_listen.as_deref().and_then(|addr| {
+            addr.parse::<SocketAddr>()
+                .map_err(|e| {
+                    errors.push(format!(
+                        "health_listen: {e} (expected host:port, e.g. 0.0.0.0:8081)"
+                    ))
+                })
+                .ok()
+        });
 
         let import_key_bits = match self.import_key_bits {
             None => ImportKeyBits::default(),
@@ -257,6 +272,7 @@ impl RawSettings {
         match root_key {
             Some(root_key) if errors.is_empty() => Ok(Settings {
                 listen,
+                health_listen,
                 keystore_dir,
                 root_key,
                 import_key_bits,
@@ -288,6 +304,8 @@ fn read_root_key_file(path: &Path) -> Result<RootKey, String> {
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Plaintext gRPC health only, for probes; off when `None`.
+    pub health_listen: Option<SocketAddr>,
     /// Directory of the software keystore.
     pub keystore_dir: PathBuf,
     /// The key every keystore file is sealed under.

@@ -50,6 +50,7 @@ pub async fn serve(
 ) -> Result<(), StartError> {
     let Settings {
         listen: _,
+        health_listen,
         keystore_dir,
         root_key,
         import_key_bits,
@@ -70,6 +71,12 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HsmServiceServer<HsmApi>>().await;
+    // Dropped (and stopped) when serving ends.
+    let _probes = cmk_runtime::health_probes(
+        health_listen,
+        tonic::service::Routes::new(health_service.clone()),
+    )
+    .await?;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)

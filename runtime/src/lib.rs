@@ -103,6 +103,51 @@ where
     }
 }
 
+/// Serves `health` (the gRPC health service, sharing the status of the
+/// server it reports on) alone and in plaintext on `addr`, when one is
+/// configured, until the returned guard is dropped.
+///
+/// Kubernetes' native gRPC probes cannot present a client certificate, so
+/// they cannot reach the mutual-TLS port; this port answers
+/// `grpc.health.v1.Health` and nothing else, so it tells a caller only whether
+/// the process is serving.
+pub async fn health_probes(
+    addr: Option<std::net::SocketAddr>,
+    health: tonic::service::Routes,
+) -> std::io::Result<Option<HealthProbes>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tracing::info!(addr = %local, "health probes (plaintext, gRPC health only)");
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_routes(health)
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(err) = served {
+            tracing::error!(%err, "the health probe listener stopped");
+        }
+    });
+    Ok(Some(HealthProbes { addr: local, task }))
+}
+
+/// The running health-probe listener; stops when dropped.
+#[derive(Debug)]
+pub struct HealthProbes {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HealthProbes {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// An error and all its sources on one line.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

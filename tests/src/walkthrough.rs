@@ -26,6 +26,11 @@ impl Setup {
     /// Prepares a fresh directory with `cmk-quickstart init` and starts both
     /// binaries on it.
     pub async fn start() -> Self {
+        Self::start_with(&[], &[]).await
+    }
+
+    /// [`Setup::start`], with extra flags for the HSM daemon and the control plane.
+    pub async fn start_with(hsm_args: &[&str], control_plane_args: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dev = tmp.path().join("dev");
         let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -44,14 +49,15 @@ impl Setup {
         let log = |name: &str| {
             std::fs::File::create(dev.join("logs").join(format!("{name}.log"))).unwrap()
         };
-        for (program, config) in [
-            ("hsm-daemon", "hsm-daemon.toml"),
-            ("control-plane", "control-plane.toml"),
+        for (program, config, args) in [
+            ("hsm-daemon", "hsm-daemon.toml", hsm_args),
+            ("control-plane", "control-plane.toml", control_plane_args),
         ] {
             children.push(
                 Command::new(binary(program))
                     .arg("--config")
                     .arg(dev.join(config))
+                    .args(args)
                     .env_remove("CMK_HSM_ROOT_KEY")
                     .stdin(Stdio::null())
                     .stdout(log(program))
