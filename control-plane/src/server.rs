@@ -79,7 +79,7 @@ pub async fn serve(
         limits,
         log_format: _,
     } = settings;
-    let tls_config = cmk_tls::server_config(&tls)?;
+    let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&database).await?);
     // Connected on first use, so that the control plane starts, serves reads and
     // reports UNAVAILABLE for key operations while the HSM daemon is down.

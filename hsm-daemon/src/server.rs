@@ -59,7 +59,7 @@ pub async fn serve(
         limits,
         log_format: _,
     } = settings;
-    let tls_config = cmk_tls::server_config(&tls)?;
+    let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
     // Opening may generate the RSA import key, which takes a moment.
     let custody: Arc<dyn Custody> = Arc::new(
         tokio::task::spawn_blocking(move || {

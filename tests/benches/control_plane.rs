@@ -13,7 +13,7 @@
 //!   `cmk.bench.v1.EchoService` RPC measured in the same run. The echo server
 //!   is this executable started again as a child process (see [`ECHO_LISTEN`]),
 //!   serving with the binaries' runtime (`Runtime::new()`), TLS setup
-//!   (`cmk_tls::server_config` and `incoming`) and server settings, so that the
+//!   (`cmk_tls::watch_server_config` and `incoming`) and server settings, so that the
 //!   only difference left is the work of the RPC itself. The rounds of each
 //!   call are interleaved, so a machine that slows down mid-run slows all of
 //!   them alike;
@@ -438,11 +438,15 @@ impl EchoService for Echo {
 fn echo_server(listen: SocketAddr, pki: &Path) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let tls = cmk_tls::server_config(&TlsFiles {
-            cert: pki.join("server.crt"),
-            key: pki.join("server.key"),
-            ca: pki.join("ca.crt"),
-        })
+        // The same reloading configuration the services use.
+        let tls = cmk_tls::watch_server_config(
+            TlsFiles {
+                cert: pki.join("server.crt"),
+                key: pki.join("server.key"),
+                ca: pki.join("ca.crt"),
+            },
+            cmk_tls::RELOAD_INTERVAL,
+        )
         .unwrap();
         let listener = cmk_tls::bind(listen).await.unwrap();
         let incoming = cmk_tls::incoming(listener, tls, HANDSHAKE_TIMEOUT);

@@ -83,6 +83,65 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// How often [`watch_server_config`] looks at its files in the servers.
+pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A server configuration that follows its files: the configuration built
+/// from `files` now (so a bad file still stops the start), and a task that
+/// re-reads the files every `interval` and publishes a new configuration when
+/// their contents change.
+///
+/// New handshakes use the newest configuration; connections already open keep
+/// theirs, so a certificate rotated by cert-manager (or by hand) takes effect
+/// without a restart and without failing a request. Files caught half-written,
+/// or a key that does not match its certificate, are refused with a warning
+/// and the previous configuration stays in use until the files are whole. The
+/// task ends when every receiver is dropped.
+pub fn watch_server_config(
+    files: TlsFiles,
+    interval: Duration,
+) -> Result<tokio::sync::watch::Receiver<Arc<ServerConfig>>, TlsError> {
+    let mut loaded = read_all(&files);
+    let (tx, rx) = tokio::sync::watch::channel(server_config(&files)?);
+    tokio::spawn(async move {
+        let mut refused = None;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = tx.closed() => return,
+            }
+            let current = read_all(&files);
+            if current == loaded || current == refused {
+                continue;
+            }
+            match server_config(&files) {
+                Ok(config) => {
+                    tracing::info!(cert = %files.cert.display(), "TLS files changed; new connections use them");
+                    loaded = current;
+                    refused = None;
+                    if tx.send(config).is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    warn!(%err, "TLS files changed but cannot be used; keeping the previous ones");
+                    refused = current;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The three files' contents, or `None` if any cannot be read right now.
+fn read_all(files: &TlsFiles) -> Option<[Vec<u8>; 3]> {
+    Some([
+        fs::read(&files.cert).ok()?,
+        fs::read(&files.key).ok()?,
+        fs::read(&files.ca).ok()?,
+    ])
+}
+
 /// Builds the tonic client TLS settings: trust `files.ca`, present `files.cert`.
 pub fn client_config(
     files: &TlsFiles,
@@ -110,11 +169,10 @@ pub fn client_config(
 /// The stream ends when the returned stream is dropped (the server shut down).
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: tokio::sync::watch::Receiver<Arc<ServerConfig>>,
     handshake_timeout: Duration,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -135,7 +193,8 @@ pub fn incoming(
             if let Err(err) = tcp.set_nodelay(true) {
                 debug!(%peer, %err, "cannot set TCP_NODELAY");
             }
-            let acceptor = acceptor.clone();
+            // The newest configuration, for this handshake only.
+            let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
