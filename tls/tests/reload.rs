@@ -54,7 +54,9 @@ async fn connect(
 }
 
 fn served_cert(stream: &TlsStream<tokio::net::TcpStream>) -> CertificateDer<'static> {
-    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 fn write(dir: &Path, ca: &Ca, server: &CertifiedKey) {
@@ -104,7 +106,10 @@ async fn rotated_files_serve_new_connections_and_spare_open_ones() {
     open.write_all(b"ping").await.unwrap();
     let mut echo = [0u8; 4];
     open.read_exact(&mut echo).await.unwrap();
-    assert_eq!(&echo, b"ping", "the connection opened before the change still works");
+    assert_eq!(
+        &echo, b"ping",
+        "the connection opened before the change still works"
+    );
 
     // Files caught half-written are not used; the last good ones stay.
     std::fs::write(&files.cert, "-----BEGIN CERTIFICATE-----\ntruncat").unwrap();
