@@ -25,6 +25,10 @@ if ! python3 -c 'import grpc, grpc_reflection' 2>/dev/null; then
         python3 -m pip install --quiet --break-system-packages grpcio grpcio-reflection protobuf
 fi
 
+# The Kubernetes manifests: every overlay rendered and validated offline
+# (installs kubectl and kubernetes-validate into a cache directory if missing).
+bash scripts/validate-deploy.sh
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the binaries from the target directory.

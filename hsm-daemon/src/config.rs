@@ -288,9 +288,12 @@ impl RawSettings {
 
 fn read_root_key_file(path: &Path) -> Result<RootKey, String> {
     let meta = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if meta.mode() & 0o077 != 0 {
+    // Group read is allowed: on Kubernetes a Secret mounted into a pod with an
+    // fsGroup always gets it (mode 0440, group = the pod's own fsGroup), and
+    // that group is the daemon's. Anything more open is refused.
+    if meta.mode() & 0o037 != 0 {
         return Err(format!(
-            "{} is readable by other users (mode {:o}); chmod 600 it",
+            "{} is open to other users (mode {:o}); chmod 600 (or 640) it",
             path.display(),
             meta.mode() & 0o777
         ));
@@ -418,21 +421,31 @@ mod tests {
     }
 
     #[test]
-    fn a_world_readable_root_key_file_is_refused() {
+    fn a_root_key_file_open_beyond_its_group_reading_it_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("root.key");
         fs::write(&path, HEX).expect("write");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let raw = RawSettings {
-            root_key_file: Some(path.clone()),
-            ..RawSettings::default()
+        let problem = |mode: u32| {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).expect("chmod");
+            let raw = RawSettings {
+                root_key_file: Some(path.clone()),
+                ..RawSettings::default()
+            };
+            let err = raw.validate(None).expect_err("other settings are missing");
+            err.0.into_iter().find(|e| e.contains("root.key"))
         };
-        let err = raw.validate(None).expect_err("invalid").to_string();
-        assert!(
-            err.contains("readable by other users (mode 644); chmod 600"),
-            "{err}"
-        );
+        for mode in [0o644, 0o604, 0o660, 0o620] {
+            let err = problem(mode).unwrap_or_else(|| panic!("mode {mode:o} accepted"));
+            assert!(
+                err.contains(&format!("open to other users (mode {mode:o}); chmod 600")),
+                "{err}"
+            );
+        }
+        // 0440 is how Kubernetes mounts a Secret into a pod with an fsGroup.
+        for mode in [0o600, 0o400, 0o640, 0o440] {
+            assert_eq!(problem(mode), None, "mode {mode:o}");
+        }
     }
 
     #[test]
