@@ -25,6 +25,15 @@ if ! python3 -c 'import grpc, grpc_reflection' 2>/dev/null; then
         python3 -m pip install --quiet --break-system-packages grpcio grpcio-reflection protobuf
 fi
 
+# The PostgreSQL store's tests need the server at 127.0.0.1:5432 (they fail,
+# not skip, without it): start the local cluster if it is installed but down.
+if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    for version in /etc/postgresql/*; do
+        [ -d "$version" ] || continue
+        as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
+    done
+fi
+
 # The Kubernetes manifests: every overlay rendered and validated offline
 # (installs kubectl and kubernetes-validate into a cache directory if missing).
 bash scripts/validate-deploy.sh

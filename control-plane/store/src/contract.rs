@@ -4,14 +4,15 @@
 //! Each check panics with a message naming what broke. The checks use orgs and
 //! handles of their own and look only at those in store-wide lists, so they can
 //! share one store; [`all`] needs a store nothing else has used, because there
-//! is only one generic default key. Enabled by the `contract` feature, which
-//! only test builds turn on.
+//! is only one generic default key. [`two_instances`] races writers through
+//! two instances on one database, as replicas do. Enabled by the `contract`
+//! feature, which only test builds turn on.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cmk_control_plane_domain::{
     KekId, KeyId, KeyRecord, KeySource, KeyState, OrgId, ResourceId, Timestamp,
-    audit::{self, ChainedEvent},
+    audit::{self, ChainError, ChainedEvent},
 };
 
 use crate::{
@@ -1968,4 +1969,549 @@ pub async fn generic_key_is_renewed_and_the_old_one_dropped_once_unused(store: &
             .windows(2)
             .all(|w| w[0].created_at <= w[1].created_at)
     );
+}
+
+/// Runs the checks of writers racing through two instances of a store that
+/// share one database, as replicas do (for SQLite, two pools on one file).
+/// The checks use orgs of their own, so the instances may have run [`all`].
+pub async fn two_instances(a: &dyn Store, b: &dyn Store) {
+    racing_creates_and_commits_from_one_version_one_wins(a, b).await;
+    commits_and_appends_from_two_instances_form_one_chain(a, b).await;
+    keks_racing_for_one_resource_are_stored_once(a, b).await;
+    a_key_required_unreferenced_gains_no_kek_meanwhile(a, b).await;
+}
+
+/// Of two creates of one org, and of two commits from one version, exactly
+/// one wins, and only the winners' events are appended.
+pub async fn racing_creates_and_commits_from_one_version_one_wins(a: &dyn Store, b: &dyn Store) {
+    const CHECK: u32 = 18;
+    let org = org_id("race");
+    let create = |racer: u32| {
+        commit(
+            &org,
+            None,
+            vec![key("k", handle(CHECK, racer))],
+            vec![event(&format!("create by racer {racer}"))],
+        )
+    };
+    let raced = tokio::join!(a.commit(create(0)), b.commit(create(1)));
+    assert_eq!(one_winner(&org, [raced.0, raced.1], "create"), 1);
+
+    const ROUNDS: u32 = 20;
+    for round in 1..=ROUNDS {
+        let version = u64::from(round);
+        let change = |racer: u32| {
+            commit(
+                &org,
+                Some(version),
+                vec![key_in(
+                    "k",
+                    handle(CHECK, 2 * round + racer),
+                    KeyState::Pending,
+                    None,
+                )],
+                vec![event(&format!("round {round} racer {racer}"))],
+            )
+        };
+        let raced = tokio::join!(a.commit(change(0)), b.commit(change(1)));
+        assert_eq!(
+            one_winner(&org, [raced.0, raced.1], &format!("round {round}")),
+            version + 1
+        );
+    }
+
+    let rows = chain_of(a, &org).await;
+    assert_eq!(
+        rows.len(),
+        1 + ROUNDS as usize,
+        "only the winners' events were appended"
+    );
+    assert!(audit::verify(org.as_str(), &rows).is_ok());
+    let loaded = b.load_org(&org).await.expect("load_org").expect("org");
+    assert_eq!(loaded.version, 1 + u64::from(ROUNDS));
+}
+
+/// The one success among `results`, all others being conflicts on `org`.
+fn one_winner<T: std::fmt::Debug>(
+    org: &OrgId,
+    results: impl IntoIterator<Item = Result<T, StoreError>>,
+    what: &str,
+) -> T {
+    let mut won = Vec::new();
+    for result in results {
+        match result {
+            Ok(value) => won.push(value),
+            Err(StoreError::Conflict(conflicting)) => assert_eq!(&conflicting, org),
+            Err(other) => panic!("{what}: {other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{what}: exactly one wins: {won:?}");
+    won.pop().expect("one winner")
+}
+
+/// Writers on two instances that commit (retrying on conflict) and append to
+/// one org's chain leave one unbroken chain with each written event once and
+/// no event of a refused attempt.
+pub async fn commits_and_appends_from_two_instances_form_one_chain(a: &dyn Store, b: &dyn Store) {
+    const CHECK: u32 = 19;
+    const PER_WRITER: usize = 8;
+    let org = org_id("two-writers");
+    b.commit(commit(
+        &org,
+        None,
+        vec![key("k", handle(CHECK, 1))],
+        vec![event("create")],
+    ))
+    .await
+    .expect("create");
+
+    let (from_a, from_b) = tokio::join!(
+        commit_and_append(a, &org, "a", PER_WRITER),
+        commit_and_append(b, &org, "b", PER_WRITER),
+    );
+
+    let rows = chain_of(a, &org).await;
+    assert!(audit::verify(org.as_str(), &rows).is_ok());
+    let mut stored: Vec<&str> = rows.iter().map(|r| r.event.action.as_str()).collect();
+    stored.sort_unstable();
+    let mut expected: Vec<&str> = ["create"]
+        .into_iter()
+        .chain(from_a.iter().chain(&from_b).map(String::as_str))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(stored, expected, "each written event once, no refused one");
+    let loaded = b.load_org(&org).await.expect("load_org").expect("org");
+    assert_eq!(loaded.version, 1 + 2 * PER_WRITER as u64);
+}
+
+/// `n` times: a commit of one event, reloading and retrying on conflict, and
+/// an append of one; returns the actions of the events written.
+async fn commit_and_append(store: &dyn Store, org: &OrgId, name: &str, n: usize) -> Vec<String> {
+    let mut written = Vec::new();
+    for i in 0..n {
+        for attempt in 0.. {
+            let version = store
+                .load_org(org)
+                .await
+                .expect("load_org")
+                .expect("org")
+                .version;
+            let action = format!("{name} commit {i} attempt {attempt}");
+            match store
+                .commit(commit(org, Some(version), Vec::new(), vec![event(&action)]))
+                .await
+            {
+                Ok(_) => {
+                    written.push(action);
+                    break;
+                }
+                Err(StoreError::Conflict(_)) => {}
+                Err(other) => panic!("{action}: {other:?}"),
+            }
+        }
+        let action = format!("{name} append {i}");
+        store
+            .append_audit(org, vec![event(&action)])
+            .await
+            .unwrap_or_else(|e| panic!("{action}: {e:?}"));
+        written.push(action);
+    }
+    written
+}
+
+/// Two instances inserting a KEK for one resource at once both get the same
+/// stored KEK; only it is counted, and only its event is appended.
+pub async fn keks_racing_for_one_resource_are_stored_once(a: &dyn Store, b: &dyn Store) {
+    const CHECK: u32 = 20;
+    const RESOURCES: u32 = 10;
+    let org = org_id("kek-race");
+    let version = org_with_keys(a, CHECK, &org, &[("k-1", KeyState::Active)]).await;
+    for n in 0..RESOURCES {
+        let resource = format!("space:{n}");
+        let mine = kek(CHECK, 2 * n, &resource, "k-1");
+        let theirs = kek(CHECK, 2 * n + 1, &resource, "k-1");
+        let (x, y) = tokio::join!(
+            a.insert_kek(&org, version, mine.clone(), vec![event("create KEK")]),
+            b.insert_kek(&org, version, theirs.clone(), vec![event("create KEK")]),
+        );
+        let (x, y) = (x.expect("insert_kek on a"), y.expect("insert_kek on b"));
+        assert_eq!(x, y, "both callers get the one stored KEK");
+        assert!(x == mine || x == theirs);
+    }
+    assert_eq!(
+        a.kek_counts(&org).await.expect("kek_counts"),
+        vec![(KeyId("k-1".into()), u64::from(RESOURCES))]
+    );
+    let rows = chain_of(b, &org).await;
+    assert!(audit::verify(org.as_str(), &rows).is_ok());
+    assert_eq!(rows.len(), RESOURCES as usize, "one event per stored KEK");
+}
+
+/// A commit requiring a key to wrap no KEK, racing a KEK inserted under that
+/// key from another instance: one of them is refused, so the key never ends
+/// up deactivated with a KEK that needs it.
+pub async fn a_key_required_unreferenced_gains_no_kek_meanwhile(a: &dyn Store, b: &dyn Store) {
+    const CHECK: u32 = 21;
+    for round in 0..10 {
+        let org = org_id(&format!("unreferenced-race-{round}"));
+        let version = org_with_keys(
+            a,
+            CHECK,
+            &org,
+            &[("k-old", KeyState::Rotating), ("k-new", KeyState::Active)],
+        )
+        .await;
+        let deactivate = Commit {
+            require_unreferenced: vec![KeyId("k-old".into())],
+            ..commit(&org, Some(version), Vec::new(), vec![event("deactivate")])
+        };
+        let late = kek(CHECK, round, "space:1", "k-old");
+        let (deactivated, inserted) = tokio::join!(
+            a.commit(deactivate),
+            b.insert_kek(&org, version, late, Vec::new()),
+        );
+        let wraps: Vec<(KeyId, u64)> = b.kek_counts(&org).await.expect("kek_counts");
+        match (deactivated, inserted) {
+            (Ok(_), Err(StoreError::Conflict(_))) => assert!(wraps.is_empty()),
+            (Err(StoreError::Conflict(_)), Ok(_)) => {
+                assert_eq!(wraps, vec![(KeyId("k-old".into()), 1)]);
+            }
+            other => panic!("round {round}: exactly one must be refused: {other:?}"),
+        }
+    }
+}
+
+/// An audit row changed behind the store's back is named by the domain's
+/// `verify`: `change` sets the actor of the org's second event directly in
+/// the database, past whatever the schema does to stop it.
+pub async fn a_changed_audit_row_is_named_by_verify<F, Fut>(store: &dyn Store, change: F)
+where
+    F: FnOnce(OrgId) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let org = org_id("tampered");
+    store
+        .append_audit(&org, vec![event("a"), event("b"), event("c")])
+        .await
+        .expect("append_audit");
+    change(org.clone()).await;
+    let rows = chain_of(store, &org).await;
+    assert_eq!(
+        audit::verify(org.as_str(), &rows),
+        Err(ChainError::Altered {
+            org: org.as_str().into(),
+            seq: 2
+        })
+    );
+}
+
+/// Statements that store values the store never writes, for a backend's
+/// test to run directly in the database with the org bound to `$1` (standard
+/// SQL, which SQLite and PostgreSQL both accept) from within the `tamper` of
+/// [`unknown_stored_values_are_corruption_naming_the_column`].
+pub const TAMPERING: [&str; 4] = [
+    "UPDATE keys SET state = 'frozen' WHERE org = $1",
+    "UPDATE keks SET resource = 'no spaces allowed' WHERE org = $1",
+    "UPDATE rotation_jobs SET state = 'paused' WHERE org = $1",
+    "INSERT INTO intents (handle, kind, org, created_at) \
+     VALUES ('h', 'import', $1 || ' is not an org id', 0)",
+];
+
+/// A value the store does not know, written behind its back, is reported as
+/// corruption naming the column and the value, never guessed at. `tamper`
+/// runs [`TAMPERING`] against an org with a key, a KEK and a running job.
+pub async fn unknown_stored_values_are_corruption_naming_the_column<F, Fut>(
+    store: &dyn Store,
+    tamper: F,
+) where
+    F: FnOnce(OrgId) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    const CHECK: u32 = 24;
+    let org = org_id("corrupt");
+    let version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    let stored = kek(CHECK, 1, "space:1", "k-1");
+    store
+        .insert_kek(&org, version, stored.clone(), Vec::new())
+        .await
+        .expect("insert_kek");
+    store
+        .commit(start_rotation(&org, version, "k-2", &["k-1"], 1))
+        .await
+        .expect("start rotation");
+    tamper(org.clone()).await;
+
+    let expect_corrupt = |read: Result<(), StoreError>, column: &str, value: &str| match read {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains(column), "{message}");
+            assert!(message.contains(value), "{message}");
+        }
+        other => panic!("{column}: {other:?}"),
+    };
+    expect_corrupt(store.load_org(&org).await.map(drop), "keys.state", "frozen");
+    expect_corrupt(
+        store.kek(&org, &stored.id).await.map(drop),
+        "keks.resource",
+        "no spaces allowed",
+    );
+    expect_corrupt(
+        store.latest_rotation(&org).await.map(drop),
+        "rotation_jobs.state",
+        "paused",
+    );
+    expect_corrupt(
+        store.open_intents().await.map(drop),
+        "intents.org",
+        "is not an org id",
+    );
+}
+
+/// What [`write_for_reopening`] stored, for [`assert_reopened`] to find.
+#[derive(Debug)]
+pub struct Written {
+    org: OrgId,
+    loaded: StoredOrg,
+    chain: Vec<ChainedEvent>,
+    intent: Intent,
+    generic: GenericKey,
+    retired: GenericKey,
+    kek: StoredKek,
+    job: RotationJob,
+    counts: Vec<(KeyId, u64)>,
+}
+
+/// Stores something of every kind — an org with keys, its audit chain, an
+/// open intent, a KEK, a running rotation job, a generic key and a retired
+/// one — so that [`assert_reopened`] can look for all of it in a store opened
+/// afresh on the same database. Needs a store with no generic key.
+pub async fn write_for_reopening(store: &dyn Store) -> Written {
+    const CHECK: u32 = 22;
+    let org = org_id("reopen");
+    let version = org_with_keys(
+        store,
+        CHECK,
+        &org,
+        &[("k-1", KeyState::Active), ("k-2", KeyState::Pending)],
+    )
+    .await;
+    let version = store
+        .commit(commit(
+            &org,
+            Some(version),
+            Vec::new(),
+            vec![event("upload")],
+        ))
+        .await
+        .expect("commit");
+    store
+        .append_audit(&org, vec![event("get_keys")])
+        .await
+        .expect("append_audit");
+    let intent = intent(handle(CHECK, 1), IntentKind::Destroy, Some(&org), 5);
+    store
+        .record_intent(intent.clone())
+        .await
+        .expect("record_intent");
+    let kek = kek(CHECK, 1, "space:1", "k-1");
+    store
+        .insert_kek(&org, version, kek.clone(), Vec::new())
+        .await
+        .expect("insert_kek");
+    store
+        .commit(start_rotation(&org, version, "k-2", &["k-1"], 1))
+        .await
+        .expect("start rotation");
+    let retired = GenericKey {
+        handle: handle(CHECK, 2),
+        check_value: "a1b2c3".into(),
+        created_at: Timestamp(1_700_000_000),
+    };
+    let generic = GenericKey {
+        handle: handle(CHECK, 3),
+        ..retired.clone()
+    };
+    store
+        .put_generic_key(retired.clone())
+        .await
+        .expect("put_generic_key");
+    store
+        .renew_generic_key(&retired.handle, generic.clone())
+        .await
+        .expect("renew_generic_key");
+    Written {
+        loaded: store.load_org(&org).await.expect("load_org").expect("org"),
+        chain: chain_of(store, &org).await,
+        job: store
+            .latest_rotation(&org)
+            .await
+            .expect("latest_rotation")
+            .expect("job"),
+        counts: store.kek_counts(&org).await.expect("kek_counts"),
+        org,
+        intent,
+        generic,
+        retired,
+        kek,
+    }
+}
+
+/// Everything [`write_for_reopening`] stored reads back the same, and the
+/// audit chain goes on where it stopped.
+pub async fn assert_reopened(store: &dyn Store, written: &Written) {
+    let Written {
+        org,
+        loaded,
+        chain,
+        intent,
+        generic,
+        retired,
+        kek,
+        job,
+        counts,
+    } = written;
+    assert_eq!(
+        store.load_org(org).await.expect("load_org").as_ref(),
+        Some(loaded)
+    );
+    assert_eq!(&chain_of(store, org).await, chain);
+    assert_eq!(
+        store.open_intents().await.expect("open_intents"),
+        vec![intent.clone()]
+    );
+    assert_eq!(
+        store.generic_key().await.expect("generic_key").as_ref(),
+        Some(generic)
+    );
+    assert_eq!(
+        store.retired_generic_keys().await.expect("retired"),
+        vec![retired.clone()]
+    );
+    assert_eq!(
+        store.kek(org, &kek.id).await.expect("kek").as_ref(),
+        Some(kek)
+    );
+    assert_eq!(
+        store
+            .latest_rotation(org)
+            .await
+            .expect("latest_rotation")
+            .as_ref(),
+        Some(job)
+    );
+    assert_eq!(
+        store.running_rotations().await.expect("running_rotations"),
+        vec![job.clone()]
+    );
+    assert_eq!(&store.kek_counts(org).await.expect("kek_counts"), counts);
+
+    store
+        .append_audit(org, vec![event("list_audit")])
+        .await
+        .expect("append_audit");
+    let longer = chain_of(store, org).await;
+    assert_eq!(longer.len(), chain.len() + 1);
+    assert_eq!(&longer[..chain.len()], &chain[..]);
+    assert!(audit::verify(org.as_str(), &longer).is_ok());
+}
+
+/// Batches larger than one statement of either backend are written whole:
+/// `seed` stores KEKs without checks (each backend's `insert_keks_unchecked`),
+/// and one re-wrap batch mixes several (from, to) pairs, a KEK re-wrapped
+/// twice along a chain, a stale `from` and a no-op. Returns the org, so that
+/// the caller can compare `kek_counts` with a count of the KEKs themselves.
+pub async fn large_batches_are_written_whole_and_counted_exactly<F, Fut>(
+    store: &dyn Store,
+    seed: F,
+) -> OrgId
+where
+    F: FnOnce(OrgId, Vec<StoredKek>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    const CHECK: u32 = 23;
+    const KEKS: u32 = 1203;
+    let org = org_id("large-batches");
+    let keys = [
+        ("k-1", KeyState::Rotating),
+        ("k-2", KeyState::Rotating),
+        ("k-3", KeyState::Active),
+    ];
+    let version = org_with_keys(store, CHECK, &org, &keys).await;
+    // Not a multiple of any backend's rows per statement, and in no
+    // particular order.
+    let keks: Vec<StoredKek> = (0..KEKS)
+        .rev()
+        .map(|n| {
+            let key = if n % 3 == 0 { "k-2" } else { "k-1" };
+            kek(CHECK, n, &format!("space:{n}"), key)
+        })
+        .collect();
+    seed(org.clone(), keks.clone()).await.expect("seed KEKs");
+    assert_eq!(
+        store.kek_counts(&org).await.expect("kek_counts"),
+        vec![(KeyId("k-1".into()), 802), (KeyId("k-2".into()), 401)]
+    );
+    let version = store
+        .commit(start_rotation(&org, version, "k-3", &["k-1", "k-2"], 10))
+        .await
+        .expect("start rotation");
+
+    let mut batch: Vec<Rewrap> = keks.iter().map(|k| rewrap(k, "k-3")).collect();
+    let chained = &keks[1];
+    assert_eq!(chained.key.0, "k-1");
+    batch[1] = rewrap(chained, "k-2");
+    batch.push(Rewrap {
+        from: KeyId("k-2".into()),
+        ..rewrap(chained, "k-3")
+    });
+    let stale = &keks[2];
+    batch[2] = Rewrap {
+        from: KeyId("k-3".into()),
+        ..rewrap(stale, "k-3")
+    };
+    let unchanged = &keks[4];
+    batch[4] = rewrap(unchanged, "k-1");
+    let written = store
+        .rewrap_keks(&org, version, 1, batch)
+        .await
+        .expect("rewrap_keks");
+    // Every KEK but the stale one, plus the chained KEK's second step.
+    assert_eq!(written, u64::from(KEKS) - 1 + 1);
+    // The stale KEK stays with k-2, the no-op one with k-1.
+    assert_eq!(
+        (stale.key.0.as_str(), unchanged.key.0.as_str()),
+        ("k-2", "k-1")
+    );
+    assert_eq!(
+        store.kek_counts(&org).await.expect("kek_counts"),
+        vec![
+            (KeyId("k-1".into()), 1),
+            (KeyId("k-2".into()), 1),
+            (KeyId("k-3".into()), u64::from(KEKS) - 2),
+        ]
+    );
+    assert_eq!(
+        store.kek(&org, &chained.id).await.expect("kek"),
+        Some(rewrapped(
+            chained,
+            &Rewrap {
+                from: KeyId("k-2".into()),
+                ..rewrap(chained, "k-3")
+            }
+        )),
+        "the chained KEK ends with its second step"
+    );
+    assert_eq!(all_not_wrapped_by(store, &org, "k-3", 1000).await.len(), 2);
+    let job = store
+        .latest_rotation(&org)
+        .await
+        .expect("latest_rotation")
+        .expect("job");
+    assert_eq!((job.total, job.done), (u64::from(KEKS), written));
+    org
 }

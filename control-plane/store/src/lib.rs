@@ -4,7 +4,8 @@
 //! atomically (its keys, its settings, its audit events and its custody
 //! intents together), read the audit log, and keep the intents that make HSM
 //! calls repairable after a crash. Every implementation passes the same
-//! contract tests.
+//! contract tests: [`SqliteStore`] on one database file, and [`PgStore`] on a
+//! PostgreSQL database that several replicas can share.
 //!
 //! # Crash repair: intents
 //!
@@ -30,12 +31,16 @@
 mod codec;
 #[cfg(feature = "contract")]
 pub mod contract;
+mod ops;
+pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 use cmk_control_plane_domain::{
     KekId, KeyId, KeyRecord, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
 };
 
+pub use postgres::{PgStore, PgStoreOptions};
 pub use sqlite::SqliteStore;
 
 /// One key of an org with the custody handle that holds its material.
