@@ -1,7 +1,12 @@
 //! What both cmk binaries share at start and stop: reading the configuration
-//! file, the log format, logging, shutdown signals, and errors on one line.
+//! file, the log format, logging, shutdown signals, and errors on one line;
+//! and while they run: Prometheus metrics and request ids ([`metrics`],
+//! [`request`]).
 
 #![forbid(unsafe_code)]
+
+pub mod metrics;
+pub mod request;
 
 use std::{future::Future, io::IsTerminal, path::Path, pin::Pin, sync::Arc, time::Duration};
 
