@@ -11,6 +11,7 @@ use std::{
 };
 
 use cmk_control_plane_domain::Policy;
+use cmk_control_plane_store::{Backend, redact_url};
 pub use cmk_runtime::LogFormat;
 use cmk_tls::TlsFiles;
 use serde::Deserialize;
@@ -52,9 +53,17 @@ pub struct RawSettings {
     /// CA the HSM daemon's certificate must chain to, PEM.
     #[arg(long, env = "CMK_CP_HSM_TLS_CA")]
     pub hsm_tls_ca: Option<PathBuf>,
-    /// Metadata store: sqlite://path/to/cmk.db.
+    /// Metadata store: sqlite://path/to/cmk.db, or
+    /// postgres://user@host/db (libpq parameters, e.g. sslmode=verify-full).
     #[arg(long, env = "CMK_CP_DATABASE")]
     pub database: Option<String>,
+    /// Connections to PostgreSQL this replica may hold [default: 10].
+    #[arg(long, env = "CMK_CP_DATABASE_MAX_CONNECTIONS")]
+    pub database_max_connections: Option<u64>,
+    /// Seconds a replica's claim on a rotation job or the timers lasts unless
+    /// renewed; another replica takes over this long after one dies [default: 6].
+    #[arg(long, env = "CMK_CP_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: Option<u64>,
     /// Authorisation policy file (TOML grants of roles per organisation).
     #[arg(long, env = "CMK_CP_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
@@ -125,6 +134,8 @@ impl RawSettings {
             hsm_tls_key,
             hsm_tls_ca,
             database,
+            database_max_connections,
+            lease_ttl_secs,
             policy_file,
             deactivated_retention_days,
             rotation_period_days,
@@ -149,6 +160,8 @@ impl RawSettings {
             hsm_tls_key: hsm_tls_key.or(self.hsm_tls_key),
             hsm_tls_ca: hsm_tls_ca.or(self.hsm_tls_ca),
             database: database.or(self.database),
+            database_max_connections: database_max_connections.or(self.database_max_connections),
+            lease_ttl_secs: lease_ttl_secs.or(self.lease_ttl_secs),
             policy_file: policy_file.or(self.policy_file),
             deactivated_retention_days: deactivated_retention_days
                 .or(self.deactivated_retention_days),
@@ -222,10 +235,13 @@ impl RawSettings {
         let hsm_server_name = self.hsm_server_name.unwrap_or_else(|| "localhost".into());
 
         let database = self.database.unwrap_or_default();
-        if !database.starts_with("sqlite:") {
+        if Backend::of(&database).is_none() {
             errors.push(match database.is_empty() {
-                true => "database: required (sqlite://path/to/cmk.db)".into(),
-                false => format!("database: {database:?} is not a sqlite:// URL"),
+                true => "database: required (sqlite://path/to/cmk.db or postgres://host/db)".into(),
+                false => format!(
+                    "database: {:?} is neither a sqlite:// nor a postgres:// URL",
+                    redact_url(&database)
+                ),
             });
         }
 
@@ -263,6 +279,15 @@ impl RawSettings {
             )),
             // The HSM daemon's default batch limit is 1000 items.
             rotation_batch: bounded("rotation_batch", self.rotation_batch, 1000, 100_000) as u32,
+        };
+        let store = StoreSettings {
+            max_connections: bounded(
+                "database_max_connections",
+                self.database_max_connections,
+                10,
+                1000,
+            ) as u32,
+            lease_ttl: Duration::from_secs(bounded("lease_ttl_secs", self.lease_ttl_secs, 6, 600)),
         };
         let maintenance_interval = Duration::from_secs(bounded(
             "maintenance_interval_secs",
@@ -313,7 +338,8 @@ impl RawSettings {
                     server_name: hsm_server_name,
                     tls: hsm_tls,
                 },
-                database,
+                database: Database(database),
+                store,
                 authz,
                 lifecycle: Policy {
                     deactivated_retention: Duration::from_secs(retention_days * 86_400),
@@ -342,7 +368,9 @@ pub struct Settings {
     /// How to reach the HSM daemon.
     pub hsm: HsmSettings,
     /// Metadata store URL.
-    pub database: String,
+    pub database: Database,
+    /// How the store is used.
+    pub store: StoreSettings,
     /// Who may do what.
     pub authz: AuthzPolicy,
     /// Retention, restore and rotation periods.
@@ -355,6 +383,32 @@ pub struct Settings {
     pub limits: Limits,
     /// How log lines are written.
     pub log_format: LogFormat,
+}
+
+/// The metadata store's URL. Its `Debug` and `Display` hide a password
+/// the URL may carry, so that the settings can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Database(pub String);
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact_url(&self.0), f)
+    }
+}
+
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// How the metadata store is used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// PostgreSQL connections this replica may hold.
+    pub max_connections: u32,
+    /// How long a claim on leased work lasts unless renewed.
+    pub lease_ttl: Duration,
 }
 
 /// How to reach the HSM daemon.
@@ -437,5 +491,46 @@ mod tests {
                 "{expected} in {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_store_is_chosen_by_its_url_and_a_password_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "").unwrap();
+            Some(path)
+        };
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, "").unwrap();
+        let raw = |database: &str| RawSettings {
+            tls_cert: file("c"),
+            tls_key: file("k"),
+            tls_client_ca: file("ca"),
+            hsm_tls_cert: file("hc"),
+            hsm_tls_key: file("hk"),
+            hsm_tls_ca: file("hca"),
+            policy_file: Some(policy.clone()),
+            database: Some(database.into()),
+            ..RawSettings::default()
+        };
+        let url = "postgres://cmk:s3cr3t@db.internal/cmk?sslmode=verify-full";
+        let settings = raw(url).validate().unwrap();
+        assert_eq!(settings.database.0, url);
+        assert_eq!(settings.store.max_connections, 10);
+        assert_eq!(settings.store.lease_ttl, Duration::from_secs(6));
+        let shown = format!("{settings:?} {}", settings.database);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("postgres://cmk:***@db.internal/cmk?sslmode=verify-full"));
+
+        assert!(raw("sqlite:///var/lib/cmk/cmk.db").validate().is_ok());
+        let ConfigError(problems) = raw("mysql://cmk:s3cr3t@db/cmk").validate().unwrap_err();
+        assert_eq!(
+            problems,
+            vec![
+                "database: \"mysql://cmk:***@db/cmk\" is neither a sqlite:// nor a postgres:// URL"
+                    .to_string()
+            ]
+        );
     }
 }

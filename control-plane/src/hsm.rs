@@ -8,6 +8,7 @@ use cmk_proto::hsm::v1::{
 };
 use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 /// Why a call to the HSM daemon failed.
@@ -61,7 +62,9 @@ pub struct Unwrapped {
 /// one HTTP/2 connection.
 #[derive(Clone, Debug)]
 pub struct HsmClient {
-    inner: HsmServiceClient<Channel>,
+    /// The newest connection: [`HsmClient::follow`] replaces it when the TLS
+    /// files change; calls already made finish on the one they started on.
+    inner: watch::Receiver<HsmServiceClient<Channel>>,
 }
 
 impl HsmClient {
@@ -91,26 +94,65 @@ impl HsmClient {
         ))
     }
 
+    /// As [`HsmClient::connect_lazy`], and re-reads the TLS files every
+    /// `interval`: when they change (a renewed client certificate), later
+    /// calls go over a new connection that presents the new certificate,
+    /// without a restart and without failing a call. Files that cannot be
+    /// used are refused with a warning, and the current connection stays.
+    pub fn follow(
+        endpoint: &str,
+        server_name: &str,
+        tls: TlsFiles,
+        interval: Duration,
+    ) -> Result<Self, HsmError> {
+        // Built once here so that a malformed endpoint fails the start with
+        // its own error rather than as a TLS one.
+        Self::endpoint(endpoint, server_name, &tls)?;
+        let (endpoint, server_name) = (endpoint.to_owned(), server_name.to_owned());
+        let inner = cmk_tls::watch_files(tls, interval, move |tls| {
+            let endpoint = Endpoint::from_shared(endpoint.clone())
+                .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?
+                .tls_config(cmk_tls::client_config(tls, &server_name)?)
+                .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?;
+            Ok(Self::service(Self::tuned(endpoint).connect_lazy()))
+        })?;
+        Ok(Self { inner })
+    }
+
     fn endpoint(endpoint: &str, server_name: &str, tls: &TlsFiles) -> Result<Endpoint, HsmError> {
-        Ok(Endpoint::from_shared(endpoint.to_owned())?
-            .tls_config(cmk_tls::client_config(tls, server_name)?)?
+        Ok(Self::tuned(
+            Endpoint::from_shared(endpoint.to_owned())?
+                .tls_config(cmk_tls::client_config(tls, server_name)?)?,
+        ))
+    }
+
+    fn tuned(endpoint: Endpoint) -> Endpoint {
+        endpoint
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true))
+            .tcp_nodelay(true)
     }
 
     fn over(channel: Channel) -> Self {
-        Self {
-            inner: HsmServiceClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        }
+        // No sender: this connection is the only one.
+        let (_, inner) = watch::channel(Self::service(channel));
+        Self { inner }
+    }
+
+    fn service(channel: Channel) -> HsmServiceClient<Channel> {
+        HsmServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The current connection.
+    fn client(&self) -> HsmServiceClient<Channel> {
+        self.inner.borrow().clone()
     }
 
     /// The RSA import public key (PEM) and its key id.
     pub async fn import_public_key(&self) -> Result<pb::GetImportPublicKeyResponse, HsmError> {
         Ok(self
-            .inner
-            .clone()
+            .client()
             .get_import_public_key(pb::GetImportPublicKeyRequest {})
             .await?
             .into_inner())
@@ -161,8 +203,7 @@ impl HsmClient {
             key_check_value,
             origin: _,
         } = self
-            .inner
-            .clone()
+            .client()
             .import(pb::ImportRequest {
                 source: Some(source),
                 import_key_id,
@@ -191,8 +232,7 @@ impl HsmClient {
         associated_data: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         Ok(self
-            .inner
-            .clone()
+            .client()
             .wrap(wrap_request(handle, plaintext, associated_data))
             .await?
             .into_inner()
@@ -209,8 +249,7 @@ impl HsmClient {
             plaintext,
             key_handle,
         } = self
-            .inner
-            .clone()
+            .client()
             .unwrap(pb::UnwrapRequest {
                 ciphertext: ciphertext.to_vec(),
                 associated_data: associated_data.to_vec(),
@@ -235,8 +274,7 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .inner
-            .clone()
+            .client()
             .batch_wrap(request)
             .await?
             .into_inner()
@@ -262,8 +300,7 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .inner
-            .clone()
+            .client()
             .batch_unwrap(request)
             .await?
             .into_inner()
@@ -280,8 +317,7 @@ impl HsmClient {
     /// Destroys a CMK; `Ok(true)` when an earlier call had already destroyed it.
     pub async fn destroy(&self, handle: &str) -> Result<bool, HsmError> {
         Ok(self
-            .inner
-            .clone()
+            .client()
             .destroy(pb::DestroyRequest {
                 key_handle: handle.to_owned(),
             })

@@ -13,6 +13,7 @@ pub mod error;
 pub mod grpc;
 pub mod hsm;
 pub mod kek_cache;
+pub mod lease;
 pub mod rotation;
 pub mod server;
 pub mod service;

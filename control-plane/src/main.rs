@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use cmk_control_plane::{RawSettings, service::check_audit_chain};
 use cmk_control_plane_domain::OrgId;
-use cmk_control_plane_store::{SqliteStore, Store};
+use cmk_control_plane_store::{PgStoreOptions, redact_url};
 use cmk_runtime::{init_logging, shutdown_signal};
 
 #[derive(Parser)]
@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Verify the audit hash chain of every organisation (or one); exits 1 if any is broken.
     VerifyAudit {
-        /// Metadata store: sqlite://path/to/cmk.db.
+        /// Metadata store: sqlite://path/to/cmk.db or postgres://host/db.
         #[arg(long, env = "CMK_CP_DATABASE")]
         database: String,
         /// Only this organisation.
@@ -73,10 +73,14 @@ fn main() -> ExitCode {
 /// Prints one line per organisation; exit status 1 if any chain is broken,
 /// 2 if the store cannot be read.
 async fn verify_audit(database: &str, only: Option<&str>) -> ExitCode {
-    let store = match SqliteStore::open(database).await {
+    let store = match cmk_control_plane_store::open(database, PgStoreOptions::default()).await {
         Ok(store) => store,
         Err(err) => {
-            eprintln!("control-plane: cannot open {database}: {err}");
+            let database = redact_url(database);
+            eprintln!(
+                "control-plane: cannot open {database}: {}",
+                cmk_runtime::error_chain(&err)
+            );
             return ExitCode::from(2);
         }
     };
@@ -99,7 +103,7 @@ async fn verify_audit(database: &str, only: Option<&str>) -> ExitCode {
     };
     let mut broken = 0;
     for org in &orgs {
-        match check_audit_chain(&store, org).await {
+        match check_audit_chain(&*store, org).await {
             Ok(check) => match check.problem {
                 None => println!(
                     "{org}: intact, {} events, head {}",

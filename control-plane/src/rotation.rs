@@ -30,6 +30,7 @@ use crate::{
     envelope,
     error::{ServiceError, chain},
     hsm::random_handle,
+    lease::{Leased, with_lease},
     service::{KeyService, SERVICE_ACTOR, Step, new_key_id},
 };
 
@@ -102,12 +103,30 @@ impl KeyService {
         .await
     }
 
-    /// Works every running rotation job until it is complete or cannot
-    /// progress now. Errors of one org are logged and do not stop the others.
+    /// Works every running rotation job that no other replica is working
+    /// until it is complete or cannot progress now; each under its org's
+    /// lease, so that one replica works a job at a time. Errors of one org
+    /// are logged and do not stop the others.
     pub async fn run_rotations(&self) -> Result<(), ServiceError> {
         for job in self.store.running_rotations().await? {
-            if let Err(err) = self.rotate(&job.org).await {
-                warn!(org = %job.org, job = job.id, error = %chain(&err), "rotation stopped; will retry");
+            let lease = format!("rotation/{}", job.org);
+            let work = self.rotate(&job.org);
+            let outcome = with_lease(
+                &*self.store,
+                &self.replica,
+                &lease,
+                self.options.lease_ttl,
+                work,
+            )
+            .await;
+            match outcome {
+                Ok(Leased::Done(Ok(()))) | Ok(Leased::Busy) | Ok(Leased::Lost) => {}
+                Ok(Leased::Done(Err(err))) => {
+                    warn!(org = %job.org, job = job.id, error = %chain(&err), "rotation stopped; will retry");
+                }
+                Err(err) => {
+                    warn!(org = %job.org, job = job.id, error = %chain(&err), "cannot claim the rotation job; will retry");
+                }
             }
         }
         Ok(())

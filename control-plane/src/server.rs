@@ -3,7 +3,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use cmk_control_plane_store::{SqliteStore, Store, StoreError};
+use cmk_control_plane_store::{PgStoreOptions, StoreError};
 use cmk_proto::control::v1::{
     content_key_service_server::ContentKeyServiceServer,
     key_admin_service_server::KeyAdminServiceServer,
@@ -18,6 +18,7 @@ use crate::{
     error::chain,
     grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
+    lease::with_lease,
     service::{KeyService, ServiceOptions},
 };
 
@@ -72,6 +73,7 @@ pub async fn serve(
         tls,
         hsm,
         database,
+        store,
         authz,
         lifecycle,
         keys,
@@ -80,10 +82,21 @@ pub async fn serve(
         log_format: _,
     } = settings;
     let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&database).await?);
+    let pg = PgStoreOptions {
+        max_connections: store.max_connections,
+        ..PgStoreOptions::default()
+    };
+    let lease_ttl = store.lease_ttl;
+    let store = cmk_control_plane_store::open(&database.0, pg).await?;
     // Connected on first use, so that the control plane starts, serves reads and
     // reports UNAVAILABLE for key operations while the HSM daemon is down.
-    let hsm_client = HsmClient::connect_lazy(&hsm.endpoint, &hsm.server_name, &hsm.tls)?;
+    // Follows its TLS files as the server's certificate does.
+    let hsm_client = HsmClient::follow(
+        &hsm.endpoint,
+        &hsm.server_name,
+        hsm.tls.clone(),
+        cmk_tls::RELOAD_INTERVAL,
+    )?;
     let options = ServiceOptions {
         // An import may still be running at the daemon for up to its request
         // timeout; ours bounds that from this side.
@@ -91,13 +104,18 @@ pub async fn serve(
         kek_cache_entries: keys.kek_cache_entries,
         kek_cache_ttl: keys.kek_cache_ttl,
         rotation_batch: keys.rotation_batch,
+        lease_ttl,
         ..ServiceOptions::default()
     };
     let service = Arc::new(KeyService::new(
         store, hsm_client, clock, lifecycle, options,
     ));
+    info!(replica = service.replica(), %database, "metadata store open");
     let timers = tokio::spawn(maintain(service.clone(), maintenance_interval));
-    let rotations = tokio::spawn(rotate(service.clone(), maintenance_interval));
+    // Often enough that a job whose replica died is taken over within
+    // seconds of its lease running out.
+    let poll = maintenance_interval.min(lease_ttl / 2);
+    let rotations = tokio::spawn(rotate(service.clone(), poll));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -151,21 +169,29 @@ pub async fn serve(
     Ok(served?)
 }
 
-/// The timers: repair unfinished custody calls, remove keys whose time is up.
-/// The first run is at start-up.
+/// The timers: repair unfinished custody calls, remove keys whose time is up,
+/// renew the generic default key. The first run is at start-up. Each run
+/// holds the `timers` lease, so that replicas take turns rather than run
+/// them at once; a replica that finds the lease held skips its run.
 async fn maintain(service: Arc<KeyService>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if let Err(err) = service.repair().await {
-            warn!(error = %chain(&err), "repair of custody intents failed; will retry");
-        }
-        if let Err(err) = service.expire_due().await {
-            warn!(error = %chain(&err), "removing expired keys failed; will retry");
-        }
-        if let Err(err) = service.renew_generic().await {
-            warn!(error = %chain(&err), "renewing the generic default key failed; will retry");
+        let run = async {
+            if let Err(err) = service.repair().await {
+                warn!(error = %chain(&err), "repair of custody intents failed; will retry");
+            }
+            if let Err(err) = service.expire_due().await {
+                warn!(error = %chain(&err), "removing expired keys failed; will retry");
+            }
+            if let Err(err) = service.renew_generic().await {
+                warn!(error = %chain(&err), "renewing the generic default key failed; will retry");
+            }
+        };
+        let ttl = service.options.lease_ttl;
+        if let Err(err) = with_lease(&*service.store, service.replica(), "timers", ttl, run).await {
+            warn!(error = %chain(&err), "cannot claim the timers; will retry");
         }
     }
 }

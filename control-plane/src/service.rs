@@ -87,6 +87,10 @@ pub struct ServiceOptions {
     pub org_state_ttl: Duration,
     /// KEKs re-wrapped per HSM batch call and store transaction.
     pub rotation_batch: u32,
+    /// How long a replica's claim on a rotation job or on the timers lasts
+    /// unless renewed (every third of it): how soon another replica takes
+    /// over from one that died.
+    pub lease_ttl: Duration,
 }
 
 impl Default for ServiceOptions {
@@ -97,6 +101,7 @@ impl Default for ServiceOptions {
             kek_cache_ttl: Duration::from_secs(300),
             org_state_ttl: Duration::from_secs(1),
             rotation_batch: 1000,
+            lease_ttl: Duration::from_secs(6),
         }
     }
 }
@@ -194,6 +199,8 @@ pub struct KeyService {
     pub(crate) org_states: Mutex<HashMap<OrgId, Arc<OrgState>>>,
     /// Woken when a change starts a rotation job.
     pub(crate) rotation_wake: tokio::sync::Notify,
+    /// This process as a lease holder (see [`crate::lease`]).
+    pub(crate) replica: String,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
@@ -216,9 +223,15 @@ impl KeyService {
             kek_cache: KekCache::new(options.kek_cache_entries, options.kek_cache_ttl),
             org_states: Mutex::default(),
             rotation_wake: tokio::sync::Notify::new(),
+            replica: crate::lease::replica_id(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
+    }
+
+    /// This process's name in the leases it holds.
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The HSM daemon's RSA import public key.

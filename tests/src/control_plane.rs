@@ -131,7 +131,7 @@ impl Deployment {
             hsm_tls_cert: Some(pki.path("control-plane.crt")),
             hsm_tls_key: Some(pki.path("control-plane.key")),
             hsm_tls_ca: Some(pki.path("ca.crt")),
-            database: Some(format!("sqlite://{}", self.database().display())),
+            database: Some(self.database_url()),
             policy_file: Some(self.data.path().join("policy.toml")),
             maintenance_interval_secs: Some(1),
             ..RawSettings::default()
@@ -143,6 +143,11 @@ impl Deployment {
     /// The SQLite file.
     pub fn database(&self) -> PathBuf {
         self.data.path().join("cmk.db")
+    }
+
+    /// The SQLite file's URL.
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.database().display())
     }
 
     /// The control plane's address.
@@ -601,27 +606,38 @@ pub async fn preview_revocation(
 /// `n` KEKs of `org` for the resources `<prefix>0` … `<prefix>{n-1}`, made as
 /// CreateKek makes them — 32 random bytes wrapped by the HSM daemon at `hsm`
 /// under the org's active key, bound to the org and KEK id — but written to
-/// the store `database` directly, in one transaction and without an audit
+/// the store at the URL `database` directly, in one transaction and without an audit
 /// event each: CreateKek costs two fsync'd commits per KEK, so thousands take
 /// seconds. The control plane may be running. Returns the KEK ids in
 /// resource order.
 pub async fn seed_keks(
     pki: &crate::Pki,
     hsm: SocketAddr,
-    database: &Path,
+    database: &str,
     org: &str,
     prefix: &str,
     n: usize,
 ) -> Vec<String> {
     use cmk_control_plane::envelope;
     use cmk_control_plane_domain::{KekId, OrgId, ResourceId, Timestamp};
-    use cmk_control_plane_store::{SqliteStore, Store, StoredKek};
+    use cmk_control_plane_store::{Backend, PgStore, SqliteStore, Store, StoredKek};
 
     let org = OrgId::parse(org).unwrap();
-    let url = format!("sqlite://{}", database.display());
-    let store = SqliteStore::open(&url).await.unwrap();
-    let stored = store.load_org(&org).await.unwrap().expect("the org exists");
-    store.close().await;
+    let stored = match Backend::of(database) {
+        Some(Backend::Sqlite) => {
+            let store = SqliteStore::open(database).await.unwrap();
+            let stored = store.load_org(&org).await.unwrap();
+            store.close().await;
+            stored
+        }
+        _ => {
+            let store = PgStore::open(database).await.unwrap();
+            let stored = store.load_org(&org).await.unwrap();
+            store.close().await;
+            stored
+        }
+    }
+    .expect("the org exists");
     let active = stored
         .keys
         .iter()
@@ -653,7 +669,6 @@ pub async fn seed_keks(
         }
     }
     // The store's own bulk insert keeps the per-key KEK counts in step.
-    let store = SqliteStore::open(&url).await.unwrap();
     let keks = rows
         .iter()
         .map(|(id, resource, wrapped)| StoredKek {
@@ -664,8 +679,18 @@ pub async fn seed_keks(
             created_at: Timestamp(now),
         })
         .collect();
-    store.insert_keks_unchecked(&org, keks).await.unwrap();
-    store.close().await;
+    match Backend::of(database) {
+        Some(Backend::Sqlite) => {
+            let store = SqliteStore::open(database).await.unwrap();
+            store.insert_keks_unchecked(&org, keks).await.unwrap();
+            store.close().await;
+        }
+        _ => {
+            let store = PgStore::open(database).await.unwrap();
+            store.insert_keks_unchecked(&org, keks).await.unwrap();
+            store.close().await;
+        }
+    }
     rows.into_iter()
         .map(|(id, _, _)| id.as_str().to_owned())
         .collect()

@@ -331,6 +331,19 @@ pub fn control_plane_command(
     data: &Path,
     addr: SocketAddr,
 ) -> Command {
+    let database = format!("sqlite://{}", data.join("cmk.db").display());
+    control_plane_command_on(program, pki, hsm, data, &database, addr)
+}
+
+/// As [`control_plane_command`], on the store at the URL `database`.
+pub fn control_plane_command_on(
+    program: &Path,
+    pki: &Pki,
+    hsm: SocketAddr,
+    data: &Path,
+    database: &str,
+    addr: SocketAddr,
+) -> Command {
     let policy = data.join("policy.toml");
     std::fs::write(&policy, control_plane::POLICY).unwrap();
     let mut command = Command::new(program);
@@ -352,7 +365,7 @@ pub fn control_plane_command(
         .arg("--hsm-tls-ca")
         .arg(pki.path("ca.crt"))
         .arg("--database")
-        .arg(format!("sqlite://{}", data.join("cmk.db").display()))
+        .arg(database)
         .arg("--policy-file")
         .arg(policy);
     command
@@ -376,8 +389,22 @@ impl ControlPlaneProcess {
         port: u16,
         env: &[(&str, &str)],
     ) -> Self {
+        let database = format!("sqlite://{}", data.join("cmk.db").display());
+        Self::start_on(pki, hsm, data, &database, port, env).await
+    }
+
+    /// As [`ControlPlaneProcess::start`], on the store at the URL `database`.
+    pub async fn start_on(
+        pki: &Pki,
+        hsm: SocketAddr,
+        data: &Path,
+        database: &str,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = control_plane_command(&binary("control-plane"), pki, hsm, data, addr)
+        let program = binary("control-plane");
+        let child = control_plane_command_on(&program, pki, hsm, data, database, addr)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -533,3 +533,71 @@ async fn tampering_with_the_audit_log_is_detected() {
     assert!(!check.intact);
     assert!(check.problem.contains("seq 2"), "{}", check.problem);
 }
+
+/// The control plane's client certificate towards the HSM daemon is re-read
+/// from disk, as the server certificates are. Started with a certificate the
+/// daemon refuses (from the trusted CA, but not on its allow-list), then
+/// renewed in place by the control plane's own — written beside and renamed
+/// over, as a mounted Secret is updated — key operations succeed within a
+/// reload interval, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewed_hsm_client_certificate_is_used_without_a_restart() {
+    let client = tempfile::tempdir().unwrap();
+    let (crt, key) = (
+        client.path().join("hsm-client.crt"),
+        client.path().join("hsm-client.key"),
+    );
+    let configured = (crt.clone(), key.clone());
+    let d = Deployment::start_with(cmk_hsm_daemon::Limits::default(), move |raw| {
+        // The test PKI's directory, which the deployment makes before the
+        // control plane starts: begin with the intruder's certificate.
+        let pki = raw
+            .hsm_tls_cert
+            .as_ref()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_owned();
+        if !configured.0.exists() {
+            std::fs::copy(pki.join("intruder.crt"), &configured.0).unwrap();
+            std::fs::copy(pki.join("intruder.key"), &configured.1).unwrap();
+        }
+        raw.hsm_tls_cert = Some(configured.0.clone());
+        raw.hsm_tls_key = Some(configured.1.clone());
+    })
+    .await;
+    let admin = d.client("admin-acme").await;
+    let public_key = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_import_public_key(pb::GetImportPublicKeyRequest { org_id: ORG.into() })
+                .await
+        }
+    };
+    let refused = public_key().await.unwrap_err();
+    assert_ne!(refused.code(), Code::Ok);
+
+    for (from, to) in [("control-plane.key", &key), ("control-plane.crt", &crt)] {
+        let next = to.with_extension("new");
+        std::fs::copy(d.hsm.pki.path(from), &next).unwrap();
+        std::fs::rename(&next, to).unwrap();
+    }
+    let renewed = std::time::Instant::now();
+    loop {
+        match public_key().await {
+            Ok(answer) => {
+                assert!(answer.into_inner().public_key_pem.contains("PUBLIC KEY"));
+                break;
+            }
+            Err(_) if renewed.elapsed() < cmk_tls::RELOAD_INTERVAL * 3 => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => panic!("the renewed certificate was never used: {status:?}"),
+        }
+    }
+    println!(
+        "renewed HSM client certificate in use after {:?}",
+        renewed.elapsed()
+    );
+}

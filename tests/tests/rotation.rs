@@ -1,14 +1,17 @@
 //! End-to-end: rotation jobs re-wrap thousands of KEKs to the new master key,
 //! report their progress, survive SIGKILL of both processes mid-way (the real
-//! binaries), and give way to a newer activation.
+//! binaries), give way to a newer activation, and move to another replica
+//! when the one working them dies.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
+
+use cmk_control_plane_store::testdb::TestDb;
 
 use cmk_hsm_daemon::Limits;
 use cmk_proto::control::v1::{self as pb, KeyState, RotationState};
@@ -57,7 +60,8 @@ async fn list(admin: &mut Admin) -> pb::ListKeysResponse {
 struct Parts<'a> {
     pki: &'a Pki,
     hsm: SocketAddr,
-    database: PathBuf,
+    /// The store's URL.
+    database: String,
 }
 
 /// BYOK on and an uploaded master key; `n` KEKs under it — `THROUGH_API` of
@@ -510,7 +514,7 @@ fn parts(d: &Deployment) -> Parts<'_> {
     Parts {
         pki: &d.hsm.pki,
         hsm: d.hsm.daemon.addr,
-        database: d.database(),
+        database: d.database_url(),
     }
 }
 
@@ -584,7 +588,7 @@ async fn a_rotation_survives_sigkill_of_both_processes() {
     let parts = Parts {
         pki: &pki,
         hsm: hsm.addr,
-        database: data.path().join("cmk.db"),
+        database: format!("sqlite://{}", data.path().join("cmk.db").display()),
     };
     let (old, keks, samples) = org_with_keks(&mut admin, &svc, parts, work.path(), KEKS, 10).await;
     let new = upload_new_key(&mut admin, ORG, work.path(), "second", true)
@@ -640,4 +644,160 @@ async fn a_rotation_survives_sigkill_of_both_processes() {
     assert_rotation_audited(&mut admin, &[&old], &new, &job).await;
     drop((cp, hsm));
     assert_eq!(kek_rows(data.path()).await, vec![(new, KEKS as u64)]);
+}
+
+/// The holder of the lease `name` in the PostgreSQL database `db`, if held.
+async fn lease_holder(db: &TestDb, name: &str) -> Option<String> {
+    use sqlx::{Connection, Row};
+    let mut conn = db.raw().await;
+    let holder = sqlx::query("SELECT holder FROM leases WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap()
+        .map(|row| row.get::<String, _>("holder"));
+    conn.close().await.unwrap();
+    holder
+}
+
+/// The process id in a lease holder's name (`host:pid:suffix`).
+fn holder_pid(holder: &str) -> u32 {
+    holder.split(':').nth(1).unwrap().parse().unwrap()
+}
+
+/// Two control-plane processes on one PostgreSQL database and one HSM
+/// daemon, as an HA deployment runs them. A revocation made through one is
+/// in force on the other within 5 s. The replica working the rotation job —
+/// the one holding its lease — is killed with SIGKILL part-way; the other
+/// takes the job over once the lease runs out and finishes it, with every
+/// KEK re-wrapped and counted exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_killed_mid_rotation_is_taken_over_by_the_other() {
+    const KEKS: usize = 3000;
+    let db = TestDb::create().await;
+    let url = db.url();
+    let pki = Pki::new();
+    let keystore = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        keystore.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let hsm = DaemonProcess::start(&pki, keystore.path(), free_port()).await;
+    let env = [
+        ("CMK_CP_ROTATION_BATCH", "20"),
+        ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
+        ("CMK_CP_LEASE_TTL_SECS", "3"),
+    ];
+    let start =
+        || ControlPlaneProcess::start_on(&pki, hsm.addr, data.path(), &url, free_port(), &env);
+    let (a, b) = (start().await, start().await);
+    let mut admin_a = admin_at(&pki, a.addr, "admin-acme").await;
+    let mut admin_b = admin_at(&pki, b.addr, "admin-acme").await;
+    let svc_a = content_at(&pki, a.addr, "service-acme").await;
+    let svc_b = content_at(&pki, b.addr, "service-acme").await;
+    let parts = Parts {
+        pki: &pki,
+        hsm: hsm.addr,
+        database: url.clone(),
+    };
+    let (old, keks, samples) =
+        org_with_keks(&mut admin_a, &svc_a, parts, work.path(), KEKS, 10).await;
+
+    // A revocation through A is in force on B, whose view of the org is
+    // warm, within 5 s; a reactivation through B, on A.
+    assert_all_decrypt(&svc_b, ORG, &samples[..5]).await;
+    admin_a.revoke_key(key_req(&old)).await.unwrap();
+    let took = until_decrypt(&svc_b, &samples[0], false).await;
+    println!("revocation through one replica in force on the other after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    admin_b.reactivate_key(key_req(&old)).await.unwrap();
+    let took = until_decrypt(&svc_a, &samples[0], true).await;
+    println!("reactivation through one replica in force on the other after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Activated through B; whichever replica claimed the job is killed.
+    let new = upload_new_key(&mut admin_b, ORG, work.path(), "second", true)
+        .await
+        .key_id;
+    let job = wait_for_rotation(&mut admin_a, ORG, PATIENCE, |j| j.done > 0).await;
+    let holder = lease_holder(&db, "rotation/acme")
+        .await
+        .expect("the job is claimed");
+    let (mut victim, survivor) = match holder_pid(&holder) {
+        pid if pid == a.child.id() => (a, b),
+        pid if pid == b.child.id() => (b, a),
+        pid => panic!("the job's lease names neither replica: {holder} (pid {pid})"),
+    };
+    victim.kill();
+    let killed = Instant::now();
+    assert!(job.done < job.total, "caught part-way: {job:?}");
+    println!(
+        "killed the replica working the job at {} of {}",
+        job.done, job.total
+    );
+
+    let mut admin = admin_at(&pki, survivor.addr, "admin-acme").await;
+    let svc = content_at(&pki, survivor.addr, "service-acme").await;
+    // Samples decrypt through the survivor while it takes over.
+    assert_all_decrypt(&svc, ORG, &samples[..20]).await;
+    let survivor_pid = survivor.child.id();
+    let took_over = loop {
+        match lease_holder(&db, "rotation/acme").await {
+            Some(h) if holder_pid(&h) == survivor_pid => break Some(killed.elapsed()),
+            // Finished (and the lease given up) between two looks.
+            None if rotation(&mut admin).await.state() == RotationState::Finished => break None,
+            _ if killed.elapsed() > PATIENCE => panic!("the survivor never took the job over"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    println!("the surviving replica took the job over after {took_over:?}");
+    let job = wait_for_rotation(&mut admin, ORG, PATIENCE, |j| {
+        j.state() != RotationState::Running
+    })
+    .await;
+    assert_eq!(job.state(), RotationState::Finished, "{job:?}");
+    assert_eq!(job.target_key_id, new);
+    assert_eq!(
+        (job.done, job.total),
+        (KEKS as u64, KEKS as u64),
+        "no KEK lost or re-wrapped twice"
+    );
+    assert_rotated(&mut admin, &svc, &new, &[&old], &keks, &samples, true).await;
+    assert_rotation_audited(&mut admin, &[&old], &new, &job).await;
+    assert_eq!(
+        lease_holder(&db, "rotation/acme").await,
+        None,
+        "the lease is given up"
+    );
+    drop((survivor, victim, hsm));
+}
+
+/// Decrypts `key` through `svc` until it succeeds (`opens`) or is refused
+/// for the revoked master (not `opens`); returns how long that took.
+async fn until_decrypt(svc: &Content, key: &ContentKey, opens: bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        let result = svc
+            .clone()
+            .decrypt(pb::DecryptRequest {
+                org_id: ORG.into(),
+                wrapped_key: key.wrapped.clone(),
+                context: key.context.clone(),
+            })
+            .await;
+        match (result, opens) {
+            (Ok(_), true) => return start.elapsed(),
+            (Err(status), false) if status.code() == tonic::Code::FailedPrecondition => {
+                return start.elapsed();
+            }
+            (Ok(_), false) => {}
+            (Err(status), _) if opens && status.code() == tonic::Code::FailedPrecondition => {}
+            (Err(status), _) => panic!("Decrypt: {status:?}"),
+        }
+        assert!(start.elapsed() < PATIENCE, "never changed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -53,6 +53,9 @@ pub enum TlsError {
     /// The client CA bundle could not be used to verify clients.
     #[error("invalid client CA: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A client could not be set up with the files.
+    #[error("TLS client: {0}")]
+    Client(String),
 }
 
 /// Paths of the PEM files one side of a mutual-TLS connection needs.
@@ -101,8 +104,25 @@ pub fn watch_server_config(
     files: TlsFiles,
     interval: Duration,
 ) -> Result<tokio::sync::watch::Receiver<Arc<ServerConfig>>, TlsError> {
+    watch_files(files, interval, server_config)
+}
+
+/// What `build` makes of `files`, following the files as
+/// [`watch_server_config`] does: built now (an error stops the caller's
+/// start), then rebuilt and published whenever the files' contents change
+/// and build cleanly. For a client, `build` makes a new connection with the
+/// renewed certificate (see the control plane's HSM client).
+pub fn watch_files<T, F>(
+    files: TlsFiles,
+    interval: Duration,
+    build: F,
+) -> Result<tokio::sync::watch::Receiver<T>, TlsError>
+where
+    T: Send + Sync + 'static,
+    F: Fn(&TlsFiles) -> Result<T, TlsError> + Send + 'static,
+{
     let mut loaded = read_all(&files);
-    let (tx, rx) = tokio::sync::watch::channel(server_config(&files)?);
+    let (tx, rx) = tokio::sync::watch::channel(build(&files)?);
     tokio::spawn(async move {
         let mut refused = None;
         loop {
@@ -114,7 +134,7 @@ pub fn watch_server_config(
             if current == loaded || current == refused {
                 continue;
             }
-            match server_config(&files) {
+            match build(&files) {
                 Ok(config) => {
                     tracing::info!(cert = %files.cert.display(), "TLS files changed; new connections use them");
                     loaded = current;
@@ -147,16 +167,17 @@ pub fn client_config(
     files: &TlsFiles,
     server_name: &str,
 ) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
-    let read = |path: &Path, what| {
-        fs::read(path).map_err(|source| TlsError::Read {
-            what,
-            path: path.display().to_string(),
-            source,
-        })
-    };
-    let ca = read(&files.ca, "server CA")?;
-    let cert = read(&files.cert, "certificate")?;
-    let key = read(&files.key, "private key")?;
+    let ca = read_file(&files.ca, "server CA")?;
+    let cert = read_file(&files.cert, "certificate")?;
+    let key = read_file(&files.key, "private key")?;
+    // tonic parses these only at the first handshake: check now that they
+    // parse and that the key is the certificate's, so that a bad file (or a
+    // pair caught half-renewed) fails here, where it can be refused.
+    let certs = parse_certs(&cert, &files.cert, "certificate")?;
+    let private = parse_key(&key, &files.key)?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    rustls::sign::CertifiedKey::from_der(certs, private, &provider)?;
+    parse_certs(&ca, &files.ca, "server CA")?;
     Ok(tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(ca))
         .identity(tonic::transport::Identity::from_pem(cert, key))
@@ -275,18 +296,30 @@ impl fmt::Debug for PeerIdentity {
     }
 }
 
+fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    parse_certs(&read_file(path, what)?, path, what)
+}
+
+/// The certificates of a PEM file's contents `bytes` (read from `path`).
+fn parse_certs(
+    bytes: &[u8],
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem_err = |reason: String| TlsError::Pem {
         what,
         path: path.display().to_string(),
         reason,
     };
-    let bytes = fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.display().to_string(),
-        source,
-    })?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| pem_err(err.to_string()))?;
     if certs.is_empty() {
@@ -296,14 +329,14 @@ fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'sta
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = fs::read(path).map_err(|source| TlsError::Read {
-        what: "private key",
-        path: path.display().to_string(),
-        source,
-    })?;
+    parse_key(&read_file(path, "private key")?, path)
+}
+
+/// The private key of a PEM file's contents `bytes` (read from `path`).
+fn parse_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     // The parse error can quote the input, and the input is a private key: report
     // only that it failed.
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::Pem {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|_| TlsError::Pem {
         what: "private key",
         path: path.display().to_string(),
         reason: "no PKCS#8, PKCS#1 or SEC1 private key block found".into(),

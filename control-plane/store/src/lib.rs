@@ -35,6 +35,10 @@ mod ops;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
+#[cfg(feature = "contract")]
+pub mod testdb;
+
+use std::{sync::Arc, time::Duration};
 
 use cmk_control_plane_domain::{
     KekId, KeyId, KeyRecord, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
@@ -394,4 +398,135 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every running rotation job, by org id.
     async fn running_rotations(&self) -> Result<Vec<RotationJob>, StoreError>;
+
+    /// Claims the lease `name` for `holder` until `ttl` from now by the
+    /// database's clock, if no one holds it, its holder's time has run out,
+    /// or `holder` holds it already (which renews it); returns whether
+    /// `holder` holds it now. Of callers racing for a free lease, exactly
+    /// one gets it.
+    ///
+    /// A lease keeps replicas from doing the same work at once; it is not
+    /// what keeps the data right. A holder that stalls past its expiry may
+    /// still be working when another takes over, so every write that work
+    /// makes must be safe to race (as [`Store::rewrap_keks`] is).
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives up the lease `name` if `holder` holds it (expired or not);
+    /// otherwise changes nothing.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+}
+
+/// Opens the store `url` names — `sqlite://path` (or `sqlite:path`) or
+/// `postgres://…` (or `postgresql://…`) — and brings its schema up to date.
+/// `options` apply to a PostgreSQL store; SQLite's pool is fixed (see
+/// [`SqliteStore`]).
+pub async fn open(url: &str, options: PgStoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+    match Backend::of(url) {
+        Some(Backend::Sqlite) => Ok(Arc::new(SqliteStore::open(url).await?)),
+        Some(Backend::Postgres) => Ok(Arc::new(PgStore::open_with(url, options).await?)),
+        None => Err(StoreError::Unavailable(
+            format!(
+                "{:?} is neither a sqlite:// nor a postgres:// URL",
+                redact_url(url)
+            )
+            .into(),
+        )),
+    }
+}
+
+/// Which implementation a store URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:`
+    Sqlite,
+    /// `postgres:` or `postgresql:`
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of `url` by its scheme, or `None` for any other.
+    pub fn of(url: &str) -> Option<Self> {
+        let scheme = url.split_once(':')?.0;
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            _ => None,
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs: a
+/// PostgreSQL URL may carry one, in its user info
+/// (`postgres://user:secret@host/db`) or as libpq's `password` parameter.
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                    format!("{scheme}://{user}:***@{host}{path}")
+                }
+                _ => base.to_owned(),
+            }
+        }
+        None => base.to_owned(),
+    };
+    if query.is_empty() {
+        return base;
+    }
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_backend() {
+        assert_eq!(
+            Backend::of("sqlite:///var/lib/cmk.db"),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(Backend::of("sqlite:cmk.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of("postgres://db/cmk"), Some(Backend::Postgres));
+        assert_eq!(Backend::of("PostgreSQL://db/cmk"), Some(Backend::Postgres));
+        assert_eq!(Backend::of("mysql://db/cmk"), None);
+        assert_eq!(Backend::of("/var/lib/cmk.db"), None);
+    }
+
+    #[test]
+    fn passwords_are_redacted_wherever_the_url_carries_them() {
+        for (url, shown) in [
+            (
+                "postgres://cmk:s3cr3t@db:5432/cmk",
+                "postgres://cmk:***@db:5432/cmk",
+            ),
+            (
+                "postgres://cmk:p@ss@db/cmk?sslmode=verify-full",
+                "postgres://cmk:***@db/cmk?sslmode=verify-full",
+            ),
+            (
+                "postgres://db/cmk?user=cmk&password=s3cr3t",
+                "postgres://db/cmk?user=cmk&password=***",
+            ),
+            ("postgres://cmk@db/cmk", "postgres://cmk@db/cmk"),
+            ("sqlite:///var/lib/cmk.db", "sqlite:///var/lib/cmk.db"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
 }

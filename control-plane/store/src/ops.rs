@@ -478,3 +478,10 @@ async fn insert_counted_keks(
     }
     Ok(())
 }
+
+/// `duration` in whole milliseconds, as a lease's SQL arithmetic takes it,
+/// capped at 2^52 (over 100 000 years) so that adding it to the clock cannot
+/// overflow.
+pub(crate) fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).map_or(1 << 52, |ms| ms.min(1 << 52))
+}

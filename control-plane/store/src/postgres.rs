@@ -450,6 +450,53 @@ impl Store for PgStore {
     async fn running_rotations(&self) -> Result<Vec<RotationJob>, StoreError> {
         ops::running_rotations(self.begin_read().await?).await
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        // Racing inserts of a free lease meet on the primary key: one
+        // inserts, the others wait for it and then evaluate the WHERE against
+        // its row, which is unexpired and not theirs. That re-check is READ
+        // COMMITTED's; at a stricter default level the losers would fail with
+        // a serialisation error instead, so the level is named here too.
+        // clock_timestamp(), not now(): the statement's time, not the
+        // transaction's start.
+        let mut tx = self.begin_write().await?;
+        let granted = sqlx::query(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) \
+             INSERT INTO leases (name, holder, expires_at) \
+             SELECT $1, $2, now.ms + $3 FROM now \
+             ON CONFLICT (name) DO UPDATE \
+             SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder \
+                OR leases.expires_at <= (SELECT ms FROM now) \
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ops::millis(ttl))
+        .fetch_optional(&mut *tx.0)
+        .await
+        .map_err(db)?
+        .is_some();
+        tx.commit().await?;
+        Ok(granted)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        // READ COMMITTED for the reason `acquire_lease` gives.
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&mut *tx.0)
+            .await
+            .map_err(db)?;
+        tx.commit().await
+    }
 }
 
 /// One transaction on the database; see [`PgStore::begin_org_write`] for

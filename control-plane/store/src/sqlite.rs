@@ -379,7 +379,51 @@ impl Store for SqliteStore {
     async fn running_rotations(&self) -> Result<Vec<RotationJob>, StoreError> {
         ops::running_rotations(self.begin_read().await?).await
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        // In a write transaction: a lone UPSERT would read under a shared
+        // lock and could fail with SQLITE_BUSY_SNAPSHOT when it upgrades,
+        // which the busy timeout does not retry.
+        let mut tx = self.begin_write().await?;
+        // 'now' is the same for every use within one statement.
+        let granted = sqlx::query(&format!(
+            "INSERT INTO leases (name, holder, expires_at) \
+             VALUES (?1, ?2, {NOW_MILLIS} + ?3) \
+             ON CONFLICT (name) DO UPDATE \
+             SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at <= {NOW_MILLIS} \
+             RETURNING holder"
+        ))
+        .bind(name)
+        .bind(holder)
+        .bind(ops::millis(ttl))
+        .fetch_optional(&mut *tx.0)
+        .await
+        .map_err(db)?
+        .is_some();
+        tx.commit().await?;
+        Ok(granted)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM leases WHERE name = ?1 AND holder = ?2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
 }
+
+/// The database's clock in milliseconds since the Unix epoch (the Julian
+/// day number of 1970-01-01 is 2440587.5).
+const NOW_MILLIS: &str = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
 
 /// One transaction on the database file; see [`SqliteStore::begin_write`]
 /// for the lock a write holds.
