@@ -29,6 +29,9 @@ pub struct RawSettings {
     /// present a client certificate (Kubernetes); off unless set.
     #[arg(long, env = "CMK_CP_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
+    /// Plaintext address serving Prometheus metrics at /metrics; off unless set.
+    #[arg(long, env = "CMK_CP_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Server certificate chain, PEM.
     #[arg(long, env = "CMK_CP_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -125,6 +128,7 @@ impl RawSettings {
         let Self {
             listen,
             health_listen,
+            metrics_listen,
             tls_cert,
             tls_key,
             tls_client_ca,
@@ -151,6 +155,7 @@ impl RawSettings {
         Self {
             listen: listen.or(self.listen),
             health_listen: health_listen.or(self.health_listen),
+            metrics_listen: metrics_listen.or(self.metrics_listen),
             tls_cert: tls_cert.or(self.tls_cert),
             tls_key: tls_key.or(self.tls_key),
             tls_client_ca: tls_client_ca.or(self.tls_client_ca),
@@ -214,15 +219,25 @@ impl RawSettings {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
-        let health_listen = self.health_listen.as_deref().and_then(|addr| {
-            addr.parse::<SocketAddr>()
-                .map_err(|e| {
-                    errors.push(format!(
-                        "health_listen: {e} (expected host:port, e.g. 0.0.0.0:8081)"
-                    ))
-                })
-                .ok()
-        });
+        let mut optional_addr = |name: &str, value: Option<&str>, example: &str| {
+            value.and_then(|addr| {
+                addr.parse::<SocketAddr>()
+                    .map_err(|e| {
+                        errors.push(format!("{name}: {e} (expected host:port, e.g. {example})"))
+                    })
+                    .ok()
+            })
+        };
+        let health_listen = optional_addr(
+            "health_listen",
+            self.health_listen.as_deref(),
+            "0.0.0.0:8081",
+        );
+        let metrics_listen = optional_addr(
+            "metrics_listen",
+            self.metrics_listen.as_deref(),
+            "0.0.0.0:9090",
+        );
 
         let hsm_endpoint = self
             .hsm_endpoint
@@ -332,6 +347,7 @@ impl RawSettings {
             Some(authz) if errors.is_empty() => Ok(Settings {
                 listen,
                 health_listen,
+                metrics_listen,
                 tls,
                 hsm: HsmSettings {
                     endpoint: hsm_endpoint,
@@ -363,6 +379,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Plaintext gRPC health only, for probes; off when `None`.
     pub health_listen: Option<SocketAddr>,
+    /// Plaintext Prometheus metrics at /metrics; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Server certificate, key, and the CA clients must chain to.
     pub tls: TlsFiles,
     /// How to reach the HSM daemon.

@@ -234,7 +234,9 @@ impl KeyService {
     ) -> Result<Option<Arc<SecretBytes>>, ServiceError> {
         let mut state = self.org_state(org).await?;
         state.master.clone()?;
-        if let Some(kek) = self.kek_cache.get(org, id) {
+        let cached = self.kek_cache.get(org, id);
+        self.metrics.cache_lookup(cached.is_some());
+        if let Some(kek) = cached {
             return Ok(Some(kek));
         }
         let Some(stored) = self.store.kek(org, id).await? else {

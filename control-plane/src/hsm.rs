@@ -1,15 +1,21 @@
 //! The control plane's client of the HSM daemon: mutual TLS, typed requests,
 //! secrets received straight into [`SecretBytes`].
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
 
 use cmk_proto::hsm::v1::{
     self as pb, hsm_service_client::HsmServiceClient, import_request, unwrap_result, wrap_result,
 };
+use cmk_runtime::metrics::{LatencyHistograms, latency_histograms};
 use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::{HsmCall, Metrics};
 
 /// Why a call to the HSM daemon failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,8 @@ pub struct HsmClient {
     /// The newest connection: [`HsmClient::follow`] replaces it when the TLS
     /// files change; calls already made finish on the one they started on.
     inner: watch::Receiver<HsmServiceClient<Channel>>,
+    /// Every call's latency.
+    calls: LatencyHistograms<HsmCall>,
 }
 
 impl HsmClient {
@@ -116,7 +124,10 @@ impl HsmClient {
                 .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?;
             Ok(Self::service(Self::tuned(endpoint).connect_lazy()))
         })?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            calls: latency_histograms(),
+        })
     }
 
     fn endpoint(endpoint: &str, server_name: &str, tls: &TlsFiles) -> Result<Endpoint, HsmError> {
@@ -135,7 +146,32 @@ impl HsmClient {
     fn over(channel: Channel) -> Self {
         // No sender: this connection is the only one.
         let (_, inner) = watch::channel(Self::service(channel));
-        Self { inner }
+        Self {
+            inner,
+            calls: latency_histograms(),
+        }
+    }
+
+    /// Records every call's latency in `metrics` (by default, in series
+    /// of its own that nothing exposes).
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
+        self.calls = metrics.hsm_calls.clone();
+        self
+    }
+
+    /// Runs `call`, the RPC `method`, and records its latency and outcome.
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, HsmError>>,
+    ) -> Result<T, HsmError> {
+        let start = Instant::now();
+        let result = call.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.calls
+            .get_or_create(&HsmCall { method, outcome })
+            .observe(start.elapsed().as_secs_f64());
+        result
     }
 
     fn service(channel: Channel) -> HsmServiceClient<Channel> {
@@ -151,11 +187,14 @@ impl HsmClient {
 
     /// The RSA import public key (PEM) and its key id.
     pub async fn import_public_key(&self) -> Result<pb::GetImportPublicKeyResponse, HsmError> {
-        Ok(self
-            .client()
-            .get_import_public_key(pb::GetImportPublicKeyRequest {})
-            .await?
-            .into_inner())
+        self.timed("GetImportPublicKey", async {
+            Ok(self
+                .client()
+                .get_import_public_key(pb::GetImportPublicKeyRequest {})
+                .await?
+                .into_inner())
+        })
+        .await
     }
 
     /// Imports an RSA-OAEP-wrapped CMK under `handle` (see [`random_handle`]).
@@ -198,19 +237,20 @@ impl HsmClient {
         source: import_request::Source,
         import_key_id: String,
     ) -> Result<ImportedKey, HsmError> {
+        let request = pb::ImportRequest {
+            source: Some(source),
+            import_key_id,
+            key_handle: handle.to_owned(),
+        };
         let pb::ImportResponse {
             key_handle,
             key_check_value,
             origin: _,
         } = self
-            .client()
-            .import(pb::ImportRequest {
-                source: Some(source),
-                import_key_id,
-                key_handle: handle.to_owned(),
+            .timed("Import", async {
+                Ok(self.client().import(request).await?.into_inner())
             })
-            .await?
-            .into_inner();
+            .await?;
         // The caller has recorded `handle`; a key stored under any other name
         // would be one it cannot find again.
         if key_handle != handle {
@@ -231,12 +271,11 @@ impl HsmClient {
         plaintext: &SecretBytes,
         associated_data: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        Ok(self
-            .client()
-            .wrap(wrap_request(handle, plaintext, associated_data))
-            .await?
-            .into_inner()
-            .ciphertext)
+        let request = wrap_request(handle, plaintext, associated_data);
+        self.timed("Wrap", async {
+            Ok(self.client().wrap(request).await?.into_inner().ciphertext)
+        })
+        .await
     }
 
     /// Unwraps a Wrap ciphertext.
@@ -245,17 +284,18 @@ impl HsmClient {
         ciphertext: &[u8],
         associated_data: &[u8],
     ) -> Result<Unwrapped, HsmError> {
+        let request = pb::UnwrapRequest {
+            ciphertext: ciphertext.to_vec(),
+            associated_data: associated_data.to_vec(),
+        };
         let pb::UnwrapResponse {
             plaintext,
             key_handle,
         } = self
-            .client()
-            .unwrap(pb::UnwrapRequest {
-                ciphertext: ciphertext.to_vec(),
-                associated_data: associated_data.to_vec(),
+            .timed("Unwrap", async {
+                Ok(self.client().unwrap(request).await?.into_inner())
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(Unwrapped {
             plaintext: SecretBytes::new(plaintext),
             handle: key_handle,
@@ -274,11 +314,15 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .client()
-            .batch_wrap(request)
-            .await?
-            .into_inner()
-            .results;
+            .timed("BatchWrap", async {
+                Ok(self
+                    .client()
+                    .batch_wrap(request)
+                    .await?
+                    .into_inner()
+                    .results)
+            })
+            .await?;
         batch_results(results, items.len(), |r| match r.result? {
             wrap_result::Result::Ciphertext(ct) => Some(Ok(ct)),
             wrap_result::Result::Error(e) => Some(Err(item_status(e))),
@@ -300,11 +344,15 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .client()
-            .batch_unwrap(request)
-            .await?
-            .into_inner()
-            .results;
+            .timed("BatchUnwrap", async {
+                Ok(self
+                    .client()
+                    .batch_unwrap(request)
+                    .await?
+                    .into_inner()
+                    .results)
+            })
+            .await?;
         batch_results(results, items.len(), |r| match r.result? {
             unwrap_result::Result::Ok(out) => Some(Ok(Unwrapped {
                 plaintext: SecretBytes::new(out.plaintext),
@@ -316,14 +364,18 @@ impl HsmClient {
 
     /// Destroys a CMK; `Ok(true)` when an earlier call had already destroyed it.
     pub async fn destroy(&self, handle: &str) -> Result<bool, HsmError> {
-        Ok(self
-            .client()
-            .destroy(pb::DestroyRequest {
-                key_handle: handle.to_owned(),
-            })
-            .await?
-            .into_inner()
-            .already_destroyed)
+        let request = pb::DestroyRequest {
+            key_handle: handle.to_owned(),
+        };
+        self.timed("Destroy", async {
+            Ok(self
+                .client()
+                .destroy(request)
+                .await?
+                .into_inner()
+                .already_destroyed)
+        })
+        .await
     }
 }
 

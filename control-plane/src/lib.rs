@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod hsm;
 pub mod kek_cache;
 pub mod lease;
+pub mod metrics;
 pub mod rotation;
 pub mod server;
 pub mod service;

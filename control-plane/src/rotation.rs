@@ -22,6 +22,7 @@ use cmk_control_plane_store::{
     GenericKey, Intent, IntentKind, JobState, Rewrap, RotationJob, StoreError, StoredKek, StoredOrg,
 };
 use cmk_secret::SecretBytes;
+use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
 use crate::{
@@ -31,6 +32,7 @@ use crate::{
     error::{ServiceError, chain},
     hsm::random_handle,
     lease::{Leased, with_lease},
+    metrics::ActiveRotation,
     service::{KeyService, SERVICE_ACTOR, Step, new_key_id},
 };
 
@@ -67,12 +69,14 @@ struct Write {
 }
 
 impl Write {
-    /// Waits for the write; `true` if some rows were skipped because they
-    /// had changed since they were read.
-    async fn finish(self) -> Result<bool, ServiceError> {
+    /// Waits for the write and counts what it wrote in `rewrapped`; `true`
+    /// if some rows were skipped because they had changed since they were
+    /// read.
+    async fn finish(self, rewrapped: &Counter) -> Result<bool, ServiceError> {
         let written = self.task.await.map_err(|e| {
             StoreError::Unavailable(format!("the KEK write task failed: {e}").into())
         })??;
+        rewrapped.inc_by(written);
         Ok(written < self.attempted)
     }
 }
@@ -110,7 +114,10 @@ impl KeyService {
     pub async fn run_rotations(&self) -> Result<(), ServiceError> {
         for job in self.store.running_rotations().await? {
             let lease = format!("rotation/{}", job.org);
-            let work = self.rotate(&job.org);
+            let work = async {
+                let _active = ActiveRotation::start(&self.metrics.rotations_active);
+                self.rotate(&job.org).await
+            };
             let outcome = with_lease(
                 &*self.store,
                 &self.replica,
@@ -147,6 +154,7 @@ impl KeyService {
             }
             Pass::Idle => {}
             Pass::Failures(n) => {
+                self.metrics.rewrap_failures.inc_by(n);
                 warn!(%org, failed = n, "some KEKs could not be re-wrapped; will retry");
             }
         }
@@ -191,7 +199,7 @@ impl KeyService {
                 None => None,
             };
             if let Some(write) = in_flight.take() {
-                match write.finish().await {
+                match write.finish(&self.metrics.keks_rewrapped).await {
                     Ok(short) => skipped |= short,
                     // The org's keys changed (revoked, or a newer activation)
                     // or the job ended: start over under the new state.

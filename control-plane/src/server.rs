@@ -1,5 +1,5 @@
 //! Assembles and runs the control plane: store, HSM client, key service,
-//! timers, mutual TLS, admin API, health and reflection.
+//! timers, mutual TLS, admin API, health, reflection and metrics.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -8,6 +8,8 @@ use cmk_proto::control::v1::{
     content_key_service_server::ContentKeyServiceServer,
     key_admin_service_server::KeyAdminServiceServer,
 };
+use cmk_runtime::metrics::{GrpcMetrics, serve_metrics};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -19,6 +21,7 @@ use crate::{
     grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
     lease::with_lease,
+    metrics::Metrics,
     service::{KeyService, ServiceOptions},
 };
 
@@ -46,6 +49,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC metrics could not learn the server's methods.
+    #[error("metrics: {0}")]
+    Metrics(#[from] cmk_runtime::metrics::DescriptorSetError),
 }
 
 /// Binds `settings.listen` and serves on the system clock until `shutdown`
@@ -70,6 +76,7 @@ pub async fn serve(
     let Settings {
         listen: _,
         health_listen,
+        metrics_listen,
         tls,
         hsm,
         database,
@@ -107,9 +114,22 @@ pub async fn serve(
         lease_ttl,
         ..ServiceOptions::default()
     };
-    let service = Arc::new(KeyService::new(
-        store, hsm_client, clock, lifecycle, options,
-    ));
+    let mut registry = Registry::default();
+    let grpc_metrics = GrpcMetrics::register(
+        &mut registry,
+        &[
+            cmk_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+    )?;
+    let metrics = Metrics::register(&mut registry);
+    // Dropped (and stopped) when serving ends.
+    let _metrics = serve_metrics(metrics_listen, Arc::new(registry)).await?;
+    let service = Arc::new(
+        KeyService::new(store, hsm_client, clock, lifecycle, options).with_metrics(metrics),
+    );
     info!(replica = service.replica(), %database, "metadata store open");
     let timers = tokio::spawn(maintain(service.clone(), maintenance_interval));
     // Often enough that a job whose replica died is taken over within
@@ -154,6 +174,7 @@ pub async fn serve(
     let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
     let router = Server::builder()
         .timeout(limits.request_timeout)
+        .layer(grpc_metrics.layer())
         .add_service(admin)
         .add_service(content)
         .add_service(health_service)

@@ -26,6 +26,7 @@ use cmk_control_plane_store::{
 use cmk_proto::hsm::v1 as hsm_pb;
 use tracing::{info, warn};
 
+use crate::metrics::Metrics;
 use crate::{
     authz::Caller,
     clock::Clock,
@@ -201,6 +202,8 @@ pub struct KeyService {
     pub(crate) rotation_wake: tokio::sync::Notify,
     /// This process as a lease holder (see [`crate::lease`]).
     pub(crate) replica: String,
+    /// What this process measures.
+    pub(crate) metrics: Metrics,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
@@ -224,9 +227,19 @@ impl KeyService {
             org_states: Mutex::default(),
             rotation_wake: tokio::sync::Notify::new(),
             replica: crate::lease::replica_id(),
+            metrics: Metrics::default(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
+    }
+
+    /// Records this service's measures in `metrics` (by default, in series
+    /// of its own that nothing exposes); its HSM client records its calls
+    /// there too.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.hsm = self.hsm.with_metrics(&metrics);
+        self.metrics = metrics;
+        self
     }
 
     /// This process's name in the leases it holds.

@@ -35,6 +35,9 @@ pub struct RawSettings {
     /// present a client certificate (Kubernetes); off unless set.
     #[arg(long, env = "CMK_HSM_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
+    /// Plaintext address serving Prometheus metrics at /metrics; off unless set.
+    #[arg(long, env = "CMK_HSM_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Directory of the software keystore.
     #[arg(long, env = "CMK_HSM_KEYSTORE_DIR")]
     pub keystore_dir: Option<PathBuf>,
@@ -95,6 +98,7 @@ impl RawSettings {
         let Self {
             listen,
             health_listen,
+            metrics_listen,
             keystore_dir,
             root_key_file,
             import_key_bits,
@@ -113,6 +117,7 @@ impl RawSettings {
         Self {
             listen: listen.or(self.listen),
             health_listen: health_listen.or(self.health_listen),
+            metrics_listen: metrics_listen.or(self.metrics_listen),
             keystore_dir: keystore_dir.or(self.keystore_dir),
             root_key_file: root_key_file.or(self.root_key_file),
             import_key_bits: import_key_bits.or(self.import_key_bits),
@@ -171,15 +176,25 @@ impl RawSettings {
                 ));
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
-        let health_listen = self.health_listen.as_deref().and_then(|addr| {
-            addr.parse::<SocketAddr>()
-                .map_err(|e| {
-                    errors.push(format!(
-                        "health_listen: {e} (expected host:port, e.g. 0.0.0.0:8081)"
-                    ))
-                })
-                .ok()
-        });
+        let mut optional_addr = |name: &str, value: Option<&str>, example: &str| {
+            value.and_then(|addr| {
+                addr.parse::<SocketAddr>()
+                    .map_err(|e| {
+                        errors.push(format!("{name}: {e} (expected host:port, e.g. {example})"))
+                    })
+                    .ok()
+            })
+        };
+        let health_listen = optional_addr(
+            "health_listen",
+            self.health_listen.as_deref(),
+            "0.0.0.0:8081",
+        );
+        let metrics_listen = optional_addr(
+            "metrics_listen",
+            self.metrics_listen.as_deref(),
+            "0.0.0.0:9090",
+        );
 
         let import_key_bits = match self.import_key_bits {
             None => ImportKeyBits::default(),
@@ -273,6 +288,7 @@ impl RawSettings {
             Some(root_key) if errors.is_empty() => Ok(Settings {
                 listen,
                 health_listen,
+                metrics_listen,
                 keystore_dir,
                 root_key,
                 import_key_bits,
@@ -309,6 +325,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Plaintext gRPC health only, for probes; off when `None`.
     pub health_listen: Option<SocketAddr>,
+    /// Plaintext Prometheus metrics at /metrics; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of the software keystore.
     pub keystore_dir: PathBuf,
     /// The key every keystore file is sealed under.

@@ -1,10 +1,12 @@
 //! Assembles and runs the daemon: custody backend, mutual TLS, allow-list,
-//! HSM service, health and reflection.
+//! HSM service, health, reflection and metrics.
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody};
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
+use cmk_runtime::metrics::{GrpcMetrics, serve_metrics};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::{service::InterceptorLayer, transport::Server};
 use tracing::info;
@@ -29,6 +31,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC metrics could not learn the server's methods.
+    #[error("metrics: {0}")]
+    Metrics(#[from] cmk_runtime::metrics::DescriptorSetError),
 }
 
 /// Binds `settings.listen` and serves until `shutdown` completes.
@@ -51,6 +56,7 @@ pub async fn serve(
     let Settings {
         listen: _,
         health_listen,
+        metrics_listen,
         keystore_dir,
         root_key,
         import_key_bits,
@@ -68,6 +74,19 @@ pub async fn serve(
         .await
         .map_err(std::io::Error::other)??,
     );
+
+    let mut registry = Registry::default();
+    let grpc_metrics = GrpcMetrics::register(
+        &mut registry,
+        &[
+            cmk_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+    )?;
+    // Dropped (and stopped) when serving ends.
+    let _metrics = serve_metrics(metrics_listen, Arc::new(registry)).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<HsmServiceServer<HsmApi>>().await;
@@ -94,6 +113,8 @@ pub async fn serve(
     let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
     let router = Server::builder()
         .timeout(limits.request_timeout)
+        // Outermost, so that refused callers are counted and logged too.
+        .layer(grpc_metrics.layer())
         .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
             allowed_clients,
         ))))

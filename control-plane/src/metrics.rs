@@ -1,0 +1,112 @@
+//! What the control plane measures beside the gRPC requests it serves (which
+//! `cmk_runtime::metrics::GrpcMetrics` counts and times): its calls to the
+//! HSM daemon, its KEK cache, and the rotation jobs it works. Every label
+//! takes a fixed set of values; none names an org, a key or a caller.
+
+use cmk_runtime::metrics::{LatencyHistograms, latency_histograms};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+
+/// One HSM daemon call: its RPC, and whether it succeeded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HsmCall {
+    /// The RPC's name, e.g. `BatchWrap`.
+    pub method: &'static str,
+    /// `ok` or `error` (the daemon's own metrics have the status codes).
+    pub outcome: &'static str,
+}
+
+/// One KEK cache lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLookup {
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+/// The control plane's own metrics. Clones share the same series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Latency of calls to the HSM daemon.
+    pub hsm_calls: LatencyHistograms<HsmCall>,
+    /// KEK cache lookups by a content-key call.
+    pub kek_cache: Family<CacheLookup, Counter>,
+    /// KEKs this process re-wrapped and wrote for rotation jobs.
+    pub keks_rewrapped: Counter,
+    /// KEKs a rotation pass could not re-wrap (left as they were, retried).
+    pub rewrap_failures: Counter,
+    /// Rotation jobs this process is working now (holding their lease).
+    pub rotations_active: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            hsm_calls: latency_histograms(),
+            kek_cache: Family::default(),
+            keks_rewrapped: Counter::default(),
+            rewrap_failures: Counter::default(),
+            rotations_active: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// New series, registered in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        // prometheus-client appends the unit and `_total` when it exposes them.
+        registry.register_with_unit(
+            "cmk_hsm_call_duration",
+            "Calls from the control plane to the HSM daemon, by RPC and outcome",
+            Unit::Seconds,
+            metrics.hsm_calls.clone(),
+        );
+        registry.register(
+            "cmk_kek_cache_lookups",
+            "Lookups of unwrapped KEKs in this process's cache",
+            metrics.kek_cache.clone(),
+        );
+        registry.register(
+            "cmk_rotation_keks_rewrapped",
+            "KEKs re-wrapped to their org's active key by this process",
+            metrics.keks_rewrapped.clone(),
+        );
+        registry.register(
+            "cmk_rotation_rewrap_failures",
+            "KEKs a rotation pass of this process could not re-wrap; retried",
+            metrics.rewrap_failures.clone(),
+        );
+        registry.register(
+            "cmk_rotation_jobs_active",
+            "Rotation jobs this process is working (holding their lease)",
+            metrics.rotations_active.clone(),
+        );
+        metrics
+    }
+
+    /// Counts a KEK cache lookup.
+    pub fn cache_lookup(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.kek_cache.get_or_create(&CacheLookup { result }).inc();
+    }
+}
+
+/// Counts a rotation job as worked on until dropped, however the work ends
+/// (finished, failed, or stopped because its lease was lost).
+pub(crate) struct ActiveRotation(Gauge);
+
+impl ActiveRotation {
+    pub(crate) fn start(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for ActiveRotation {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
