@@ -91,8 +91,9 @@ OPERATOR_SECRETS = {"cmk-hsm-root-key": {"root.key"}, "cmk-control-plane-databas
 # Keys every cert-manager Secret holds.
 CERT_KEYS = {"tls.crt", "tls.key", "ca.crt"}
 # Configuration keys the manifests use before the services have them.
-PENDING_KEYS = {"health_listen"}
+PENDING_KEYS = set()
 HEALTH_PORT = 8081
+METRICS_PORT = 9090
 USER = 65532
 
 CERT_SPEC = {"additionalOutputFormats", "commonName", "dnsNames", "duration", "emailAddresses",
@@ -367,6 +368,8 @@ def check(rendered, overlay):
                 fail(f"{cname}: listen {listen} is not the grpc-tls container port")
             if cfg.get("health_listen") != f"0.0.0.0:{HEALTH_PORT}" or ports.get("health") != HEALTH_PORT:
                 fail(f"{cname}: health_listen must be 0.0.0.0:{HEALTH_PORT}, the container's health port")
+            if cfg.get("metrics_listen") != f"0.0.0.0:{METRICS_PORT}" or ports.get("metrics") != METRICS_PORT:
+                fail(f"{cname}: metrics_listen must be 0.0.0.0:{METRICS_PORT}, the container's metrics port")
             tls = {}
             for k in ("tls_cert", "tls_key", "tls_client_ca", "hsm_tls_cert", "hsm_tls_key", "hsm_tls_ca"):
                 if k in cfg:
@@ -477,6 +480,9 @@ def check(rendered, overlay):
             if not matches(n["spec"]["podSelector"].get("matchLabels"), hlabels):
                 continue
             for rule in n["spec"].get("ingress") or []:
+                # Metrics (no key material) may be scraped from elsewhere.
+                if [p.get("port") for p in rule.get("ports") or [{}]] == [METRICS_PORT]:
+                    continue
                 froms = rule.get("from") or [{}]
                 for f in froms:
                     if set(f) != {"podSelector"} or not f["podSelector"].get("matchLabels") \

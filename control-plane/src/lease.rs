@@ -11,7 +11,12 @@
 //! changes are version-checked commits, and custody calls are bracketed by
 //! intents.
 
-use std::{future::Future, time::Duration};
+use std::{
+    collections::HashSet,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use cmk_control_plane_store::{Store, StoreError};
 use tokio::time::Instant;
@@ -47,76 +52,131 @@ pub enum Leased<T> {
     Lost,
 }
 
-/// Runs `work` holding the lease `name` as `holder`, renewing it every third
-/// of `ttl`; the lease is given up when `work` ends.
-///
-/// A renewal that is refused, or that keeps failing until the lease would
-/// have run out, stops `work` at its next await point: the work must be
-/// safe to stop anywhere (as it must be to survive a crash).
-pub async fn with_lease<T>(
-    store: &dyn Store,
-    holder: &str,
-    name: &str,
+/// This process's leases in `store`, held under one holder name.
+pub struct Leases {
+    store: Arc<dyn Store>,
+    holder: String,
     ttl: Duration,
-    work: impl Future<Output = T>,
-) -> Result<Leased<T>, StoreError> {
-    let claimed = Instant::now();
-    if !store.acquire_lease(name, holder, ttl).await? {
-        debug!(lease = name, "held by another replica");
-        return Ok(Leased::Busy);
+    /// Names this process has claimed and not yet given up, including those
+    /// of work that was cancelled mid-way (a stopped task cannot run async
+    /// code on its way out): [`Leases::release_all`] gives them up.
+    held: Mutex<HashSet<String>>,
+}
+
+impl Leases {
+    /// Leases of `store` held as `holder` for `ttl` at a time.
+    pub fn new(store: Arc<dyn Store>, holder: String, ttl: Duration) -> Self {
+        Self {
+            store,
+            holder,
+            ttl,
+            held: Mutex::default(),
+        }
     }
-    // By this process's clock, the lease runs out no earlier than `ttl` after
-    // the claim was sent.
-    let mut held_until = claimed + ttl;
-    let every = ttl / 3;
-    let mut renewals = tokio::time::interval_at(claimed + every, every);
-    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(work);
-    let outcome = loop {
-        tokio::select! {
-            out = &mut work => break Leased::Done(out),
-            _ = renewals.tick() => {
-                let sent = Instant::now();
-                match store.acquire_lease(name, holder, ttl).await {
-                    Ok(true) => held_until = sent + ttl,
-                    Ok(false) => {
-                        warn!(lease = name, "lease taken over by another replica; stopping this work");
-                        break Leased::Lost;
-                    }
-                    Err(err) if Instant::now() + every >= held_until => {
-                        warn!(lease = name, error = %chain(&err),
-                              "cannot renew the lease before it runs out; stopping this work");
-                        break Leased::Lost;
-                    }
-                    Err(err) => {
-                        warn!(lease = name, error = %chain(&err), "cannot renew the lease; will retry");
+
+    /// This process's name as a lease holder.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Runs `work` holding the lease `name`, renewing it every third of the
+    /// TTL; the lease is given up when `work` ends.
+    ///
+    /// A renewal that is refused, or that keeps failing until the lease would
+    /// have run out, stops `work` at its next await point: the work must be
+    /// safe to stop anywhere (as it must be to survive a crash).
+    pub async fn run<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = T>,
+    ) -> Result<Leased<T>, StoreError> {
+        let (store, holder, ttl) = (&*self.store, self.holder.as_str(), self.ttl);
+        let claimed = Instant::now();
+        if !store.acquire_lease(name, holder, ttl).await? {
+            debug!(lease = name, "held by another replica");
+            return Ok(Leased::Busy);
+        }
+        self.held().insert(name.to_owned());
+        // By this process's clock, the lease runs out no earlier than `ttl`
+        // after the claim was sent.
+        let mut held_until = claimed + ttl;
+        let every = ttl / 3;
+        let mut renewals = tokio::time::interval_at(claimed + every, every);
+        renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(work);
+        let outcome = loop {
+            tokio::select! {
+                out = &mut work => break Leased::Done(out),
+                _ = renewals.tick() => {
+                    let sent = Instant::now();
+                    match store.acquire_lease(name, holder, ttl).await {
+                        Ok(true) => held_until = sent + ttl,
+                        Ok(false) => {
+                            warn!(lease = name, "lease taken over by another replica; stopping this work");
+                            break Leased::Lost;
+                        }
+                        Err(err) if Instant::now() + every >= held_until => {
+                            warn!(lease = name, error = %chain(&err),
+                                  "cannot renew the lease before it runs out; stopping this work");
+                            break Leased::Lost;
+                        }
+                        Err(err) => {
+                            warn!(lease = name, error = %chain(&err), "cannot renew the lease; will retry");
+                        }
                     }
                 }
             }
-        }
-    };
-    if let Err(err) = store.release_lease(name, holder).await {
-        // It runs out by itself.
-        warn!(lease = name, error = %chain(&err), "cannot give up the lease");
+        };
+        self.release(name).await;
+        Ok(outcome)
     }
-    Ok(outcome)
+
+    /// Gives up every lease this process still holds, for a clean stop:
+    /// another replica, or this one restarted, takes the work over at once
+    /// instead of when the leases run out. Call it once the leased work has
+    /// been stopped.
+    pub async fn release_all(&self) {
+        let names: Vec<String> = self.held().iter().cloned().collect();
+        for name in names {
+            self.release(&name).await;
+        }
+    }
+
+    async fn release(&self, name: &str) {
+        match self.store.release_lease(name, &self.holder).await {
+            Ok(()) => {
+                self.held().remove(name);
+            }
+            // It runs out by itself.
+            Err(err) => warn!(lease = name, error = %chain(&err), "cannot give up the lease"),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // The set is only inserted into and removed from: a panic elsewhere
+        // cannot leave it inconsistent.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    };
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use cmk_control_plane_store::SqliteStore;
 
     use super::*;
 
-    async fn store(dir: &tempfile::TempDir) -> SqliteStore {
+    async fn store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
         let url = format!("sqlite://{}", dir.path().join("cmk.db").display());
-        SqliteStore::open(&url).await.unwrap()
+        Arc::new(SqliteStore::open(&url).await.unwrap())
+    }
+
+    fn leases(store: &Arc<dyn Store>, holder: &str, ttl: Duration) -> Leases {
+        Leases::new(store.clone(), holder.into(), ttl)
     }
 
     #[tokio::test]
@@ -124,13 +184,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&dir).await;
         let ttl = Duration::from_secs(30);
-        let inner = with_lease(&store, "b", "job", ttl, async { 1 });
-        let outer = with_lease(&store, "a", "job", ttl, async {
+        let (a, b) = (leases(&store, "a", ttl), leases(&store, "b", ttl));
+        let inner = b.run("job", async { 1 });
+        let outer = a.run("job", async {
             // While "a" works, "b" is turned away.
             matches!(inner.await.unwrap(), Leased::Busy)
         });
         assert!(matches!(outer.await.unwrap(), Leased::Done(true)));
-        let after = with_lease(&store, "b", "job", ttl, async { 2 }).await;
+        let after = b.run("job", async { 2 }).await;
         assert!(matches!(after.unwrap(), Leased::Done(2)));
     }
 
@@ -144,7 +205,7 @@ mod tests {
             // Long past the first claim's time, the lease is still ours.
             store.acquire_lease("job", "b", ttl).await.unwrap()
         };
-        let outcome = with_lease(&store, "a", "job", ttl, work).await.unwrap();
+        let outcome = leases(&store, "a", ttl).run("job", work).await.unwrap();
         assert!(matches!(outcome, Leased::Done(false)));
     }
 
@@ -167,12 +228,44 @@ mod tests {
             store.release_lease("job", "a").await.unwrap();
             assert!(store.acquire_lease("job", "b", ttl * 10).await.unwrap());
         };
-        let (outcome, ()) = tokio::join!(with_lease(&store, "a", "job", ttl, work), thief);
+        let a = leases(&store, "a", ttl);
+        let (outcome, ()) = tokio::join!(a.run("job", work), thief);
         assert!(matches!(outcome.unwrap(), Leased::Lost));
         assert!(!finished.load(Ordering::SeqCst), "the work was stopped");
         assert!(
             !store.acquire_lease("job", "a", ttl).await.unwrap(),
             "stopping gave up nothing that was not its own"
+        );
+    }
+
+    #[tokio::test]
+    async fn leases_of_cancelled_work_are_given_up_by_release_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let ttl = Duration::from_secs(60);
+        let a = Arc::new(leases(&store, "a", ttl));
+        let (started, running) = tokio::sync::oneshot::channel();
+        let task = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let work = async {
+                    let _ = started.send(());
+                    std::future::pending::<()>().await
+                };
+                a.run("job", work).await
+            })
+        };
+        running.await.unwrap();
+        task.abort();
+        let _ = task.await;
+        assert!(
+            !store.acquire_lease("job", "b", ttl).await.unwrap(),
+            "still held"
+        );
+        a.release_all().await;
+        assert!(
+            store.acquire_lease("job", "b", ttl).await.unwrap(),
+            "given up"
         );
     }
 

@@ -31,7 +31,7 @@ use crate::{
     envelope,
     error::{ServiceError, chain},
     hsm::random_handle,
-    lease::{Leased, with_lease},
+    lease::Leased,
     metrics::ActiveRotation,
     service::{KeyService, SERVICE_ACTOR, Step, new_key_id},
 };
@@ -118,14 +118,7 @@ impl KeyService {
                 let _active = ActiveRotation::start(&self.metrics.rotations_active);
                 self.rotate(&job.org).await
             };
-            let outcome = with_lease(
-                &*self.store,
-                &self.replica,
-                &lease,
-                self.options.lease_ttl,
-                work,
-            )
-            .await;
+            let outcome = self.leases.run(&lease, work).await;
             match outcome {
                 Ok(Leased::Done(Ok(()))) | Ok(Leased::Busy) | Ok(Leased::Lost) => {}
                 Ok(Leased::Done(Err(err))) => {

@@ -20,7 +20,6 @@ use crate::{
     error::chain,
     grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
-    lease::with_lease,
     metrics::Metrics,
     service::{KeyService, ServiceOptions},
 };
@@ -165,7 +164,7 @@ pub async fn serve(
     let admin = KeyAdminServiceServer::new(AdminApi::new(service.clone(), authz.clone()))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(max_response);
-    let content = ContentKeyServiceServer::new(ContentKeyApi::new(service, authz))
+    let content = ContentKeyServiceServer::new(ContentKeyApi::new(service.clone(), authz))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(max_response);
 
@@ -186,6 +185,9 @@ pub async fn serve(
     .await;
     timers.abort();
     rotations.abort();
+    // Once both have stopped, what they held can be taken over at once.
+    let _ = tokio::join!(timers, rotations);
+    service.release_leases().await;
     info!("stopped");
     Ok(served?)
 }
@@ -210,8 +212,7 @@ async fn maintain(service: Arc<KeyService>, interval: Duration) {
                 warn!(error = %chain(&err), "renewing the generic default key failed; will retry");
             }
         };
-        let ttl = service.options.lease_ttl;
-        if let Err(err) = with_lease(&*service.store, service.replica(), "timers", ttl, run).await {
+        if let Err(err) = service.leases.run("timers", run).await {
             warn!(error = %chain(&err), "cannot claim the timers; will retry");
         }
     }

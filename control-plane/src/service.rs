@@ -26,6 +26,7 @@ use cmk_control_plane_store::{
 use cmk_proto::hsm::v1 as hsm_pb;
 use tracing::{info, warn};
 
+use crate::lease::{Leases, replica_id};
 use crate::metrics::Metrics;
 use crate::{
     authz::Caller,
@@ -200,8 +201,8 @@ pub struct KeyService {
     pub(crate) org_states: Mutex<HashMap<OrgId, Arc<OrgState>>>,
     /// Woken when a change starts a rotation job.
     pub(crate) rotation_wake: tokio::sync::Notify,
-    /// This process as a lease holder (see [`crate::lease`]).
-    pub(crate) replica: String,
+    /// The work this process does under a lease (see [`crate::lease`]).
+    pub(crate) leases: Leases,
     /// What this process measures.
     pub(crate) metrics: Metrics,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
@@ -217,6 +218,7 @@ impl KeyService {
         policy: Policy,
         options: ServiceOptions,
     ) -> Self {
+        let leases = Leases::new(store.clone(), replica_id(), options.lease_ttl);
         Self {
             store,
             hsm,
@@ -226,7 +228,7 @@ impl KeyService {
             kek_cache: KekCache::new(options.kek_cache_entries, options.kek_cache_ttl),
             org_states: Mutex::default(),
             rotation_wake: tokio::sync::Notify::new(),
-            replica: crate::lease::replica_id(),
+            leases,
             metrics: Metrics::default(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
@@ -244,7 +246,13 @@ impl KeyService {
 
     /// This process's name in the leases it holds.
     pub fn replica(&self) -> &str {
-        &self.replica
+        self.leases.holder()
+    }
+
+    /// Gives up the leases of work this process was doing, once that work
+    /// has been stopped (see [`Leases::release_all`]).
+    pub async fn release_leases(&self) {
+        self.leases.release_all().await;
     }
 
     /// The HSM daemon's RSA import public key.

@@ -37,6 +37,6 @@ COPY --from=build /out/control-plane /usr/local/bin/control-plane
 USER 65532:65532
 # 8443: gRPC over mutual TLS. 8081: the plaintext gRPC health port for
 # kubelet probes (health_listen; health only).
-EXPOSE 8443 8081
+EXPOSE 8443 8081 9090
 ENTRYPOINT ["/usr/local/bin/control-plane"]
 CMD ["--config", "/etc/cmk/control-plane/control-plane.toml"]

@@ -35,6 +35,6 @@ COPY --from=build /out/hsm-daemon /usr/local/bin/hsm-daemon
 USER 65532:65532
 # 7443: gRPC over mutual TLS. 8081: the plaintext gRPC health port for
 # kubelet probes (health_listen; health only).
-EXPOSE 7443 8081
+EXPOSE 7443 8081 9090
 ENTRYPOINT ["/usr/local/bin/hsm-daemon"]
 CMD ["--config", "/etc/cmk/hsm-daemon/hsm-daemon.toml"]
