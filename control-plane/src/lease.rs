@@ -92,11 +92,21 @@ impl Leases {
     ) -> Result<Leased<T>, StoreError> {
         let (store, holder, ttl) = (&*self.store, self.holder.as_str(), self.ttl);
         let claimed = Instant::now();
-        if !store.acquire_lease(name, holder, ttl).await? {
-            debug!(lease = name, "held by another replica");
-            return Ok(Leased::Busy);
-        }
+        // Noted before the claim is sent: if this future is dropped while the
+        // claim is in flight, the database may still grant it, and
+        // `release_all` must then give it up. Releasing a lease that is not
+        // ours changes nothing.
         self.held().insert(name.to_owned());
+        match store.acquire_lease(name, holder, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.held().remove(name);
+                debug!(lease = name, "held by another replica");
+                return Ok(Leased::Busy);
+            }
+            // Perhaps granted, perhaps not: left for `release_all`.
+            Err(err) => return Err(err),
+        }
         // By this process's clock, the lease runs out no earlier than `ttl`
         // after the claim was sent.
         let mut held_until = claimed + ttl;
