@@ -272,7 +272,10 @@ async fn a_rotation_rewraps_thousands_of_keks_and_reports_its_progress() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_activation_supersedes_the_running_job() {
     const KEKS: usize = 1500;
-    let d = Deployment::start_with(Limits::default(), |raw| raw.rotation_batch = Some(10)).await;
+    // One KEK per batch, so that the first job is still part-way when the
+    // third key is activated: in batches of 10 a fast run had re-wrapped all
+    // 1500 by then.
+    let d = Deployment::start_with(Limits::default(), |raw| raw.rotation_batch = Some(1)).await;
     let work = tempfile::tempdir().unwrap();
     let mut admin = d.client("admin-acme").await;
     let svc = d.content("service-acme").await;
@@ -300,6 +303,7 @@ async fn a_second_activation_supersedes_the_running_job() {
     );
     assert_eq!(job2.total, KEKS as u64, "every KEK needs the third key");
     let job1_row = job_row(&d, job1.job_id).await;
+    println!("first job superseded at {} of {KEKS}", job1_row.1);
     assert_eq!(job1_row.0, "superseded");
     assert!(
         job1_row.1 < KEKS as u64,
