@@ -3,8 +3,8 @@
 # end-to-end tests (the real binaries over real mutual TLS). Installs what the
 # tests need when it is missing: the OpenSSL CLI, jq, and Python's grpcio with
 # grpcio-reflection (tests/grpcurl.py, the reflection client the walk-through
-# runs in grpcurl's place). A missing tool makes the tests fail; nothing is
-# skipped.
+# runs in grpcurl's place), and moto[server], the AWS KMS emulator
+# (scripts/moto.sh). A missing tool makes the tests fail; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,17 @@ if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; the
         as_root pg_ctlcluster --skip-systemctl-redirect "$(basename "$version")" main start || true
     done
 fi
+
+# The aws-kms client's tests need the KMS and STS emulator (moto server) at
+# CMK_TEST_AWS_ENDPOINT, default http://127.0.0.1:4566 (they fail, not skip,
+# without it): start one there unless one answers, and stop it at the end if
+# it was started here.
+moto_started=
+if [ -z "${CMK_TEST_AWS_ENDPOINT:-}" ] && ! bash scripts/moto.sh status >/dev/null 2>&1; then
+    bash scripts/moto.sh start >/dev/null
+    moto_started=1
+fi
+trap '[ -z "$moto_started" ] || bash scripts/moto.sh stop' EXIT
 
 # The Kubernetes manifests: every overlay rendered and validated offline
 # (installs kubectl and kubernetes-validate into a cache directory if missing).

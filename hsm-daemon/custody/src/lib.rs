@@ -6,12 +6,15 @@
 //! has no method that returns CMK bytes. What leaves is a [`KeyHandle`] (an opaque
 //! reference), a [`KeyCheckValue`] (a non-secret fingerprint), and ciphertexts.
 //!
+//! [`aws_kms`] is the client layer of the AWS KMS backend.
+//!
 //! The ciphertext format of `wrap` is defined once, in [`envelope`], and shared by
 //! every backend that runs AES-256-GCM itself.
 
 #![forbid(unsafe_code)]
 
 mod atomic;
+pub mod aws_kms;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod envelope;

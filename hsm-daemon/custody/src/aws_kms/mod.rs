@@ -1,0 +1,51 @@
+//! The AWS KMS client of the aws-kms custody backend: a customer's CMK stays in
+//! AWS KMS, referenced by key ARN, and secrets are wrapped by KMS Encrypt and
+//! unwrapped by KMS Decrypt under an encryption context that binds what they are
+//! for.
+//!
+//! # Design
+//!
+//! - **Key ARNs only.** [`KeyArn`] refuses aliases: an alias can be repointed by
+//!   whoever controls the account, and a secret wrapped under one key must never
+//!   quietly be sent to another. Every call goes to the region in the key's ARN;
+//!   there is no default region.
+//! - **Backup key, wrapped twice.** With a backup configured, [`AwsKms::encrypt`]
+//!   encrypts under both keys and keeps both ciphertexts ([`WrappedByAws`]). The
+//!   backup is an independent key (normally in another region), not a
+//!   multi-region replica that decrypts the primary's ciphertext: that works the
+//!   same in AWS, and also against the emulator, which cannot decrypt a replica's
+//!   ciphertext. If either encryption fails, the whole call fails: a secret
+//!   without its backup ciphertext would silently lose the failover.
+//! - **Failover on the region, not on the answer.** [`AwsKms::decrypt`] tries the
+//!   backup only when the primary's region could not answer
+//!   ([`AwsError::Unavailable`]: no connection, timeouts, throttling past the
+//!   retries, KMS internal errors, a key briefly unavailable). An answer — wrong
+//!   ciphertext or context, access denied, key disabled, key not found — is
+//!   returned as it is: the backup would hide a revocation or a tampering.
+//! - **Bounded time.** Standard retry mode, 3 attempts; connect 3 s, attempt 5 s,
+//!   call 15 s ([`AwsSettings`]): a dead region costs at most 15 s before the
+//!   backup is tried.
+//! - **Roles.** With a role, credentials come from STS AssumeRole in the key's own
+//!   region (a failed region does not take the backup's credentials down with
+//!   it), cached by each client and renewed 30–60 s before they expire.
+//! - **No destruction.** Nothing here deletes, disables or schedules the deletion
+//!   of a key. The customer owns it; "destroy" in this service forgets the ARN.
+//! - **Secrets.** Plaintexts are [`cmk_secret::SecretBytes`]; a decrypted
+//!   plaintext moves from the SDK's buffer into one without a copy. The SDK's
+//!   own request and response bodies cannot be wiped from here. Nothing logs a
+//!   plaintext or a credential; errors carry AWS's error code and message.
+
+mod arn;
+mod client;
+mod context;
+mod error;
+mod wrapped;
+
+pub use arn::{ArnError, KeyArn, MAX_ARN_LEN, Partition, RoleArn};
+pub use client::{
+    AwsCredentials, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, MAX_PLAINTEXT_LEN,
+    ROLE_SESSION_NAME,
+};
+pub use context::{ContextError, EncryptionContext, MAX_CONTEXT_BYTES};
+pub use error::{AwsDetail, AwsError, BoxError};
+pub use wrapped::{MAX_BLOB_LEN, WrappedByAws, WrappedError};
