@@ -220,12 +220,9 @@ impl RawSettings {
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
         let mut optional_addr = |name: &str, value: Option<&str>, example: &str| {
-            value.and_then(|addr| {
-                addr.parse::<SocketAddr>()
-                    .map_err(|e| {
-                        errors.push(format!("{name}: {e} (expected host:port, e.g. {example})"))
-                    })
-                    .ok()
+            cmk_runtime::optional_addr(name, value, example).unwrap_or_else(|e| {
+                errors.push(e);
+                None
             })
         };
         let health_listen = optional_addr(

@@ -76,15 +76,8 @@ pub async fn serve(
     );
 
     let mut registry = Registry::default();
-    let grpc_metrics = GrpcMetrics::register(
-        &mut registry,
-        &[
-            cmk_proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ],
-    )?;
+    let grpc_metrics =
+        GrpcMetrics::register_server(&mut registry, &[cmk_proto::FILE_DESCRIPTOR_SET])?;
     // Dropped (and stopped) when serving ends.
     let _metrics = serve_metrics(metrics_listen, Arc::new(registry)).await?;
 

@@ -41,6 +41,21 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
 }
 
+/// An optional `host:port` setting: `None` when unset; an error naming the
+/// setting and showing `example` when it does not parse.
+pub fn optional_addr(
+    name: &str,
+    value: Option<&str>,
+    example: &str,
+) -> Result<Option<std::net::SocketAddr>, String> {
+    value
+        .map(|addr| {
+            addr.parse()
+                .map_err(|e| format!("{name}: {e} (expected host:port, e.g. {example})"))
+        })
+        .transpose()
+}
+
 /// Logs to stderr in `format`, filtered by `CMK_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CMK_LOG")

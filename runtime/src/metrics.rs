@@ -213,6 +213,22 @@ impl GrpcMetrics {
         })))
     }
 
+    /// [`GrpcMetrics::register`] for a cmk server: its own services'
+    /// descriptor sets `own`, plus gRPC health and both reflection versions,
+    /// which every cmk server serves too.
+    pub fn register_server(
+        registry: &mut Registry,
+        own: &[&[u8]],
+    ) -> Result<Self, DescriptorSetError> {
+        let mut sets = own.to_vec();
+        sets.extend([
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]);
+        Self::register(registry, &sets)
+    }
+
     /// The layer to put on the tonic server, outermost so that requests
     /// refused by inner layers (authorisation, say) are counted too:
     /// `Server::builder().layer(metrics.layer())`.
