@@ -123,6 +123,15 @@ pub enum Command {
         #[arg(long, value_name = "ID")]
         import_key_id: Option<String>,
     },
+    /// Add a master key that stays in AWS KMS, by ARN
+    #[command(long_about = "Add a master key that stays in AWS KMS, by ARN.\n\n\
+        The HSM daemon first checks that it can use the key (an Encrypt and Decrypt round \
+        trip, for the backup key too); a key it cannot use is refused with AWS's reason. \
+        The key is pending unless --activate-now is given. Nothing is ever deleted or \
+        disabled in AWS: once a rotation away from the key completes, it leaves the list. \
+        A key disabled or scheduled for deletion in AWS is shown as revoked by provider \
+        until it is enabled there again.")]
+    AddAwsKey(AddAwsKeyArgs),
     /// Make a pending key the master key (the previous one starts rotating)
     Activate(KeyId),
     /// Remove a pending key
@@ -174,6 +183,26 @@ pub struct WrapArgs {
     /// Where to write the wrapped key (raw bytes)
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+}
+
+/// `add-aws-key`'s arguments.
+#[derive(Debug, Args)]
+pub struct AddAwsKeyArgs {
+    /// The key: arn:aws:kms:REGION:ACCOUNT:key/KEY_ID (not an alias)
+    #[arg(long, value_name = "ARN")]
+    pub key_arn: String,
+    /// A backup key, normally a replica in another region, used when the
+    /// primary key's region fails
+    #[arg(long, value_name = "ARN")]
+    pub backup_key_arn: Option<String>,
+    /// An IAM role the service assumes to use the keys (without it, a key
+    /// policy or grant must allow the service's own identity)
+    #[arg(long, value_name = "ARN")]
+    pub role_arn: Option<String>,
+    /// Activate the key at once (the current master key starts rotating)
+    /// instead of leaving it pending
+    #[arg(long)]
+    pub activate_now: bool,
 }
 
 /// A key named by its id.
@@ -268,5 +297,48 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn add_aws_key_takes_the_arns_and_stays_pending_unless_told() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd";
+        let cli = Cli::try_parse_from(["cmkctl", "add-aws-key", "--key-arn", arn]).expect("parses");
+        let Command::AddAwsKey(args) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(args.key_arn, arn);
+        assert_eq!((args.backup_key_arn, args.role_arn), (None, None));
+        assert!(!args.activate_now);
+
+        let cli = Cli::try_parse_from([
+            "cmkctl",
+            "add-aws-key",
+            "--key-arn",
+            arn,
+            "--backup-key-arn",
+            "arn:aws:kms:eu-central-1:111122223333:key/1234abcd",
+            "--role-arn",
+            "arn:aws:iam::111122223333:role/cmk",
+            "--activate-now",
+        ])
+        .expect("parses");
+        let Command::AddAwsKey(args) = cli.command else {
+            panic!("{:?}", cli.command);
+        };
+        assert_eq!(
+            args.backup_key_arn.as_deref(),
+            Some("arn:aws:kms:eu-central-1:111122223333:key/1234abcd")
+        );
+        assert_eq!(
+            args.role_arn.as_deref(),
+            Some("arn:aws:iam::111122223333:role/cmk")
+        );
+        assert!(args.activate_now);
+
+        let missing = Cli::try_parse_from(["cmkctl", "add-aws-key"]).expect_err("no key ARN");
+        assert_eq!(
+            missing.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
     }
 }

@@ -10,18 +10,19 @@ use std::{
 
 use base64::Engine;
 use cmk_proto::control::v1::{
-    CreateKekRequest, CreateKekResponse, DecryptRequest, DecryptResponse, GenerateDataKeyRequest,
-    GenerateDataKeyResponse, GetImportPublicKeyRequest, GetImportPublicKeyResponse,
-    GetRotationRequest, KeyRequest, KeyResponse, ListAuditEventsRequest, ListAuditEventsResponse,
-    ListKeysRequest, SetByokRequest, UploadKeyRequest, VerifyAuditLogRequest,
+    AddAwsKeyRequest, CreateKekRequest, CreateKekResponse, DecryptRequest, DecryptResponse,
+    GenerateDataKeyRequest, GenerateDataKeyResponse, GetImportPublicKeyRequest,
+    GetImportPublicKeyResponse, GetRotationRequest, KeyRequest, KeyResponse,
+    ListAuditEventsRequest, ListAuditEventsResponse, ListKeysRequest, SetByokRequest,
+    UploadKeyRequest, VerifyAuditLogRequest,
 };
 use cmk_secret::SecretBytes;
 use sha2::{Digest, Sha256};
 
 use crate::{
     cli::{
-        Activate, AuditCommand, Cli, Command, ContentCommand, KeyId, OutputFormat, RotationCommand,
-        Toggle, WrapArgs,
+        Activate, AddAwsKeyArgs, AuditCommand, Cli, Command, ContentCommand, KeyId, OutputFormat,
+        RotationCommand, Toggle, WrapArgs,
     },
     client::Client,
     config::Merged,
@@ -108,6 +109,22 @@ async fn remote(client: &Client, command: Command, format: OutputFormat) -> Resu
                 import_key_id: import_key_id.unwrap_or_default(),
             };
             let response = client.call(client.admin().upload_key(request)).await?;
+            print(format, &KeyResponseView::from(response))
+        }
+        Command::AddAwsKey(AddAwsKeyArgs {
+            key_arn,
+            backup_key_arn,
+            role_arn,
+            activate_now,
+        }) => {
+            let request = AddAwsKeyRequest {
+                org_id,
+                key_arn,
+                backup_key_arn: backup_key_arn.unwrap_or_default(),
+                role_arn: role_arn.unwrap_or_default(),
+                activate_now,
+            };
+            let response = client.call(client.admin().add_aws_key(request)).await?;
             print(format, &KeyResponseView::from(response))
         }
         Command::Activate(KeyId { key_id }) => {

@@ -62,7 +62,7 @@ pub enum Error {
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
     /// `revoke` asked about a key that cannot be revoked now.
-    #[error("key {key_id} is {state}; only the active key can be revoked")]
+    #[error("key {key_id} is {}; only the active key can be revoked", .state.replace('_', " "))]
     NotRevocable {
         /// The key.
         key_id: String,

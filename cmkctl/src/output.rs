@@ -16,8 +16,8 @@ use std::{
 };
 
 use cmk_proto::control::v1::{
-    AuditEvent, Key, KeyResponse, KeySource, KeyState, ListKeysResponse, PreviewRevocationResponse,
-    Rotation, RotationState, SetByokResponse, VerifyAuditLogResponse,
+    AuditEvent, AwsKey, Key, KeyResponse, KeySource, KeyState, ListKeysResponse,
+    PreviewRevocationResponse, Rotation, RotationState, SetByokResponse, VerifyAuditLogResponse,
 };
 use serde::{Serialize, Serializer};
 
@@ -127,6 +127,12 @@ pub fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// A key state as people read it: `revoked by provider` rather than the
+/// JSON's `revoked_by_provider`.
+fn state_words(state: &str) -> String {
+    state.replace('_', " ")
+}
+
 /// A key source as a lower-case word.
 pub fn source_name(source: i32) -> &'static str {
     match KeySource::try_from(source) {
@@ -218,6 +224,35 @@ pub struct KeyView {
     pub expires_at: Option<Time>,
     /// Active for longer than the rotation policy.
     pub rotation_due: bool,
+    /// Where the key is in AWS KMS; `null` for any other key.
+    pub aws: Option<AwsKeyView>,
+}
+
+/// Where a key in AWS KMS is.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AwsKeyView {
+    /// The key's ARN.
+    pub key_arn: String,
+    /// The backup key's ARN; `null` when none.
+    pub backup_key_arn: Option<String>,
+    /// The IAM role assumed to use the keys; `null` when none.
+    pub role_arn: Option<String>,
+}
+
+impl From<AwsKey> for AwsKeyView {
+    fn from(aws: AwsKey) -> Self {
+        let AwsKey {
+            key_arn,
+            backup_key_arn,
+            role_arn,
+        } = aws;
+        let given = |arn: String| Some(arn).filter(|a| !a.is_empty());
+        AwsKeyView {
+            key_arn,
+            backup_key_arn: given(backup_key_arn),
+            role_arn: given(role_arn),
+        }
+    }
 }
 
 impl From<Key> for KeyView {
@@ -232,6 +267,7 @@ impl From<Key> for KeyView {
             revoked_at,
             expires_at,
             rotation_due,
+            aws,
         } = key;
         KeyView {
             key_id,
@@ -243,16 +279,17 @@ impl From<Key> for KeyView {
             revoked_at: Time::from_proto(revoked_at),
             expires_at: Time::from_proto(expires_at),
             rotation_due,
+            aws: aws.map(AwsKeyView::from),
         }
     }
 }
 
 impl KeyView {
     fn rows(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut rows = vec![
             ("key", self.key_id.clone()),
             ("source", self.source.to_string()),
-            ("state", self.state.to_string()),
+            ("state", state_words(self.state)),
             ("check value", self.key_check_value.clone()),
             ("created", or_dash(self.created_at.as_ref())),
             ("activated", or_dash(self.activated_at.as_ref())),
@@ -266,7 +303,13 @@ impl KeyView {
                     "no".to_string()
                 },
             ),
-        ]
+        ];
+        if let Some(aws) = &self.aws {
+            rows.push(("aws key arn", aws.key_arn.clone()));
+            rows.push(("aws backup key arn", or_dash(aws.backup_key_arn.as_ref())));
+            rows.push(("aws role arn", or_dash(aws.role_arn.as_ref())));
+        }
+        rows
     }
 
     /// "key-… (check value …)".
@@ -346,7 +389,7 @@ impl Render for ListView {
                     if active { "*" } else { "" }.to_string(),
                     key.key_id.clone(),
                     key.source.to_string(),
-                    key.state.to_string(),
+                    state_words(key.state),
                     key.key_check_value.clone(),
                     or_dash(key.created_at.as_ref()),
                     or_dash(key.activated_at.as_ref()),
@@ -371,12 +414,42 @@ impl Render for ListView {
         } else {
             table(&headers, &rows)
         };
+        let aws: Vec<Vec<String>> = self
+            .keys
+            .iter()
+            .filter_map(|key| {
+                let aws = key.aws.as_ref()?;
+                Some(vec![
+                    key.key_id.clone(),
+                    aws.key_arn.clone(),
+                    or_dash(aws.backup_key_arn.as_ref()),
+                ])
+            })
+            .collect();
+        if !aws.is_empty() {
+            text.push('\n');
+            text.push_str(&table(&["AWS KMS KEY", "KEY ARN", "BACKUP KEY ARN"], &aws));
+        }
         let active = match &self.active_key_id {
             Some(id) => format!("active key {id} (*)"),
-            None => "no active key: the master key is revoked".to_string(),
+            None => format!("no active key: the master key is {}", self.blocked_by()),
         };
         text.push_str(&format!("\nBYOK {}; {active}\n", on_off(self.byok_enabled)));
         text
+    }
+}
+
+impl ListView {
+    /// Why no key is active: a master key revoked by an admin is listed as
+    /// revoked, deleted or removed; otherwise the listed key revoked by its
+    /// provider is the master.
+    fn blocked_by(&self) -> &'static str {
+        let state = |names: &[&str]| self.keys.iter().any(|k| names.contains(&k.state));
+        if !state(&["revoked", "deleted", "removed"]) && state(&["revoked_by_provider"]) {
+            "revoked by its provider: enable it in AWS KMS again"
+        } else {
+            "revoked"
+        }
     }
 }
 
@@ -948,6 +1021,7 @@ mod tests {
                     revoked_at: None,
                     expires_at: None,
                     rotation_due: false,
+                    aws: None,
                 },
                 Key {
                     key_id: "key-0002".into(),
@@ -959,6 +1033,7 @@ mod tests {
                     revoked_at: None,
                     expires_at: None,
                     rotation_due: true,
+                    aws: None,
                 },
             ],
             active_key_id: "key-0002".into(),
@@ -1009,6 +1084,7 @@ BYOK on; active key key-0002 (*)
             names,
             [
                 "activated_at",
+                "aws",
                 "created_at",
                 "expires_at",
                 "key_check_value",
@@ -1026,6 +1102,137 @@ BYOK on; active key key-0002 (*)
         assert_eq!(key["rotation_due"], true);
         assert_eq!(value["keys"][0]["source"], "generic_default");
         assert_eq!(value["keys"][0]["state"], "rotating");
+    }
+
+    /// `sample` with an AWS key as the master (its backup key given, no role),
+    /// and a pending AWS key of the same account that AWS reports disabled.
+    fn with_aws_keys() -> ListKeysResponse {
+        let mut response = sample();
+        response.keys[1].state = KeyState::Rotating as i32;
+        response.keys[1].rotation_due = false;
+        response.keys.push(Key {
+            key_id: "key-0003".into(),
+            source: KeySource::AwsKms as i32,
+            state: KeyState::Active as i32,
+            key_check_value: "5E6F7A8B9C".into(),
+            created_at: ts(1_767_312_000), // 2026-01-02T00:00:00Z
+            activated_at: ts(1_767_312_000),
+            revoked_at: None,
+            expires_at: None,
+            rotation_due: false,
+            aws: Some(AwsKey {
+                key_arn: "arn:aws:kms:eu-west-1:111122223333:key/1234abcd".into(),
+                backup_key_arn: "arn:aws:kms:eu-central-1:111122223333:key/1234abcd".into(),
+                role_arn: String::new(),
+            }),
+        });
+        response.keys.push(Key {
+            key_id: "key-0004".into(),
+            source: KeySource::AwsKms as i32,
+            state: KeyState::RevokedByProvider as i32,
+            key_check_value: "0123456789".into(),
+            created_at: ts(1_767_398_400), // 2026-01-03T00:00:00Z
+            activated_at: None,
+            revoked_at: None,
+            expires_at: None,
+            rotation_due: false,
+            aws: Some(AwsKey {
+                key_arn: "arn:aws:kms:eu-west-1:111122223333:key/5678efgh".into(),
+                backup_key_arn: String::new(),
+                role_arn: "arn:aws:iam::111122223333:role/cmk".into(),
+            }),
+        });
+        response.active_key_id = "key-0003".into();
+        response
+    }
+
+    #[test]
+    fn list_shows_where_aws_keys_are_and_which_one_aws_disabled() {
+        let text = ListView::from(with_aws_keys()).table();
+        let expected = "   KEY ID    SOURCE           STATE                CHECK VALUE  CREATED               ACTIVATED             EXPIRES  NOTE
+   key-0001  generic_default  rotating             0A1B2C3D4E   2025-01-01T00:00:00Z  2025-01-01T00:00:00Z  -
+   key-0002  uploaded         rotating             1A0B2DF267   2026-01-01T00:00:00Z  2026-01-01T01:00:00Z  -
+*  key-0003  aws_kms          active               5E6F7A8B9C   2026-01-02T00:00:00Z  2026-01-02T00:00:00Z  -
+   key-0004  aws_kms          revoked by provider  0123456789   2026-01-03T00:00:00Z  -                     -
+
+AWS KMS KEY  KEY ARN                                          BACKUP KEY ARN
+key-0003     arn:aws:kms:eu-west-1:111122223333:key/1234abcd  arn:aws:kms:eu-central-1:111122223333:key/1234abcd
+key-0004     arn:aws:kms:eu-west-1:111122223333:key/5678efgh  -
+
+BYOK on; active key key-0003 (*)
+";
+        assert_eq!(text, expected, "\n{text}");
+
+        let value: serde_json::Value =
+            serde_json::from_str(&json(&ListView::from(with_aws_keys()))).expect("JSON");
+        assert_eq!(value["keys"][0]["aws"], serde_json::Value::Null);
+        let aws = &value["keys"][2]["aws"];
+        assert_eq!(
+            aws["key_arn"],
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd"
+        );
+        assert_eq!(
+            aws["backup_key_arn"],
+            "arn:aws:kms:eu-central-1:111122223333:key/1234abcd"
+        );
+        assert_eq!(aws["role_arn"], serde_json::Value::Null);
+        assert_eq!(value["keys"][3]["state"], "revoked_by_provider");
+        assert_eq!(
+            value["keys"][3]["aws"]["role_arn"],
+            "arn:aws:iam::111122223333:role/cmk"
+        );
+    }
+
+    #[test]
+    fn list_says_when_aws_disabled_the_master_key() {
+        let mut response = with_aws_keys();
+        response.keys[2].state = KeyState::RevokedByProvider as i32;
+        response.active_key_id.clear();
+        let text = ListView::from(response.clone()).table();
+        assert!(
+            text.ends_with(
+                "BYOK on; no active key: the master key is revoked by its provider: \
+                 enable it in AWS KMS again\n"
+            ),
+            "{text}"
+        );
+        // Revoked by an admin as well: that is what blocks.
+        response.keys[1].state = KeyState::Revoked as i32;
+        let text = ListView::from(response).table();
+        assert!(
+            text.ends_with("no active key: the master key is revoked\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_added_aws_key_is_shown_beside_the_active_key() {
+        let keys = with_aws_keys().keys;
+        let view = KeyResponseView::from(KeyResponse {
+            key: Some(keys[3].clone()),
+            active_key: Some(keys[2].clone()),
+        });
+        let text = view.table();
+        let expected = "key                 key-0004
+source              aws_kms
+state               revoked by provider
+check value         0123456789
+created             2026-01-03T00:00:00Z
+activated           -
+revoked             -
+expires             -
+rotation due        no
+aws key arn         arn:aws:kms:eu-west-1:111122223333:key/5678efgh
+aws backup key arn  -
+aws role arn        arn:aws:iam::111122223333:role/cmk
+active key          key-0003 (check value 5E6F7A8B9C)
+";
+        assert_eq!(text, expected, "\n{text}");
+        let uploaded = KeyResponseView::from(KeyResponse {
+            key: Some(keys[1].clone()),
+            active_key: None,
+        });
+        assert!(!uploaded.table().contains("aws"), "{}", uploaded.table());
     }
 
     #[test]

@@ -119,3 +119,15 @@ fn a_refused_public_key_exits_2_without_writing() {
     );
     assert!(!dir.path().join("out.bin").exists());
 }
+
+#[test]
+fn add_aws_key_without_a_key_arn_is_a_usage_error_before_any_connection() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let output = cmkctl(home.path())
+        .args(["add-aws-key", "--activate-now"])
+        .output()
+        .expect("run cmkctl");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).expect("UTF-8");
+    assert!(stderr.contains("--key-arn <ARN>"), "{stderr}");
+}

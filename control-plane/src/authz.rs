@@ -96,6 +96,17 @@ impl Caller {
     }
 }
 
+#[cfg(test)]
+impl Caller {
+    /// A caller as if authorised, for tests of the service itself.
+    pub(crate) fn for_tests(identity: &str, org: &OrgId) -> Self {
+        Self {
+            identity: identity.to_owned(),
+            org: org.clone(),
+        }
+    }
+}
+
 /// Why a call was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {

@@ -8,17 +8,19 @@
 //! # Revocation
 //!
 //! Every call first consults the org's key state ([`OrgState`]): while the
-//! master key is revoked, deleted or lost, nothing is encrypted or decrypted.
-//! A change committed by this process replaces that state before its call
-//! returns, and empties the org's cache entries when the org becomes blocked;
-//! a change committed by another replica is seen within `org_state_ttl`.
+//! master key is revoked, deleted, lost or disabled at its provider, nothing
+//! is encrypted or decrypted, and a KEK wrapped by a rotating key that its
+//! provider disabled is not unwrapped. A change committed by this process
+//! replaces that state before its call returns, and empties the org's cache
+//! entries when the org becomes blocked or a key becomes disabled; a change
+//! committed by another replica is seen within `org_state_ttl`.
 //! Content-key calls themselves are not audited (they are the data path, at
 //! thousands per second); KEK creation and refused authorisation are.
 
 use std::{sync::Arc, time::Instant};
 
 use cmk_control_plane_domain::{
-    Action, KekId, KeyId, KeyState, Org, OrgId, ResourceId, Timestamp, transition,
+    Action, KekId, KeyId, KeyState, LifecycleError, Org, OrgId, ResourceId, Timestamp, transition,
 };
 use cmk_control_plane_store::{NewAuditEvent, StoreError, StoredKek, StoredOrg};
 use cmk_secret::SecretBytes;
@@ -30,7 +32,7 @@ use crate::{
     envelope::{self, EnvelopeError},
     error::ServiceError,
     hsm::HsmError,
-    service::{KeyService, OrgState},
+    service::{KeyDetails, KeyService, OrgState, details},
 };
 
 /// How often a KEK insert that lost a race with a change of the org's keys is
@@ -67,7 +69,7 @@ pub struct DataKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevocationPreview {
     /// The key, as it is now.
-    pub key: cmk_control_plane_domain::KeyRecord,
+    pub key: KeyDetails,
     /// Whether it can be revoked now.
     pub revocable: bool,
     /// KEKs (one per resource) that would become unreadable.
@@ -202,11 +204,20 @@ impl KeyService {
         self.audited(caller, "preview revocation", Some(&key), true, async {
             let org = caller.org();
             let stored = self.load_or_enrol(org).await?;
-            let current = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
-            let record = current.key(&key)?.clone();
+            let found = stored
+                .keys
+                .iter()
+                .find(|k| k.record.id == key)
+                .map(details)
+                .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
             // The lifecycle's own rule, so the preview cannot disagree with it.
-            let revocable =
-                transition(&record, Action::Revoke, self.clock.now(), &self.policy).is_ok();
+            let revocable = transition(
+                &found.record,
+                Action::Revoke,
+                self.clock.now(),
+                &self.policy,
+            )
+            .is_ok();
             let counts = self.store.kek_counts(org).await?;
             let total: u64 = counts.iter().map(|(_, n)| n).sum();
             let own = counts
@@ -214,7 +225,7 @@ impl KeyService {
                 .find(|(k, _)| k == &key)
                 .map_or(0, |(_, n)| *n);
             Ok(RevocationPreview {
-                key: record,
+                key: found,
                 revocable,
                 // Revoking the master blocks the whole org, KEKs still wrapped
                 // by rotating keys included.
@@ -247,6 +258,7 @@ impl KeyService {
             state = self.reload_org_state(org).await?;
             state.master.clone()?;
         }
+        state.check_unwrap_key(&stored.key)?;
         let expected = state.unwrap_keys.get(&stored.key).ok_or_else(|| {
             StoreError::Corrupt(format!(
                 "KEK {id} is wrapped by key {}, which is neither active nor rotating",
@@ -282,10 +294,16 @@ impl KeyService {
         let kek = self
             .kek_cache
             .insert(org.clone(), id.clone(), unwrapped.plaintext);
-        // A revocation that landed during the HSM call must not leave the KEK
-        // cached behind it.
-        if self.org_state(org).await?.master.is_err() {
+        // A revocation, or the provider disabling the KEK's key, that landed
+        // during the HSM call must not leave the KEK cached behind it.
+        let latest = self.org_state(org).await?;
+        if let Err(err) = latest
+            .master
+            .clone()
+            .and(latest.check_unwrap_key(&stored.key))
+        {
             self.kek_cache.invalidate_org(org);
+            return Err(err.into());
         }
         Ok(Some(kek))
     }
@@ -311,23 +329,29 @@ impl KeyService {
     }
 
     /// Replaces the org's key state with `stored`'s, and drops the org's
-    /// cached KEKs if its content is now blocked. A state older than the one
-    /// held is ignored, so a slow reader cannot undo a revocation.
+    /// cached KEKs if its content is now blocked, or a key its KEKs may be
+    /// wrapped by was just disabled at its provider (the cache does not know
+    /// which key wraps a KEK). A state older than the one held is ignored, so
+    /// a slow reader cannot undo a revocation.
     pub(crate) fn remember_org_state(&self, stored: &StoredOrg) -> Arc<OrgState> {
         let state = Arc::new(org_state_of(stored));
         let mut states = self
             .org_states
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let state = match states.get(&stored.org) {
-            Some(held) if held.version > state.version => held.clone(),
-            _ => {
+        let (state, newly_blocked) = match states.get(&stored.org) {
+            Some(held) if held.version > state.version => (held.clone(), false),
+            held => {
+                let newly_blocked = state
+                    .provider_blocked
+                    .iter()
+                    .any(|k| !held.is_some_and(|h| h.provider_blocked.contains(k)));
                 states.insert(stored.org.clone(), state.clone());
-                state
+                (state, newly_blocked)
             }
         };
         drop(states);
-        if state.master.is_err() {
+        if state.master.is_err() || newly_blocked {
             self.kek_cache.invalidate_org(&stored.org);
         }
         state
@@ -359,6 +383,24 @@ pub(crate) fn org_state_of(stored: &StoredOrg) -> OrgState {
             .filter(|k| matches!(k.record.state, KeyState::Active | KeyState::Rotating))
             .map(|k| (k.record.id.clone(), k.handle.clone()))
             .collect(),
+        provider_blocked: stored
+            .keys
+            .iter()
+            .filter(|k| k.record.state == KeyState::RevokedByProvider)
+            .filter(|k| matches!(k.record.slot(), KeyState::Active | KeyState::Rotating))
+            .map(|k| k.record.id.clone())
+            .collect(),
+    }
+}
+
+impl OrgState {
+    /// Refuses the KEKs of a key that its provider disabled, naming why,
+    /// rather than as an unknown key.
+    pub(crate) fn check_unwrap_key(&self, key: &KeyId) -> Result<(), LifecycleError> {
+        match self.provider_blocked.contains(key) {
+            true => Err(LifecycleError::KeyRevokedByProvider { key: key.clone() }),
+            false => Ok(()),
+        }
     }
 }
 

@@ -69,6 +69,24 @@ impl ServiceError {
                         status.message()
                     ));
                 }
+                // A key in AWS KMS the daemon cannot use (access denied,
+                // disabled, scheduled for deletion): AWS's reason is for the
+                // admin, who alone can change it.
+                Code::FailedPrecondition => {
+                    return Status::failed_precondition(format!(
+                        "the HSM refused the key: {}",
+                        status.message()
+                    ));
+                }
+                // Sent by the daemon itself (tonic gives a status it makes
+                // of a local connection failure a source): what it cannot
+                // reach, such as an AWS region, helps the caller.
+                Code::Unavailable if std::error::Error::source(status).is_none() => {
+                    return Status::unavailable(format!(
+                        "the HSM daemon cannot complete the call: {}; retry later",
+                        status.message()
+                    ));
+                }
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                     return hsm_unavailable();
                 }

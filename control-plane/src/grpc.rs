@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cmk_control_plane_domain::{KeyRecord, KeySource, KeyState, OrgId, Timestamp};
-use cmk_control_plane_store::JobState;
+use cmk_control_plane_store::{AwsArns, JobState};
 use cmk_proto::control::v1::{
     self as pb, content_key_service_server::ContentKeyService,
     key_admin_service_server::KeyAdminService,
@@ -18,7 +18,7 @@ use crate::{
     content::{DataKey, KekView, RevocationPreview},
     error::ServiceError,
     rotation::RotationView,
-    service::{KeyOp, KeyService, KeyView, MAX_AUDIT_PAGE, OrgView},
+    service::{KeyDetails, KeyOp, KeyService, KeyView, MAX_AUDIT_PAGE, OrgView},
 };
 
 /// Default audit page.
@@ -162,6 +162,33 @@ impl KeyAdminService for AdminApi {
         Ok(Response::new(key_response(view)))
     }
 
+    async fn add_aws_key(
+        &self,
+        request: Request<pb::AddAwsKeyRequest>,
+    ) -> Result<Response<pb::KeyResponse>, Status> {
+        let caller = self
+            .authorize(
+                &request,
+                &request.get_ref().org_id,
+                None,
+                Permission::Manage,
+                "add aws key",
+            )
+            .await?;
+        let pb::AddAwsKeyRequest {
+            org_id: _,
+            key_arn,
+            backup_key_arn,
+            role_arn,
+            activate_now,
+        } = request.into_inner();
+        let view = self
+            .service
+            .add_aws_key(&caller, key_arn, backup_key_arn, role_arn, activate_now)
+            .await?;
+        Ok(Response::new(key_response(view)))
+    }
+
     async fn activate_key(
         &self,
         request: Request<pb::KeyRequest>,
@@ -241,10 +268,12 @@ impl KeyAdminService for AdminApi {
             active,
             rotation_due,
         } = self.service.list(&caller).await?;
-        let due = |k: &KeyRecord| rotation_due && active.as_ref().is_some_and(|a| a.id == k.id);
+        let due = |k: &KeyDetails| {
+            rotation_due && active.as_ref().is_some_and(|a| a.record.id == k.record.id)
+        };
         Ok(Response::new(pb::ListKeysResponse {
             keys: keys.iter().map(|k| key(k.clone(), due(k))).collect(),
-            active_key_id: active.map(|k| k.id.0).unwrap_or_default(),
+            active_key_id: active.map(|k| k.record.id.0).unwrap_or_default(),
             byok_enabled: byok,
         }))
     }
@@ -533,15 +562,21 @@ fn rotation(view: RotationView) -> pb::Rotation {
 }
 
 fn key_response(view: KeyView) -> pb::KeyResponse {
-    let due =
-        |k: &KeyRecord| view.rotation_due && view.active.as_ref().is_some_and(|a| a.id == k.id);
+    let due = |k: &KeyDetails| {
+        view.rotation_due
+            && view
+                .active
+                .as_ref()
+                .is_some_and(|a| a.record.id == k.record.id)
+    };
     pb::KeyResponse {
         key: Some(key(view.key.clone(), due(&view.key))),
         active_key: view.active.clone().map(|k| key(k, view.rotation_due)),
     }
 }
 
-fn key(record: KeyRecord, rotation_due: bool) -> pb::Key {
+fn key(details: KeyDetails, rotation_due: bool) -> pb::Key {
+    let KeyDetails { record, aws } = details;
     let KeyRecord {
         id,
         source,
@@ -579,6 +614,18 @@ fn key(record: KeyRecord, rotation_due: bool) -> pb::Key {
         revoked_at: revoked_at.map(timestamp),
         expires_at: expires_at.map(timestamp),
         rotation_due,
+        aws: aws.map(|arns| {
+            let AwsArns {
+                key_arn,
+                backup_key_arn,
+                role_arn,
+            } = arns;
+            pb::AwsKey {
+                key_arn,
+                backup_key_arn: backup_key_arn.unwrap_or_default(),
+                role_arn: role_arn.unwrap_or_default(),
+            }
+        }),
     }
 }
 

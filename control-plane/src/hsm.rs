@@ -2,10 +2,12 @@
 //! secrets received straight into [`SecretBytes`].
 
 use std::{
+    fmt,
     future::Future,
     time::{Duration, Instant},
 };
 
+use cmk_control_plane_store::AwsArns;
 use cmk_proto::hsm::v1::{
     self as pb, hsm_service_client::HsmServiceClient, import_request, unwrap_result, wrap_result,
 };
@@ -32,6 +34,78 @@ pub enum HsmError {
     /// The daemon's answer is not what the protocol promises.
     #[error("HSM daemon sent a malformed response: {0}")]
     Protocol(&'static str),
+}
+
+/// The response metadata in which the daemon names the state AWS KMS reports
+/// for a key it refused to use.
+pub const PROVIDER_KEY_STATE: &str = "cmk-provider-key-state";
+
+/// What AWS KMS reports about a key the daemon refused to use, read from its
+/// refusal by [`HsmError::provider_key_state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProviderKeyState {
+    /// Disabled by its owner.
+    Disabled,
+    /// Scheduled for deletion.
+    PendingDeletion,
+    /// Deleted, or never there.
+    NotFound,
+    /// Another state that makes the key unusable, lower case with hyphens
+    /// (`pending-import`, `unavailable`, …).
+    Other(String),
+}
+
+impl ProviderKeyState {
+    /// Longest state name accepted from the daemon.
+    const MAX_LEN: usize = 64;
+
+    /// Parses the metadata value; `None` for anything but a short lower-case
+    /// word with hyphens, which no daemon sends.
+    fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "disabled" => Self::Disabled,
+            "pending-deletion" => Self::PendingDeletion,
+            "not-found" => Self::NotFound,
+            other
+                if !other.is_empty()
+                    && other.len() <= Self::MAX_LEN
+                    && other
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                Self::Other(other.to_owned())
+            }
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ProviderKeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Disabled => f.write_str("disabled"),
+            Self::PendingDeletion => f.write_str("pending deletion"),
+            Self::NotFound => f.write_str("not found"),
+            Self::Other(state) => f.write_str(&state.replace('-', " ")),
+        }
+    }
+}
+
+impl HsmError {
+    /// The state AWS KMS reports for the key, when the daemon refused a
+    /// single-item call because its provider made the key unusable
+    /// (`FAILED_PRECONDITION` with [`PROVIDER_KEY_STATE`] metadata). Batch
+    /// items carry no metadata, so their refusals never say.
+    pub fn provider_key_state(&self) -> Option<ProviderKeyState> {
+        let Self::Status(status) = self else {
+            return None;
+        };
+        if status.code() != tonic::Code::FailedPrecondition {
+            return None;
+        }
+        let value = status.metadata().get(PROVIDER_KEY_STATE)?.to_str().ok()?;
+        ProviderKeyState::parse(value)
+    }
 }
 
 /// A fresh key handle for [`HsmClient::import`] or [`HsmClient::generate`]: 16
@@ -143,7 +217,7 @@ impl HsmClient {
             .tcp_nodelay(true)
     }
 
-    fn over(channel: Channel) -> Self {
+    pub(crate) fn over(channel: Channel) -> Self {
         // No sender: this connection is the only one.
         let (_, inner) = watch::channel(Self::service(channel));
         Self {
@@ -218,6 +292,7 @@ impl HsmClient {
             import_key_id,
         )
         .await
+        .map(|(key, _)| key)
     }
 
     /// Has the daemon generate a CMK under `handle`, on the terms of
@@ -229,6 +304,36 @@ impl HsmClient {
             String::new(),
         )
         .await
+        .map(|(key, _)| key)
+    }
+
+    /// Has the daemon reference the key in AWS KMS that `arns` name under
+    /// `handle`, on the terms of [`HsmClient::import`]. The daemon first
+    /// checks that it can use the key: a malformed ARN is refused with
+    /// `INVALID_ARGUMENT`, a key it cannot use with `FAILED_PRECONDITION`
+    /// and AWS's reason, AWS out of reach with `UNAVAILABLE`. The check value
+    /// is a fingerprint of the key ARN, so adding one key twice gives the
+    /// same value.
+    pub async fn add_aws_key(&self, handle: &str, arns: &AwsArns) -> Result<ImportedKey, HsmError> {
+        let AwsArns {
+            key_arn,
+            backup_key_arn,
+            role_arn,
+        } = arns;
+        let source = import_request::Source::AwsKmsKey(pb::AwsKmsKey {
+            key_arn: key_arn.clone(),
+            backup_key_arn: backup_key_arn.clone().unwrap_or_default(),
+            role_arn: role_arn.clone().unwrap_or_default(),
+        });
+        let (key, origin) = self.import_source(handle, source, String::new()).await?;
+        // Key material stored under the handle would be wrapped under as if it
+        // were the admin's AWS key.
+        if origin != pb::KeyOrigin::AwsKms as i32 {
+            return Err(HsmError::Protocol(
+                "an AWS KMS key was stored as another kind of key",
+            ));
+        }
+        Ok(key)
     }
 
     async fn import_source(
@@ -236,7 +341,7 @@ impl HsmClient {
         handle: &str,
         source: import_request::Source,
         import_key_id: String,
-    ) -> Result<ImportedKey, HsmError> {
+    ) -> Result<(ImportedKey, i32), HsmError> {
         let request = pb::ImportRequest {
             source: Some(source),
             import_key_id,
@@ -245,7 +350,7 @@ impl HsmClient {
         let pb::ImportResponse {
             key_handle,
             key_check_value,
-            origin: _,
+            origin,
         } = self
             .timed("Import", async {
                 Ok(self.client().import(request).await?.into_inner())
@@ -258,10 +363,11 @@ impl HsmClient {
                 "the key was stored under another handle than the one requested",
             ));
         }
-        Ok(ImportedKey {
+        let key = ImportedKey {
             handle: key_handle,
             check_value: key_check_value,
-        })
+        };
+        Ok((key, origin))
     }
 
     /// Wraps `plaintext` under the CMK `handle`.
@@ -423,5 +529,51 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, random_handle());
+    }
+
+    fn refusal(code: tonic::Code, state: Option<&str>) -> HsmError {
+        let mut status = tonic::Status::new(code, "AWS KMS reports key arn:… Disabled");
+        if let Some(state) = state {
+            let value = state.parse().expect("ASCII metadata value");
+            status.metadata_mut().insert(PROVIDER_KEY_STATE, value);
+        }
+        HsmError::Status(status)
+    }
+
+    #[test]
+    fn the_provider_state_is_read_from_a_failed_precondition_with_metadata() {
+        use tonic::Code;
+        for (value, state, shown) in [
+            ("disabled", ProviderKeyState::Disabled, "disabled"),
+            (
+                "pending-deletion",
+                ProviderKeyState::PendingDeletion,
+                "pending deletion",
+            ),
+            ("not-found", ProviderKeyState::NotFound, "not found"),
+            (
+                "pending-import",
+                ProviderKeyState::Other("pending-import".into()),
+                "pending import",
+            ),
+        ] {
+            let read = refusal(Code::FailedPrecondition, Some(value)).provider_key_state();
+            assert_eq!(read.as_ref(), Some(&state), "{value}");
+            assert_eq!(state.to_string(), shown);
+        }
+        // Any other code, or no (or a malformed) state, says nothing of the
+        // provider: the daemon or AWS may simply be out of reach.
+        for error in [
+            refusal(Code::FailedPrecondition, None),
+            refusal(Code::Unavailable, Some("disabled")),
+            refusal(Code::InvalidArgument, Some("disabled")),
+            refusal(Code::FailedPrecondition, Some("")),
+            refusal(Code::FailedPrecondition, Some("Disabled")),
+            refusal(Code::FailedPrecondition, Some("dis abled")),
+            refusal(Code::FailedPrecondition, Some(&"x".repeat(65))),
+            HsmError::Protocol("x"),
+        ] {
+            assert_eq!(error.provider_key_state(), None, "{error}");
+        }
     }
 }

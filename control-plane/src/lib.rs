@@ -19,5 +19,8 @@ pub mod rotation;
 pub mod server;
 pub mod service;
 
+#[cfg(test)]
+mod aws_tests;
+
 pub use config::{LogFormat, RawSettings, Settings};
 pub use server::{StartError, run, serve};

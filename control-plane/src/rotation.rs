@@ -13,9 +13,14 @@
 //! A rotating key becomes deactivated only in a commit that counts, inside its
 //! transaction, that no KEK references it any more; the count is in the audit
 //! event. While the master key is revoked the job waits; a newer activation
-//! supersedes it with a job towards the newer key.
+//! supersedes it with a job towards the newer key. KEKs wrapped by a rotating
+//! key that its provider disabled wait too, and the job with them: that key
+//! still holds its rotating place, and its KEKs move once it is enabled again.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Instant,
+};
 
 use cmk_control_plane_domain::{Command, KeyId, KeyState, OrgId, Timestamp};
 use cmk_control_plane_store::{
@@ -60,6 +65,8 @@ struct Epoch {
     target_handle: String,
     /// Keys that may have wrapped a KEK, with their handles.
     unwrap_keys: HashMap<KeyId, String>,
+    /// Rotating keys disabled at their provider: their KEKs wait.
+    provider_blocked: HashSet<KeyId>,
 }
 
 /// A batch's store write, running while the next batch is prepared.
@@ -89,6 +96,9 @@ enum Pass {
     Idle,
     /// Some KEKs could not be re-wrapped; retried at the next tick.
     Failures(u64),
+    /// The other KEKs are re-wrapped; these wait for their key's provider to
+    /// enable it again.
+    Waiting(u64),
 }
 
 impl KeyService {
@@ -101,7 +111,8 @@ impl KeyService {
                 .latest_rotation(org)
                 .await?
                 .ok_or(ServiceError::NoRotation)?;
-            let blocked = self.org_state(org).await?.master.is_err();
+            let state = self.org_state(org).await?;
+            let blocked = state.master.is_err() || !state.provider_blocked.is_empty();
             Ok(progress(job, blocked, self.clock.now()))
         })
         .await
@@ -150,6 +161,10 @@ impl KeyService {
                 self.metrics.rewrap_failures.inc_by(n);
                 warn!(%org, failed = n, "some KEKs could not be re-wrapped; will retry");
             }
+            Pass::Waiting(n) => {
+                info!(%org, waiting = n,
+                      "rotation waits: KEKs wrapped by a key disabled in AWS KMS move once it is enabled again");
+            }
         }
         Ok(())
     }
@@ -166,6 +181,7 @@ impl KeyService {
         let mut in_flight: Option<Write> = None;
         let mut after = None;
         let mut failed = 0u64;
+        let mut waiting = 0u64;
         // Rows skipped because they changed under us are picked up by one more
         // pass from the start.
         let mut skipped = false;
@@ -188,7 +204,10 @@ impl KeyService {
                 )
                 .await?;
             let rewraps = match batch.last() {
-                Some(_) => Some(self.rewrap_batch(org, current, &batch, &mut failed).await?),
+                Some(_) => Some(
+                    self.rewrap_batch(org, current, &batch, &mut failed, &mut waiting)
+                        .await?,
+                ),
                 None => None,
             };
             if let Some(write) = in_flight.take() {
@@ -199,6 +218,7 @@ impl KeyService {
                     Err(ServiceError::Store(StoreError::Conflict(_))) => {
                         epoch = None;
                         after = None;
+                        waiting = 0;
                         continue;
                     }
                     Err(err) => return Err(err),
@@ -210,7 +230,11 @@ impl KeyService {
                 }
                 if std::mem::take(&mut skipped) {
                     after = None;
+                    waiting = 0;
                     continue;
+                }
+                if waiting > 0 {
+                    return Ok(Pass::Waiting(waiting));
                 }
                 return Ok(Pass::Complete);
             };
@@ -246,9 +270,12 @@ impl KeyService {
             return Ok(None);
         };
         let state = org_state_of(&stored);
-        let Ok((target, target_handle)) = state.master.clone() else {
-            info!(%org, job = job.id, "rotation waits: the master key is revoked");
-            return Ok(None);
+        let (target, target_handle) = match state.master.clone() {
+            Ok(master) => master,
+            Err(err) => {
+                info!(%org, job = job.id, reason = %err, "rotation waits: the master key is blocked");
+                return Ok(None);
+            }
         };
         if target != job.target {
             warn!(%org, job = job.id, target = %job.target, active = %target,
@@ -261,18 +288,29 @@ impl KeyService {
             target,
             target_handle,
             unwrap_keys: state.unwrap_keys,
+            provider_blocked: state.provider_blocked,
         }))
     }
 
     /// Unwraps `batch` and wraps it under the target through the HSM daemon;
-    /// KEKs that fail either step are counted in `failed` and left as they are.
+    /// KEKs that fail either step are counted in `failed`, those of a key
+    /// disabled at its provider in `waiting` (without asking the daemon), and
+    /// all of them left as they are.
     async fn rewrap_batch(
         &self,
         org: &OrgId,
         epoch: &Epoch,
         batch: &[StoredKek],
         failed: &mut u64,
+        waiting: &mut u64,
     ) -> Result<Vec<Rewrap>, ServiceError> {
+        let (blocked, batch): (Vec<&StoredKek>, Vec<&StoredKek>) = batch
+            .iter()
+            .partition(|k| epoch.provider_blocked.contains(&k.key));
+        *waiting += blocked.len() as u64;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
         let aads: Vec<Vec<u8>> = batch
             .iter()
             .map(|k| envelope::kek_associated_data(org, &k.id))
@@ -311,7 +349,7 @@ impl KeyService {
         };
         let mut rewraps = Vec::with_capacity(plain.len());
         for ((i, _), result) in plain.iter().zip(wrapped) {
-            let kek = &batch[*i];
+            let kek = batch[*i];
             match result {
                 Ok(ciphertext) => rewraps.push(Rewrap {
                     kek: kek.id.clone(),
@@ -355,10 +393,11 @@ impl KeyService {
                 .apply(SERVICE_ACTOR, org, &action, Some(&key), plan)
                 .await?;
         }
+        // A rotating key disabled at its provider still needs the job.
         let rotating = stored
             .keys
             .iter()
-            .any(|k| k.record.state == KeyState::Rotating);
+            .any(|k| k.record.slot() == KeyState::Rotating);
         let running = self
             .store
             .latest_rotation(org)

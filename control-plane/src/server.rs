@@ -186,7 +186,8 @@ pub async fn serve(
 }
 
 /// The timers: repair unfinished custody calls, remove keys whose time is up,
-/// renew the generic default key. The first run is at start-up. Each run
+/// renew the generic default key, check that keys in AWS KMS are still
+/// usable there. The first run is at start-up. Each run
 /// holds the `timers` lease, so that replicas take turns rather than run
 /// them at once; a replica that finds the lease held skips its run.
 async fn maintain(service: Arc<KeyService>, interval: Duration) {
@@ -203,6 +204,9 @@ async fn maintain(service: Arc<KeyService>, interval: Duration) {
             }
             if let Err(err) = service.renew_generic().await {
                 warn!(error = %chain(&err), "renewing the generic default key failed; will retry");
+            }
+            if let Err(err) = service.check_providers().await {
+                warn!(error = %chain(&err), "checking keys in AWS KMS failed; will retry");
             }
         };
         if let Err(err) = service.leases.run("timers", run).await {

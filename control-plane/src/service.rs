@@ -8,31 +8,33 @@
 //! with its refusal.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
 use cmk_control_plane_domain::{
-    Change, Command, KeyId, KeyRecord, KeySource, KeyState, LifecycleError, Org, OrgId, Policy,
-    Timestamp,
+    Action, Change, Command, KeyId, KeyRecord, KeySource, KeyState, LifecycleError, Org, OrgId,
+    Policy, Timestamp,
     audit::{self, ChainedEvent},
+    transition,
 };
 use cmk_control_plane_store::{
-    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, RotationChange, Store, StoreError,
-    StoredKey, StoredOrg,
+    AwsArns, Commit, GenericKey, Intent, IntentKind, NewAuditEvent, OrgAwsKey, RotationChange,
+    Store, StoreError, StoredKey, StoredOrg,
 };
 use cmk_proto::hsm::v1 as hsm_pb;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::lease::{Leases, replica_id};
 use crate::metrics::Metrics;
 use crate::{
     authz::Caller,
     clock::Clock,
+    envelope,
     error::{ServiceError, chain},
-    hsm::{HsmClient, HsmError, random_handle},
+    hsm::{HsmClient, HsmError, ImportedKey, random_handle},
     kek_cache::KekCache,
 };
 
@@ -48,15 +50,31 @@ pub const MAX_AUDIT_PAGE: u32 = 1000;
 /// Largest wrapped key accepted: an RSA-8192 ciphertext.
 pub const MAX_WRAPPED_KEY_BYTES: usize = 1024;
 
+/// Longest ARN accepted, AWS's own limit for a key ARN.
+pub const MAX_ARN_BYTES: usize = 2048;
+
+/// Associated data of the provider health check's probe, so that its
+/// ciphertext can never pass for a KEK's.
+const PROVIDER_PROBE_AAD: &[u8] = b"cmk provider health check";
+
+/// One key as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyDetails {
+    /// Its lifecycle record.
+    pub record: KeyRecord,
+    /// For a key in AWS KMS, the ARNs it was added with.
+    pub aws: Option<AwsArns>,
+}
+
 /// An org's keys as an admin sees them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OrgView {
     /// Whether bring-your-own-key is on.
     pub byok: bool,
     /// Every key that is not removed, plus a removed key the org still needs.
-    pub keys: Vec<KeyRecord>,
+    pub keys: Vec<KeyDetails>,
     /// The key that wraps new KEKs; `None` while the master key is revoked.
-    pub active: Option<KeyRecord>,
+    pub active: Option<KeyDetails>,
     /// The active key has been the master for longer than the rotation policy.
     pub rotation_due: bool,
 }
@@ -65,11 +83,22 @@ pub struct OrgView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyView {
     /// The key.
-    pub key: KeyRecord,
+    pub key: KeyDetails,
     /// The org's active key.
-    pub active: Option<KeyRecord>,
+    pub active: Option<KeyDetails>,
     /// The active key has been the master for longer than the rotation policy.
     pub rotation_due: bool,
+}
+
+/// Where a key an admin adds comes from.
+enum NewKey {
+    /// Uploaded, wrapped under the import key.
+    Wrapped {
+        wrapped_key: Vec<u8>,
+        import_key_id: String,
+    },
+    /// A key that stays in AWS KMS.
+    Aws(AwsArns),
 }
 
 /// Tunables of the key service beside the lifecycle policy.
@@ -167,6 +196,8 @@ pub(crate) struct Step {
     /// Custody handle of material taken in for this change: it belongs to the
     /// key the change adds or recovers.
     pub(crate) fresh_handle: Option<String>,
+    /// The ARNs of an AWS key taken in under `fresh_handle`.
+    pub(crate) fresh_aws: Option<AwsArns>,
     /// The import intent the commit resolves.
     pub(crate) import_intent: Option<String>,
     /// A rotation job the change ends (a job is started by the commit of any
@@ -188,6 +219,9 @@ pub(crate) struct OrgState {
     pub(crate) master: Result<(KeyId, String), LifecycleError>,
     /// Keys that may unwrap KEKs (active and rotating) by id, with their handles.
     pub(crate) unwrap_keys: HashMap<KeyId, String>,
+    /// Active or rotating keys that their provider disabled: the KEKs they
+    /// wrap cannot be unwrapped until it enables them again.
+    pub(crate) provider_blocked: HashSet<KeyId>,
 }
 
 /// The control plane's key operations.
@@ -311,70 +345,116 @@ impl KeyService {
     ) -> Result<KeyView, ServiceError> {
         self.audited(caller, "upload", None, false, async {
             check_upload(&wrapped_key, &import_key_id)?;
-            let org = caller.org();
-            let _guard = self.lock(org).await;
-            // Checked before the HSM call too, so a refused upload imports nothing.
-            if !self.load_or_enrol(org).await?.byok {
-                return Err(LifecycleError::ByokOff.into());
-            }
-            let handle = random_handle();
-            self.store
-                .record_intent(Intent {
-                    handle: handle.clone(),
-                    kind: IntentKind::Import,
-                    org: Some(org.clone()),
-                    created_at: self.clock.now(),
-                })
-                .await?;
-            let imported = match self.hsm.import(&handle, wrapped_key, import_key_id).await {
-                Ok(imported) => imported,
-                Err(err) => {
-                    self.discard(&handle).await;
-                    return Err(err.into());
-                }
+            let new = NewKey::Wrapped {
+                wrapped_key,
+                import_key_id,
             };
-            let id = new_key_id();
-            let plan = |stored: &StoredOrg| {
-                if !stored.byok {
-                    return Err(LifecycleError::ByokOff.into());
-                }
-                Ok(Step {
-                    command: Some(Command::Add {
-                        id: id.clone(),
-                        source: KeySource::Uploaded,
-                        check_value: imported.check_value.clone(),
-                        activate_now,
-                    }),
-                    fresh_handle: Some(handle.clone()),
-                    import_intent: Some(handle.clone()),
-                    ..Step::settings(true)
-                })
-            };
-            let (stored, changes) = match self
-                .apply(caller.identity(), org, "upload", None, plan)
-                .await
-            {
-                Ok(applied) => applied,
-                // Refused before anything was committed: the material goes.
-                Err(err @ (ServiceError::Lifecycle(_) | ServiceError::InvalidArgument(_))) => {
-                    self.discard(&handle).await;
-                    return Err(err);
-                }
-                // The commit may or may not have happened; the intent decides
-                // (it was resolved by the commit, or repair destroys the material).
-                Err(err) => return Err(err),
-            };
-            let key = changes
-                .iter()
-                .find(|c| matches!(c.from, None | Some(KeyState::Removed)))
-                .map_or(id.clone(), |c| c.key.clone());
-            let stored = match activate_now {
-                true => self.settle_rotations(org).await?,
-                false => stored,
-            };
-            self.key_view(&stored, &key)
+            self.add_key(caller, "upload", new, activate_now).await
         })
         .await
+    }
+
+    /// Adds a key that stays in AWS KMS, by ARN, pending or active, once the
+    /// HSM daemon has checked that it can use it; an empty backup key or role
+    /// ARN means none. As for an upload, BYOK must be on, and adding the key
+    /// of a removed master key that is still needed recovers it.
+    pub async fn add_aws_key(
+        &self,
+        caller: &Caller,
+        key_arn: String,
+        backup_key_arn: String,
+        role_arn: String,
+        activate_now: bool,
+    ) -> Result<KeyView, ServiceError> {
+        self.audited(caller, "add aws key", None, false, async {
+            let arns = aws_arns(key_arn, backup_key_arn, role_arn)?;
+            self.add_key(caller, "add aws key", NewKey::Aws(arns), activate_now)
+                .await
+        })
+        .await
+    }
+
+    /// Takes `new` into custody under a fresh handle and adds it to the org.
+    async fn add_key(
+        &self,
+        caller: &Caller,
+        action: &str,
+        new: NewKey,
+        activate_now: bool,
+    ) -> Result<KeyView, ServiceError> {
+        let org = caller.org();
+        let _guard = self.lock(org).await;
+        // Checked before the HSM call too, so a refused key is not taken in.
+        if !self.load_or_enrol(org).await?.byok {
+            return Err(LifecycleError::ByokOff.into());
+        }
+        let handle = random_handle();
+        self.store
+            .record_intent(Intent {
+                handle: handle.clone(),
+                kind: IntentKind::Import,
+                org: Some(org.clone()),
+                created_at: self.clock.now(),
+            })
+            .await?;
+        let (source, aws, imported) = match new {
+            NewKey::Wrapped {
+                wrapped_key,
+                import_key_id,
+            } => {
+                let imported = self.hsm.import(&handle, wrapped_key, import_key_id).await;
+                (KeySource::Uploaded, None, imported)
+            }
+            NewKey::Aws(arns) => {
+                let imported = self.hsm.add_aws_key(&handle, &arns).await;
+                (KeySource::AwsKms, Some(arns), imported)
+            }
+        };
+        let ImportedKey { check_value, .. } = match imported {
+            Ok(imported) => imported,
+            Err(err) => {
+                self.discard(&handle).await;
+                return Err(err.into());
+            }
+        };
+        let id = new_key_id();
+        let plan = |stored: &StoredOrg| {
+            if !stored.byok {
+                return Err(LifecycleError::ByokOff.into());
+            }
+            Ok(Step {
+                command: Some(Command::Add {
+                    id: id.clone(),
+                    source,
+                    check_value: check_value.clone(),
+                    activate_now,
+                }),
+                fresh_handle: Some(handle.clone()),
+                fresh_aws: aws.clone(),
+                import_intent: Some(handle.clone()),
+                ..Step::settings(true)
+            })
+        };
+        let (stored, changes) = match self.apply(caller.identity(), org, action, None, plan).await {
+            Ok(applied) => applied,
+            // Refused before anything was committed: the material goes.
+            Err(err @ (ServiceError::Lifecycle(_) | ServiceError::InvalidArgument(_))) => {
+                self.discard(&handle).await;
+                return Err(err);
+            }
+            // The commit may or may not have happened; the intent decides
+            // (it was resolved by the commit, or repair destroys the material).
+            Err(err) => return Err(err),
+        };
+        let key = changes
+            .iter()
+            .find(|c| matches!(c.from, None | Some(KeyState::Removed)))
+            .map_or(id.clone(), |c| c.key.clone());
+        let stored = match activate_now {
+            true => self.settle_rotations(org).await?,
+            false => stored,
+        };
+        self.key_view(&stored, &key)
     }
 
     /// Changes the state of one key.
@@ -512,6 +592,79 @@ impl KeyService {
         Ok(())
     }
 
+    /// The provider health check: asks the HSM daemon to use every key in AWS
+    /// KMS that is not removed, with a probe `Wrap` of fresh random bytes.
+    /// A key AWS reports unusable (disabled, scheduled for deletion, gone)
+    /// becomes revoked by its provider, and one that works again returns to
+    /// the state it came from; each change is audited with what AWS reported.
+    /// A key whose state cannot be learned (the daemon or AWS out of reach)
+    /// is left as it is. Errors of one key are logged and do not stop the
+    /// others.
+    pub async fn check_providers(&self) -> Result<(), ServiceError> {
+        for OrgAwsKey { org, key } in self.store.aws_keys().await? {
+            let record = &key.record;
+            let now = self.clock.now();
+            let may = |action| transition(record, action, now, &self.policy).is_ok();
+            let (may_disable, may_enable) =
+                (may(Action::ProviderDisable), may(Action::ProviderEnable));
+            // Revoked or deleted by the admin: blocked already, and the
+            // lifecycle has no provider state for it.
+            if !may_disable && !may_enable {
+                continue;
+            }
+            let probe = self
+                .hsm
+                .wrap(
+                    &key.handle,
+                    &envelope::new_content_key(),
+                    PROVIDER_PROBE_AAD,
+                )
+                .await;
+            let (command, action) = match probe {
+                Ok(_) if may_enable => (
+                    Command::ProviderEnable(record.id.clone()),
+                    "aws kms reports the key enabled".to_owned(),
+                ),
+                Ok(_) => continue,
+                Err(err) => match err.provider_key_state() {
+                    Some(state) if may_disable => (
+                        Command::ProviderDisable(record.id.clone()),
+                        format!("aws kms reports the key {state}"),
+                    ),
+                    Some(_) => continue,
+                    None => {
+                        warn!(%org, key = %record.id, error = %chain(&err),
+                              "cannot learn the AWS KMS key's state; left as it is");
+                        continue;
+                    }
+                },
+            };
+            let _guard = self.lock(&org).await;
+            let plan = |stored: &StoredOrg| {
+                Ok(Step {
+                    command: Some(command.clone()),
+                    ..Step::settings(stored.byok)
+                })
+            };
+            match self
+                .apply(SERVICE_ACTOR, &org, &action, Some(&record.id), plan)
+                .await
+            {
+                Ok(_) => info!(%org, key = %record.id, "{action}"),
+                // The key changed state since it was read; the next check
+                // looks again.
+                Err(ServiceError::Lifecycle(err)) => {
+                    debug!(%org, key = %record.id, error = %err, "provider change no longer applies");
+                }
+                Err(err) => {
+                    warn!(%org, key = %record.id, error = %chain(&err),
+                          "cannot record the AWS KMS key's state; will retry");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Audits and returns a refusal found before the operation started.
     pub(crate) async fn refuse<T>(
         &self,
@@ -585,13 +738,13 @@ impl KeyService {
                 let record = next.key(&change.key)?.clone();
                 let fresh = matches!(change.from, None | Some(KeyState::Removed))
                     && change.to != KeyState::Removed;
-                let handle = match (&step.fresh_handle, fresh) {
-                    (Some(handle), true) => handle.clone(),
+                let (handle, aws) = match (&step.fresh_handle, fresh) {
+                    (Some(handle), true) => (handle.clone(), step.fresh_aws.clone()),
                     // `keys` already holds a key this command added.
                     _ => keys
                         .iter()
                         .find(|k| k.record.id == change.key)
-                        .map(|k| k.handle.clone())
+                        .map(|k| (k.handle.clone(), k.aws.clone()))
                         .ok_or_else(|| {
                             StoreError::Corrupt(format!("key {} has no handle", change.key))
                         })?,
@@ -601,7 +754,11 @@ impl KeyService {
                 if change.to == KeyState::Removed && record.source != KeySource::GenericDefault {
                     destroy.push(handle.clone());
                 }
-                let stored_key = StoredKey { record, handle };
+                let stored_key = StoredKey {
+                    record,
+                    handle,
+                    aws,
+                };
                 match keys.iter_mut().find(|k| k.record.id == change.key) {
                     Some(slot) => *slot = stored_key.clone(),
                     None => keys.push(stored_key.clone()),
@@ -685,8 +842,13 @@ impl KeyService {
                     // Before the call returns: a revocation is in force for
                     // every later content-key call of this process.
                     self.remember_org_state(&stored);
-                    // A new job, or a paused one that can continue.
-                    if started || changes.iter().any(|c| c.to == KeyState::Active) {
+                    // A new job, or a paused one that can continue: the
+                    // master is back, or a key whose KEKs it waited for.
+                    if started
+                        || changes.iter().any(|c| {
+                            c.to == KeyState::Active || c.from == Some(KeyState::RevokedByProvider)
+                        })
+                    {
                         self.rotation_wake.notify_one();
                     }
                     for handle in &destroy {
@@ -728,6 +890,7 @@ impl KeyService {
                 keys: vec![StoredKey {
                     record,
                     handle: generic.handle,
+                    aws: None,
                 }],
                 add_intents: Vec::new(),
                 resolve_intents: Vec::new(),
@@ -838,6 +1001,7 @@ impl Step {
             command: None,
             byok,
             fresh_handle: None,
+            fresh_aws: None,
             import_intent: None,
             finish_job: None,
             require_unreferenced: Vec::new(),
@@ -900,6 +1064,34 @@ fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<(), ServiceEr
     Ok(())
 }
 
+/// The ARNs of an AWS key as the request gives them (empty for none), bounded
+/// before anything reaches the HSM; their syntax is the daemon's to check.
+fn aws_arns(
+    key_arn: String,
+    backup_key_arn: String,
+    role_arn: String,
+) -> Result<AwsArns, ServiceError> {
+    let bounded = |field: &str, arn: String| {
+        if arn.len() > MAX_ARN_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{field} is {} bytes, over the limit of {MAX_ARN_BYTES}",
+                arn.len()
+            )));
+        }
+        Ok(Some(arn).filter(|a| !a.is_empty()))
+    };
+    let key_arn = bounded("key_arn", key_arn)?.ok_or_else(|| {
+        ServiceError::InvalidArgument(
+            "key_arn: the key ARN is empty; name a key in AWS KMS by its ARN".into(),
+        )
+    })?;
+    Ok(AwsArns {
+        key_arn,
+        backup_key_arn: bounded("backup_key_arn", backup_key_arn)?,
+        role_arn: bounded("role_arn", role_arn)?,
+    })
+}
+
 pub(crate) fn new_key_id() -> KeyId {
     KeyId(format!("key-{}", &random_handle()[..16]))
 }
@@ -912,9 +1104,8 @@ impl KeyService {
             keys: stored
                 .keys
                 .iter()
-                .map(|k| &k.record)
-                .filter(|k| k.state != KeyState::Removed || k.needed)
-                .cloned()
+                .filter(|k| k.record.state != KeyState::Removed || k.record.needed)
+                .map(details)
                 .collect(),
             rotation_due: self.rotation_due(active.as_ref()),
             active,
@@ -926,29 +1117,37 @@ impl KeyService {
         stored: &StoredOrg,
         key: &KeyId,
     ) -> Result<KeyView, ServiceError> {
-        let record = stored
+        let found = stored
             .keys
             .iter()
             .find(|k| &k.record.id == key)
-            .map(|k| k.record.clone())
+            .map(details)
             .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
         let active = active(stored);
         Ok(KeyView {
-            key: record,
+            key: found,
             rotation_due: self.rotation_due(active.as_ref()),
             active,
         })
     }
 
-    fn rotation_due(&self, active: Option<&KeyRecord>) -> bool {
-        active.is_some_and(|k| self.policy.rotation_due(k, self.clock.now()))
+    fn rotation_due(&self, active: Option<&KeyDetails>) -> bool {
+        active.is_some_and(|k| self.policy.rotation_due(&k.record, self.clock.now()))
     }
 }
 
-fn active(stored: &StoredOrg) -> Option<KeyRecord> {
+fn active(stored: &StoredOrg) -> Option<KeyDetails> {
     stored
         .keys
         .iter()
         .find(|k| k.record.state == KeyState::Active)
-        .map(|k| k.record.clone())
+        .map(details)
+}
+
+/// What an admin may see of a stored key: not its custody handle.
+pub(crate) fn details(key: &StoredKey) -> KeyDetails {
+    KeyDetails {
+        record: key.record.clone(),
+        aws: key.aws.clone(),
+    }
 }

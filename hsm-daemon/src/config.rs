@@ -85,6 +85,26 @@ pub struct RawSettings {
     /// Log format: text or json [default: text].
     #[arg(long, env = "CMK_HSM_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Endpoint for every AWS KMS and STS call instead of AWS's own (an
+    /// emulator, a proxy); without it the AWS SDK's conventions apply
+    /// (AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, then the region's endpoint).
+    #[arg(long, env = "CMK_HSM_AWS_ENDPOINT")]
+    pub aws_endpoint: Option<String>,
+    /// Endpoint for the AWS KMS and STS calls of one region, as
+    /// region=url (repeat, or comma-separate in the environment): a VPC
+    /// endpoint per region.
+    #[arg(
+        long = "aws-region-endpoint",
+        env = "CMK_HSM_AWS_REGION_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub aws_region_endpoints: Vec<String>,
+    /// Seconds a key's state in AWS KMS (DescribeKey) is trusted before it
+    /// is looked up again: how soon a key its owner disabled stops being used
+    /// [default: 30].
+    #[arg(long, env = "CMK_HSM_AWS_KEY_STATE_TTL_SECS")]
+    pub aws_key_state_ttl_secs: Option<u64>,
 }
 
 impl RawSettings {
@@ -113,6 +133,9 @@ impl RawSettings {
             handshake_timeout_secs,
             request_timeout_secs,
             log_format,
+            aws_endpoint,
+            aws_region_endpoints,
+            aws_key_state_ttl_secs,
         } = over;
         Self {
             listen: listen.or(self.listen),
@@ -136,6 +159,13 @@ impl RawSettings {
             handshake_timeout_secs: handshake_timeout_secs.or(self.handshake_timeout_secs),
             request_timeout_secs: request_timeout_secs.or(self.request_timeout_secs),
             log_format: log_format.or(self.log_format),
+            aws_endpoint: aws_endpoint.or(self.aws_endpoint),
+            aws_region_endpoints: if aws_region_endpoints.is_empty() {
+                self.aws_region_endpoints
+            } else {
+                aws_region_endpoints
+            },
+            aws_key_state_ttl_secs: aws_key_state_ttl_secs.or(self.aws_key_state_ttl_secs),
         }
     }
 
@@ -257,10 +287,49 @@ impl RawSettings {
             ) as u64),
         };
 
+        let key_state_ttl = Duration::from_secs(bounded(
+            "aws_key_state_ttl_secs",
+            self.aws_key_state_ttl_secs.map(|s| s as usize),
+            30,
+            3600,
+        ) as u64);
+
         let log_format = LogFormat::parse(self.log_format.as_deref()).unwrap_or_else(|e| {
             errors.push(e);
             LogFormat::Text
         });
+
+        let aws = Aws {
+            endpoint: self.aws_endpoint.and_then(|url| {
+                check_endpoint(&url)
+                    .map_err(|e| errors.push(format!("aws_endpoint: {e}")))
+                    .ok()
+            }),
+            region_endpoints: self
+                .aws_region_endpoints
+                .iter()
+                // An empty variable, or a trailing comma, names no region.
+                .filter(|entry| !entry.trim().is_empty())
+                .filter_map(|entry| {
+                    let parsed = entry
+                        .split_once('=')
+                        .filter(|(region, _)| {
+                            !region.is_empty()
+                                && region.bytes().all(|b| {
+                                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
+                                })
+                        })
+                        .ok_or_else(|| {
+                            format!("{entry:?} is not region=url, e.g. eu-west-1=https://…")
+                        })
+                        .and_then(|(region, url)| Ok((region.to_owned(), check_endpoint(url)?)));
+                    parsed
+                        .map_err(|e| errors.push(format!("aws_region_endpoints: {e}")))
+                        .ok()
+                })
+                .collect(),
+            key_state_ttl,
+        };
 
         let root_key = match (root_key_env, &self.root_key_file) {
             (Some(_), Some(_)) => {
@@ -293,10 +362,23 @@ impl RawSettings {
                 tls,
                 limits,
                 log_format,
+                aws,
             }),
             _ => Err(ConfigError(errors)),
         }
     }
+}
+
+/// An endpoint URL the AWS SDK can use: http or https, nothing else.
+fn check_endpoint(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{url:?} has no host, or has blanks in it"));
+    }
+    Ok(url.to_owned())
 }
 
 fn read_root_key_file(path: &Path) -> Result<RootKey, String> {
@@ -338,6 +420,21 @@ pub struct Settings {
     pub limits: Limits,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// How AWS KMS is reached for the keys it holds references to.
+    pub aws: Aws,
+}
+
+/// How the daemon reaches AWS KMS. Its own AWS identity comes from the SDK's
+/// default chain: the environment, the shared profile, web identity (EKS),
+/// the ECS or EC2 metadata service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Aws {
+    /// Every KMS and STS call goes here when set.
+    pub endpoint: Option<String>,
+    /// Per region, overrides `endpoint`.
+    pub region_endpoints: std::collections::BTreeMap<String, String>,
+    /// How long a key's state is trusted.
+    pub key_state_ttl: Duration,
 }
 
 /// Bounds on requests, so that no caller can make the daemon do unbounded work.
@@ -400,6 +497,9 @@ mod tests {
             max_batch_items: Some(0),
             log_format: Some("xml".into()),
             tls_cert: Some("/nonexistent/cert.pem".into()),
+            aws_endpoint: Some("ftp://kms".into()),
+            aws_region_endpoints: vec!["eu-west-1".into(), "EU=http://x".into()],
+            aws_key_state_ttl_secs: Some(0),
             ..RawSettings::default()
         };
         let err = raw.validate(None).expect_err("invalid");
@@ -415,6 +515,10 @@ mod tests {
             "max_batch_items: 0",
             "log_format:",
             "root key: none configured; make one with `openssl rand -hex 32",
+            "aws_endpoint: \"ftp://kms\" is not an http:// or https:// URL",
+            "aws_region_endpoints: \"eu-west-1\" is not region=url",
+            "aws_region_endpoints: \"EU=http://x\" is not region=url",
+            "aws_key_state_ttl_secs: 0",
         ] {
             assert!(text.contains(name), "missing {name:?} in:\n{text}");
         }
@@ -473,6 +577,7 @@ mod tests {
             vec!["spiffe://cmk.example/control-plane".to_string()]
         );
         assert_eq!(raw.log_format.as_deref(), Some("json"));
+        assert_eq!(raw.aws_key_state_ttl_secs, Some(30));
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! The daemon's one translation from errors to gRPC status codes.
 
-use cmk_hsm_custody::CustodyError;
-use tonic::{Code, Status};
+use cmk_hsm_custody::{CustodyError, aws_kms::AwsError};
+use tonic::{Code, Status, metadata::MetadataMap};
 use tracing::error;
+
+/// The response metadata that names the state of a key its owner disabled at
+/// its provider (see `hsm.proto`).
+pub const PROVIDER_KEY_STATE: &str = "cmk-provider-key-state";
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,38 @@ impl From<ServiceError> for Status {
             CustodyError::UnknownKey(_) | CustodyError::DestroyedKey(_) => Code::NotFound,
             CustodyError::HandleInUse { .. } => Code::AlreadyExists,
             CustodyError::Unavailable(_) => Code::Unavailable,
+            CustodyError::Arn(_) => Code::InvalidArgument,
+            CustodyError::Aws(aws) => match aws {
+                AwsError::Unavailable { .. } | AwsError::Failover { .. } => Code::Unavailable,
+                AwsError::InvalidCiphertext { .. }
+                | AwsError::PlaintextSize(_)
+                | AwsError::Context(_) => Code::InvalidArgument,
+                AwsError::AccessDenied { .. }
+                | AwsError::KeyDisabled { .. }
+                | AwsError::NotFound { .. }
+                | AwsError::Unsuitable { .. }
+                | AwsError::Credentials { .. } => Code::FailedPrecondition,
+                // AWS's own words are no secret: the caller gets them, and the
+                // operator the whole chain.
+                AwsError::Other { .. } => {
+                    error!(error = %chain(&custody), "AWS KMS call failed");
+                    Code::Internal
+                }
+            },
+            CustodyError::ProviderKeyState { state, .. } => {
+                let mut metadata = MetadataMap::new();
+                // Tokens are fixed lower-case ASCII words.
+                metadata.insert(
+                    PROVIDER_KEY_STATE,
+                    tonic::metadata::MetadataValue::from_static(state.token()),
+                );
+                return Status::with_metadata(
+                    Code::FailedPrecondition,
+                    custody.to_string(),
+                    metadata,
+                );
+            }
+            CustodyError::Unsupported(_) => Code::Unimplemented,
             CustodyError::Storage { .. }
             | CustodyError::Corrupt { .. }
             | CustodyError::RootKeyMismatch { .. }

@@ -3,7 +3,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody};
+use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody, aws_kms::AwsSettings};
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use cmk_runtime::metrics::{GrpcMetrics, serve_metrics};
 use prometheus_client::registry::Registry;
@@ -64,12 +64,22 @@ pub async fn serve(
         tls,
         limits,
         log_format: _,
+        aws,
     } = settings;
     let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
     // Opening may generate the RSA import key, which takes a moment.
     let custody: Arc<dyn Custody> = Arc::new(
         tokio::task::spawn_blocking(move || {
-            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits)
+            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits).map(|custody| {
+                custody.with_aws(
+                    AwsSettings {
+                        endpoint: aws.endpoint,
+                        endpoint_for_region: aws.region_endpoints,
+                        ..AwsSettings::default()
+                    },
+                    aws.key_state_ttl,
+                )
+            })
         })
         .await
         .map_err(std::io::Error::other)??,

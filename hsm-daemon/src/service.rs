@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cmk_hsm_custody::{
     Custody, CustodyError, Destroyed, IMPORT_ALGORITHM, KeyHandle, KeyInfo, KeyOrigin, UnwrapItem,
     Unwrapped, WrapItem,
+    aws_kms::{ArnError, AwsKeyRef, KeyArn, RoleArn},
 };
 use cmk_proto::hsm::v1::{
     self as pb, hsm_service_server::HsmService, import_request, unwrap_result, wrap_result,
@@ -92,7 +93,8 @@ impl HsmApi {
             self.limits.max_associated_data_bytes,
         )?;
         // A ciphertext longer than the largest possible Wrap output cannot be ours.
-        let max = cmk_hsm_custody::envelope::MIN_LEN + self.limits.max_plaintext_bytes;
+        let max = (cmk_hsm_custody::envelope::MIN_LEN + self.limits.max_plaintext_bytes)
+            .max(cmk_hsm_custody::envelope::MAX_AWS_LEN);
         self.check_len("ciphertext", ciphertext.len(), max)?;
         Ok(UnwrapItem {
             ciphertext,
@@ -150,9 +152,17 @@ impl HsmService for HsmApi {
             Some(import_request::Source::Generate(pb::Generate {})) => {
                 self.custody.generate(&handle).await
             }
+            Some(import_request::Source::AwsKmsKey(key)) => {
+                let key = aws_key_ref(key)?;
+                info!(%caller, %handle, primary = %key.primary(),
+                    backup = ?key.backup().map(KeyArn::as_str),
+                    role = ?key.role().map(RoleArn::as_str),
+                    "verifying access to an AWS KMS key");
+                self.custody.add_aws_key(&handle, key).await
+            }
             None => {
                 return Err(ServiceError::InvalidArgument(
-                    "import request sets neither wrapped_key nor generate".into(),
+                    "import request sets none of wrapped_key, generate and aws_kms_key".into(),
                 )
                 .into());
             }
@@ -170,6 +180,7 @@ impl HsmService for HsmApi {
             origin: match origin {
                 KeyOrigin::Imported => pb::KeyOrigin::Imported,
                 KeyOrigin::Generated => pb::KeyOrigin::Generated,
+                KeyOrigin::AwsKms => pb::KeyOrigin::AwsKms,
             } as i32,
         }))
     }
@@ -261,6 +272,28 @@ impl HsmService for HsmApi {
             already_destroyed: outcome == Destroyed::Already,
         }))
     }
+}
+
+/// The key reference of an import request, each malformed ARN named by its
+/// field.
+fn aws_key_ref(key: pb::AwsKmsKey) -> Result<AwsKeyRef, ServiceError> {
+    let pb::AwsKmsKey {
+        key_arn,
+        backup_key_arn,
+        role_arn,
+    } = key;
+    let invalid =
+        |field: &str, err: ArnError| ServiceError::InvalidArgument(format!("{field}: {err}"));
+    let primary = KeyArn::parse(&key_arn).map_err(|e| invalid("key_arn", e))?;
+    let backup = (!backup_key_arn.is_empty())
+        .then(|| KeyArn::parse(&backup_key_arn))
+        .transpose()
+        .map_err(|e| invalid("backup_key_arn", e))?;
+    let role = (!role_arn.is_empty())
+        .then(|| RoleArn::parse(&role_arn))
+        .transpose()
+        .map_err(|e| invalid("role_arn", e))?;
+    Ok(AwsKeyRef::new(primary, backup, role).map_err(CustodyError::from)?)
 }
 
 fn unwrapped(out: Unwrapped) -> pb::UnwrapResponse {

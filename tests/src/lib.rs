@@ -280,6 +280,12 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Starts the real binary on `port` and waits for its health check to pass.
     pub async fn start(pki: &Pki, keystore: &Path, port: u16) -> Self {
+        Self::start_with(pki, keystore, port, &[]).await
+    }
+
+    /// As [`DaemonProcess::start`], with `env` as extra environment (`CMK_HSM_*`
+    /// settings, the AWS SDK's variables).
+    pub async fn start_with(pki: &Pki, keystore: &Path, port: u16, env: &[(&str, &str)]) -> Self {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = Command::new(binary("hsm-daemon"))
             .arg("--listen")
@@ -297,6 +303,7 @@ impl DaemonProcess {
             .arg("--tls-client-ca")
             .arg(pki.path("ca.crt"))
             .env_remove("CMK_HSM_ROOT_KEY")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

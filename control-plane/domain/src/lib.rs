@@ -2,8 +2,9 @@
 //!
 //! [`transition`] is the one exhaustive function from (key record, action) to the
 //! next record; every rule about a single key is in it. [`Org`] adds the rules
-//! that span an org's keys — at most one pending, one active and one revoked key;
-//! activation refused while the master is revoked — and returns a new `Org`
+//! that span an org's keys — at most one pending, one active and one revoked key,
+//! a key its provider disabled keeping the place it had; activation refused
+//! while the master is revoked or disabled — and returns a new `Org`
 //! rather than changing itself, so a refused command leaves nothing changed by
 //! construction. The store persists what `Org` returns; the service calls the
 //! HSM daemon for the effects a [`Change`] implies (destroying a removed key).
@@ -217,7 +218,9 @@ pub enum KeyState {
     Deleted,
     /// Logical: destroyed in custody and no longer listed.
     Removed,
-    /// An external key disabled or scheduled for deletion at its provider.
+    /// An external key disabled or scheduled for deletion at its provider; it
+    /// holds the place of the state it came from (see
+    /// [`KeyRecord::before_provider_revocation`]).
     RevokedByProvider,
 }
 
@@ -279,8 +282,8 @@ impl fmt::Display for Action {
             Self::Restore => "restore",
             Self::Expire => "remove",
             Self::Recover => "recover",
-            Self::ProviderDisable => "mark as revoked by its provider",
-            Self::ProviderEnable => "mark as enabled by its provider",
+            Self::ProviderDisable => "record its provider disabling",
+            Self::ProviderEnable => "record its provider enabling",
         })
     }
 }
@@ -312,6 +315,19 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// The state whose place the key holds among the org's keys: its own, or,
+    /// for a key revoked by its provider, the state it returns to when
+    /// enabled again. A pending or active key that its provider disabled
+    /// still holds the org's one pending or active place.
+    pub fn slot(&self) -> KeyState {
+        match self.state {
+            KeyState::RevokedByProvider => {
+                self.before_provider_revocation.unwrap_or(KeyState::Pending)
+            }
+            state => state,
+        }
+    }
+
     /// A new key in the pending state.
     pub fn pending(id: KeyId, source: KeySource, check_value: String, now: Timestamp) -> Self {
         Self {
@@ -398,7 +414,37 @@ pub enum LifecycleError {
         /// What to do.
         remedy: String,
     },
-    /// A content-key call while the master key is revoked, deleted or lost.
+    /// Activation while the master key is disabled (or scheduled for deletion)
+    /// in AWS KMS: it holds the active slot until it is enabled there again.
+    #[error(
+        "the organisation's master key {master} is disabled or scheduled for deletion in AWS KMS: \
+         enable it there again (or cancel its deletion), then rotate to a new key"
+    )]
+    MasterRevokedByProvider {
+        /// The master key its provider disabled.
+        master: KeyId,
+    },
+    /// A new key while the pending key is disabled (or scheduled for deletion)
+    /// in AWS KMS: it still holds the pending slot.
+    #[error(
+        "key {pending} is pending but disabled or scheduled for deletion in AWS KMS: enable it \
+         there again and activate it, or cancel it, before adding another"
+    )]
+    PendingRevokedByProvider {
+        /// The pending key its provider disabled.
+        pending: KeyId,
+    },
+    /// A KEK wrapped by a rotating key that its provider disabled.
+    #[error(
+        "key {key} is disabled or scheduled for deletion in AWS KMS: the KEKs it still wraps \
+         cannot be used until it is enabled there again (or its deletion cancelled)"
+    )]
+    KeyRevokedByProvider {
+        /// The rotating key its provider disabled.
+        key: KeyId,
+    },
+    /// A content-key call while the master key is revoked, deleted, lost or
+    /// disabled at its provider.
     #[error(
         "the organisation's master key {master} is {state}: nothing can be encrypted or decrypted until you {remedy}"
     )]

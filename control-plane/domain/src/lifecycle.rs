@@ -74,7 +74,13 @@ pub fn transition(
             next.state = S::RevokedByProvider;
         }
         (S::RevokedByProvider, A::ProviderEnable) => {
-            next.state = key.before_provider_revocation.unwrap_or(S::Pending);
+            next.state = key.slot();
+            next.before_provider_revocation = None;
+        }
+        // A pending key could be cancelled before its provider disabled it,
+        // and nothing has used it since.
+        (S::RevokedByProvider, A::Cancel) if key.slot() == S::Pending => {
+            next.state = S::Removed;
             next.before_provider_revocation = None;
         }
         (
@@ -125,7 +131,12 @@ fn allowed(key: &KeyRecord) -> String {
             )
         }
         KeyState::Removed => "a removed key is gone".into(),
-        KeyState::RevokedByProvider => "enable the key at its provider again".into(),
+        KeyState::RevokedByProvider => match key.slot() {
+            KeyState::Pending => "a pending key disabled at its provider becomes pending again \
+                                  once enabled there, and can be cancelled meanwhile"
+                .into(),
+            before => format!("it becomes {before} again once enabled at its provider"),
+        },
     }
 }
 
@@ -238,6 +249,98 @@ mod tests {
             )
             .expect("finish");
             assert_eq!(next.state, expected, "{source:?}");
+        }
+    }
+
+    #[test]
+    fn a_key_revoked_by_its_provider_returns_to_the_state_it_came_from() {
+        let policy = Policy::default();
+        for state in [
+            KeyState::Pending,
+            KeyState::Active,
+            KeyState::Rotating,
+            KeyState::Deactivated,
+        ] {
+            let before = KeyRecord {
+                expires_at: Some(Timestamp(99)),
+                ..key(state, KeySource::AwsKms)
+            };
+            let disabled = transition(&before, Action::ProviderDisable, Timestamp(1), &policy)
+                .expect("disable");
+            assert_eq!(disabled.state, KeyState::RevokedByProvider, "{state}");
+            assert_eq!(disabled.slot(), state, "it keeps its place");
+            let again = transition(&disabled, Action::ProviderDisable, Timestamp(2), &policy)
+                .expect_err("disabled twice");
+            assert!(
+                again.to_string().contains(&format!(
+                    "cannot record its provider disabling it; {}",
+                    match state {
+                        KeyState::Pending => "a pending key disabled at its provider".to_owned(),
+                        state => format!("it becomes {state} again once enabled at its provider"),
+                    }
+                )),
+                "{again}"
+            );
+            let enabled = transition(&disabled, Action::ProviderEnable, Timestamp(3), &policy)
+                .expect("enable");
+            assert_eq!(enabled, before, "{state}: exactly as before");
+        }
+        // Only what the service still uses can be disabled: a revoked, deleted
+        // or removed key is blocked or gone already.
+        for state in [KeyState::Revoked, KeyState::Deleted, KeyState::Removed] {
+            let err = transition(
+                &key(state, KeySource::AwsKms),
+                Action::ProviderDisable,
+                Timestamp(1),
+                &policy,
+            )
+            .expect_err("not from this state");
+            assert!(
+                matches!(err, LifecycleError::InvalidTransition { .. }),
+                "{state}: {err}"
+            );
+        }
+        for state in [KeyState::Pending, KeyState::Active] {
+            assert!(
+                transition(
+                    &key(state, KeySource::AwsKms),
+                    Action::ProviderEnable,
+                    Timestamp(1),
+                    &policy
+                )
+                .is_err(),
+                "{state} is not disabled"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_formerly_pending_key_revoked_by_its_provider_can_be_cancelled() {
+        let policy = Policy::default();
+        for (state, cancellable) in [
+            (KeyState::Pending, true),
+            (KeyState::Active, false),
+            (KeyState::Rotating, false),
+        ] {
+            let disabled = transition(
+                &key(state, KeySource::AwsKms),
+                Action::ProviderDisable,
+                Timestamp(1),
+                &policy,
+            )
+            .expect("disable");
+            let cancelled = transition(&disabled, Action::Cancel, Timestamp(2), &policy);
+            assert_eq!(cancelled.is_ok(), cancellable, "{state}: {cancelled:?}");
+            if let Ok(cancelled) = cancelled {
+                assert_eq!(cancelled.state, KeyState::Removed);
+                assert_eq!(cancelled.before_provider_revocation, None);
+            }
+            for action in [Action::Activate, Action::Revoke, Action::Delete] {
+                assert!(
+                    transition(&disabled, action, Timestamp(2), &policy).is_err(),
+                    "{state}: {action}"
+                );
+            }
         }
     }
 

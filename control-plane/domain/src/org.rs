@@ -49,6 +49,11 @@ pub enum Command {
     Restore(KeyId),
     /// Rotating → deactivated (or removed), reported by the rotation job.
     FinishRotation(KeyId),
+    /// An external key's provider reports it disabled or scheduled for
+    /// deletion: → revoked by provider, keeping its place.
+    ProviderDisable(KeyId),
+    /// Its provider reports it usable again: back to the state it came from.
+    ProviderEnable(KeyId),
     /// Remove every deactivated or deleted key whose time is up.
     ExpireDue,
 }
@@ -105,8 +110,9 @@ impl Org {
     }
 
     /// The key that wraps new KEKs, or why the org's KEKs and content keys
-    /// cannot be used at all: while the master key is revoked, deleted or lost,
-    /// nothing of the org may be encrypted or decrypted (SPEC §4).
+    /// cannot be used at all: while the master key is revoked, deleted, lost
+    /// or disabled at its provider, nothing of the org may be encrypted or
+    /// decrypted (SPEC §4).
     pub fn content_master(&self) -> Result<&KeyRecord, LifecycleError> {
         if let Some(master) = self.revoked_master() {
             let (state, remedy) = match master.state {
@@ -124,6 +130,13 @@ impl Org {
                 master: master.id.clone(),
                 state,
                 remedy,
+            });
+        }
+        if let Some(master) = self.provider_revoked(KeyState::Active) {
+            return Err(LifecycleError::ContentBlocked {
+                master: master.id.clone(),
+                state: "revoked by its provider (disabled or pending deletion in AWS KMS)",
+                remedy: "enable the key in AWS KMS again, or cancel its deletion".to_owned(),
             });
         }
         self.active().ok_or(LifecycleError::NoActiveKey)
@@ -212,6 +225,8 @@ impl Org {
             Command::Delete(id) => next.apply(&id, Action::Delete)?,
             Command::Restore(id) => next.apply(&id, Action::Restore)?,
             Command::FinishRotation(id) => next.apply(&id, Action::FinishRotation)?,
+            Command::ProviderDisable(id) => next.apply(&id, Action::ProviderDisable)?,
+            Command::ProviderEnable(id) => next.apply(&id, Action::ProviderEnable)?,
             Command::ExpireDue => {
                 let due: Vec<KeyId> = self
                     .keys
@@ -230,12 +245,13 @@ impl Org {
 
     /// The org-wide invariants: at most one pending, one active, and one revoked
     /// (revoked, deleted, or removed while needed) key; never an active key
-    /// beside a revoked one.
+    /// beside a revoked one. A key revoked by its provider counts where it
+    /// came from ([`KeyRecord::slot`]).
     pub fn check_invariants(&self) -> Result<(), String> {
         let count =
             |pred: &dyn Fn(&KeyRecord) -> bool| self.keys.iter().filter(|k| pred(k)).count();
-        let pending = count(&|k| k.state == KeyState::Pending);
-        let active = count(&|k| k.state == KeyState::Active);
+        let pending = count(&|k| k.slot() == KeyState::Pending);
+        let active = count(&|k| k.slot() == KeyState::Active);
         let revoked = count(&|k| is_revoked_master(k));
         if pending > 1 || active > 1 || revoked > 1 || (active > 0 && revoked > 0) {
             return Err(format!(
@@ -255,6 +271,13 @@ impl Org {
 
     fn revoked_master(&self) -> Option<&KeyRecord> {
         self.keys.iter().find(|k| is_revoked_master(k))
+    }
+
+    /// The key revoked by its provider that holds the place of `slot`.
+    fn provider_revoked(&self, slot: KeyState) -> Option<&KeyRecord> {
+        self.keys
+            .iter()
+            .find(|k| k.state == KeyState::RevokedByProvider && k.slot() == slot)
     }
 }
 
@@ -306,6 +329,11 @@ impl Working<'_> {
                 pending: pending.id.clone(),
             });
         }
+        if let Some(pending) = self.org.provider_revoked(KeyState::Pending) {
+            return Err(LifecycleError::PendingRevokedByProvider {
+                pending: pending.id.clone(),
+            });
+        }
         self.add_beside_pending(id, source, check_value)
     }
 
@@ -333,6 +361,13 @@ impl Working<'_> {
     fn activate(&mut self, id: &KeyId) -> Result<(), LifecycleError> {
         // An unknown key is NOT_FOUND whatever the state of the org.
         self.org.key(id)?;
+        // Checked before the blocked master below, whose message would tell
+        // the admin to do something only AWS KMS can.
+        if let Some(master) = self.org.provider_revoked(KeyState::Active) {
+            return Err(LifecycleError::MasterRevokedByProvider {
+                master: master.id.clone(),
+            });
+        }
         if let Err(LifecycleError::ContentBlocked {
             master,
             state,
@@ -627,6 +662,182 @@ mod tests {
         assert_eq!(o.active().map(|k| k.id.clone()), Some(id("a")));
     }
 
+    fn add_aws(key: &str, kcv: &str, activate_now: bool) -> Command {
+        Command::Add {
+            id: id(key),
+            source: KeySource::AwsKms,
+            check_value: kcv.into(),
+            activate_now,
+        }
+    }
+
+    /// An org whose master is the AWS key `a`, with `b` (AWS) pending.
+    fn aws_org(p: &Policy) -> Org {
+        let (o, _) = org()
+            .handle(add_aws("a", "AAAAAAAAAA", true), Timestamp(1), p)
+            .unwrap();
+        let (o, _) = o
+            .handle(add_aws("b", "BBBBBBBBBB", false), Timestamp(2), p)
+            .unwrap();
+        o
+    }
+
+    #[test]
+    fn a_master_revoked_by_its_provider_blocks_the_org_until_enabled_again() {
+        let p = Policy::default();
+        let o = aws_org(&p);
+        let (o, changes) = o
+            .handle(Command::ProviderDisable(id("a")), Timestamp(3), &p)
+            .unwrap();
+        assert_eq!(
+            changes,
+            vec![Change {
+                key: id("a"),
+                from: Some(KeyState::Active),
+                to: KeyState::RevokedByProvider
+            }]
+        );
+        o.check_invariants().unwrap();
+        assert!(o.active().is_none());
+        assert_eq!(
+            o.content_master().unwrap_err().to_string(),
+            "the organisation's master key a is revoked by its provider (disabled or pending \
+             deletion in AWS KMS): nothing can be encrypted or decrypted until you enable the \
+             key in AWS KMS again, or cancel its deletion"
+        );
+        // It still holds the active place: nothing else can take it.
+        let refused = o
+            .handle(Command::Activate(id("b")), Timestamp(4), &p)
+            .unwrap_err();
+        assert_eq!(
+            refused,
+            LifecycleError::MasterRevokedByProvider { master: id("a") }
+        );
+        assert!(
+            refused.to_string().contains("enable it there again"),
+            "{refused}"
+        );
+        let byok_off = Command::UseGenericDefault {
+            id: id("g2"),
+            check_value: "GEN0000000".into(),
+        };
+        assert_eq!(
+            o.handle(byok_off, Timestamp(4), &p).unwrap_err(),
+            LifecycleError::MasterRevokedByProvider { master: id("a") }
+        );
+        assert!(matches!(
+            o.handle(Command::Revoke(id("a")), Timestamp(4), &p),
+            Err(LifecycleError::InvalidTransition { .. })
+        ));
+        let (o, changes) = o
+            .handle(Command::ProviderEnable(id("a")), Timestamp(5), &p)
+            .unwrap();
+        assert_eq!(
+            changes,
+            vec![Change {
+                key: id("a"),
+                from: Some(KeyState::RevokedByProvider),
+                to: KeyState::Active
+            }]
+        );
+        assert_eq!(o.content_master().unwrap().id, id("a"));
+        let (o, _) = o
+            .handle(Command::Activate(id("b")), Timestamp(6), &p)
+            .unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Rotating);
+        o.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_pending_key_revoked_by_its_provider_holds_the_pending_place() {
+        let p = Policy::default();
+        let (o, _) = aws_org(&p)
+            .handle(Command::ProviderDisable(id("b")), Timestamp(3), &p)
+            .unwrap();
+        o.check_invariants().unwrap();
+        assert_eq!(o.content_master().unwrap().id, id("a"), "the master works");
+        let refused = o
+            .handle(add("c", "CCCCCCCCCC", false), Timestamp(4), &p)
+            .unwrap_err();
+        assert_eq!(
+            refused,
+            LifecycleError::PendingRevokedByProvider { pending: id("b") }
+        );
+        assert!(refused.to_string().contains("or cancel it"), "{refused}");
+        assert!(matches!(
+            o.handle(Command::Activate(id("b")), Timestamp(4), &p),
+            Err(LifecycleError::InvalidTransition { .. })
+        ));
+        // Cancelled while disabled: it goes, and frees the place.
+        let (cancelled, changes) = o
+            .handle(Command::Cancel(id("b")), Timestamp(5), &p)
+            .unwrap();
+        assert_eq!(changes[0].to, KeyState::Removed);
+        let (cancelled, _) = cancelled
+            .handle(add("c", "CCCCCCCCCC", false), Timestamp(6), &p)
+            .unwrap();
+        cancelled.check_invariants().unwrap();
+        // Or enabled again: pending as before.
+        let (o, _) = o
+            .handle(Command::ProviderEnable(id("b")), Timestamp(5), &p)
+            .unwrap();
+        assert_eq!(state(&o, "b"), KeyState::Pending);
+    }
+
+    #[test]
+    fn a_rotating_key_revoked_by_its_provider_does_not_block_the_master() {
+        let p = Policy::default();
+        let (o, _) = aws_org(&p)
+            .handle(Command::Activate(id("b")), Timestamp(3), &p)
+            .unwrap();
+        let (o, _) = o
+            .handle(Command::ProviderDisable(id("a")), Timestamp(4), &p)
+            .unwrap();
+        assert_eq!(o.key(&id("a")).unwrap().slot(), KeyState::Rotating);
+        assert_eq!(o.content_master().unwrap().id, id("b"));
+        assert!(matches!(
+            o.handle(Command::FinishRotation(id("a")), Timestamp(5), &p),
+            Err(LifecycleError::InvalidTransition { .. })
+        ));
+        let (o, _) = o
+            .handle(add("c", "CCCCCCCCCC", true), Timestamp(5), &p)
+            .unwrap();
+        assert_eq!(state(&o, "b"), KeyState::Rotating);
+        o.check_invariants().unwrap();
+        let (o, _) = o
+            .handle(Command::ProviderEnable(id("a")), Timestamp(6), &p)
+            .unwrap();
+        assert_eq!(state(&o, "a"), KeyState::Rotating);
+        let (o, changes) = o
+            .handle(Command::FinishRotation(id("a")), Timestamp(7), &p)
+            .unwrap();
+        assert_eq!(
+            changes[0].to,
+            KeyState::Removed,
+            "an AWS key leaves the list"
+        );
+        o.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn only_keys_at_an_external_provider_are_revoked_by_it() {
+        let p = Policy::default();
+        let (o, _) = org()
+            .handle(add("a", "AAAAAAAAAA", true), Timestamp(1), &p)
+            .unwrap();
+        for key in ["a", "generic"] {
+            assert!(matches!(
+                o.handle(Command::ProviderDisable(id(key)), Timestamp(2), &p),
+                Err(LifecycleError::InvalidTransition { .. })
+            ));
+        }
+        assert_eq!(
+            o.handle(Command::ProviderEnable(id("nope")), Timestamp(2), &p)
+                .unwrap_err(),
+            LifecycleError::UnknownKey(id("nope"))
+        );
+    }
+
     fn command() -> impl Strategy<Value = Command> {
         let key = prop_oneof![
             Just("generic"),
@@ -673,7 +884,9 @@ mod tests {
             key.clone().prop_map(Command::Reactivate),
             key.clone().prop_map(Command::Delete),
             key.clone().prop_map(Command::Restore),
-            key.prop_map(Command::FinishRotation),
+            key.clone().prop_map(Command::FinishRotation),
+            key.clone().prop_map(Command::ProviderDisable),
+            key.prop_map(Command::ProviderEnable),
             Just(Command::ExpireDue),
         ]
     }
@@ -690,6 +903,19 @@ mod tests {
                 match org.handle(command.clone(), now, &policy) {
                     Ok((next, changes)) => {
                         prop_assert!(next.check_invariants().is_ok(), "{command:?}: {:?}", next.check_invariants());
+                        // The provider enabling a key it just disabled undoes it exactly.
+                        if let Command::ProviderDisable(key) = &command {
+                            let (undone, _) = next
+                                .handle(Command::ProviderEnable(key.clone()), now, &policy)
+                                .unwrap();
+                            prop_assert_eq!(&undone, &org);
+                        }
+                        // A master disabled at its provider blocks content, and
+                        // no other key can take its place.
+                        if next.keys().iter().any(|k| k.state == KeyState::RevokedByProvider && k.slot() == KeyState::Active) {
+                            prop_assert!(next.content_master().is_err());
+                            prop_assert!(next.active().is_none());
+                        }
                         // Each key ends in the state its last change names.
                         for change in &changes {
                             let last = changes.iter().rev().find(|c| c.key == change.key).unwrap();

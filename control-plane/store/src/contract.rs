@@ -16,8 +16,8 @@ use cmk_control_plane_domain::{
 };
 
 use crate::{
-    Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, Rewrap, RotationChange,
-    RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg,
+    AwsArns, Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, OrgAwsKey, Rewrap,
+    RotationChange, RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg,
 };
 
 /// Runs every check of this module against `store`, which must be empty.
@@ -41,6 +41,7 @@ pub async fn all(store: &dyn Store) {
     rewraps_conflict_on_a_stale_version_or_a_job_not_running(store).await;
     keys_still_wrapping_keks_cannot_be_required_unreferenced(store).await;
     orgs_using_a_handle_are_found(store).await;
+    aws_keys_not_removed_are_listed_with_their_org(store).await;
     generic_key_is_renewed_and_the_old_one_dropped_once_unused(store).await;
     leases_have_one_holder_until_released_or_expired(store).await;
 }
@@ -65,7 +66,21 @@ pub fn key(id: &str, handle: String) -> StoredKey {
             Timestamp(1_700_000_000),
         ),
         handle,
+        aws: None,
     }
+}
+
+/// A pending key in AWS KMS whose ARNs name `id`, with a backup key and a
+/// role when `full`.
+pub fn aws_key(id: &str, handle: String, full: bool) -> StoredKey {
+    let mut key = key(id, handle);
+    key.record.source = KeySource::AwsKms;
+    key.aws = Some(AwsArns {
+        key_arn: format!("arn:aws:kms:eu-west-1:111122223333:key/{id}"),
+        backup_key_arn: full.then(|| format!("arn:aws:kms:eu-central-1:111122223333:key/{id}")),
+        role_arn: full.then(|| "arn:aws:iam::111122223333:role/cmk-ünïcode".to_owned()),
+    });
+    key
 }
 
 /// A key in `state` expiring at `expires_at`.
@@ -313,6 +328,17 @@ pub async fn create_and_load_round_trip_every_field(store: &dyn Store) {
                         .then_some(KeyState::Rotating),
                 },
                 handle: handle(CHECK, i),
+                // Every shape: none, the key alone, all three, and a role
+                // without a backup key.
+                aws: match i % 4 {
+                    0 => None,
+                    1 => aws_key(id, String::new(), false).aws,
+                    2 => aws_key(id, String::new(), true).aws,
+                    _ => aws_key(id, String::new(), true).aws.map(|arns| AwsArns {
+                        backup_key_arn: None,
+                        ..arns
+                    }),
+                },
             }
         })
         .collect();
@@ -340,6 +366,7 @@ pub async fn create_and_load_round_trip_every_field(store: &dyn Store) {
     updated.record.revoked_at = Some(Timestamp(1_800_000_000));
     updated.record.needed = true;
     updated.handle = handle(CHECK, 100);
+    updated.aws = aws_key("k-renamed", String::new(), false).aws;
     let added = key("k-00", handle(CHECK, 101));
     let mut change = commit(
         &org,
@@ -1777,6 +1804,60 @@ pub async fn orgs_using_a_handle_are_found(store: &dyn Store) {
             .expect("orgs_using_handle")
             .is_empty()
     );
+}
+
+/// `aws_keys` lists every key with ARNs that is not removed, by org and then
+/// in the order added, with the ARNs as stored; an update is seen.
+pub async fn aws_keys_not_removed_are_listed_with_their_org(store: &dyn Store) {
+    const CHECK: u32 = 25;
+    let in_state = |key: StoredKey, state: KeyState| {
+        let mut key = key;
+        key.record.state = state;
+        key
+    };
+    let b = vec![
+        in_state(aws_key("k-2", handle(CHECK, 2), true), KeyState::Active),
+        in_state(key("k-1", handle(CHECK, 1)), KeyState::Rotating),
+        in_state(aws_key("k-0", handle(CHECK, 3), false), KeyState::Pending),
+        in_state(aws_key("k-9", handle(CHECK, 4), true), KeyState::Removed),
+    ];
+    let a = vec![in_state(
+        aws_key("k-5", handle(CHECK, 5), false),
+        KeyState::RevokedByProvider,
+    )];
+    let none = vec![key("k-6", handle(CHECK, 6))];
+    for (name, keys) in [("aws-b", &b), ("aws-a", &a), ("aws-none", &none)] {
+        store
+            .commit(commit(&org_id(name), None, keys.clone(), Vec::new()))
+            .await
+            .expect("create");
+    }
+    let listed = || async {
+        store
+            .aws_keys()
+            .await
+            .expect("aws_keys")
+            .into_iter()
+            .filter(|k| k.org.as_str().starts_with(org_id("aws-").as_str()))
+            .collect::<Vec<_>>()
+    };
+    let of = |org: &str, key: &StoredKey| OrgAwsKey {
+        org: org_id(org),
+        key: key.clone(),
+    };
+    assert_eq!(
+        listed().await,
+        vec![of("aws-a", &a[0]), of("aws-b", &b[0]), of("aws-b", &b[2])],
+        "by org id, then in the order added; removed keys and keys without ARNs left out"
+    );
+
+    // Removing one takes it off the list.
+    let removed = in_state(b[0].clone(), KeyState::Removed);
+    store
+        .commit(commit(&org_id("aws-b"), Some(1), vec![removed], Vec::new()))
+        .await
+        .expect("update");
+    assert_eq!(listed().await, vec![of("aws-a", &a[0]), of("aws-b", &b[2])]);
 }
 
 /// The generic default key is renewed only from the key still stored; the

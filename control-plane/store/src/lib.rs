@@ -55,6 +55,29 @@ pub struct StoredKey {
     /// The HSM daemon's handle (32 lower-case hex); the generic default key's
     /// records of every org share one.
     pub handle: String,
+    /// For a key that stays in AWS KMS, the ARNs it was added with.
+    pub aws: Option<AwsArns>,
+}
+
+/// Where a key in AWS KMS is, as the admin named it. Not secret: ARNs name
+/// keys and roles, they grant nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsArns {
+    /// The key every KEK is wrapped under.
+    pub key_arn: String,
+    /// A key (normally in another region) used when the primary's region fails.
+    pub backup_key_arn: Option<String>,
+    /// An IAM role the HSM daemon assumes to use the keys.
+    pub role_arn: Option<String>,
+}
+
+/// A key in AWS KMS that is not removed, with its org.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrgAwsKey {
+    /// The org.
+    pub org: OrgId,
+    /// The key; its `aws` is always set.
+    pub key: StoredKey,
 }
 
 /// An org as stored.
@@ -348,6 +371,11 @@ pub trait Store: Send + Sync + 'static {
     /// Orgs with a key record in a state other than removed that uses
     /// `handle`, each once, in id order.
     async fn orgs_using_handle(&self, handle: &str) -> Result<Vec<OrgId>, StoreError>;
+
+    /// Every key with AWS ARNs in a state other than removed, by org id, each
+    /// org's in the order they were added: what the provider health check
+    /// asks the HSM daemon about.
+    async fn aws_keys(&self) -> Result<Vec<OrgAwsKey>, StoreError>;
 
     /// Stores a new KEK wrapped by the org's active key, with `audit` appended
     /// to the org's chain in the same transaction, unless the org already has

@@ -65,12 +65,12 @@ use sqlx::{
 };
 
 use crate::{
-    Commit, GenericKey, Intent, JobState, NewAuditEvent, Rewrap, RotationJob, Store, StoreError,
-    StoredKek, StoredKey, StoredOrg, codec,
+    Commit, GenericKey, Intent, JobState, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob, Store,
+    StoreError, StoredKek, StoredKey, StoredOrg, codec,
     ops::{self, Lock, Tx},
     sql::{
-        self, Cells, decode_audit, decode_generic_key, decode_intent, decode_job, decode_kek,
-        decode_key,
+        self, Cells, KEY_COLUMNS, decode_audit, decode_generic_key, decode_intent, decode_job,
+        decode_kek, decode_key, decode_org_key,
     },
 };
 
@@ -351,6 +351,20 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn aws_keys(&self) -> Result<Vec<OrgAwsKey>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT org, {KEY_COLUMNS} FROM keys \
+             WHERE aws_key_arn IS NOT NULL AND state <> $1 ORDER BY org, position"
+        ))
+        .bind(codec::key_state(KeyState::Removed))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(decode_org_key)
+        .collect()
+    }
+
     async fn insert_kek(
         &self,
         org: &OrgId,
@@ -563,11 +577,9 @@ impl Tx for PgTx {
     }
 
     async fn keys(&mut self, org: &OrgId) -> Result<Vec<StoredKey>, StoreError> {
-        sqlx::query(
-            "SELECT key_id, handle, source, state, check_value, created_at, activated_at, \
-                    revoked_at, expires_at, needed, before_provider_revocation \
-             FROM keys WHERE org = $1 ORDER BY position",
-        )
+        sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE org = $1 ORDER BY position"
+        ))
         .bind(org.as_str())
         .fetch_all(&mut *self.0)
         .await
@@ -593,19 +605,25 @@ impl Tx for PgTx {
                     before_provider_revocation,
                 },
             handle,
+            aws,
         } = key;
+        let [aws_key_arn, aws_backup_key_arn, aws_role_arn] = sql::aws_columns(aws.as_ref());
         sqlx::query(
             "INSERT INTO keys (org, key_id, position, handle, source, state, check_value, \
                                created_at, activated_at, revoked_at, expires_at, needed, \
-                               before_provider_revocation) \
+                               before_provider_revocation, aws_key_arn, aws_backup_key_arn, \
+                               aws_role_arn) \
              VALUES ($1, $2, (SELECT coalesce(max(position), 0) + 1 FROM keys WHERE org = $1), \
-                     $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                     $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (org, key_id) DO UPDATE SET \
                  handle = excluded.handle, source = excluded.source, state = excluded.state, \
                  check_value = excluded.check_value, created_at = excluded.created_at, \
                  activated_at = excluded.activated_at, revoked_at = excluded.revoked_at, \
                  expires_at = excluded.expires_at, needed = excluded.needed, \
-                 before_provider_revocation = excluded.before_provider_revocation",
+                 before_provider_revocation = excluded.before_provider_revocation, \
+                 aws_key_arn = excluded.aws_key_arn, \
+                 aws_backup_key_arn = excluded.aws_backup_key_arn, \
+                 aws_role_arn = excluded.aws_role_arn",
         )
         .bind(org.as_str())
         .bind(id.0.as_str())
@@ -619,6 +637,9 @@ impl Tx for PgTx {
         .bind(expires_at.map(|t| t.0))
         .bind(*needed)
         .bind(before_provider_revocation.map(codec::key_state))
+        .bind(aws_key_arn)
+        .bind(aws_backup_key_arn)
+        .bind(aws_role_arn)
         .execute(&mut *self.0)
         .await
         .map_err(db)?;

@@ -14,7 +14,8 @@ use cmk_control_plane_domain::{
 use sqlx::{ColumnIndex, Decode, Row, Type, migrate::MigrateError};
 
 use crate::{
-    GenericKey, Intent, NewAuditEvent, Rewrap, RotationJob, StoreError, StoredKek, StoredKey, codec,
+    AwsArns, GenericKey, Intent, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob, StoreError,
+    StoredKek, StoredKey, codec,
 };
 
 /// The column types the store reads, from a row of any database it supports.
@@ -193,7 +194,53 @@ pub(crate) fn decode_key(row: &impl Columns) -> Result<StoredKey, StoreError> {
                 .parse_optional("before_provider_revocation", codec::parse_key_state)?,
         },
         handle: cells.string("handle")?,
+        aws: decode_aws(&cells)?,
     })
+}
+
+/// The columns [`decode_key`] reads, for a `SELECT` of keys.
+pub(crate) const KEY_COLUMNS: &str = "key_id, handle, source, state, check_value, created_at, \
+     activated_at, revoked_at, expires_at, needed, before_provider_revocation, \
+     aws_key_arn, aws_backup_key_arn, aws_role_arn";
+
+/// A key row with its org (the column `org`).
+pub(crate) fn decode_org_key(row: &impl Columns) -> Result<OrgAwsKey, StoreError> {
+    Ok(OrgAwsKey {
+        org: Cells::new(row, "keys").org("org")?,
+        key: decode_key(row)?,
+    })
+}
+
+fn decode_aws<R: Columns>(cells: &Cells<'_, R>) -> Result<Option<AwsArns>, StoreError> {
+    let backup_key_arn = cells.optional_string("aws_backup_key_arn")?;
+    let role_arn = cells.optional_string("aws_role_arn")?;
+    match cells.optional_string("aws_key_arn")? {
+        Some(key_arn) => Ok(Some(AwsArns {
+            key_arn,
+            backup_key_arn,
+            role_arn,
+        })),
+        None if backup_key_arn.is_none() && role_arn.is_none() => Ok(None),
+        None => Err(StoreError::Corrupt(
+            "keys.aws_key_arn is missing beside a backup key or role ARN".into(),
+        )),
+    }
+}
+
+/// The three ARN columns of `aws`, for binding.
+pub(crate) fn aws_columns(aws: Option<&AwsArns>) -> [Option<&str>; 3] {
+    match aws {
+        None => [None; 3],
+        Some(AwsArns {
+            key_arn,
+            backup_key_arn,
+            role_arn,
+        }) => [
+            Some(key_arn.as_str()),
+            backup_key_arn.as_deref(),
+            role_arn.as_deref(),
+        ],
+    }
 }
 
 /// Decodes a row exactly as stored: the org is not parsed, so that

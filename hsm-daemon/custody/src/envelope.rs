@@ -1,6 +1,8 @@
 //! The self-describing ciphertext of `wrap`, and the AES-256-GCM sealing it (and the
 //! keystore's at-rest sealing) is built on.
 //!
+//! Version 1, a secret sealed under a CMK the daemon holds:
+//!
 //! ```text
 //! offset  length  field
 //! 0       1       format version (1)
@@ -14,6 +16,18 @@
 //! associated data, so neither the version nor the handle can be changed without
 //! the tag failing. Nonces are random: under one CMK, stay well below 2^32 wraps
 //! (NIST SP 800-38D §8.3); KEK re-wrapping on rotation is far below that.
+//!
+//! Version 2, a secret encrypted by AWS KMS under a key the daemon references:
+//!
+//! ```text
+//! offset  length  field
+//! 0       1       format version (2)
+//! 1       16      key handle of the AWS key reference
+//! 17      …       the KMS ciphertexts (crate::aws_kms::WrappedByAws)
+//! ```
+//!
+//! KMS authenticates its ciphertexts; the handle and the caller's associated
+//! data are bound through the encryption context (see `crate::aws_kms`).
 
 use aes_gcm::{
     Aes256Gcm, Nonce, Tag,
@@ -23,14 +37,43 @@ use cmk_secret::SecretBytes;
 
 use crate::{CustodyError, InputError, KeyHandle};
 
-/// The only format version.
+/// The format of a secret sealed under a CMK the daemon holds.
 pub const VERSION: u8 = 1;
+/// The format of a secret encrypted by AWS KMS.
+pub const VERSION_AWS: u8 = 2;
 /// Version byte plus key handle.
 pub const HEADER_LEN: usize = 1 + KeyHandle::LEN;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
-/// The shortest valid ciphertext (an empty secret).
+/// The shortest valid version 1 ciphertext (an empty secret).
 pub const MIN_LEN: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
+/// The shortest version 2 body: version, flags and one length-prefixed byte.
+const MIN_AWS_BODY: usize = 5;
+/// The longest version 2 ciphertext: two KMS blobs of the largest size.
+pub const MAX_AWS_LEN: usize = HEADER_LEN + 2 + 2 * (2 + crate::aws_kms::MAX_BLOB_LEN);
+
+/// What the header of a `wrap` ciphertext says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sealed<'a> {
+    /// Version 1, under the CMK `handle`.
+    Local(KeyHandle),
+    /// Version 2, under the AWS key reference `handle`.
+    Aws {
+        /// The reference.
+        handle: KeyHandle,
+        /// The KMS ciphertexts, still to be decoded.
+        body: &'a [u8],
+    },
+}
+
+impl Sealed<'_> {
+    /// The key named in the header.
+    pub fn handle(&self) -> KeyHandle {
+        match self {
+            Self::Local(handle) | Self::Aws { handle, .. } => *handle,
+        }
+    }
+}
 
 /// An AES-256-GCM key, expanded once and wiped when dropped.
 pub struct SealingKey(Aes256Gcm);
@@ -103,23 +146,48 @@ pub fn wrap(
     key.seal(&header(handle), plaintext.expose(), aad)
 }
 
-/// Reads the key handle out of a v1 ciphertext, checking its shape only.
+/// Reads the key handle out of a ciphertext of either version, checking its
+/// shape only.
 pub fn parse(ciphertext: &[u8]) -> Result<KeyHandle, InputError> {
+    read(ciphertext).map(|sealed| sealed.handle())
+}
+
+/// Reads the header of a ciphertext of either version, checking its shape only.
+pub fn read(ciphertext: &[u8]) -> Result<Sealed<'_>, InputError> {
     let Some(&version) = ciphertext.first() else {
         return Err(InputError::EmptyCiphertext);
     };
-    if version != VERSION {
-        return Err(InputError::CiphertextVersion(version));
-    }
-    if ciphertext.len() < MIN_LEN {
+    let minimum = match version {
+        VERSION => MIN_LEN,
+        VERSION_AWS => HEADER_LEN + MIN_AWS_BODY,
+        other => return Err(InputError::CiphertextVersion(other)),
+    };
+    if ciphertext.len() < minimum {
         return Err(InputError::CiphertextTruncated {
             actual: ciphertext.len(),
-            minimum: MIN_LEN,
+            minimum,
         });
     }
     let mut handle = [0; KeyHandle::LEN];
     handle.copy_from_slice(&ciphertext[1..HEADER_LEN]);
-    Ok(KeyHandle::from_bytes(handle))
+    let handle = KeyHandle::from_bytes(handle);
+    Ok(match version {
+        VERSION => Sealed::Local(handle),
+        _ => Sealed::Aws {
+            handle,
+            body: &ciphertext[HEADER_LEN..],
+        },
+    })
+}
+
+/// A version 2 ciphertext: `body` (the KMS ciphertexts) under the AWS key
+/// reference `handle`.
+pub fn wrap_aws(handle: &KeyHandle, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.push(VERSION_AWS);
+    out.extend_from_slice(handle.as_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Decrypts a v1 ciphertext already [`parse`]d, with the CMK it names.
@@ -173,9 +241,29 @@ mod tests {
     }
 
     #[test]
+    fn version_2_names_its_handle_and_keeps_its_body() {
+        let handle = KeyHandle::random().expect("rng");
+        let ct = wrap_aws(&handle, b"\x01\x00\x00\x01z");
+        assert_eq!(
+            read(&ct),
+            Ok(Sealed::Aws {
+                handle,
+                body: b"\x01\x00\x00\x01z"
+            })
+        );
+    }
+
+    #[test]
     fn malformed_ciphertexts_are_named() {
         assert_eq!(parse(&[]), Err(InputError::EmptyCiphertext));
-        assert_eq!(parse(&[2; 80]), Err(InputError::CiphertextVersion(2)));
+        assert_eq!(parse(&[3; 80]), Err(InputError::CiphertextVersion(3)));
+        assert_eq!(
+            parse(&[2; 21]),
+            Err(InputError::CiphertextTruncated {
+                actual: 21,
+                minimum: HEADER_LEN + MIN_AWS_BODY
+            })
+        );
         assert_eq!(
             parse(&[1; 20]),
             Err(InputError::CiphertextTruncated {

@@ -5,6 +5,7 @@
 use std::io;
 
 use crate::KeyHandle;
+use crate::aws_kms::{ArnError, AwsError, KeyArn, ProviderState};
 
 /// Why a custody operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,28 @@ pub enum CustodyError {
     /// The backend itself could not be reached (an HSM, a cloud KMS).
     #[error("key backend unavailable: {0}")]
     Unavailable(String),
+    /// An AWS key reference names a malformed ARN.
+    #[error(transparent)]
+    Arn(#[from] ArnError),
+    /// AWS KMS refused or failed a call on a referenced key.
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    /// The owner of a key in AWS KMS disabled it or scheduled its deletion
+    /// (outside this service): nothing is wrapped or unwrapped with it until it
+    /// is enabled again.
+    #[error(
+        "AWS KMS key {key} is {state} in AWS KMS, so it cannot be used: {}",
+        state.remedy()
+    )]
+    ProviderKeyState {
+        /// The primary key of the reference.
+        key: KeyArn,
+        /// What DescribeKey reported.
+        state: ProviderState,
+    },
+    /// The backend does not hold this kind of key.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// A cryptographic primitive failed where it cannot fail on valid input.
     #[error("internal cryptographic failure: {0}")]
     Crypto(&'static str),
@@ -142,7 +165,7 @@ pub enum InputError {
     #[error("ciphertext is empty")]
     EmptyCiphertext,
     /// A wrap ciphertext of an unknown format version.
-    #[error("ciphertext has format version {0}, but only version 1 is supported")]
+    #[error("ciphertext has format version {0}, but only versions 1 and 2 are supported")]
     CiphertextVersion(u8),
     /// Shorter than the fixed header and tag.
     #[error("ciphertext is truncated: {actual} bytes, at least {minimum} expected")]
@@ -155,6 +178,9 @@ pub enum InputError {
     /// Nothing to wrap.
     #[error("plaintext is empty")]
     EmptyPlaintext,
+    /// A version 2 ciphertext whose KMS part is malformed.
+    #[error(transparent)]
+    AwsCiphertext(#[from] crate::aws_kms::WrappedError),
 }
 
 impl CustodyError {

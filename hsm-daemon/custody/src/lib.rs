@@ -6,7 +6,8 @@
 //! has no method that returns CMK bytes. What leaves is a [`KeyHandle`] (an opaque
 //! reference), a [`KeyCheckValue`] (a non-secret fingerprint), and ciphertexts.
 //!
-//! [`aws_kms`] is the client layer of the AWS KMS backend.
+//! [`aws_kms`] holds keys that stay in AWS KMS: the software keystore keeps
+//! sealed references to them beside its own CMKs.
 //!
 //! The ciphertext format of `wrap` is defined once, in [`envelope`], and shared by
 //! every backend that runs AES-256-GCM itself.
@@ -47,6 +48,8 @@ pub enum KeyOrigin {
     Imported,
     /// Generated inside the daemon.
     Generated,
+    /// A reference to a key that stays in AWS KMS.
+    AwsKms,
 }
 
 /// What a backend says about a CMK it has just taken into custody.
@@ -121,6 +124,20 @@ pub trait Custody: Send + Sync + 'static {
     /// `Ok`. The handle is refused as in [`Custody::import`].
     async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
 
+    /// Takes a reference to a key in AWS KMS into custody under `handle`, once
+    /// an Encrypt and Decrypt round trip has shown the key can be used; durable
+    /// once this returns `Ok`. The handle is refused as in [`Custody::import`].
+    async fn add_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: aws_kms::AwsKeyRef,
+    ) -> Result<KeyInfo, CustodyError> {
+        let _ = (handle, key);
+        Err(CustodyError::Unsupported(
+            "this custody backend does not hold references to AWS KMS keys",
+        ))
+    }
+
     /// Encrypts `plaintext` under the CMK `handle`, binding `associated_data`.
     async fn wrap(
         &self,
@@ -136,7 +153,8 @@ pub trait Custody: Send + Sync + 'static {
         associated_data: &[u8],
     ) -> Result<Unwrapped, CustodyError>;
 
-    /// Destroys the CMK irreversibly. Destroying it again reports
+    /// Destroys the CMK irreversibly (for an AWS key reference: forgets it,
+    /// leaving the key in AWS as it is). Destroying it again reports
     /// [`Destroyed::Already`]; a handle this backend never issued is
     /// [`CustodyError::UnknownKey`].
     async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError>;

@@ -5,7 +5,10 @@
 //!   .lock                     advisory lock: one daemon per keystore
 //!   keystore.meta             sealed marker; proves the root key is the right one
 //!   import-key                sealed PKCS#8 of the RSA import key
-//!   keys/<handle>.key         sealed CMK record: version, origin, check value, key
+//!   keys/<handle>.key         sealed record: a CMK (version 1: origin, check
+//!                             value, key) or a reference to a key in AWS KMS
+//!                             (version 2: check value, primary, backup and
+//!                             role ARNs)
 //!   keys/<handle>.destroyed   tombstone: the key existed and was destroyed
 //! ```
 //!
@@ -21,6 +24,7 @@
 //!
 //! Unsealed CMKs are cached in memory as expanded AES keys (wiped when dropped),
 //! one entry per key used since start; destroyed keys leave a tombstone entry.
+//! Secrets under an AWS key reference are wrapped by AWS KMS ([`AwsKeys`]).
 
 use std::{
     collections::HashMap,
@@ -32,12 +36,14 @@ use std::{
 
 use async_trait::async_trait;
 use cmk_secret::SecretBytes;
+use futures_util::{StreamExt, stream};
 use tracing::{info, warn};
 
 use crate::{
     CMK_LEN, Custody, CustodyError, Destroyed, ImportKey, ImportKeyBits, ImportPublicKey,
-    KeyHandle, KeyInfo, KeyOrigin, Unwrapped, atomic,
-    envelope::{self, SealingKey},
+    KeyHandle, KeyInfo, KeyOrigin, UnwrapItem, Unwrapped, WrapItem, atomic,
+    aws_kms::{self, AwsKeyRef, AwsKeys, AwsSettings},
+    envelope::{self, Sealed, SealingKey},
     handle::KeyCheckValue,
     kcv,
 };
@@ -49,6 +55,12 @@ const IMPORT_KEY_FILE: &str = "import-key";
 const KEYS_DIR: &str = "keys";
 const RECORD_VERSION: u8 = 1;
 const RECORD_LEN: usize = 2 + KeyCheckValue::LEN + CMK_LEN;
+/// A record of a reference to a key in AWS KMS.
+const AWS_RECORD_VERSION: u8 = 2;
+/// How long a key's state in AWS KMS is trusted unless configured otherwise.
+const DEFAULT_AWS_STATE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Batch items in flight at once: AWS KMS calls are network round trips.
+const BATCH_CONCURRENCY: usize = 16;
 
 /// The 32-byte key every keystore file is sealed under.
 #[derive(Debug)]
@@ -71,10 +83,12 @@ impl RootKey {
     }
 }
 
-/// CMKs on local disk, sealed under a root key. Cheap to clone.
+/// CMKs on local disk, sealed under a root key, and references to keys in AWS
+/// KMS sealed the same way. Cheap to clone.
 #[derive(Clone)]
 pub struct SoftwareCustody {
     inner: Arc<Inner>,
+    aws: Arc<AwsKeys>,
 }
 
 impl std::fmt::Debug for SoftwareCustody {
@@ -104,7 +118,8 @@ struct Inner {
 
 #[derive(Clone)]
 enum Entry {
-    Live(Arc<SealingKey>),
+    Key(Arc<SealingKey>),
+    Aws(Arc<AwsKeyRef>),
     Destroyed,
 }
 
@@ -138,6 +153,7 @@ impl SoftwareCustody {
         check_meta(dir, &keys_dir, &root)?;
         let import_key = load_or_create_import_key(dir, &root, new_import_key_bits)?;
         Ok(Self {
+            aws: Arc::new(AwsKeys::new(AwsSettings::default(), DEFAULT_AWS_STATE_TTL)),
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 keys_dir,
@@ -150,7 +166,15 @@ impl SoftwareCustody {
         })
     }
 
-    async fn live_key(&self, handle: &KeyHandle) -> Result<Arc<SealingKey>, CustodyError> {
+    /// Reaches AWS KMS with `settings` for the keys it references, and trusts
+    /// what DescribeKey says about a key's state for `state_ttl`.
+    pub fn with_aws(mut self, settings: AwsSettings, state_ttl: std::time::Duration) -> Self {
+        self.aws = Arc::new(AwsKeys::new(settings, state_ttl));
+        self
+    }
+
+    /// The key or reference `handle` names, unless destroyed.
+    async fn live(&self, handle: &KeyHandle) -> Result<Entry, CustodyError> {
         let cached = self.inner.cache().get(handle).cloned();
         let entry = match cached {
             Some(entry) => entry,
@@ -161,8 +185,8 @@ impl SoftwareCustody {
             }
         };
         match entry {
-            Entry::Live(key) => Ok(key),
             Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
+            live => Ok(live),
         }
     }
 }
@@ -222,18 +246,53 @@ impl Inner {
             let r = record.expose_mut();
             r[0] = RECORD_VERSION;
             r[1] = match origin {
-                KeyOrigin::Imported => 1,
                 KeyOrigin::Generated => 2,
+                KeyOrigin::Imported | KeyOrigin::AwsKms => 1,
             };
             r[2..2 + KeyCheckValue::LEN].copy_from_slice(check_value.as_bytes());
             r[2 + KeyCheckValue::LEN..].copy_from_slice(key.expose());
         }
+        let entry = Entry::Key(Arc::new(SealingKey::new(&key)?));
+        self.store_record(handle, &record, entry)?;
+        Ok(KeyInfo {
+            handle,
+            check_value,
+            origin,
+        })
+    }
+
+    /// Seals the reference `key` into a new key file under `handle`, as
+    /// [`Inner::store`] does a CMK.
+    fn store_reference(
+        &self,
+        handle: KeyHandle,
+        key: AwsKeyRef,
+        check_value: KeyCheckValue,
+    ) -> Result<KeyInfo, CustodyError> {
+        let mut record = vec![AWS_RECORD_VERSION];
+        record.extend_from_slice(check_value.as_bytes());
+        record.extend_from_slice(&aws_kms::encode_reference(&key));
+        self.store_record(handle, &SecretBytes::new(record), Entry::Aws(Arc::new(key)))?;
+        Ok(KeyInfo {
+            handle,
+            check_value,
+            origin: KeyOrigin::AwsKms,
+        })
+    }
+
+    /// Writes a sealed record under `handle`, unless the handle is or was in use,
+    /// and caches `entry` for it; durable when this returns.
+    fn store_record(
+        &self,
+        handle: KeyHandle,
+        record: &SecretBytes,
+        entry: Entry,
+    ) -> Result<(), CustodyError> {
         let sealed = self.root.seal(
             MAGIC,
             record.expose(),
             Self::key_purpose(&handle).as_bytes(),
         )?;
-        let cached = Arc::new(SealingKey::new(&key)?);
         let staged = atomic::stage(&self.keys_dir, &Self::key_file(&handle), &sealed)?;
         {
             let _handles = self.lock_handles();
@@ -241,17 +300,12 @@ impl Inner {
             staged.put_in_place()?;
             // Under the lock, so that a destroy cannot mark the key destroyed in
             // the cache before this marks it live.
-            self.cache_insert(handle, Entry::Live(cached));
+            self.cache_insert(handle, entry);
         }
         // Flushing the directory outside the lock keeps concurrent imports from
         // queueing behind each other's fsync. Until it returns the key is not
         // acknowledged; a destroy meanwhile flushes the directory itself.
-        atomic::sync_dir(&self.keys_dir)?;
-        Ok(KeyInfo {
-            handle,
-            check_value,
-            origin,
-        })
+        atomic::sync_dir(&self.keys_dir)
     }
 
     /// Refuses a handle that has a key file or a tombstone. Call with the handle
@@ -286,11 +340,18 @@ impl Inner {
             };
             let record = self.unseal(&path, &sealed, &Self::key_purpose(handle))?;
             let r = record.expose();
-            if r.len() != RECORD_LEN || r[0] != RECORD_VERSION {
-                return Err(corrupt(&path));
+            match r.first() {
+                Some(&RECORD_VERSION) if r.len() == RECORD_LEN => {
+                    let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
+                    Entry::Key(Arc::new(SealingKey::new(&key)?))
+                }
+                Some(&AWS_RECORD_VERSION) => r
+                    .get(1 + KeyCheckValue::LEN..)
+                    .and_then(aws_kms::decode_reference)
+                    .map(|key| Entry::Aws(Arc::new(key)))
+                    .ok_or_else(|| corrupt(&path))?,
+                _ => return Err(corrupt(&path)),
             }
-            let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
-            Entry::Live(Arc::new(SealingKey::new(&key)?))
         };
         Ok(self.cache_loaded(*handle, entry))
     }
@@ -360,14 +421,32 @@ impl Custody for SoftwareCustody {
         .await
     }
 
+    async fn add_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, CustodyError> {
+        let check_value = self.aws.admit(&key).await?;
+        let inner = self.inner.clone();
+        let handle = *handle;
+        blocking(move || inner.store_reference(handle, key, check_value)).await
+    }
+
     async fn wrap(
         &self,
         handle: &KeyHandle,
         plaintext: &SecretBytes,
         associated_data: &[u8],
     ) -> Result<Vec<u8>, CustodyError> {
-        let key = self.live_key(handle).await?;
-        envelope::wrap(&key, handle, plaintext, associated_data)
+        match self.live(handle).await? {
+            Entry::Key(key) => envelope::wrap(&key, handle, plaintext, associated_data),
+            Entry::Aws(key) => {
+                self.aws
+                    .wrap(handle, &key, plaintext, associated_data)
+                    .await
+            }
+            Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
+        }
     }
 
     async fn unwrap(
@@ -375,10 +454,41 @@ impl Custody for SoftwareCustody {
         ciphertext: &[u8],
         associated_data: &[u8],
     ) -> Result<Unwrapped, CustodyError> {
-        let handle = envelope::parse(ciphertext)?;
-        let key = self.live_key(&handle).await?;
-        let plaintext = envelope::unwrap(&key, ciphertext, associated_data)?;
+        let sealed = envelope::read(ciphertext)?;
+        let handle = sealed.handle();
+        let plaintext = match (sealed, self.live(&handle).await?) {
+            (Sealed::Local(_), Entry::Key(key)) => {
+                envelope::unwrap(&key, ciphertext, associated_data)?
+            }
+            (Sealed::Aws { body, .. }, Entry::Aws(key)) => {
+                self.aws
+                    .unwrap(&handle, &key, body, associated_data)
+                    .await?
+            }
+            // The version byte does not match the kind of key it names: the
+            // ciphertext was altered.
+            _ => return Err(CustodyError::Authentication),
+        };
         Ok(Unwrapped { plaintext, handle })
+    }
+
+    async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
+        stream::iter(items)
+            .map(|item| async move {
+                self.wrap(&item.handle, &item.plaintext, &item.associated_data)
+                    .await
+            })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    async fn unwrap_batch(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, CustodyError>> {
+        stream::iter(items)
+            .map(|item| async move { self.unwrap(&item.ciphertext, &item.associated_data).await })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
     }
 
     async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {

@@ -11,11 +11,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_config::{BehaviorVersion, Region};
-use aws_sdk_kms::config::Credentials;
 use aws_sdk_kms::types::{KeySpec, KeyUsageType};
 use cmk_hsm_custody::aws_kms::{
     ArnError, AwsCredentials, AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings,
@@ -26,87 +23,15 @@ use cmk_secret::SecretBytes;
 /// An address where nothing listens: a region that is down.
 const DEAD: &str = "http://127.0.0.1:1";
 
-/// The account moto gives the plain test credentials.
-const ACCOUNT: &str = "123456789012";
-
-fn endpoint() -> String {
-    std::env::var("CMK_TEST_AWS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".into())
-}
-
-/// The emulator's endpoint; panics with how to start it when it does not answer.
-async fn emulator() -> String {
-    let endpoint = endpoint();
-    let address = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let connected = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(&address),
-    )
-    .await;
-    if !matches!(connected, Ok(Ok(_))) {
-        panic!(
-            "the AWS KMS emulator does not answer at {endpoint}: start it with \
-             `scripts/moto.sh start` (installs moto[server] from PyPI on first use), or point \
-             CMK_TEST_AWS_ENDPOINT at a running one"
-        );
-    }
-    endpoint
-}
-
-fn credentials() -> AwsCredentials {
-    AwsCredentials::Static {
-        access_key_id: "testing".into(),
-        secret_access_key: SecretBytes::copy_from(b"testing"),
-    }
-}
+use cmk_hsm_custody::aws_kms::emulator::{
+    ACCOUNT, admin, create_key, credentials, emulator, new_key, role_credentials, settings,
+    test_credentials,
+};
 
 /// The client under test, with every region on the emulator except those
 /// given, which get their own endpoint.
 fn client(endpoint: &str, regions: &[(&str, &str)]) -> AwsKms {
-    AwsKms::new(AwsSettings {
-        endpoint: Some(endpoint.into()),
-        endpoint_for_region: regions
-            .iter()
-            .map(|(region, url)| ((*region).to_owned(), (*url).to_owned()))
-            .collect::<BTreeMap<_, _>>(),
-        credentials: credentials(),
-        ..AwsSettings::default()
-    })
-}
-
-/// A plain SDK client for the test's own setup: creating, disabling, deleting
-/// keys — calls the client under test deliberately does not have.
-fn admin(endpoint: &str, region: &str, credentials: Credentials) -> aws_sdk_kms::Client {
-    aws_sdk_kms::Client::from_conf(
-        aws_sdk_kms::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(region.to_owned()))
-            .endpoint_url(endpoint)
-            .credentials_provider(credentials)
-            .build(),
-    )
-}
-
-fn test_credentials() -> Credentials {
-    Credentials::new("testing", "testing", None, None, "test")
-}
-
-async fn create_key(admin: &aws_sdk_kms::Client) -> KeyArn {
-    let created = admin
-        .create_key()
-        .key_usage(KeyUsageType::EncryptDecrypt)
-        .key_spec(KeySpec::SymmetricDefault)
-        .description("cmk aws_kms test")
-        .send()
-        .await
-        .expect("CreateKey");
-    KeyArn::parse(created.key_metadata().unwrap().arn().unwrap()).expect("moto's ARN parses")
-}
-
-async fn new_key(endpoint: &str, region: &str) -> KeyArn {
-    create_key(&admin(endpoint, region, test_credentials())).await
+    AwsKms::new(settings(endpoint, regions))
 }
 
 fn context(kek: &str) -> EncryptionContext {
@@ -523,29 +448,7 @@ async fn a_key_is_used_through_an_assumed_role() {
     let role = RoleArn::parse("arn:aws:iam::111111111111:role/cmk/cmk-hsm-test").unwrap();
     // moto gives credentials from AssumeRole the role's account: a key made
     // with them is in 111111111111, out of reach of the plain test identity.
-    let sts = aws_sdk_sts::Client::from_conf(
-        aws_sdk_sts::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(&endpoint)
-            .credentials_provider(test_credentials())
-            .build(),
-    );
-    let assumed = sts
-        .assume_role()
-        .role_arn(role.as_str())
-        .role_session_name("cmk-test-setup")
-        .send()
-        .await
-        .unwrap();
-    let session = assumed.credentials().unwrap();
-    let as_role = Credentials::new(
-        session.access_key_id(),
-        session.secret_access_key(),
-        Some(session.session_token().to_owned()),
-        None,
-        "test",
-    );
+    let as_role = role_credentials(&endpoint, &role).await;
     let arn = create_key(&admin(&endpoint, "us-east-1", as_role)).await;
     assert_eq!(arn.account(), "111111111111");
 

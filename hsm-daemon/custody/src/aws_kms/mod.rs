@@ -1,4 +1,4 @@
-//! The AWS KMS client of the aws-kms custody backend: a customer's CMK stays in
+//! The aws-kms custody backend: a customer's CMK stays in
 //! AWS KMS, referenced by key ARN, and secrets are wrapped by KMS Encrypt and
 //! unwrapped by KMS Decrypt under an encryption context that binds what they are
 //! for.
@@ -28,6 +28,20 @@
 //! - **Roles.** With a role, credentials come from STS AssumeRole in the key's own
 //!   region (a failed region does not take the backup's credentials down with
 //!   it), cached by each client and renewed 30–60 s before they expire.
+//! - **References sealed like keys.** The software keystore keeps each key
+//!   reference (primary, backup and role ARNs) in a record sealed under its root
+//!   key, beside the CMKs it holds, in one handle namespace: a reference altered
+//!   on disk would send secrets to another key. Destroying a reference forgets
+//!   it; the key in AWS is left as it is.
+//! - **Envelope version 2.** A secret wrapped under a reference is the
+//!   reference's handle and the KMS ciphertexts ([`WrappedByAws`]); the
+//!   encryption context binds the handle and the caller's associated data
+//!   ([`encryption_context`]), which for a KEK binds the org and the KEK id.
+//! - **The owner's word is DescribeKey.** Before a wrap or unwrap the key's
+//!   state is looked up (cached for a configurable time): a key its owner
+//!   disabled or scheduled for deletion is refused with
+//!   [`crate::CustodyError::ProviderKeyState`], naming the state, even where
+//!   Encrypt would still answer (as an emulator does).
 //! - **No destruction.** Nothing here deletes, disables or schedules the deletion
 //!   of a key. The customer owns it; "destroy" in this service forgets the ARN.
 //! - **Secrets.** Plaintexts are [`cmk_secret::SecretBytes`]; a decrypted
@@ -38,6 +52,9 @@
 mod arn;
 mod client;
 mod context;
+mod custody;
+#[cfg(feature = "contract")]
+pub mod emulator;
 mod error;
 mod wrapped;
 
@@ -47,5 +64,10 @@ pub use client::{
     ROLE_SESSION_NAME,
 };
 pub use context::{ContextError, EncryptionContext, MAX_CONTEXT_BYTES};
+pub use custody::{
+    AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, ProviderState, check_value,
+    encryption_context,
+};
+pub(crate) use custody::{decode_reference, encode_reference};
 pub use error::{AwsDetail, AwsError, BoxError};
 pub use wrapped::{MAX_BLOB_LEN, WrappedByAws, WrappedError};

@@ -1,0 +1,412 @@
+//! AWS KMS keys in custody: a key reference is admitted after a round trip,
+//! secrets are wrapped under it in envelope version 2, and the owner's key state
+//! is watched through DescribeKey.
+//!
+//! The references themselves are kept by the software keystore, sealed under
+//! its root key like every CMK record: a reference altered on disk would
+//! redirect secrets to someone else's key, so it must not be changeable
+//! without the root key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use cmk_secret::SecretBytes;
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+
+use super::{
+    AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, EncryptionContext, KeyArn, RoleArn,
+    WrappedByAws,
+};
+use crate::{CustodyError, InputError, KeyCheckValue, KeyHandle, envelope};
+
+/// The encryption context pair naming the key reference.
+pub const CONTEXT_HANDLE: &str = "cmk:key-handle";
+/// The encryption context pair carrying the caller's associated data (hex): for
+/// a KEK, the control plane's binding of the org and the KEK id.
+pub const CONTEXT_ASSOCIATED_DATA: &str = "cmk:associated-data";
+
+/// Domain separation of the check value of a key reference.
+const CHECK_VALUE_LABEL: &[u8] = b"cmk aws-kms key\0";
+
+/// Why a referenced key cannot be used, as DescribeKey reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderState {
+    /// Disabled by its owner.
+    Disabled,
+    /// Scheduled for deletion.
+    PendingDeletion,
+    /// Its imported key material is missing or expired.
+    PendingImport,
+    /// Its custom key store is disconnected.
+    Unavailable,
+    /// Deleted, or never in that account and region.
+    NotFound,
+}
+
+impl ProviderState {
+    /// The key's state when it is not usable; `None` when it is (or is in a
+    /// transient state KMS itself will judge).
+    pub fn of(state: &AwsKeyState) -> Option<Self> {
+        match state {
+            AwsKeyState::Enabled | AwsKeyState::Other(_) => None,
+            AwsKeyState::Disabled => Some(Self::Disabled),
+            AwsKeyState::PendingDeletion => Some(Self::PendingDeletion),
+            AwsKeyState::PendingImport => Some(Self::PendingImport),
+            AwsKeyState::Unavailable => Some(Self::Unavailable),
+        }
+    }
+
+    /// A stable lower-case token, sent to the control plane as
+    /// `cmk-provider-key-state`.
+    pub fn token(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending-deletion",
+            Self::PendingImport => "pending-import",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not-found",
+        }
+    }
+
+    /// What the key's owner can do about it.
+    pub fn remedy(self) -> &'static str {
+        match self {
+            Self::Disabled => "its owner disabled it; enable it in AWS KMS to use it again",
+            Self::PendingDeletion => {
+                "its owner scheduled its deletion; cancel the deletion and enable it in AWS KMS \
+                 before the waiting period ends, or everything it protects is lost"
+            }
+            Self::PendingImport => "its key material is missing or expired; import it again",
+            Self::Unavailable => "its custom key store is disconnected; reconnect it",
+            Self::NotFound => {
+                "it no longer exists in that account and region, or this service may no longer \
+                 see it"
+            }
+        }
+    }
+}
+
+impl fmt::Display for ProviderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending deletion",
+            Self::PendingImport => "pending import",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not found",
+        })
+    }
+}
+
+/// The check value of a key reference: the leftmost 5 bytes of
+/// SHA-256("cmk aws-kms key\0" || primary key ARN). It identifies the key (the
+/// same ARN added twice has the same value) without being a function of key
+/// bytes, which the service never sees.
+pub fn check_value(key: &AwsKeyRef) -> KeyCheckValue {
+    let digest = Sha256::new()
+        .chain_update(CHECK_VALUE_LABEL)
+        .chain_update(key.primary().as_str())
+        .finalize();
+    let mut kcv = [0; KeyCheckValue::LEN];
+    kcv.copy_from_slice(&digest[..KeyCheckValue::LEN]);
+    KeyCheckValue::from_bytes(kcv)
+}
+
+/// The encryption context of a secret wrapped under the reference `handle` with
+/// `associated_data`: KMS then refuses to decrypt it for any other reference or
+/// associated data, and CloudTrail shows which reference and which binding
+/// each call was for.
+pub fn encryption_context(
+    handle: &KeyHandle,
+    associated_data: &[u8],
+) -> Result<EncryptionContext, CustodyError> {
+    let context =
+        EncryptionContext::new(CONTEXT_HANDLE, handle.to_string()).map_err(AwsError::from)?;
+    // KMS refuses an empty value; no pair and an empty one bind the same thing.
+    if associated_data.is_empty() {
+        return Ok(context);
+    }
+    Ok(context
+        .with(CONTEXT_ASSOCIATED_DATA, hex::encode(associated_data))
+        .map_err(AwsError::from)?)
+}
+
+/// The byte form of a key reference inside a sealed keystore record: three
+/// length-prefixed (u16, big-endian) ARNs, primary, backup and role, an empty
+/// one meaning none.
+pub(crate) fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
+    let fields = [
+        key.primary().as_str(),
+        key.backup().map_or("", KeyArn::as_str),
+        key.role().map_or("", RoleArn::as_str),
+    ];
+    let mut out = Vec::with_capacity(6 + fields.iter().map(|f| f.len()).sum::<usize>());
+    for field in fields {
+        // ARNs are bounded by MAX_ARN_LEN, far below u16::MAX.
+        let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+/// Reads what [`encode_reference`] wrote; `None` if it is not that, which for
+/// a record that authenticated under the root key means a bug or a format from
+/// a newer version.
+pub(crate) fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
+    let mut fields = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let (len, rest) = bytes.split_first_chunk::<2>()?;
+        let (field, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))?;
+        fields.push(std::str::from_utf8(field).ok()?);
+        bytes = rest;
+    }
+    if !bytes.is_empty() {
+        return None;
+    }
+    fn optional(text: &str) -> Option<&str> {
+        (!text.is_empty()).then_some(text)
+    }
+    let primary = KeyArn::parse(fields[0]).ok()?;
+    let backup = optional(fields[1]).map(KeyArn::parse).transpose().ok()?;
+    let role = optional(fields[2]).map(RoleArn::parse).transpose().ok()?;
+    AwsKeyRef::new(primary, backup, role).ok()
+}
+
+/// The AWS KMS side of a custody backend.
+pub struct AwsKeys {
+    kms: AwsKms,
+    state_ttl: Duration,
+    /// What DescribeKey last said about each primary key, and when; `None` for
+    /// usable, or unknown because the region did not answer (the call itself
+    /// then fails over or fails).
+    states: Mutex<HashMap<KeyArn, (Instant, Option<ProviderState>)>>,
+}
+
+impl fmt::Debug for AwsKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsKeys")
+            .field("kms", &self.kms)
+            .field("state_ttl", &self.state_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsKeys {
+    /// AWS KMS reached with `settings`; a key's state is looked up again once
+    /// `state_ttl` old. Nothing is contacted until a key is used.
+    pub fn new(settings: AwsSettings, state_ttl: Duration) -> Self {
+        Self {
+            kms: AwsKms::new(settings),
+            state_ttl,
+            states: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks that the service can use `key` (and its backup), and returns its
+    /// check value.
+    pub async fn admit(&self, key: &AwsKeyRef) -> Result<KeyCheckValue, CustodyError> {
+        self.kms.verify_access(key).await?;
+        self.remember(key.primary(), None);
+        Ok(check_value(key))
+    }
+
+    /// Encrypts `plaintext` under `key` into an envelope version 2 ciphertext.
+    pub async fn wrap(
+        &self,
+        handle: &KeyHandle,
+        key: &AwsKeyRef,
+        plaintext: &SecretBytes,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, CustodyError> {
+        let context = encryption_context(handle, associated_data)?;
+        self.check_usable(key).await?;
+        let wrapped = self
+            .answered(key, self.kms.encrypt(key, plaintext, &context).await)
+            .await?;
+        Ok(envelope::wrap_aws(handle, &wrapped.to_bytes()))
+    }
+
+    /// Decrypts the body of an envelope version 2 ciphertext made by
+    /// [`AwsKeys::wrap`] under `key`.
+    pub async fn unwrap(
+        &self,
+        handle: &KeyHandle,
+        key: &AwsKeyRef,
+        body: &[u8],
+        associated_data: &[u8],
+    ) -> Result<SecretBytes, CustodyError> {
+        let wrapped = WrappedByAws::from_bytes(body).map_err(InputError::from)?;
+        let context = encryption_context(handle, associated_data)?;
+        self.check_usable(key).await?;
+        self.answered(key, self.kms.decrypt(key, &wrapped, &context).await)
+            .await
+    }
+
+    /// Refuses a key whose owner disabled it or scheduled its deletion. Moto,
+    /// like a KMS replica lagging behind, still encrypts with a disabled key:
+    /// DescribeKey is what says whether the owner wants it used.
+    async fn check_usable(&self, key: &AwsKeyRef) -> Result<(), CustodyError> {
+        match self.state(key.primary(), key.role()).await {
+            Some(state) => Err(CustodyError::ProviderKeyState {
+                key: key.primary().clone(),
+                state,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Turns a refusal that may mean the key was just disabled into that
+    /// state, looked up afresh.
+    async fn answered<T>(
+        &self,
+        key: &AwsKeyRef,
+        result: Result<T, AwsError>,
+    ) -> Result<T, CustodyError> {
+        match result {
+            Err(err @ (AwsError::KeyDisabled { .. } | AwsError::NotFound { .. })) => {
+                self.forget(key.primary());
+                self.check_usable(key).await?;
+                Err(err.into())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn state(&self, key: &KeyArn, role: Option<&RoleArn>) -> Option<ProviderState> {
+        let cached = self
+            .states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < self.state_ttl)
+            .map(|(_, state)| *state);
+        if let Some(state) = cached {
+            return state;
+        }
+        let state = match self.kms.key_state(key, role).await {
+            Ok(state) => ProviderState::of(&state),
+            Err(AwsError::NotFound { .. }) => Some(ProviderState::NotFound),
+            Err(err) => {
+                // Remembered as usable for the TTL as well, so a dead region
+                // costs one slow DescribeKey per TTL, not one per call.
+                debug!(%key, error = %err, "AWS KMS key state unknown; leaving it to the call");
+                None
+            }
+        };
+        if let Some(state) = state {
+            warn!(%key, %state, "AWS KMS key is not usable: refusing to wrap or unwrap with it");
+        }
+        self.remember(key, state);
+        state
+    }
+
+    fn remember(&self, key: &KeyArn, state: Option<ProviderState>) {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), (Instant::now(), state));
+    }
+
+    fn forget(&self, key: &KeyArn) {
+        self.states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: &str =
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    const BACKUP: &str =
+        "arn:aws:kms:us-west-2:111122223333:key/mrk-0123456789abcdef0123456789abcdef";
+    const ROLE: &str = "arn:aws:iam::111122223333:role/cmk/KeyUser";
+
+    fn reference(backup: bool, role: bool) -> AwsKeyRef {
+        AwsKeyRef::new(
+            KeyArn::parse(PRIMARY).expect("valid"),
+            backup.then(|| KeyArn::parse(BACKUP).expect("valid")),
+            role.then(|| RoleArn::parse(ROLE).expect("valid")),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn references_round_trip_through_their_record_form() {
+        for (backup, role) in [(false, false), (true, false), (false, true), (true, true)] {
+            let key = reference(backup, role);
+            assert_eq!(decode_reference(&encode_reference(&key)), Some(key));
+        }
+    }
+
+    #[test]
+    fn malformed_record_forms_are_refused() {
+        let good = encode_reference(&reference(true, true));
+        for cut in 0..good.len() {
+            assert_eq!(decode_reference(&good[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(decode_reference(&[good.as_slice(), b"x"].concat()), None);
+        // A record naming the backup as its primary is not a valid reference.
+        let same = encode_reference(&reference(false, false));
+        let mut doubled = same[..2 + PRIMARY.len()].to_vec();
+        doubled.extend_from_slice(&same[..2 + PRIMARY.len()]);
+        doubled.extend_from_slice(&[0, 0]);
+        assert_eq!(decode_reference(&doubled), None);
+    }
+
+    #[test]
+    fn check_value_depends_on_the_primary_key_only() {
+        let plain = check_value(&reference(false, false));
+        assert_eq!(plain, check_value(&reference(true, true)));
+        assert_eq!(plain.to_string().len(), 10);
+        let other =
+            AwsKeyRef::new(KeyArn::parse(BACKUP).expect("valid"), None, None).expect("valid");
+        assert_ne!(plain, check_value(&other));
+    }
+
+    #[test]
+    fn context_binds_handle_and_associated_data() {
+        let handle = KeyHandle::random().expect("valid");
+        let context = encryption_context(&handle, b"org\0kek").expect("valid");
+        let pairs: Vec<_> = context.iter().collect();
+        let handle_text = handle.to_string();
+        assert_eq!(
+            pairs,
+            [
+                (CONTEXT_ASSOCIATED_DATA, "6f7267006b656b"),
+                (CONTEXT_HANDLE, handle_text.as_str()),
+            ]
+        );
+        assert_eq!(
+            encryption_context(&handle, b"")
+                .expect("valid")
+                .iter()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn provider_states_have_stable_tokens() {
+        assert_eq!(ProviderState::of(&AwsKeyState::Enabled), None);
+        assert_eq!(
+            ProviderState::of(&AwsKeyState::Other("Creating".into())),
+            None
+        );
+        assert_eq!(
+            ProviderState::of(&AwsKeyState::PendingDeletion).map(ProviderState::token),
+            Some("pending-deletion")
+        );
+        assert_eq!(
+            ProviderState::of(&AwsKeyState::Disabled).map(ProviderState::token),
+            Some("disabled")
+        );
+    }
+}

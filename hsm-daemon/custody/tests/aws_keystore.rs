@@ -1,0 +1,274 @@
+//! The software keystore holding references to keys in AWS KMS, against the
+//! KMS emulator (moto server; see `common` for how it is found).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use cmk_hsm_custody::aws_kms::{AwsError, AwsKeyRef, KeyArn, ProviderState, check_value};
+use cmk_hsm_custody::{
+    Custody, CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyOrigin, RootKey,
+    SoftwareCustody, UnwrapItem, WrapItem, envelope,
+};
+use cmk_secret::SecretBytes;
+
+use cmk_hsm_custody::aws_kms::emulator::{
+    admin, create_key, emulator, new_key, settings, test_credentials,
+};
+
+/// How long the keystore trusts a key's state here: short, so that tests see
+/// their own DisableKey quickly.
+const STATE_TTL: Duration = Duration::from_millis(300);
+
+fn open(dir: &Path, endpoint: &str) -> SoftwareCustody {
+    let root = RootKey::from_hex(&SecretBytes::copy_from(&[b'7'; 64])).unwrap();
+    SoftwareCustody::open(dir, root, ImportKeyBits::Rsa3072)
+        .expect("open keystore")
+        .with_aws(settings(endpoint, &[]), STATE_TTL)
+}
+
+fn reference(primary: &KeyArn, backup: Option<&KeyArn>) -> AwsKeyRef {
+    AwsKeyRef::new(primary.clone(), backup.cloned(), None).unwrap()
+}
+
+fn kek() -> SecretBytes {
+    SecretBytes::copy_from(&[0x42; 32])
+}
+
+#[tokio::test]
+async fn a_reference_wraps_unwraps_and_survives_a_restart_until_forgotten() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let arn = new_key(&endpoint, "us-east-1").await;
+    let backup = new_key(&endpoint, "us-west-2").await;
+    let key = reference(&arn, Some(&backup));
+    let handle = KeyHandle::random().unwrap();
+
+    let custody = open(dir.path(), &endpoint);
+    let info = custody.add_aws_key(&handle, key.clone()).await.unwrap();
+    assert_eq!(info.handle, handle);
+    assert_eq!(info.origin, KeyOrigin::AwsKms);
+    assert_eq!(info.check_value, check_value(&key));
+
+    let ct = custody.wrap(&handle, &kek(), b"org-a/kek-1").await.unwrap();
+    assert_eq!(ct[0], envelope::VERSION_AWS);
+    assert_eq!(envelope::parse(&ct), Ok(handle));
+    let out = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap();
+    assert_eq!(out.handle, handle);
+    assert!(out.plaintext.ct_eq(&kek()));
+
+    // The associated data is bound through the encryption context.
+    let err = custody.unwrap(&ct, b"org-a/kek-2").await.unwrap_err();
+    assert!(
+        matches!(err, CustodyError::Aws(AwsError::InvalidCiphertext { .. })),
+        "{err:?}"
+    );
+    // A handle is taken by a reference as by a key.
+    let err = custody.add_aws_key(&handle, key.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CustodyError::HandleInUse {
+                destroyed: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    drop(custody);
+    let custody = open(dir.path(), &endpoint);
+    let out = custody
+        .unwrap(&ct, b"org-a/kek-1")
+        .await
+        .expect("after a restart");
+    assert!(out.plaintext.ct_eq(&kek()));
+
+    assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Now);
+    assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Already);
+    let err = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap_err();
+    assert!(
+        matches!(err, CustodyError::DestroyedKey(h) if h == handle),
+        "{err:?}"
+    );
+    // Forgotten here; untouched in AWS.
+    let described = admin(&endpoint, "us-east-1", test_credentials())
+        .describe_key()
+        .key_id(arn.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described
+            .key_metadata()
+            .unwrap()
+            .key_state()
+            .unwrap()
+            .as_str(),
+        "Enabled"
+    );
+}
+
+#[tokio::test]
+async fn a_key_that_cannot_be_used_is_not_stored() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path(), &endpoint);
+    let handle = KeyHandle::random().unwrap();
+    let unknown = KeyArn::parse(
+        "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-4000-8000-000000000000",
+    )
+    .unwrap();
+
+    let err = custody
+        .add_aws_key(&handle, reference(&unknown, None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CustodyError::Aws(AwsError::NotFound { .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(matches!(
+        custody.wrap(&handle, &kek(), b"").await,
+        Err(CustodyError::UnknownKey(_))
+    ));
+    // Nothing claimed the handle.
+    let good = new_key(&endpoint, "us-east-1").await;
+    custody
+        .add_aws_key(&handle, reference(&good, None))
+        .await
+        .expect("the handle is still free");
+}
+
+#[tokio::test]
+async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path(), &endpoint);
+    let admin = admin(&endpoint, "us-east-1", test_credentials());
+    let arn = create_key(&admin).await;
+    let handle = KeyHandle::random().unwrap();
+    custody
+        .add_aws_key(&handle, reference(&arn, None))
+        .await
+        .unwrap();
+    let ct = custody.wrap(&handle, &kek(), b"aad").await.unwrap();
+
+    admin
+        .disable_key()
+        .key_id(arn.key_id())
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(STATE_TTL).await;
+    for err in [
+        custody.wrap(&handle, &kek(), b"aad").await.unwrap_err(),
+        custody.unwrap(&ct, b"aad").await.unwrap_err(),
+    ] {
+        let CustodyError::ProviderKeyState { key, state } = &err else {
+            panic!("expected ProviderKeyState, got {err:?}");
+        };
+        assert_eq!(key, &arn);
+        assert_eq!(*state, ProviderState::Disabled);
+        assert!(err.to_string().contains("disabled in AWS KMS"), "{err}");
+    }
+
+    admin
+        .enable_key()
+        .key_id(arn.key_id())
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(STATE_TTL).await;
+    assert!(
+        custody
+            .unwrap(&ct, b"aad")
+            .await
+            .unwrap()
+            .plaintext
+            .ct_eq(&kek())
+    );
+
+    admin
+        .schedule_key_deletion()
+        .key_id(arn.key_id())
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(STATE_TTL).await;
+    let err = custody.unwrap(&ct, b"aad").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CustodyError::ProviderKeyState {
+                state: ProviderState::PendingDeletion,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("cancel the deletion"), "{err}");
+}
+
+#[tokio::test]
+async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path(), &endpoint);
+    let local = KeyHandle::random().unwrap();
+    custody.generate(&local).await.unwrap();
+    let aws = KeyHandle::random().unwrap();
+    let arn = new_key(&endpoint, "us-east-1").await;
+    custody
+        .add_aws_key(&aws, reference(&arn, None))
+        .await
+        .unwrap();
+
+    let items: Vec<WrapItem> = (0..40u8)
+        .map(|i| WrapItem {
+            handle: if i % 3 == 0 { local } else { aws },
+            plaintext: SecretBytes::copy_from(&[i; 32]),
+            associated_data: vec![i],
+        })
+        .collect();
+    let wrapped: Vec<Vec<u8>> = custody
+        .wrap_batch(items)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let unwrapped = custody
+        .unwrap_batch(
+            wrapped
+                .iter()
+                .enumerate()
+                .map(|(i, ct)| UnwrapItem {
+                    ciphertext: ct.clone(),
+                    associated_data: vec![i as u8],
+                })
+                .collect(),
+        )
+        .await;
+    for (i, out) in unwrapped.into_iter().enumerate() {
+        let out = out.unwrap();
+        assert!(out.plaintext.ct_eq(&SecretBytes::copy_from(&[i as u8; 32])));
+        assert_eq!(out.handle, if i % 3 == 0 { local } else { aws });
+    }
+
+    // A ciphertext whose version byte claims the other kind of key is refused.
+    let mut swapped = wrapped[1].clone();
+    swapped[0] = envelope::VERSION;
+    assert!(matches!(
+        custody.unwrap(&swapped, &[1]).await,
+        Err(CustodyError::Authentication)
+    ));
+    let mut swapped = wrapped[0].clone();
+    swapped[0] = envelope::VERSION_AWS;
+    assert!(matches!(
+        custody.unwrap(&swapped, &[0]).await,
+        Err(CustodyError::Authentication)
+    ));
+}
