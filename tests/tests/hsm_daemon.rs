@@ -7,9 +7,9 @@ use std::{fs, path::Path, process::Command};
 use cmk_hsm_custody::{ImportKey, ImportKeyBits, ImportPublicKey, contract};
 use cmk_hsm_daemon::Limits;
 use cmk_proto::hsm::v1::{
-    self as pb, BatchUnwrapRequest, BatchWrapRequest, DestroyRequest, GetImportPublicKeyRequest,
-    ImportRequest, UnwrapRequest, WrapRequest, hsm_service_client::HsmServiceClient,
-    import_request::Source, unwrap_result, wrap_result,
+    self as pb, AwsKmsKey, BatchUnwrapRequest, BatchWrapRequest, DestroyRequest,
+    GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest,
+    hsm_service_client::HsmServiceClient, import_request::Source, unwrap_result, wrap_result,
 };
 use cmk_tests::{Harness, Pki};
 use sha2::{Digest, Sha256};
@@ -319,8 +319,50 @@ async fn every_bad_input_is_named_and_changes_nothing() {
             })
             .await,
         Code::InvalidArgument,
-        "sets neither wrapped_key nor generate",
+        "sets none of wrapped_key, generate and aws_kms_key",
     );
+    // Malformed ARNs are refused before AWS is contacted, each field named.
+    for (key, words) in [
+        (
+            AwsKmsKey {
+                key_arn: "arn:aws:kms:us-east-1:123456789012:alias/cmk".into(),
+                ..AwsKmsKey::default()
+            },
+            "key_arn: \"arn:aws:kms:us-east-1:123456789012:alias/cmk\" is a KMS alias ARN",
+        ),
+        (
+            AwsKmsKey {
+                key_arn:
+                    "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                        .into(),
+                backup_key_arn: "arn:aws:kms:eu-west-1:12345:key/x".into(),
+                role_arn: String::new(),
+            },
+            "backup_key_arn: ARN account \"12345\" is malformed",
+        ),
+        (
+            AwsKmsKey {
+                key_arn:
+                    "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+                        .into(),
+                backup_key_arn: String::new(),
+                role_arn: "arn:aws:iam::123456789012:user/me".into(),
+            },
+            "role_arn: IAM ARN resource \"user/me\" is not a role",
+        ),
+    ] {
+        assert_status(
+            client
+                .import(ImportRequest {
+                    source: Some(Source::AwsKmsKey(key)),
+                    import_key_id: String::new(),
+                    key_handle: String::new(),
+                })
+                .await,
+            Code::InvalidArgument,
+            words,
+        );
+    }
 
     // Wrap ciphertexts.
     let mut tampered = ct.clone();
