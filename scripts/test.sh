@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of cmk: formatting, clippy, the unit tests and the
 # end-to-end tests (the real binaries over real mutual TLS). Installs what the
-# tests need when it is missing: the OpenSSL CLI, jq, and Python's grpcio with
+# tests need when it is missing: the OpenSSL CLI, jq, faketime, and Python's grpcio with
 # grpcio-reflection (tests/grpcurl.py, the reflection client the walk-through
 # runs in grpcurl's place), and moto[server], the AWS KMS emulator
 # (scripts/moto.sh). A missing tool makes the tests fail; nothing is skipped.
@@ -13,6 +13,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v openssl >/dev/null || missing+=(openssl)
 command -v jq >/dev/null || missing+=(jq)
+# The recovery tests move the control plane's clock 31 days with libfaketime.
+command -v faketime >/dev/null || missing+=(faketime)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"

@@ -120,6 +120,18 @@ pub fn random_handle() -> String {
     hex::encode(bytes)
 }
 
+/// Whether material goes under a fresh handle or back under the handle of
+/// the destroyed key it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// A handle never used (see [`random_handle`]).
+    New,
+    /// The handle of a destroyed key whose original material this is: the
+    /// daemon admits it only if its fingerprint is the one it kept, and
+    /// answers `ALREADY_EXISTS` for other material.
+    Recover,
+}
+
 /// A CMK the daemon has taken into custody.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImportedKey {
@@ -283,11 +295,13 @@ impl HsmClient {
     pub async fn import(
         &self,
         handle: &str,
+        admission: Admission,
         wrapped_key: Vec<u8>,
         import_key_id: String,
     ) -> Result<ImportedKey, HsmError> {
         self.import_source(
             handle,
+            admission,
             import_request::Source::WrappedKey(wrapped_key),
             import_key_id,
         )
@@ -300,6 +314,7 @@ impl HsmClient {
     pub async fn generate(&self, handle: &str) -> Result<ImportedKey, HsmError> {
         self.import_source(
             handle,
+            Admission::New,
             import_request::Source::Generate(pb::Generate {}),
             String::new(),
         )
@@ -314,7 +329,12 @@ impl HsmClient {
     /// and AWS's reason, AWS out of reach with `UNAVAILABLE`. The check value
     /// is a fingerprint of the key ARN, so adding one key twice gives the
     /// same value.
-    pub async fn add_aws_key(&self, handle: &str, arns: &AwsArns) -> Result<ImportedKey, HsmError> {
+    pub async fn add_aws_key(
+        &self,
+        handle: &str,
+        admission: Admission,
+        arns: &AwsArns,
+    ) -> Result<ImportedKey, HsmError> {
         let AwsArns {
             key_arn,
             backup_key_arn,
@@ -325,7 +345,9 @@ impl HsmClient {
             backup_key_arn: backup_key_arn.clone().unwrap_or_default(),
             role_arn: role_arn.clone().unwrap_or_default(),
         });
-        let (key, origin) = self.import_source(handle, source, String::new()).await?;
+        let (key, origin) = self
+            .import_source(handle, admission, source, String::new())
+            .await?;
         // Key material stored under the handle would be wrapped under as if it
         // were the admin's AWS key.
         if origin != pb::KeyOrigin::AwsKms as i32 {
@@ -339,6 +361,7 @@ impl HsmClient {
     async fn import_source(
         &self,
         handle: &str,
+        admission: Admission,
         source: import_request::Source,
         import_key_id: String,
     ) -> Result<(ImportedKey, i32), HsmError> {
@@ -346,6 +369,7 @@ impl HsmClient {
             source: Some(source),
             import_key_id,
             key_handle: handle.to_owned(),
+            recover: admission == Admission::Recover,
         };
         let pb::ImportResponse {
             key_handle,

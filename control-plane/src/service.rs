@@ -34,7 +34,7 @@ use crate::{
     clock::Clock,
     envelope,
     error::{ServiceError, chain},
-    hsm::{HsmClient, HsmError, ImportedKey, random_handle},
+    hsm::{Admission, HsmClient, HsmError, ImportedKey, random_handle},
     kek_cache::KekCache,
 };
 
@@ -374,7 +374,9 @@ impl KeyService {
         .await
     }
 
-    /// Takes `new` into custody under a fresh handle and adds it to the org.
+    /// Takes `new` into custody and adds it to the org: under the handle of
+    /// the removed master key the org still needs, if custody proves `new` is
+    /// that key's original material (a recovery), else under a fresh handle.
     async fn add_key(
         &self,
         caller: &Caller,
@@ -384,9 +386,15 @@ impl KeyService {
     ) -> Result<KeyView, ServiceError> {
         let org = caller.org();
         let _guard = self.lock(org).await;
+        let stored = self.load_or_enrol(org).await?;
         // Checked before the HSM call too, so a refused key is not taken in.
-        if !self.load_or_enrol(org).await?.byok {
+        if !stored.byok {
             return Err(LifecycleError::ByokOff.into());
+        }
+        if let Some(lost) = recovery_candidate(&stored, &new)
+            && let Some(view) = self.recover(caller, action, lost, &new).await?
+        {
+            return Ok(view);
         }
         let handle = random_handle();
         self.store
@@ -402,11 +410,14 @@ impl KeyService {
                 wrapped_key,
                 import_key_id,
             } => {
-                let imported = self.hsm.import(&handle, wrapped_key, import_key_id).await;
+                let imported = self
+                    .hsm
+                    .import(&handle, Admission::New, wrapped_key, import_key_id)
+                    .await;
                 (KeySource::Uploaded, None, imported)
             }
             NewKey::Aws(arns) => {
-                let imported = self.hsm.add_aws_key(&handle, &arns).await;
+                let imported = self.hsm.add_aws_key(&handle, Admission::New, &arns).await;
                 (KeySource::AwsKms, Some(arns), imported)
             }
         };
@@ -455,6 +466,102 @@ impl KeyService {
             false => stored,
         };
         self.key_view(&stored, &key)
+    }
+
+    /// Asks custody to take `new` back under the handle of `lost`, a key
+    /// removed while the org still needed it, and records the recovery:
+    /// `None` when custody says `new` is other material (it is then an
+    /// ordinary new key). Every KEK the key wrapped names its handle, so
+    /// they all open again once it is reactivated.
+    async fn recover(
+        &self,
+        caller: &Caller,
+        action: &str,
+        lost: StoredKey,
+        new: &NewKey,
+    ) -> Result<Option<KeyView>, ServiceError> {
+        let org = caller.org();
+        let handle = lost.handle;
+        // A destroy of the removal still open would hold the handle's intent.
+        self.discard(&handle).await;
+        self.store
+            .record_intent(Intent {
+                handle: handle.clone(),
+                kind: IntentKind::Import,
+                org: Some(org.clone()),
+                created_at: self.clock.now(),
+            })
+            .await?;
+        let recovered = match new {
+            NewKey::Wrapped {
+                wrapped_key,
+                import_key_id,
+            } => {
+                self.hsm
+                    .import(
+                        &handle,
+                        Admission::Recover,
+                        wrapped_key.clone(),
+                        import_key_id.clone(),
+                    )
+                    .await
+            }
+            NewKey::Aws(arns) => {
+                self.hsm
+                    .add_aws_key(&handle, Admission::Recover, arns)
+                    .await
+            }
+        };
+        let check_value = match recovered {
+            Ok(ImportedKey { check_value, .. }) => check_value,
+            Err(err) => {
+                // Whatever the call did, the key must stay destroyed until a
+                // recovery commits.
+                self.discard(&handle).await;
+                return match err {
+                    HsmError::Status(status) if status.code() == tonic::Code::AlreadyExists => {
+                        Ok(None)
+                    }
+                    err => Err(err.into()),
+                };
+            }
+        };
+        let id = lost.record.id;
+        let aws = match new {
+            NewKey::Aws(arns) => Some(arns.clone()),
+            NewKey::Wrapped { .. } => None,
+        };
+        let plan = |stored: &StoredOrg| {
+            if !stored.byok {
+                return Err(LifecycleError::ByokOff.into());
+            }
+            Ok(Step {
+                command: Some(Command::Recover {
+                    id: id.clone(),
+                    check_value: check_value.clone(),
+                }),
+                // The same handle; for AWS KMS, the backup and role ARNs as
+                // given now.
+                fresh_handle: Some(handle.clone()),
+                fresh_aws: aws.clone(),
+                import_intent: Some(handle.clone()),
+                ..Step::settings(true)
+            })
+        };
+        let stored = match self
+            .apply(caller.identity(), org, action, Some(&id), plan)
+            .await
+        {
+            Ok((stored, _)) => stored,
+            Err(err @ (ServiceError::Lifecycle(_) | ServiceError::InvalidArgument(_))) => {
+                self.discard(&handle).await;
+                return Err(err);
+            }
+            // As for a new key: the intent decides.
+            Err(err) => return Err(err),
+        };
+        info!(%org, key = %id, "removed key recovered from its original material");
+        self.key_view(&stored, &id).map(Some)
     }
 
     /// Changes the state of one key.
@@ -1043,6 +1150,27 @@ fn refusal(err: &ServiceError) -> String {
 
 fn parse_key_id(key_id: &str) -> Result<KeyId, ServiceError> {
     KeyId::parse(key_id).map_err(|e| ServiceError::InvalidArgument(format!("key_id: {e}")))
+}
+
+/// The org's removed master key that `new` might be the material of: one
+/// removed while still needed, of the same kind (and for AWS KMS, the same
+/// key ARN). Custody decides whether it is.
+fn recovery_candidate(stored: &StoredOrg, new: &NewKey) -> Option<StoredKey> {
+    stored
+        .keys
+        .iter()
+        .find(|k| {
+            k.record.state == KeyState::Removed
+                && k.record.needed
+                && match (new, k.record.source, &k.aws) {
+                    (NewKey::Wrapped { .. }, KeySource::Uploaded, _) => true,
+                    (NewKey::Aws(arns), KeySource::AwsKms, Some(lost)) => {
+                        lost.key_arn == arns.key_arn
+                    }
+                    _ => false,
+                }
+        })
+        .cloned()
 }
 
 /// Bounds the upload's fields before anything reaches the HSM.

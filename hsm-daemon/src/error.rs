@@ -30,7 +30,10 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             CustodyError::UnknownKey(_) | CustodyError::DestroyedKey(_) => Code::NotFound,
-            CustodyError::HandleInUse { .. } => Code::AlreadyExists,
+            CustodyError::HandleInUse { .. } | CustodyError::NotTheDestroyedKey(_) => {
+                Code::AlreadyExists
+            }
+            CustodyError::Unrecoverable(_) => Code::FailedPrecondition,
             CustodyError::Unavailable(_) => Code::Unavailable,
             CustodyError::Arn(_) => Code::InvalidArgument,
             CustodyError::Aws(aws) => match aws {

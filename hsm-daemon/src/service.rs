@@ -127,7 +127,14 @@ impl HsmService for HsmApi {
             source,
             import_key_id,
             key_handle,
+            recover,
         } = request.into_inner();
+        if recover && key_handle.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "recover needs key_handle: the handle of the destroyed key to bring back".into(),
+            )
+            .into());
+        }
         // The caller's handle, so it can record it before calling; else a fresh one.
         let handle = if key_handle.is_empty() {
             KeyHandle::random()
@@ -147,7 +154,16 @@ impl HsmService for HsmApi {
                     ))
                     .into());
                 }
-                self.custody.import(&handle, &wrapped).await
+                match recover {
+                    true => self.custody.recover(&handle, &wrapped).await,
+                    false => self.custody.import(&handle, &wrapped).await,
+                }
+            }
+            Some(import_request::Source::Generate(pb::Generate {})) if recover => {
+                return Err(ServiceError::InvalidArgument(
+                    "a generated key cannot be recovered: its material never left custody".into(),
+                )
+                .into());
             }
             Some(import_request::Source::Generate(pb::Generate {})) => {
                 self.custody.generate(&handle).await
@@ -158,7 +174,10 @@ impl HsmService for HsmApi {
                     backup = ?key.backup().map(KeyArn::as_str),
                     role = ?key.role().map(RoleArn::as_str),
                     "verifying access to an AWS KMS key");
-                self.custody.add_aws_key(&handle, key).await
+                match recover {
+                    true => self.custody.recover_aws_key(&handle, key).await,
+                    false => self.custody.add_aws_key(&handle, key).await,
+                }
             }
             None => {
                 return Err(ServiceError::InvalidArgument(
@@ -173,7 +192,7 @@ impl HsmService for HsmApi {
             check_value,
             origin,
         } = info;
-        info!(%caller, %handle, %check_value, ?origin, "key taken into custody");
+        info!(%caller, %handle, %check_value, ?origin, recover, "key taken into custody");
         Ok(Response::new(pb::ImportResponse {
             key_handle: handle.to_string(),
             key_check_value: check_value.to_string(),

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cmk_control_plane::hsm::random_handle;
+use cmk_control_plane::hsm::{Admission, random_handle};
 use cmk_hsm_custody::{
     Custody, ImportKeyBits, KeyHandle, RootKey, SoftwareCustody, contract,
     envelope::{self, SealingKey},
@@ -201,6 +201,7 @@ async fn main() {
             client
                 .import(
                     &random_handle(),
+                    Admission::New,
                     wrapped[i % wrapped.len()].clone(),
                     String::new(),
                 )

@@ -19,6 +19,7 @@ pub struct Setup {
     /// The control plane's address.
     pub listen: SocketAddr,
     children: Vec<Child>,
+    control_plane_args: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -45,40 +46,55 @@ impl Setup {
             .unwrap();
         assert!(init.status.success(), "{init:?}");
         let mut children = Vec::new();
-        // Where the quickstart keeps its logs too.
-        let log = |name: &str| {
-            std::fs::File::create(dev.join("logs").join(format!("{name}.log"))).unwrap()
-        };
         for (program, config, args) in [
             ("hsm-daemon", "hsm-daemon.toml", hsm_args),
             ("control-plane", "control-plane.toml", control_plane_args),
         ] {
-            children.push(
-                Command::new(binary(program))
-                    .arg("--config")
-                    .arg(dev.join(config))
-                    .args(args)
-                    .env_remove("CMK_HSM_ROOT_KEY")
-                    .stdin(Stdio::null())
-                    .stdout(log(program))
-                    .stderr(log(&format!("{program}.err")))
-                    .spawn()
-                    .unwrap(),
-            );
+            children.push(spawn(&dev, &[], program, config, args));
         }
-        let files = |stem: &str| cmk_tls::TlsFiles {
-            cert: dev.join(format!("pki/{stem}.crt")),
-            key: dev.join(format!("pki/{stem}.key")),
-            ca: dev.join("pki/ca.crt"),
-        };
-        wait_healthy(hsm_listen, &files("control-plane-client")).await;
-        wait_healthy(listen, &files("admin")).await;
-        Self {
+        let setup = Self {
             dev,
             listen,
             children,
+            control_plane_args: control_plane_args.iter().map(|a| a.to_string()).collect(),
             _tmp: tmp,
+        };
+        wait_healthy(hsm_listen, &setup.files("control-plane-client")).await;
+        wait_healthy(listen, &setup.files("admin")).await;
+        setup
+    }
+
+    /// The TLS files of the quickstart identity `stem` (`admin`, `service`, …).
+    pub fn files(&self, stem: &str) -> cmk_tls::TlsFiles {
+        cmk_tls::TlsFiles {
+            cert: self.dev.join(format!("pki/{stem}.crt")),
+            key: self.dev.join(format!("pki/{stem}.key")),
+            ca: self.dev.join("pki/ca.crt"),
         }
+    }
+
+    /// Kills the control plane (SIGKILL) and starts its binary again on the
+    /// same files, run through `wrapper` (e.g. `faketime -f +31d`), and
+    /// waits until it answers.
+    pub async fn restart_control_plane(&mut self, wrapper: &[&str]) {
+        let old = &mut self.children[1];
+        let _ = old.kill();
+        let _ = old.wait();
+        let args: Vec<&str> = self.control_plane_args.iter().map(String::as_str).collect();
+        self.children[1] = spawn(
+            &self.dev,
+            wrapper,
+            "control-plane",
+            "control-plane.toml",
+            &args,
+        );
+        wait_healthy(self.listen, &self.files("admin")).await;
+    }
+
+    /// The log (stderr) of `program` since its last start.
+    pub fn log(&self, program: &str) -> String {
+        std::fs::read_to_string(self.dev.join("logs").join(format!("{program}.err")))
+            .unwrap_or_default()
     }
 
     /// A shell in a fresh working directory beside the quickstart directory,
@@ -106,6 +122,32 @@ impl Drop for Setup {
             let _ = child.wait();
         }
     }
+}
+
+/// Starts `program` on its quickstart configuration file, through `wrapper`
+/// when one is given, logging under `dev/logs/`.
+fn spawn(dev: &Path, wrapper: &[&str], program: &str, config: &str, args: &[&str]) -> Child {
+    // Where the quickstart keeps its logs too.
+    let log =
+        |name: &str| std::fs::File::create(dev.join("logs").join(format!("{name}.log"))).unwrap();
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(binary(program));
+            command
+        }
+        None => Command::new(binary(program)),
+    };
+    command
+        .arg("--config")
+        .arg(dev.join(config))
+        .args(args)
+        .env_remove("CMK_HSM_ROOT_KEY")
+        .stdin(Stdio::null())
+        .stdout(log(program))
+        .stderr(log(&format!("{program}.err")))
+        .spawn()
+        .unwrap()
 }
 
 /// What one step printed.

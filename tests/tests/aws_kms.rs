@@ -48,7 +48,7 @@ struct Setup {
     endpoint: String,
     keystore: tempfile::TempDir,
     // The control plane's database, kept until the end of the test.
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
     hsm_port: u16,
     daemon: DaemonProcess,
     control_plane: ControlPlaneProcess,
@@ -79,7 +79,7 @@ impl Setup {
             pki,
             endpoint,
             keystore,
-            _data: data,
+            data,
             hsm_port,
             daemon,
             control_plane,
@@ -592,3 +592,55 @@ async fn a_key_its_owner_disables_is_revoked_by_provider_until_enabled_again() {
 fn admin_client(endpoint: &str, key: &KeyArn) -> aws_sdk_kms::Client {
     kms_admin(endpoint, key.region(), test_credentials())
 }
+
+/// An AWS key removed while the org still needed it (revoked, deleted, the
+/// restore window over: the control plane restarted 31 days later under
+/// faketime) comes back under its own handle when the admin adds the same key
+/// ARN again, and every content key made before opens once it is reactivated.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_aws_key_added_again_opens_everything_it_protected() {
+    let mut setup = Setup::start("").await;
+    let primary = new_key(&setup.endpoint, "us-east-1").await;
+    let mut admin = setup.admin().await;
+    let content = setup.content().await;
+    set_byok(&mut admin, ORG, true).await;
+    let aws = add_key(&mut admin, add(&primary, None, None, true)).await;
+    let keks: Vec<String> = create_keks(&content, ORG, "space:", 10, 4)
+        .await
+        .into_iter()
+        .map(|k| k.kek_id)
+        .collect();
+    let samples = generate_data_keys(&content, ORG, &keks).await;
+    admin.revoke_key(key_req(&aws.key_id)).await.unwrap();
+    admin.delete_key(key_req(&aws.key_id)).await.unwrap();
+
+    setup.control_plane.kill();
+    setup.control_plane = ControlPlaneProcess::start(
+        &setup.pki,
+        setup.daemon.addr,
+        setup.data.path(),
+        free_port(),
+        &[
+            ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
+            ("LD_PRELOAD", FAKETIME_LIBRARY),
+            ("FAKETIME", "+31d"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+    .await;
+    let mut admin = setup.admin().await;
+    let content = setup.content().await;
+    wait_for_state(&mut admin, &aws.key_id, KeyState::Removed).await;
+    let status = refused_decrypt(&content, &samples[0]).await;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    let back = add_key(&mut admin, add(&primary, None, None, false)).await;
+    assert_eq!(back.key_id, aws.key_id, "the same key comes back");
+    assert_eq!(back.state(), KeyState::Revoked);
+    admin.reactivate_key(key_req(&aws.key_id)).await.unwrap();
+    assert_all_decrypt(&content, ORG, &samples).await;
+}
+
+/// libfaketime, from Debian's `faketime` package (installed by the test
+/// command): the control plane's clock moved by `FAKETIME`.
+const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";

@@ -282,6 +282,13 @@ async fn a_removed_master_key_is_recovered_by_uploading_it_again() {
     let key = upload(&d, wrapped.clone(), true).await.unwrap();
     assert_eq!(key.state(), KeyState::Active);
     let key = key.key_id;
+    let content = d.content("service-acme").await;
+    let keks: Vec<String> = control_plane::create_keks(&content, ORG, "space-", 8, 4)
+        .await
+        .into_iter()
+        .map(|k| k.kek_id)
+        .collect();
+    let made = control_plane::generate_data_keys(&content, ORG, &keks).await;
     let mut admin = d.client("admin-acme").await;
     admin.revoke_key(key_req(&key)).await.unwrap();
     let deleted = admin.delete_key(key_req(&key)).await.unwrap().into_inner();
@@ -329,8 +336,16 @@ async fn a_removed_master_key_is_recovered_by_uploading_it_again() {
     admin.cancel_key(key_req(&other)).await.unwrap();
 
     let recovered = upload(&d, wrapped, false).await.unwrap();
-    assert_eq!(recovered.key_id, key, "recovered by check value, same id");
+    assert_eq!(
+        recovered.key_id, key,
+        "recovered by the HSM's fingerprint, same id"
+    );
     assert_eq!(recovered.state(), KeyState::Revoked);
+    assert_eq!(
+        tombstones(d.hsm.store.path()),
+        before + 1,
+        "the key lives again under its own handle; the cancelled key stays destroyed"
+    );
     let back = admin
         .reactivate_key(key_req(&key))
         .await
@@ -338,6 +353,8 @@ async fn a_removed_master_key_is_recovered_by_uploading_it_again() {
         .into_inner();
     assert_eq!(back.key.unwrap().state(), KeyState::Active);
     assert_eq!(list(&d).await.active_key_id, key);
+    // The user's outcome: what the key protected before its removal opens.
+    control_plane::assert_all_decrypt(&content, ORG, &made).await;
 }
 
 /// Switching BYOK off makes the generic default key the master again.

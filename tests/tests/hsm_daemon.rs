@@ -33,6 +33,7 @@ async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportRespo
             source: Some(Source::WrappedKey(wrapped)),
             import_key_id: String::new(),
             key_handle: String::new(),
+            recover: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -44,6 +45,7 @@ async fn generate(client: &mut Client) -> pb::ImportResponse {
             source: Some(Source::Generate(pb::Generate {})),
             import_key_id: String::new(),
             key_handle: String::new(),
+            recover: false,
         })
         .await
         .unwrap()
@@ -142,6 +144,7 @@ async fn import_wrap_unwrap_batch_destroy() {
             ))),
             import_key_id: public.key_id.clone(),
             key_handle: String::new(),
+            recover: false,
         })
         .await
         .unwrap()
@@ -305,6 +308,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                 ))),
                 import_key_id: other.public().key_id.clone(),
                 key_handle: String::new(),
+                recover: false,
             })
             .await,
         Code::InvalidArgument,
@@ -316,6 +320,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                 source: None,
                 import_key_id: String::new(),
                 key_handle: String::new(),
+                recover: false,
             })
             .await,
         Code::InvalidArgument,
@@ -357,6 +362,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                     source: Some(Source::AwsKmsKey(key)),
                     import_key_id: String::new(),
                     key_handle: String::new(),
+                    recover: false,
                 })
                 .await,
             Code::InvalidArgument,
@@ -433,7 +439,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
     // Sizes.
     assert_status(
         wrap(&mut client, &key.key_handle, &vec![0; 100 << 10], b"").await,
-        Code::OutOfRange,
+        Code::ResourceExhausted,
         "the limit is: 65536 bytes",
     );
     assert_status(
@@ -513,6 +519,7 @@ async fn the_caller_chooses_the_handle_and_it_is_never_reused() {
         source: Some(source),
         import_key_id: String::new(),
         key_handle: handle.into(),
+        recover: false,
     };
     let upload = || {
         Source::WrappedKey(contract::wrap_for_import(
@@ -717,6 +724,7 @@ async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
                 source: Some(Source::Generate(pb::Generate {})),
                 import_key_id: String::new(),
                 key_handle: String::new(),
+                recover: false,
             })
             .await,
         Code::PermissionDenied,
@@ -844,7 +852,7 @@ async fn connect_raw(
 
 #[tokio::test]
 async fn the_control_plane_client_speaks_to_the_daemon() {
-    use cmk_control_plane::hsm::{HsmError, random_handle};
+    use cmk_control_plane::hsm::{Admission, HsmError, random_handle};
     use cmk_secret::SecretBytes;
     let Harness {
         pki,
@@ -857,13 +865,13 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
     let wrapped = contract::wrap_for_import(&public, &[0x11; 32]);
     let handle = random_handle();
     let imported = client
-        .import(&handle, wrapped.clone(), String::new())
+        .import(&handle, Admission::New, wrapped.clone(), String::new())
         .await
         .unwrap();
     assert_eq!(imported.handle, handle);
     let generated = client.generate(&random_handle()).await.unwrap();
     assert_ne!(imported.check_value, generated.check_value);
-    match client.import(&handle, wrapped, String::new()).await {
+    match client.import(&handle, Admission::New, wrapped, String::new()).await {
         Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::AlreadyExists),
         other => panic!("import under a handle in use: {other:?}"),
     }

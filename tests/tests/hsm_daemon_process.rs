@@ -71,6 +71,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
                         source: Some(Source::WrappedKey(wrapped)),
                         import_key_id: String::new(),
                         key_handle: String::new(),
+                        recover: false,
                     };
                     match client.import(request).await {
                         Ok(r) => acked

@@ -26,10 +26,25 @@ pub use org::{Change, Command, Org};
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+    const MAX_RFC3339: i64 = 253_402_300_799;
+
     /// `self` plus `duration` (saturating).
     pub fn plus(self, duration: Duration) -> Self {
         let secs = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX);
         Self(self.0.saturating_add(secs))
+    }
+}
+
+/// RFC 3339 UTC to the second (`2027-01-31T09:15:00Z`): how a time reaches a
+/// person. Times outside 1970–9999, which no clock gives, are written as the
+/// nearest end of that range.
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Both ends are in range, so neither the cast nor humantime can fail.
+        let secs = self.0.clamp(0, Self::MAX_RFC3339) as u64;
+        let time = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        write!(f, "{}", humantime::format_rfc3339_seconds(time))
     }
 }
 
@@ -464,16 +479,16 @@ pub enum LifecycleError {
     RestoreWindowClosed {
         /// The key.
         key: KeyId,
-        /// Seconds since the epoch.
-        ended: i64,
+        /// When the window ended.
+        ended: Timestamp,
     },
     /// Removal before its time.
     #[error("key {key} is not due for removal until {due}")]
     NotDue {
         /// The key.
         key: KeyId,
-        /// Seconds since the epoch.
-        due: i64,
+        /// When it is due.
+        due: Timestamp,
     },
     /// The generic default key is shared; an org cannot revoke it.
     #[error(
@@ -492,6 +507,18 @@ pub enum LifecycleError {
         /// Its state.
         state: KeyState,
         /// The shared check value.
+        check_value: String,
+    },
+    /// Material with a removed key's check value that custody did not take
+    /// back as that key's: a check value is no proof of identity.
+    #[error(
+        "the key given has check value {check_value}, as removed key {removed} has, but the HSM \
+         did not accept it as that key's original material; nothing was added"
+    )]
+    NotTheRemovedKey {
+        /// The removed key.
+        removed: KeyId,
+        /// The check value of the material given.
         check_value: String,
     },
     /// BYOK off while the generic default key already is the master.

@@ -45,7 +45,7 @@ pub fn transition(
             if now >= ends {
                 return Err(LifecycleError::RestoreWindowClosed {
                     key: key.id.clone(),
-                    ended: ends.0,
+                    ended: ends,
                 });
             }
             next.state = S::Revoked;
@@ -56,7 +56,7 @@ pub fn transition(
             if now < due {
                 return Err(LifecycleError::NotDue {
                     key: key.id.clone(),
-                    due: due.0,
+                    due,
                 });
             }
             next.needed = key.state == S::Deleted;
@@ -121,7 +121,7 @@ fn allowed(key: &KeyRecord) -> String {
         KeyState::Deactivated => "a deactivated key is removed when its retention ends".into(),
         KeyState::Revoked => "a revoked key can be reactivated or deleted".into(),
         KeyState::Deleted => match key.expires_at {
-            Some(ends) => format!("a deleted key can be restored until {}", ends.0),
+            Some(ends) => format!("a deleted key can be restored until {ends}"),
             None => "a deleted key can be restored".into(),
         },
         KeyState::Removed if key.needed => {
@@ -205,7 +205,7 @@ mod tests {
             transition(&deleted, Action::Restore, Timestamp(100 + window), &policy),
             Err(LifecycleError::RestoreWindowClosed {
                 key: KeyId("k1".into()),
-                ended: 100 + window
+                ended: Timestamp(100 + window)
             })
         );
         assert!(matches!(

@@ -8,7 +8,6 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     /// A key was taken into custody (uploaded, or an external key added).
-    /// Uploading the material of a key removed while still needed recovers it.
     Add {
         /// Id for the new key.
         id: KeyId,
@@ -18,6 +17,15 @@ pub enum Command {
         check_value: String,
         /// Activate at once instead of leaving it pending.
         activate_now: bool,
+    },
+    /// The custody backend took a removed key's original material back under
+    /// the key's own handle, having matched it against the fingerprint it kept
+    /// when it destroyed the key: removed while still needed → revoked.
+    Recover {
+        /// The removed key.
+        id: KeyId,
+        /// The check value custody reported for the material taken back.
+        check_value: String,
     },
     /// Switch BYOK off: the generic default key becomes the master again.
     UseGenericDefault {
@@ -172,9 +180,13 @@ impl Org {
                 activate_now,
             } => {
                 if let Some(existing) = self.keys.iter().find(|k| k.check_value == check_value) {
+                    // Custody alone can prove material is a removed key's
+                    // (`Recover`); a check value is 40 bits, no proof.
                     if existing.state == KeyState::Removed && existing.needed {
-                        next.apply(&existing.id.clone(), Action::Recover)?;
-                        return Ok(next.finish());
+                        return Err(LifecycleError::NotTheRemovedKey {
+                            removed: existing.id.clone(),
+                            check_value,
+                        });
                     }
                     if existing.state != KeyState::Removed {
                         return Err(LifecycleError::AlreadyPresent {
@@ -188,6 +200,18 @@ impl Org {
                 if activate_now {
                     next.activate(&id)?;
                 }
+            }
+            Command::Recover { id, check_value } => {
+                let removed = self.key(&id)?;
+                // Custody matched the full fingerprint; a different check value
+                // would mean it took back some other key.
+                if removed.check_value != check_value {
+                    return Err(LifecycleError::NotTheRemovedKey {
+                        removed: id,
+                        check_value,
+                    });
+                }
+                next.apply(&id, Action::Recover)?;
             }
             Command::UseGenericDefault { id, check_value } => {
                 if let Some(active) = self
@@ -649,7 +673,27 @@ mod tests {
                 .contains("upload the original key (check value AAAAAAAAAA) again"),
             "{err}"
         );
-        let (o, changes) = o.handle(add("a2", "AAAAAAAAAA", false), gone, &p).unwrap();
+        // The same check value proves nothing: only custody, which matched
+        // the full fingerprint, says the material is the removed key's.
+        let err = o
+            .handle(add("a2", "AAAAAAAAAA", false), gone, &p)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            LifecycleError::NotTheRemovedKey {
+                removed: id("a"),
+                check_value: "AAAAAAAAAA".into()
+            }
+        );
+        let recover = |kcv: &str| Command::Recover {
+            id: id("a"),
+            check_value: kcv.into(),
+        };
+        assert!(matches!(
+            o.handle(recover("BBBBBBBBBB"), gone, &p),
+            Err(LifecycleError::NotTheRemovedKey { .. })
+        ));
+        let (o, changes) = o.handle(recover("AAAAAAAAAA"), gone, &p).unwrap();
         assert_eq!(
             changes,
             vec![Change {
@@ -856,7 +900,7 @@ mod tests {
         prop_oneof![
             (
                 key.clone(),
-                kcv,
+                kcv.clone(),
                 any::<bool>(),
                 prop_oneof![Just(KeySource::Uploaded), Just(KeySource::AwsKms)]
             )
@@ -878,6 +922,10 @@ mod tests {
                     id: KeyId(format!("r-{k}")),
                     check_value: kcv.into()
                 }),
+            (key.clone(), kcv).prop_map(|(id, kcv)| Command::Recover {
+                id,
+                check_value: kcv.into()
+            }),
             key.clone().prop_map(Command::Activate),
             key.clone().prop_map(Command::Cancel),
             key.clone().prop_map(Command::Revoke),
@@ -923,7 +971,7 @@ mod tests {
                         }
                         let ids: std::collections::BTreeSet<_> = next.keys().iter().map(|k| &k.id).collect();
                         prop_assert_eq!(ids.len(), next.keys().len(), "key ids are unique");
-                        // Removed is final, except for a recovery by upload.
+                        // Removed is final, except for a recovery by custody.
                         for before in org.keys().iter().filter(|k| k.state == KeyState::Removed) {
                             let after = next.key(&before.id).unwrap();
                             prop_assert!(after.state == KeyState::Removed || (before.needed && after.state == KeyState::Revoked));

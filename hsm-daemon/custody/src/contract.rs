@@ -50,6 +50,7 @@ pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
     bad_imports_are_refused(custody, other_import_key).await;
     bad_ciphertexts_are_refused(custody).await;
     destroy_is_idempotent_and_final(custody).await;
+    a_destroyed_key_comes_back_only_with_its_own_material(custody).await;
     batches_keep_order_and_isolate_failures(custody).await;
 }
 
@@ -333,6 +334,101 @@ pub async fn destroy_is_idempotent_and_final(custody: &dyn Custody) {
     assert!(matches!(
         custody.destroy(&unknown).await,
         Err(CustodyError::UnknownKey(_))
+    ));
+}
+
+/// Recovery: the original material of a destroyed key takes its handle back,
+/// and what it wrapped opens again; no other material can.
+pub async fn a_destroyed_key_comes_back_only_with_its_own_material(custody: &dyn Custody) {
+    let cmk = random(32);
+    let public = custody.import_public_key();
+    let original = custody
+        .import(&handle(), &wrap_for_import(public, cmk.expose()))
+        .await
+        .expect("import");
+    let secret = random(32);
+    let ct = custody
+        .wrap(&original.handle, &secret, b"org/kek")
+        .await
+        .expect("wrap");
+    custody.destroy(&original.handle).await.expect("destroy");
+
+    // Another key, even wrapped under the right import key, is not it.
+    let other = wrap_for_import(public, random(32).expose());
+    match custody.recover(&original.handle, &other).await {
+        Err(CustodyError::NotTheDestroyedKey(h)) => assert_eq!(h, original.handle),
+        other => panic!("recovering with other material: {other:?}"),
+    }
+    assert!(
+        matches!(
+            custody.unwrap(&ct, b"org/kek").await,
+            Err(CustodyError::DestroyedKey(_))
+        ),
+        "a refused recovery leaves the key destroyed"
+    );
+    // A malformed upload is refused as an import would be.
+    assert!(matches!(
+        custody.recover(&original.handle, b"garbage").await,
+        Err(CustodyError::Import(_))
+    ));
+    // A handle never issued has nothing to recover.
+    let unknown = handle();
+    assert!(matches!(
+        custody
+            .recover(&unknown, &wrap_for_import(public, cmk.expose()))
+            .await,
+        Err(CustodyError::UnknownKey(h)) if h == unknown
+    ));
+
+    // The original material, freshly wrapped: same handle, same key.
+    let again = wrap_for_import(public, cmk.expose());
+    let info = custody
+        .recover(&original.handle, &again)
+        .await
+        .expect("recover with the original material");
+    assert_eq!(info.handle, original.handle);
+    assert_eq!(info.check_value, original.check_value);
+    let out = custody
+        .unwrap(&ct, b"org/kek")
+        .await
+        .expect("what the key wrapped before it was destroyed opens again");
+    assert!(out.plaintext.ct_eq(&secret));
+    assert_eq!(out.handle, original.handle);
+
+    // A retry whose reply was lost succeeds; other material for the live
+    // handle is refused as a reuse.
+    custody
+        .recover(&original.handle, &again)
+        .await
+        .expect("recovery retried");
+    assert!(matches!(
+        custody.recover(&original.handle, &other).await,
+        Err(CustodyError::HandleInUse {
+            destroyed: false,
+            ..
+        })
+    ));
+    // Recovered, it lives as any key: destroyed again, recovered again.
+    assert_eq!(
+        custody
+            .destroy(&original.handle)
+            .await
+            .expect("destroy again"),
+        Destroyed::Now
+    );
+    custody
+        .recover(&original.handle, &again)
+        .await
+        .expect("recover a second time");
+    assert!(custody.unwrap(&ct, b"org/kek").await.is_ok());
+
+    // A generated key's material never leaves, so only an import can be
+    // recovered from an upload; another key's material is refused.
+    let generated = custody.generate(&handle()).await.expect("generate");
+    custody.destroy(&generated.handle).await.expect("destroy");
+    assert!(matches!(
+        custody.recover(&generated.handle, &other).await,
+        Err(CustodyError::NotTheDestroyedKey(_))
     ));
 }
 

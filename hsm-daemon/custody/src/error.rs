@@ -43,6 +43,20 @@ pub enum CustodyError {
         /// Whether it names a destroyed key rather than a live one.
         destroyed: bool,
     },
+    /// A destroyed key's handle was asked to take back material other than
+    /// the key it held: a destroyed handle comes back only with its own key.
+    #[error(
+        "key handle {0} belonged to a destroyed key whose material differs from the key given: \
+         only the original key can be recovered under it"
+    )]
+    NotTheDestroyedKey(KeyHandle),
+    /// The key was destroyed without a fingerprint of its material being kept,
+    /// so no key can be proven to be it.
+    #[error(
+        "key {0} was destroyed before fingerprints of destroyed keys were kept: no key can be \
+         proven to be it, so it cannot be recovered"
+    )]
+    Unrecoverable(KeyHandle),
     /// Reading or writing the keystore failed.
     #[error("keystore {action} failed for {path}")]
     Storage {

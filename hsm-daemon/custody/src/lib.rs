@@ -120,6 +120,36 @@ pub trait Custody: Send + Sync + 'static {
     async fn import(&self, handle: &KeyHandle, wrapped_key: &[u8])
     -> Result<KeyInfo, CustodyError>;
 
+    /// Brings a destroyed key back under its own `handle`, from an RSA-OAEP
+    /// ciphertext of its original 32 bytes (as for [`Custody::import`]), so that
+    /// everything it wrapped opens again. Durable once this returns `Ok`.
+    ///
+    /// Destroying a key keeps a full-strength fingerprint of its material (an
+    /// HMAC-SHA-256 under a secret of the backend's, never the 40-bit check
+    /// value); only material with that fingerprint is admitted, anything else
+    /// is [`CustodyError::NotTheDestroyedKey`]. A handle never issued is
+    /// [`CustodyError::UnknownKey`]; a live one is accepted again with its own
+    /// material (a retry) and refused as in use otherwise.
+    async fn recover(
+        &self,
+        handle: &KeyHandle,
+        wrapped_key: &[u8],
+    ) -> Result<KeyInfo, CustodyError>;
+
+    /// As [`Custody::recover`], for a reference to a key in AWS KMS: the
+    /// destroyed reference's primary key ARN must be the one given, and the
+    /// key is checked as [`Custody::add_aws_key`] checks it.
+    async fn recover_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: aws_kms::AwsKeyRef,
+    ) -> Result<KeyInfo, CustodyError> {
+        let _ = (handle, key);
+        Err(CustodyError::Unsupported(
+            "this custody backend does not hold references to AWS KMS keys",
+        ))
+    }
+
     /// Generates a CMK inside the backend under `handle`, durable once this returns
     /// `Ok`. The handle is refused as in [`Custody::import`].
     async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;

@@ -9,7 +9,8 @@
 //!                             value, key) or a reference to a key in AWS KMS
 //!                             (version 2: check value, primary, backup and
 //!                             role ARNs)
-//!   keys/<handle>.destroyed   tombstone: the key existed and was destroyed
+//!   keys/<handle>.destroyed   sealed tombstone: the key existed and was
+//!                             destroyed; holds the fingerprint of its material
 //! ```
 //!
 //! Every sealed file is `MAGIC || nonce || AES-256-GCM(root key)` with the file's
@@ -21,6 +22,13 @@
 //! that has either is refused for a new key; the check and the creation of the
 //! key file happen under the same lock as a destroy, and one process at a time
 //! uses a keystore, so no interleaving of calls reuses a handle.
+//!
+//! The one way back for a retired handle is recovery: the tombstone keeps a
+//! fingerprint of the destroyed material, HMAC-SHA-256 under a key derived
+//! from the root key (for an AWS key reference, of its primary key ARN), and
+//! material with that fingerprint may take the handle again. The check value
+//! (40 bits, public) is never the proof. Tombstones of keys destroyed before
+//! fingerprints were kept are empty files, and their keys cannot be recovered.
 //!
 //! Unsealed CMKs are cached in memory as expanded AES keys (wiped when dropped),
 //! one entry per key used since start; destroyed keys leave a tombstone entry.
@@ -35,6 +43,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use aws_lc_rs::hmac;
 use cmk_secret::SecretBytes;
 use futures_util::{StreamExt, stream};
 use tracing::{info, warn};
@@ -58,6 +67,13 @@ const RECORD_LEN: usize = 2 + KeyCheckValue::LEN + CMK_LEN;
 /// A record of a reference to a key in AWS KMS.
 const AWS_RECORD_VERSION: u8 = 2;
 /// How long a key's state in AWS KMS is trusted unless configured otherwise.
+/// A tombstone that holds the fingerprint of the destroyed material.
+const TOMBSTONE_VERSION: u8 = 1;
+/// Length of a fingerprint: an HMAC-SHA-256 tag.
+const FINGERPRINT_LEN: usize = 32;
+/// What the root key signs to derive the fingerprint key, so that the
+/// fingerprint key is never the root key itself.
+const FINGERPRINT_KEY_LABEL: &[u8] = b"cmk software keystore: fingerprint key, version 1";
 const DEFAULT_AWS_STATE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Batch items in flight at once: AWS KMS calls are network round trips.
 const BATCH_CONCURRENCY: usize = 16;
@@ -103,6 +119,7 @@ struct Inner {
     dir: PathBuf,
     keys_dir: PathBuf,
     root: SealingKey,
+    fingerprints: hmac::Key,
     import_key: ImportKey,
     cache: RwLock<HashMap<KeyHandle, Entry>>,
     // Serialises changes to the set of handles: creating a key file (after
@@ -150,6 +167,7 @@ impl SoftwareCustody {
             );
         }
         let root = SealingKey::new(&root_key.0)?;
+        let fingerprints = fingerprint_key(&root_key);
         check_meta(dir, &keys_dir, &root)?;
         let import_key = load_or_create_import_key(dir, &root, new_import_key_bits)?;
         Ok(Self {
@@ -158,6 +176,7 @@ impl SoftwareCustody {
                 dir: dir.to_path_buf(),
                 keys_dir,
                 root,
+                fingerprints,
                 import_key,
                 cache: RwLock::new(HashMap::new()),
                 handles: Mutex::new(()),
@@ -228,6 +247,138 @@ impl Inner {
         format!("cmk:{handle}")
     }
 
+    fn tombstone_purpose(handle: &KeyHandle) -> String {
+        format!("cmk-destroyed:{handle}")
+    }
+
+    /// The fingerprint of material, as kept in a tombstone.
+    fn fingerprint(&self, material: Material<'_>) -> [u8; FINGERPRINT_LEN] {
+        let mut context = hmac::Context::with_key(&self.fingerprints);
+        // Labelled, so that no key bytes can pass for an ARN's.
+        match material {
+            Material::Key(key) => {
+                context.update(b"key\0");
+                context.update(key);
+            }
+            Material::Aws(arn) => {
+                context.update(b"aws-kms key\0");
+                context.update(arn.as_bytes());
+            }
+        }
+        let mut fingerprint = [0; FINGERPRINT_LEN];
+        fingerprint.copy_from_slice(context.sign().as_ref());
+        fingerprint
+    }
+
+    /// The fingerprint of the material in the sealed record of `path`.
+    fn record_fingerprint(
+        &self,
+        path: &Path,
+        record: &SecretBytes,
+    ) -> Result<[u8; FINGERPRINT_LEN], CustodyError> {
+        let r = record.expose();
+        match r.first() {
+            Some(&RECORD_VERSION) if r.len() == RECORD_LEN => {
+                Ok(self.fingerprint(Material::Key(&r[2 + KeyCheckValue::LEN..])))
+            }
+            Some(&AWS_RECORD_VERSION) => r
+                .get(1 + KeyCheckValue::LEN..)
+                .and_then(aws_kms::decode_reference)
+                .map(|key| self.fingerprint(Material::Aws(key.primary().as_str())))
+                .ok_or_else(|| corrupt(path)),
+            _ => Err(corrupt(path)),
+        }
+    }
+
+    /// The fingerprint of the live key `handle`, read from its key file.
+    fn live_fingerprint(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<Option<[u8; FINGERPRINT_LEN]>, CustodyError> {
+        let path = self.keys_dir.join(Self::key_file(handle));
+        let Some(sealed) = atomic::read_if_exists(&path)? else {
+            return Ok(None);
+        };
+        let record = self.unseal(&path, &sealed, &Self::key_purpose(handle))?;
+        self.record_fingerprint(&path, &record).map(Some)
+    }
+
+    /// What `handle`'s tombstone says of the destroyed material, if it has one.
+    fn tombstone(&self, handle: &KeyHandle) -> Result<Option<Tombstone>, CustodyError> {
+        let path = self.keys_dir.join(Self::tombstone_file(handle));
+        let Some(sealed) = atomic::read_if_exists(&path)? else {
+            return Ok(None);
+        };
+        if sealed.is_empty() {
+            return Ok(Some(Tombstone::WithoutFingerprint));
+        }
+        let content = self.unseal(&path, &sealed, &Self::tombstone_purpose(handle))?;
+        match content.expose() {
+            [TOMBSTONE_VERSION, fingerprint @ ..] if fingerprint.len() == FINGERPRINT_LEN => {
+                let mut kept = [0; FINGERPRINT_LEN];
+                kept.copy_from_slice(fingerprint);
+                Ok(Some(Tombstone::Fingerprint(kept)))
+            }
+            _ => Err(corrupt(&path)),
+        }
+    }
+
+    /// Whether material with `fingerprint` may be stored under `handle` by a
+    /// recovery. Call with the handle lock held.
+    fn check_recoverable(
+        &self,
+        handle: &KeyHandle,
+        fingerprint: &[u8; FINGERPRINT_LEN],
+    ) -> Result<Recovery, CustodyError> {
+        let same = |kept: &[u8; FINGERPRINT_LEN]| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(kept, fingerprint).is_ok()
+        };
+        match self.tombstone(handle)? {
+            Some(Tombstone::Fingerprint(kept)) if same(&kept) => Ok(Recovery::Destroyed),
+            Some(Tombstone::Fingerprint(_)) => Err(CustodyError::NotTheDestroyedKey(*handle)),
+            Some(Tombstone::WithoutFingerprint) => Err(CustodyError::Unrecoverable(*handle)),
+            None => match self.live_fingerprint(handle)? {
+                // A retry of a recovery whose reply was lost.
+                Some(live) if same(&live) => Ok(Recovery::AlreadyLive),
+                Some(_) => Err(CustodyError::HandleInUse {
+                    handle: *handle,
+                    destroyed: false,
+                }),
+                None => Err(CustodyError::UnknownKey(*handle)),
+            },
+        }
+    }
+
+    /// Stores `record` under the destroyed `handle` again, if its material
+    /// has the fingerprint the tombstone kept; durable when this returns.
+    fn restore_record(
+        &self,
+        handle: KeyHandle,
+        record: &SecretBytes,
+        entry: Entry,
+    ) -> Result<(), CustodyError> {
+        let path = self.keys_dir.join(Self::key_file(&handle));
+        let fingerprint = self.record_fingerprint(&path, record)?;
+        let sealed = self.root.seal(
+            MAGIC,
+            record.expose(),
+            Self::key_purpose(&handle).as_bytes(),
+        )?;
+        let staged = atomic::stage(&self.keys_dir, &Self::key_file(&handle), &sealed)?;
+        let _handles = self.lock_handles();
+        if self.check_recoverable(&handle, &fingerprint)? == Recovery::AlreadyLive {
+            return Ok(());
+        }
+        // The key file is durable before the tombstone goes: a crash between
+        // the two leaves the key destroyed (start-up finishes the destroy), and
+        // the recovery unacknowledged.
+        staged.put_in_place()?;
+        atomic::sync_dir(&self.keys_dir)?;
+        atomic::remove(&self.keys_dir, &Self::tombstone_file(&handle))?;
+        self.cache_insert(handle, entry);
+        Ok(())
+    }
+
     fn lock_handles(&self) -> MutexGuard<'_, ()> {
         self.handles.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -239,6 +390,7 @@ impl Inner {
         handle: KeyHandle,
         key: SecretBytes,
         origin: KeyOrigin,
+        admission: Admission,
     ) -> Result<KeyInfo, CustodyError> {
         let check_value = kcv::check_value(&key)?;
         let mut record = SecretBytes::zeroed(RECORD_LEN);
@@ -253,7 +405,10 @@ impl Inner {
             r[2 + KeyCheckValue::LEN..].copy_from_slice(key.expose());
         }
         let entry = Entry::Key(Arc::new(SealingKey::new(&key)?));
-        self.store_record(handle, &record, entry)?;
+        match admission {
+            Admission::New => self.store_record(handle, &record, entry)?,
+            Admission::Recover => self.restore_record(handle, &record, entry)?,
+        }
         Ok(KeyInfo {
             handle,
             check_value,
@@ -268,11 +423,16 @@ impl Inner {
         handle: KeyHandle,
         key: AwsKeyRef,
         check_value: KeyCheckValue,
+        admission: Admission,
     ) -> Result<KeyInfo, CustodyError> {
         let mut record = vec![AWS_RECORD_VERSION];
         record.extend_from_slice(check_value.as_bytes());
         record.extend_from_slice(&aws_kms::encode_reference(&key));
-        self.store_record(handle, &SecretBytes::new(record), Entry::Aws(Arc::new(key)))?;
+        let (record, entry) = (SecretBytes::new(record), Entry::Aws(Arc::new(key)));
+        match admission {
+            Admission::New => self.store_record(handle, &record, entry)?,
+            Admission::Recover => self.restore_record(handle, &record, entry)?,
+        }
         Ok(KeyInfo {
             handle,
             check_value,
@@ -380,9 +540,18 @@ impl Inner {
         if let Entry::Destroyed = entry {
             return Ok(Destroyed::Already);
         }
+        // The fingerprint of what goes, so that the original can come back.
+        let fingerprint = self
+            .live_fingerprint(handle)?
+            .ok_or(CustodyError::UnknownKey(*handle))?;
+        let mut content = vec![TOMBSTONE_VERSION];
+        content.extend_from_slice(&fingerprint);
+        let tombstone =
+            self.root
+                .seal(MAGIC, &content, Self::tombstone_purpose(handle).as_bytes())?;
         // Tombstone first: once it is on disk the key counts as destroyed, even if
         // the process dies before the key file is gone (start-up finishes it).
-        atomic::write(&self.keys_dir, &Self::tombstone_file(handle), b"")?;
+        atomic::write(&self.keys_dir, &Self::tombstone_file(handle), &tombstone)?;
         self.cache_insert(*handle, Entry::Destroyed);
         atomic::remove(&self.keys_dir, &Self::key_file(handle))?;
         Ok(Destroyed::Now)
@@ -405,9 +574,26 @@ impl Custody for SoftwareCustody {
         let wrapped = wrapped_key.to_vec();
         blocking(move || {
             let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
-            inner.store(handle, cmk, KeyOrigin::Imported)
+            inner.store(handle, cmk, KeyOrigin::Imported, Admission::New)
         })
         .await
+    }
+
+    async fn recover(
+        &self,
+        handle: &KeyHandle,
+        wrapped_key: &[u8],
+    ) -> Result<KeyInfo, CustodyError> {
+        let inner = self.inner.clone();
+        let handle = *handle;
+        let wrapped = wrapped_key.to_vec();
+        let info = blocking(move || {
+            let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
+            inner.store(handle, cmk, KeyOrigin::Imported, Admission::Recover)
+        })
+        .await?;
+        info!(%handle, check_value = %info.check_value, "destroyed key recovered from its original material");
+        Ok(info)
     }
 
     async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError> {
@@ -416,7 +602,7 @@ impl Custody for SoftwareCustody {
         blocking(move || {
             let mut cmk = SecretBytes::zeroed(CMK_LEN);
             crate::fill_random(cmk.expose_mut())?;
-            inner.store(handle, cmk, KeyOrigin::Generated)
+            inner.store(handle, cmk, KeyOrigin::Generated, Admission::New)
         })
         .await
     }
@@ -429,7 +615,31 @@ impl Custody for SoftwareCustody {
         let check_value = self.aws.admit(&key).await?;
         let inner = self.inner.clone();
         let handle = *handle;
-        blocking(move || inner.store_reference(handle, key, check_value)).await
+        blocking(move || inner.store_reference(handle, key, check_value, Admission::New)).await
+    }
+
+    async fn recover_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, CustodyError> {
+        // Checked before AWS is asked anything, so that another key's ARN
+        // costs no round trips; checked again when the reference is stored.
+        let inner = self.inner.clone();
+        let (handle, primary) = (*handle, key.primary().as_str().to_owned());
+        blocking(move || {
+            let fingerprint = inner.fingerprint(Material::Aws(&primary));
+            let _handles = inner.lock_handles();
+            inner.check_recoverable(&handle, &fingerprint).map(drop)
+        })
+        .await?;
+        let check_value = self.aws.admit(&key).await?;
+        let inner = self.inner.clone();
+        let info =
+            blocking(move || inner.store_reference(handle, key, check_value, Admission::Recover))
+                .await?;
+        info!(%handle, check_value = %info.check_value, "destroyed AWS KMS key reference recovered");
+        Ok(info)
     }
 
     async fn wrap(
@@ -496,6 +706,49 @@ impl Custody for SoftwareCustody {
         let handle = *handle;
         blocking(move || inner.destroy(&handle)).await
     }
+}
+
+/// Whether a key file is written for a new handle or a destroyed one's
+/// original material.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admission {
+    New,
+    Recover,
+}
+
+/// What a fingerprint is taken of.
+enum Material<'a> {
+    /// CMK bytes.
+    Key(&'a [u8]),
+    /// The primary key ARN of an AWS key reference.
+    Aws(&'a str),
+}
+
+/// What a tombstone file holds.
+enum Tombstone {
+    /// The fingerprint of the destroyed material.
+    Fingerprint([u8; FINGERPRINT_LEN]),
+    /// Nothing: written before fingerprints were kept.
+    WithoutFingerprint,
+}
+
+/// What a recovery finds under its handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recovery {
+    /// The destroyed key whose material is being brought back.
+    Destroyed,
+    /// That material, live again already.
+    AlreadyLive,
+}
+
+/// The key fingerprints are HMACs under: HMAC-SHA-256 of a fixed label under
+/// the root key.
+fn fingerprint_key(root: &RootKey) -> hmac::Key {
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, root.0.expose()),
+        FINGERPRINT_KEY_LABEL,
+    );
+    hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref())
 }
 
 /// Runs file I/O and RSA work off the async worker threads.

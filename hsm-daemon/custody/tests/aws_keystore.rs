@@ -272,3 +272,43 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
         Err(CustodyError::Authentication)
     ));
 }
+
+/// A forgotten reference comes back under its own handle for the same primary
+/// key ARN (backup and role may differ), so the KEKs it wrapped open again;
+/// another key's ARN is refused before AWS is asked.
+#[tokio::test]
+async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let arn = new_key(&endpoint, "us-east-1").await;
+    let other = new_key(&endpoint, "us-east-1").await;
+    let backup = new_key(&endpoint, "us-west-2").await;
+    let handle = KeyHandle::random().unwrap();
+    let custody = open(dir.path(), &endpoint);
+    let info = custody
+        .add_aws_key(&handle, reference(&arn, None))
+        .await
+        .unwrap();
+    let ct = custody.wrap(&handle, &kek(), b"org-a/kek-1").await.unwrap();
+    custody.destroy(&handle).await.unwrap();
+
+    let err = custody
+        .recover_aws_key(&handle, reference(&other, None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CustodyError::NotTheDestroyedKey(h) if h == handle),
+        "{err:?}"
+    );
+    drop(custody);
+    let custody = open(dir.path(), &endpoint);
+    let recovered = custody
+        .recover_aws_key(&handle, reference(&arn, Some(&backup)))
+        .await
+        .expect("recover the reference");
+    assert_eq!(recovered.handle, handle);
+    assert_eq!(recovered.check_value, info.check_value);
+    assert_eq!(recovered.origin, KeyOrigin::AwsKms);
+    let out = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap();
+    assert!(out.plaintext.ct_eq(&kek()));
+}

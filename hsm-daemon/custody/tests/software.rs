@@ -333,3 +333,102 @@ fn root_keys_must_be_64_hex_characters() {
     let with_newline = format!("{ROOT}\n");
     assert!(RootKey::from_hex(&SecretBytes::copy_from(with_newline.as_bytes())).is_ok());
 }
+
+/// The fingerprint is on disk, sealed: a recovery after a restart works, and
+/// no tombstone can be forged or swapped to admit other material.
+#[tokio::test]
+async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmk = contract::random(32);
+    let secret = SecretBytes::copy_from(b"kek bytes");
+    let (key, other, ct) = {
+        let custody = open(dir.path());
+        let public = custody.import_public_key().clone();
+        let key = custody
+            .import(
+                &contract::handle(),
+                &contract::wrap_for_import(&public, cmk.expose()),
+            )
+            .await
+            .unwrap();
+        let other = custody
+            .import(
+                &contract::handle(),
+                &contract::wrap_for_import(&public, contract::random(32).expose()),
+            )
+            .await
+            .unwrap();
+        let ct = custody.wrap(&key.handle, &secret, b"a").await.unwrap();
+        custody.destroy(&key.handle).await.unwrap();
+        custody.destroy(&other.handle).await.unwrap();
+        (key, other, ct)
+    };
+    let keys = dir.path().join("keys");
+    let tombstone = |h: &cmk_hsm_custody::KeyHandle| keys.join(format!("{h}.destroyed"));
+    assert!(
+        !fs::read(tombstone(&key.handle)).unwrap().is_empty(),
+        "the tombstone keeps the fingerprint"
+    );
+
+    // Another destroyed key's tombstone copied over this one's does not open
+    // under this handle.
+    let saved = fs::read(tombstone(&key.handle)).unwrap();
+    fs::copy(tombstone(&other.handle), tombstone(&key.handle)).unwrap();
+    let custody = open(dir.path());
+    let wrapped = contract::wrap_for_import(custody.import_public_key(), cmk.expose());
+    let err = custody.recover(&key.handle, &wrapped).await.unwrap_err();
+    assert!(matches!(err, CustodyError::Corrupt { .. }), "{err:?}");
+    drop(custody);
+
+    // A tombstone written before fingerprints were kept (an empty file)
+    // admits nothing.
+    fs::write(tombstone(&key.handle), b"").unwrap();
+    let custody = open(dir.path());
+    let err = custody.recover(&key.handle, &wrapped).await.unwrap_err();
+    assert!(
+        matches!(err, CustodyError::Unrecoverable(h) if h == key.handle),
+        "{err:?}"
+    );
+    drop(custody);
+
+    fs::write(tombstone(&key.handle), &saved).unwrap();
+    let custody = open(dir.path());
+    let info = custody.recover(&key.handle, &wrapped).await.unwrap();
+    assert_eq!(info.check_value, key.check_value);
+    assert!(!tombstone(&key.handle).exists(), "the tombstone is gone");
+    drop(custody);
+    // Recovered is durable.
+    let custody = open(dir.path());
+    let out = custody.unwrap(&ct, b"a").await.unwrap();
+    assert!(out.plaintext.ct_eq(&secret));
+}
+
+/// A crash between putting the recovered key file in place and removing the
+/// tombstone leaves the key destroyed, as before the unacknowledged call.
+#[tokio::test]
+async fn an_interrupted_recovery_leaves_the_key_destroyed_and_recoverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmk = contract::random(32);
+    let custody = open(dir.path());
+    let wrapped = contract::wrap_for_import(custody.import_public_key(), cmk.expose());
+    let key = custody.import(&contract::handle(), &wrapped).await.unwrap();
+    let keys = dir.path().join("keys");
+    let key_file = keys.join(format!("{}.key", key.handle));
+    let sealed = fs::read(&key_file).unwrap();
+    let ct = custody
+        .wrap(&key.handle, &SecretBytes::copy_from(b"x"), b"")
+        .await
+        .unwrap();
+    custody.destroy(&key.handle).await.unwrap();
+    drop(custody);
+    // Both files: what the crash leaves.
+    fs::write(&key_file, &sealed).unwrap();
+    let custody = open(dir.path());
+    assert!(matches!(
+        custody.unwrap(&ct, b"").await,
+        Err(CustodyError::DestroyedKey(_))
+    ));
+    assert!(!key_file.exists(), "start-up finished the destroy");
+    custody.recover(&key.handle, &wrapped).await.unwrap();
+    assert!(custody.unwrap(&ct, b"").await.is_ok());
+}
