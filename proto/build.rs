@@ -30,10 +30,14 @@ fn main() -> Result<(), Box<dyn Error>> {
             ".cmk.control.v1.DecryptResponse",
         ])
         .protoc_arg("--experimental_allow_proto3_optional")
+        // Servers answer a request that does not decode with INVALID_ARGUMENT,
+        // not tonic-prost's INTERNAL (see src/codec.rs); the codec names the
+        // message in its errors through `prost::Name`.
+        .codec_path("crate::codec::Codec")
         .compile_with_config(
             {
                 let mut config = tonic_prost_build::Config::new();
-                config.protoc_executable(protoc);
+                config.protoc_executable(protoc).enable_type_names();
                 config
             },
             &PROTOS.map(Path::new),

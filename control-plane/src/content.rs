@@ -273,7 +273,10 @@ impl KeyService {
                 // The HSM's refusal of a stored KEK is not about the caller's
                 // input: the row was altered outside the service.
                 HsmError::Status(status)
-                    if matches!(status.code(), Code::InvalidArgument | Code::OutOfRange) =>
+                    if matches!(
+                        status.code(),
+                        Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+                    ) =>
                 {
                     ServiceError::Store(StoreError::Corrupt(format!(
                         "KEK {id} does not unwrap: {}",

@@ -63,11 +63,12 @@ impl ServiceError {
             ) => return internal(),
             Self::Hsm(HsmError::Status(status)) => match status.code() {
                 // The HSM's explanation of bad key material is for the admin.
-                Code::InvalidArgument | Code::OutOfRange => {
-                    return Status::invalid_argument(format!(
-                        "the HSM refused the key: {}",
-                        status.message()
-                    ));
+                Code::InvalidArgument | Code::OutOfRange => return hsm_refused_key(status),
+                // Sent by the daemon itself (a status tonic makes locally has
+                // a source): a request over its message limit, which only the
+                // caller's input can make.
+                Code::ResourceExhausted if std::error::Error::source(status).is_none() => {
+                    return hsm_refused_key(status);
                 }
                 // A key in AWS KMS the daemon cannot use (access denied,
                 // disabled, scheduled for deletion): AWS's reason is for the
@@ -113,6 +114,10 @@ impl From<ServiceError> for Status {
         }
         status
     }
+}
+
+fn hsm_refused_key(status: &Status) -> Status {
+    Status::invalid_argument(format!("the HSM refused the key: {}", status.message()))
 }
 
 fn hsm_unavailable() -> Status {

@@ -8,7 +8,10 @@ use cmk_proto::control::v1::{
     content_key_service_server::ContentKeyServiceServer,
     key_admin_service_server::KeyAdminServiceServer,
 };
-use cmk_runtime::metrics::{GrpcMetrics, serve_metrics};
+use cmk_runtime::{
+    malformed::MalformedRequestLayer,
+    metrics::{GrpcMetrics, serve_metrics},
+};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -167,6 +170,8 @@ pub async fn serve(
     let router = Server::builder()
         .timeout(limits.request_timeout)
         .layer(grpc_metrics.layer())
+        // Inside the metrics, so that they count the codes sent.
+        .layer(MalformedRequestLayer)
         .add_service(admin)
         .add_service(content)
         .add_service(health_service)

@@ -5,7 +5,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody, aws_kms::AwsSettings};
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
-use cmk_runtime::metrics::{GrpcMetrics, serve_metrics};
+use cmk_runtime::{
+    malformed::MalformedRequestLayer,
+    metrics::{GrpcMetrics, serve_metrics},
+};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tonic::{service::InterceptorLayer, transport::Server};
@@ -118,6 +121,8 @@ pub async fn serve(
         .timeout(limits.request_timeout)
         // Outermost, so that refused callers are counted and logged too.
         .layer(grpc_metrics.layer())
+        // Inside the metrics, so that they count the codes sent.
+        .layer(MalformedRequestLayer)
         .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
             allowed_clients,
         ))))

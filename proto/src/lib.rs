@@ -6,6 +6,7 @@
 
 #![allow(missing_docs)] // generated code documents itself from the .proto comments
 
+pub mod codec;
 mod redact;
 
 /// The HSM daemon's API (`cmk.hsm.v1`).

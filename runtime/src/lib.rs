@@ -1,10 +1,12 @@
 //! What both cmk binaries share at start and stop: reading the configuration
 //! file, the log format, logging, shutdown signals, and errors on one line;
 //! and while they run: Prometheus metrics and request ids ([`metrics`],
-//! [`request`]).
+//! [`request`]), and the codes of requests a server cannot read
+//! ([`malformed`]).
 
 #![forbid(unsafe_code)]
 
+pub mod malformed;
 pub mod metrics;
 pub mod request;
 

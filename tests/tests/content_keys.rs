@@ -284,7 +284,7 @@ async fn bad_input_and_wrong_callers_are_refused_and_change_nothing() {
     refused(
         svc.decrypt(decrypt_req(ORG, &vec![1; 100_000], context))
             .await,
-        Code::OutOfRange,
+        Code::ResourceExhausted,
         "message length too large",
     );
     bad.decrypt(&mut svc, &[], context, "wrapped content key is empty")
