@@ -97,7 +97,8 @@ impl KeyService {
             let wrapped = self
                 .hsm
                 .wrap(&handle, &kek, &envelope::kek_associated_data(org, &id))
-                .await?;
+                .await
+                .map_err(|err| material_gone(err, &master))?;
             let now = self.clock.now();
             let candidate = StoredKek {
                 id: id.clone(),
@@ -283,7 +284,7 @@ impl KeyService {
                         status.message()
                     )))
                 }
-                err => err.into(),
+                err => material_gone(err, &stored.key),
             })?;
         // The row names its key; the ciphertext names the handle. A mismatch
         // means the row was altered outside the service.
@@ -423,4 +424,18 @@ fn random_bytes() -> [u8; 16] {
     // the buffer, so this error cannot occur.
     aws_lc_rs::rand::fill(&mut bytes).expect("AWS-LC RAND_bytes never fails without aborting");
     bytes
+}
+
+/// The HSM daemon's `NOT_FOUND` for a key the org's records say it holds
+/// (destroyed or unknown there) names the key and what to do, rather than
+/// passing for an internal error; any other failure is as it is.
+fn material_gone(err: HsmError, key: &KeyId) -> ServiceError {
+    match err {
+        HsmError::Status(status) if status.code() == Code::NotFound => {
+            tracing::error!(%key, daemon = %status.message(),
+                "the HSM daemon does not hold a key the store says it holds");
+            ServiceError::KeyMaterialGone { key: key.clone() }
+        }
+        err => err.into(),
+    }
 }

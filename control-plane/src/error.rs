@@ -1,6 +1,6 @@
 //! The control plane's one translation from errors to gRPC status codes.
 
-use cmk_control_plane_domain::{KekId, LifecycleError};
+use cmk_control_plane_domain::{KekId, KeyId, LifecycleError};
 use cmk_control_plane_store::StoreError;
 use tonic::{Code, Status};
 use tracing::error;
@@ -34,6 +34,17 @@ pub enum ServiceError {
     /// The org has no KEK with this id.
     #[error("the organisation has no KEK {0}")]
     UnknownKek(KekId),
+    /// The HSM daemon no longer holds a master key the org's records say it
+    /// holds (destroyed, or a keystore restored from an older backup).
+    #[error(
+        "master key {key} is no longer held by the HSM daemon (it was destroyed there, or the \
+         HSM's keystore was restored from an older backup): its KEKs cannot be used until the \
+         key's original material is uploaded again, or the keystore restored"
+    )]
+    KeyMaterialGone {
+        /// The org's key whose material is gone.
+        key: KeyId,
+    },
 }
 
 impl ServiceError {
@@ -49,6 +60,7 @@ impl ServiceError {
             ) => Code::AlreadyExists,
             Self::Lifecycle(_) => Code::FailedPrecondition,
             Self::UnknownKek(_) | Self::NoRotation => Code::NotFound,
+            Self::KeyMaterialGone { .. } => Code::FailedPrecondition,
             Self::Envelope(
                 EnvelopeError::Empty
                 | EnvelopeError::UnsupportedVersion(_)
@@ -100,7 +112,10 @@ impl ServiceError {
             Self::Store(StoreError::Unavailable(_)) => {
                 return Status::unavailable("the metadata store is unavailable; retry later");
             }
-            Self::Store(StoreError::Conflict(_)) => Code::Aborted,
+            // Lost a race the caller can simply run again.
+            Self::Store(
+                StoreError::Conflict(_) | StoreError::IntentLost | StoreError::GenericKeyChanged,
+            ) => Code::Aborted,
         };
         Status::new(code, self.to_string())
     }

@@ -304,34 +304,55 @@ impl KeyService {
     pub async fn set_byok(&self, caller: &Caller, enabled: bool) -> Result<OrgView, ServiceError> {
         let action = if enabled { "byok on" } else { "byok off" };
         self.audited(caller, action, None, false, async {
-            let generic = match enabled {
-                true => None,
-                false => Some(self.ensure_generic().await?),
-            };
             let org = caller.org();
             let _guard = self.lock(org).await;
-            let plan = |stored: &StoredOrg| {
-                let Some(generic) = &generic else {
-                    return Ok(Step::settings(true));
-                };
-                let generic_active = stored.keys.iter().any(|k| {
-                    k.record.state == KeyState::Active
-                        && k.record.source == KeySource::GenericDefault
-                });
-                Ok(Step {
-                    command: (!generic_active).then(|| Command::UseGenericDefault {
-                        id: new_key_id(),
-                        check_value: generic.check_value.clone(),
-                    }),
-                    fresh_handle: Some(generic.handle.clone()),
-                    ..Step::settings(false)
-                })
-            };
-            self.apply(caller.identity(), org, action, None, plan)
-                .await?;
-            Ok(self.view(&self.settle_rotations(org).await?))
+            let mut attempt = 1;
+            loop {
+                match self.set_byok_once(caller, enabled, action).await {
+                    // Renewed between the read and the commit: read it again.
+                    Err(ServiceError::Store(StoreError::GenericKeyChanged))
+                        if attempt < CONFLICT_RETRIES =>
+                    {
+                        attempt += 1;
+                    }
+                    result => return result,
+                }
+            }
         })
         .await
+    }
+
+    /// One attempt of [`KeyService::set_byok`], under the org's lock.
+    async fn set_byok_once(
+        &self,
+        caller: &Caller,
+        enabled: bool,
+        action: &str,
+    ) -> Result<OrgView, ServiceError> {
+        let org = caller.org();
+        let generic = match enabled {
+            true => None,
+            false => Some(self.ensure_generic().await?),
+        };
+        let plan = |stored: &StoredOrg| {
+            let Some(generic) = &generic else {
+                return Ok(Step::settings(true));
+            };
+            let generic_active = stored.keys.iter().any(|k| {
+                k.record.state == KeyState::Active && k.record.source == KeySource::GenericDefault
+            });
+            Ok(Step {
+                command: (!generic_active).then(|| Command::UseGenericDefault {
+                    id: new_key_id(),
+                    check_value: generic.check_value.clone(),
+                }),
+                fresh_handle: Some(generic.handle.clone()),
+                ..Step::settings(false)
+            })
+        };
+        self.apply(caller.identity(), org, action, None, plan)
+            .await?;
+        Ok(self.view(&self.settle_rotations(org).await?))
     }
 
     /// Takes a wrapped key into custody and adds it to the org, pending or
@@ -344,7 +365,7 @@ impl KeyService {
         activate_now: bool,
     ) -> Result<KeyView, ServiceError> {
         self.audited(caller, "upload", None, false, async {
-            check_upload(&wrapped_key, &import_key_id)?;
+            let import_key_id = check_upload(&wrapped_key, &import_key_id)?;
             let new = NewKey::Wrapped {
                 wrapped_key,
                 import_key_id,
@@ -687,11 +708,21 @@ impl KeyService {
     /// destroys material of imports that never committed (once older than the
     /// grace period, so an import still in flight is not raced) and retries
     /// destroys of removed keys.
+    ///
+    /// An abandoned import is claimed before its material is destroyed, so
+    /// that a commit of it still under way (a slow import, another replica,
+    /// a clock that runs ahead) either wins and keeps the key, or finds the
+    /// intent claimed and commits nothing.
     pub async fn repair(&self) -> Result<(), ServiceError> {
         let now = self.clock.now();
         for intent in self.store.open_intents().await? {
-            let stale = intent.created_at.plus(self.options.intent_grace) <= now;
-            if intent.kind == IntentKind::Destroy || stale {
+            let abandoned = intent.kind == IntentKind::Import
+                && intent.created_at.plus(self.options.intent_grace) <= now;
+            if abandoned && !self.store.claim_abandoned_import(&intent.handle).await? {
+                // Committed (or claimed by another replica) since it was read.
+                continue;
+            }
+            if intent.kind == IntentKind::Destroy || abandoned {
                 info!(handle = %intent.handle, kind = ?intent.kind, "repairing an unfinished custody call");
                 self.discard(&intent.handle).await;
             }
@@ -841,6 +872,7 @@ impl KeyService {
             let mut keys: Vec<StoredKey> = stored.keys.clone();
             let mut written = Vec::new();
             let mut destroy = Vec::new();
+            let mut uses_generic = None;
             for change in &changes {
                 let record = next.key(&change.key)?.clone();
                 let fresh = matches!(change.from, None | Some(KeyState::Removed))
@@ -856,6 +888,12 @@ impl KeyService {
                             StoreError::Corrupt(format!("key {} has no handle", change.key))
                         })?,
                 };
+                // The org's new record of the shared generic key: the commit
+                // checks that it was not renewed (and the old one dropped)
+                // since it was read.
+                if change.from.is_none() && record.source == KeySource::GenericDefault {
+                    uses_generic = Some(handle.clone());
+                }
                 // The generic default key is shared: removing an org's record of it
                 // destroys nothing.
                 if change.to == KeyState::Removed && record.source != KeySource::GenericDefault {
@@ -937,6 +975,7 @@ impl KeyService {
                 resolve_intents: step.import_intent.into_iter().collect(),
                 rotation,
                 require_unreferenced: step.require_unreferenced,
+                uses_generic,
             };
             match self.store.commit(commit).await {
                 Ok(version) => {
@@ -996,17 +1035,19 @@ impl KeyService {
                 )],
                 keys: vec![StoredKey {
                     record,
-                    handle: generic.handle,
+                    handle: generic.handle.clone(),
                     aws: None,
                 }],
                 add_intents: Vec::new(),
                 resolve_intents: Vec::new(),
                 rotation: None,
                 require_unreferenced: Vec::new(),
+                uses_generic: Some(generic.handle),
             };
             match self.store.commit(commit).await {
-                // Another writer enrolled it first: load theirs.
-                Ok(_) | Err(StoreError::Conflict(_)) => continue,
+                // Another writer enrolled it first: load theirs. Or the
+                // generic key was renewed since it was read: read it again.
+                Ok(_) | Err(StoreError::Conflict(_) | StoreError::GenericKeyChanged) => continue,
                 Err(err) => return Err(err.into()),
             }
         }
@@ -1173,8 +1214,10 @@ fn recovery_candidate(stored: &StoredOrg, new: &NewKey) -> Option<StoredKey> {
         .cloned()
 }
 
-/// Bounds the upload's fields before anything reaches the HSM.
-fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<(), ServiceError> {
+/// Bounds the upload's fields before anything reaches the HSM; the import key
+/// id (empty, or the 64 hexadecimal characters GetImportPublicKey gives) in
+/// lower case.
+fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<String, ServiceError> {
     if wrapped_key.is_empty() {
         return Err(ServiceError::InvalidArgument("wrapped_key is empty".into()));
     }
@@ -1184,12 +1227,17 @@ fn check_upload(wrapped_key: &[u8], import_key_id: &str) -> Result<(), ServiceEr
             wrapped_key.len()
         )));
     }
-    if import_key_id.len() > 128 {
+    // Never echoed: a malformed id says nothing the caller needs back.
+    if !import_key_id.is_empty()
+        && (import_key_id.len() != 64 || !import_key_id.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
         return Err(ServiceError::InvalidArgument(
-            "import_key_id is over 128 characters".into(),
+            "import_key_id must be empty or the 64 hexadecimal characters of the import key's id, \
+             as GetImportPublicKey returns it"
+                .into(),
         ));
     }
-    Ok(())
+    Ok(import_key_id.to_ascii_lowercase())
 }
 
 /// The ARNs of an AWS key as the request gives them (empty for none), bounded

@@ -145,10 +145,24 @@ impl HsmService for HsmApi {
         let info = match source {
             Some(import_request::Source::WrappedKey(wrapped)) => {
                 let current = &self.custody.import_public_key().key_id;
+                // Checked before it is compared, so that only a well-formed id
+                // is ever echoed back.
+                if !import_key_id.is_empty()
+                    && (import_key_id.len() != 64
+                        || !import_key_id
+                            .bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                {
+                    return Err(ServiceError::InvalidArgument(
+                        "import_key_id must be empty or 64 lower-case hexadecimal characters"
+                            .into(),
+                    )
+                    .into());
+                }
                 if !import_key_id.is_empty() && &import_key_id != current {
                     return Err(ServiceError::from(CustodyError::Import(
                         cmk_hsm_custody::ImportError::ImportKeyMismatch {
-                            given: import_key_id.chars().take(64).collect(),
+                            given: import_key_id,
                             current: current.clone(),
                         },
                     ))

@@ -436,3 +436,87 @@ impl Drop for ControlPlaneProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP relay in front of a server that delivers the server's bytes to the
+/// client late, by a delay the test sets: a slow network or a slow backend,
+/// with TLS passing through untouched. Requests reach the server at once.
+pub struct SlowRelay {
+    pub addr: SocketAddr,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl SlowRelay {
+    /// Relays connections on a fresh local port to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::{Arc, atomic::AtomicU64};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                tokio::spawn(relay(client, server, delay.clone()));
+            }
+        });
+        Self {
+            addr,
+            delay_ms,
+            task,
+        }
+    }
+
+    /// From now on, the server's bytes reach the client `delay` after they
+    /// were sent.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+impl Drop for SlowRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    // Chunks travel through a queue with their due time, in order.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = server_read.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let delay = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+            let due = tokio::time::Instant::now() + Duration::from_millis(delay);
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some((due, chunk)) = rx.recv().await {
+        tokio::time::sleep_until(due).await;
+        if client_write.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    upstream.abort();
+    reader.abort();
+}

@@ -1019,3 +1019,67 @@ async fn a_tampered_stored_kek_is_an_internal_error() {
     }
     assert_all_decrypt(&svc, ORG, &samples[2..]).await;
 }
+
+/// A master key the HSM daemon no longer holds (destroyed there behind the
+/// control plane's back, as a keystore restored from an older backup would
+/// leave it): content-key calls get FAILED_PRECONDITION naming the key and
+/// what brings it back, never INTERNAL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_key_gone_from_the_hsm_is_named_not_internal() {
+    use sqlx::{Connection, Row, SqliteConnection};
+    let mut d = Deployment::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let mut admin = d.client("admin-acme").await;
+    set_byok(&mut admin, ORG, true).await;
+    let master = upload_new_key(&mut admin, ORG, work.path(), "master", true).await;
+    let content = d.content("service-acme").await;
+    let keks = create_keks(&content, ORG, "space:", 1, 1).await;
+    let made = generate_data_keys(&content, ORG, &[keks[0].kek_id.clone()]).await;
+
+    let url = format!("sqlite://{}", d.database().display());
+    let mut db = SqliteConnection::connect(&url).await.unwrap();
+    let handle: String = sqlx::query("SELECT handle FROM keys WHERE org = ?1 AND key_id = ?2")
+        .bind(ORG)
+        .bind(&master.key_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+        .get("handle");
+    db.close().await.unwrap();
+    let mut hsm = d.hsm.pki.hsm_client(d.hsm.daemon.addr).await;
+    hsm.destroy(cmk_proto::hsm::v1::DestroyRequest { key_handle: handle })
+        .await
+        .unwrap();
+    // A fresh control plane: no KEK in its cache.
+    d.restart().await;
+    let mut content = d.content("service-acme").await;
+
+    let opened = content
+        .decrypt(pb::DecryptRequest {
+            org_id: ORG.into(),
+            wrapped_key: made[0].wrapped.clone(),
+            context: made[0].context.clone(),
+        })
+        .await
+        .unwrap_err();
+    let created = content
+        .create_kek(pb::CreateKekRequest {
+            org_id: ORG.into(),
+            resource: "space:new".into(),
+        })
+        .await
+        .unwrap_err();
+    for status in [opened, created] {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains(&format!(
+                "master key {} is no longer held by the HSM daemon",
+                master.key_id
+            )) && status
+                .message()
+                .contains("original material is uploaded again"),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -618,3 +618,78 @@ async fn a_renewed_hsm_client_certificate_is_used_without_a_restart() {
         renewed.elapsed()
     );
 }
+
+/// An import slower than repair waits for (here: the HSM daemon's answer held
+/// back by a slow link while the clock moves an hour) is claimed by repair
+/// and its material destroyed; the upload's commit then finds the claim and
+/// is refused, so no key is ever kept whose material is gone. Uploading again
+/// works.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_repair_abandoned_is_refused_not_kept() {
+    let relay_addr = std::sync::Arc::new(std::sync::OnceLock::new());
+    let through = relay_addr.clone();
+    let mut d = Deployment::start_with(cmk_hsm_daemon::Limits::default(), move |raw| {
+        if let Some(relay) = through.get() {
+            raw.hsm_endpoint = Some(format!("https://{relay}"));
+        }
+    })
+    .await;
+    let relay = cmk_tests::SlowRelay::start(d.hsm.daemon.addr).await;
+    relay_addr.set(relay.addr).unwrap();
+    d.restart().await;
+    let work = tempfile::tempdir().unwrap();
+    byok_on(&d).await;
+    public_key(&d, work.path()).await;
+    let (wrapped, _) = wrap_new_key(work.path(), "slow");
+    let destroyed = tombstones(d.hsm.store.path());
+
+    relay.set_delay(Duration::from_secs(4));
+    let slow = {
+        let wrapped = wrapped.clone();
+        let mut admin = d.client("admin-acme").await;
+        tokio::spawn(async move {
+            admin
+                .upload_key(pb::UploadKeyRequest {
+                    org_id: ORG.into(),
+                    wrapped_key: wrapped,
+                    activate_now: false,
+                    import_key_id: String::new(),
+                })
+                .await
+        })
+    };
+    // The import is at the daemon, its answer on the way; an hour passes
+    // for the control plane, whose repair finds the import abandoned.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.advance(Duration::from_secs(3600)).await;
+    let refused = slow.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(
+        refused.message().contains("took too long"),
+        "{}",
+        refused.message()
+    );
+    relay.set_delay(Duration::ZERO);
+    for _ in 0..50 {
+        if tombstones(d.hsm.store.path()) == destroyed + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        tombstones(d.hsm.store.path()),
+        destroyed + 1,
+        "repair destroyed the abandoned material"
+    );
+    let listing = list(&d).await;
+    assert!(
+        listing
+            .keys
+            .iter()
+            .all(|k| k.source() == KeySource::GenericDefault),
+        "no key was kept under destroyed material: {listing:?}"
+    );
+
+    let again = upload(&d, wrapped, false).await.unwrap();
+    assert_eq!(again.state(), KeyState::Pending);
+}

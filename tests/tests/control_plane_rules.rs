@@ -252,7 +252,10 @@ async fn every_illegal_transition_is_failed_precondition_and_changes_nothing() {
             &mut admin,
             rpc,
             PRECONDITION,
-            &format!("a deleted key can be restored until {restorable_until}"),
+            &format!(
+                "a deleted key can be restored until {}",
+                cmk_control_plane_domain::Timestamp(restorable_until)
+            ),
         )
         .await;
     }
@@ -317,7 +320,7 @@ async fn bad_wrapped_keys_reach_the_admin_as_invalid_argument_and_store_nothing(
     let keystore = d.hsm.store.path();
     let files_before = files(keystore);
     let hsm_refused = "the HSM refused the key: ";
-    let cases: [(&str, Vec<u8>, &str, Vec<String>); 7] = [
+    let cases: [(&str, Vec<u8>, &str, Vec<String>); 8] = [
         (
             "31 key bytes",
             short,
@@ -362,6 +365,16 @@ async fn bad_wrapped_keys_reach_the_admin_as_invalid_argument_and_store_nothing(
             vec!["wrapped_key is 2000 bytes, over the limit of 1024".into()],
         ),
         (
+            "a malformed import key id (never echoed)",
+            good.clone(),
+            "../x",
+            vec![
+                "import_key_id must be empty or the 64 hexadecimal characters of the import \
+                  key's id, as GetImportPublicKey returns it"
+                    .into(),
+            ],
+        ),
+        (
             "a good key with another import key id",
             good.clone(),
             &stale_id,
@@ -391,6 +404,7 @@ async fn bad_wrapped_keys_reach_the_admin_as_invalid_argument_and_store_nothing(
                 "{what}: {status:?}"
             );
         }
+        assert!(!status.message().contains("../x"), "{what}: {status:?}");
         assert_eq!(
             files(keystore),
             files_before,

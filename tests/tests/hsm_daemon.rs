@@ -871,7 +871,10 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
     assert_eq!(imported.handle, handle);
     let generated = client.generate(&random_handle()).await.unwrap();
     assert_ne!(imported.check_value, generated.check_value);
-    match client.import(&handle, Admission::New, wrapped, String::new()).await {
+    match client
+        .import(&handle, Admission::New, wrapped, String::new())
+        .await
+    {
         Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::AlreadyExists),
         other => panic!("import under a handle in use: {other:?}"),
     }

@@ -549,6 +549,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn times_reach_people_as_rfc_3339() {
+        assert_eq!(Timestamp(1_798_761_600).to_string(), "2027-01-01T00:00:00Z");
+        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(Timestamp(-5).to_string(), "1970-01-01T00:00:00Z");
+        assert_eq!(Timestamp(i64::MAX).to_string(), "9999-12-31T23:59:59Z");
+    }
+
+    #[test]
     fn ids_are_bounded_and_plain() {
         assert!(OrgId::parse("acme-corp_1.eu").is_ok());
         assert_eq!(OrgId::parse("").unwrap_err(), "organisation id is empty");

@@ -32,6 +32,8 @@ pub async fn all(store: &dyn Store) {
     intents_are_recorded_resolved_and_listed_oldest_first(store).await;
     commits_record_and_resolve_intents(store).await;
     generic_key_is_stored_once(store).await;
+    a_generic_key_renewed_and_dropped_meanwhile_is_not_taken(store).await;
+    material_repair_claimed_is_never_committed(store).await;
     orgs_with_expired_keys_are_found(store).await;
     keks_are_stored_once_per_resource(store).await;
     kek_counts_count_each_keys_keks(store).await;
@@ -124,6 +126,7 @@ pub fn commit(
         resolve_intents: Vec::new(),
         rotation: None,
         require_unreferenced: Vec::new(),
+        uses_generic: None,
     }
 }
 
@@ -814,7 +817,7 @@ pub async fn commits_record_and_resolve_intents(store: &dyn Store) {
         .await
         .expect("record_intent");
     let imported = Commit {
-        resolve_intents: vec![material.clone(), handle(CHECK, 99)],
+        resolve_intents: vec![material.clone()],
         ..commit(
             &org,
             None,
@@ -881,6 +884,38 @@ pub async fn generic_key_is_stored_once(store: &dyn Store) {
             .expect("record_intent");
     }
 
+    // Material that repair claimed as abandoned is being destroyed: it never
+    // becomes every org's default key.
+    let abandoned = GenericKey {
+        handle: handle(CHECK, 3),
+        check_value: "a0a0a0".into(),
+        created_at: Timestamp(1_700_000_000),
+    };
+    store
+        .record_intent(intent(
+            abandoned.handle.clone(),
+            IntentKind::Import,
+            None,
+            1,
+        ))
+        .await
+        .expect("record_intent");
+    assert!(
+        store
+            .claim_abandoned_import(&abandoned.handle)
+            .await
+            .expect("claim")
+    );
+    assert!(matches!(
+        store.put_generic_key(abandoned.clone()).await,
+        Err(StoreError::IntentLost)
+    ));
+    assert_eq!(store.generic_key().await.expect("generic_key"), None);
+    store
+        .resolve_intent(&abandoned.handle)
+        .await
+        .expect("resolve_intent");
+
     assert_eq!(
         store.put_generic_key(first.clone()).await.expect("put"),
         first
@@ -922,6 +957,180 @@ pub async fn generic_key_is_stored_once(store: &dyn Store) {
         .resolve_intent(&second.handle)
         .await
         .expect("resolve_intent");
+}
+
+/// The race of an org taking the generic key it read (BYOK off, enrolment)
+/// with a renewal and the drop of the key it read: forced here in the order
+/// that loses the key, read → renew → drop → commit. The commit is refused,
+/// so no org ends up with KEKs under destroyed material; committed with the
+/// current key, the org keeps it from being dropped after the next renewal.
+/// Needs a store whose generic key no org uses.
+pub async fn a_generic_key_renewed_and_dropped_meanwhile_is_not_taken(store: &dyn Store) {
+    const CHECK: u32 = 21;
+    let read = store
+        .generic_key()
+        .await
+        .expect("generic_key")
+        .expect("this check needs a store with a generic key");
+    let renewed = GenericKey {
+        handle: handle(CHECK, 1),
+        check_value: "212121".into(),
+        created_at: Timestamp(read.created_at.0 + 10),
+    };
+    let newest = GenericKey {
+        handle: handle(CHECK, 2),
+        check_value: "222222".into(),
+        created_at: Timestamp(read.created_at.0 + 20),
+    };
+    for k in [&renewed, &newest] {
+        store
+            .record_intent(intent(k.handle.clone(), IntentKind::Import, None, 1))
+            .await
+            .expect("record_intent");
+    }
+    store
+        .renew_generic_key(&read.handle, renewed.clone())
+        .await
+        .expect("renew");
+    assert!(
+        store
+            .drop_retired_generic_key(&read.handle, Timestamp(1))
+            .await
+            .expect("drop"),
+        "this check needs a generic key no org uses"
+    );
+
+    let org = org_id("generic-race");
+    let record = |handle: &str| {
+        let mut user = key_in("k-generic", handle.to_owned(), KeyState::Active, None);
+        user.record.source = KeySource::GenericDefault;
+        Commit {
+            uses_generic: Some(handle.to_owned()),
+            ..commit(&org, None, vec![user], vec![event("enrol")])
+        }
+    };
+    assert!(
+        matches!(
+            store.commit(record(&read.handle)).await,
+            Err(StoreError::GenericKeyChanged)
+        ),
+        "a commit cannot take a generic key renewed since it was read"
+    );
+    assert_eq!(store.load_org(&org).await.expect("load_org"), None);
+    assert!(chain_of(store, &org).await.is_empty());
+
+    store
+        .commit(record(&renewed.handle))
+        .await
+        .expect("commit with the current generic key");
+    store
+        .renew_generic_key(&renewed.handle, newest.clone())
+        .await
+        .expect("renew again");
+    assert!(
+        !store
+            .drop_retired_generic_key(&renewed.handle, Timestamp(2))
+            .await
+            .expect("drop"),
+        "a retired key an org took is kept"
+    );
+    store
+        .resolve_intent(&read.handle)
+        .await
+        .expect("resolve_intent");
+}
+
+/// The race of a slow import's commit with repair (another replica, or a
+/// clock that runs ahead, finds its intent older than the grace period):
+/// whichever claims the intent first wins, so material is either kept by a
+/// key or destroyed, never both.
+pub async fn material_repair_claimed_is_never_committed(store: &dyn Store) {
+    const CHECK: u32 = 22;
+    let org = org_id("repair-race");
+    let slow = handle(CHECK, 1);
+    store
+        .record_intent(intent(slow.clone(), IntentKind::Import, Some(&org), 1))
+        .await
+        .expect("record_intent");
+    assert!(store.claim_abandoned_import(&slow).await.expect("claim"));
+    assert!(
+        !store
+            .claim_abandoned_import(&slow)
+            .await
+            .expect("claim again"),
+        "one repair claims it"
+    );
+    assert_eq!(
+        open_among(store, &[&slow]).await,
+        vec![intent(slow.clone(), IntentKind::Destroy, Some(&org), 1)],
+        "claimed: its material is to be destroyed"
+    );
+    let keep = |handle: &str| Commit {
+        resolve_intents: vec![handle.to_owned()],
+        ..commit(
+            &org,
+            None,
+            vec![key("k", handle.to_owned())],
+            vec![event("upload")],
+        )
+    };
+    assert!(
+        matches!(store.commit(keep(&slow)).await, Err(StoreError::IntentLost)),
+        "a key under claimed material is not committed"
+    );
+    assert_eq!(store.load_org(&org).await.expect("load_org"), None);
+    assert_eq!(open_among(store, &[&slow]).await.len(), 1);
+
+    // The other order: the commit resolves the intent first, and repair
+    // finds nothing to claim.
+    let fast = handle(CHECK, 2);
+    store
+        .record_intent(intent(fast.clone(), IntentKind::Import, Some(&org), 1))
+        .await
+        .expect("record_intent");
+    store.commit(keep(&fast)).await.expect("commit");
+    assert!(!store.claim_abandoned_import(&fast).await.expect("claim"));
+    assert!(open_among(store, &[&fast]).await.is_empty());
+
+    // A renewal to claimed material is refused, and changes nothing.
+    let current = store
+        .generic_key()
+        .await
+        .expect("generic_key")
+        .expect("this check needs a store with a generic key");
+    let abandoned = GenericKey {
+        handle: handle(CHECK, 3),
+        check_value: "232323".into(),
+        created_at: Timestamp(current.created_at.0 + 1),
+    };
+    store
+        .record_intent(intent(
+            abandoned.handle.clone(),
+            IntentKind::Import,
+            None,
+            1,
+        ))
+        .await
+        .expect("record_intent");
+    assert!(
+        store
+            .claim_abandoned_import(&abandoned.handle)
+            .await
+            .expect("claim")
+    );
+    assert!(matches!(
+        store
+            .renew_generic_key(&current.handle, abandoned.clone())
+            .await,
+        Err(StoreError::IntentLost)
+    ));
+    assert_eq!(
+        store.generic_key().await.expect("generic_key"),
+        Some(current)
+    );
+    for h in [&slow, &abandoned.handle] {
+        store.resolve_intent(h).await.expect("resolve_intent");
+    }
 }
 
 /// Only orgs with a deactivated or deleted key due by `now` are listed, once.
@@ -2038,6 +2247,10 @@ pub async fn generic_key_is_renewed_and_the_old_one_dropped_once_unused(store: &
         created_at: Timestamp(renewed.created_at.0 + 1),
     };
     store
+        .record_intent(intent(newest.handle.clone(), IntentKind::Import, None, 1))
+        .await
+        .expect("record_intent");
+    store
         .renew_generic_key(&renewed.handle, newest.clone())
         .await
         .expect("renew");
@@ -2495,6 +2708,13 @@ pub async fn write_for_reopening(store: &dyn Store) -> Written {
         handle: handle(CHECK, 3),
         ..retired.clone()
     };
+    // Each was generated under an intent, as the service does it.
+    for k in [&retired, &generic] {
+        store
+            .record_intent(self::intent(k.handle.clone(), IntentKind::Import, None, 1))
+            .await
+            .expect("record_intent");
+    }
     store
         .put_generic_key(retired.clone())
         .await

@@ -15,8 +15,13 @@
 //!
 //! - **import/generate**: record an `Import` intent, call the HSM, then commit
 //!   the new key *and* resolve the intent in one transaction. An `Import` intent
-//!   still open at start-up belongs to a call that never committed: the handle
-//!   is destroyed (idempotently) and the intent resolved.
+//!   left open longer than an import can take belongs to a call that never
+//!   committed: repair first *claims* it (turns it into a `Destroy` intent, see
+//!   [`Store::claim_abandoned_import`]), then destroys the handle
+//!   (idempotently) and resolves the intent. A commit resolves only an intent
+//!   still open as an import, so of a slow import's commit and repair (another
+//!   replica, a skewed clock) exactly one wins: the key is kept, or its
+//!   material destroyed and the commit refused, never both.
 //! - **removal**: commit the key's `Removed` state *and* a `Destroy` intent in
 //!   one transaction, call HSM `Destroy`, then resolve the intent. Open
 //!   `Destroy` intents are retried until the HSM confirms.
@@ -268,7 +273,10 @@ pub struct Commit {
     /// Intents recorded with the change; as with [`Store::record_intent`], a
     /// handle that already has an open intent fails the whole commit.
     pub add_intents: Vec<Intent>,
-    /// Handles whose intents the change resolves.
+    /// Handles whose `Import` intents the change resolves: the material
+    /// imported under them becomes the org's. If one is no longer open (repair
+    /// claimed it as abandoned and destroys its material), the commit fails
+    /// with [`StoreError::IntentLost`] and writes nothing.
     pub resolve_intents: Vec<String>,
     /// A rotation job the change starts or ends.
     pub rotation: Option<RotationChange>,
@@ -276,6 +284,12 @@ pub struct Commit {
     /// becoming deactivated), counted inside the transaction; if one still
     /// does, the commit fails with [`StoreError::Conflict`] and writes nothing.
     pub require_unreferenced: Vec<KeyId>,
+    /// The generic default key's handle, when the change gives the org a new
+    /// record of it: the commit fails with [`StoreError::GenericKeyChanged`]
+    /// unless it is still the current generic key, read under a lock that a
+    /// renewal waits for. Otherwise a retired key could be dropped (and
+    /// destroyed) between the caller's read and this commit.
+    pub uses_generic: Option<String>,
 }
 
 /// Why the store failed.
@@ -290,6 +304,16 @@ pub enum StoreError {
     /// Stored data does not decode (a bug, or tampering outside the service).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The import the change would keep took longer than repair waits for an
+    /// import to finish; repair claimed it as abandoned and destroys its
+    /// material, so nothing was committed.
+    #[error(
+        "the key import took too long to complete and was abandoned; nothing was stored: try again"
+    )]
+    IntentLost,
+    /// The generic default key was renewed since the caller read it.
+    #[error("the generic default key was renewed meanwhile; read it again")]
+    GenericKeyChanged,
 }
 
 /// The control plane's metadata store.
@@ -329,6 +353,13 @@ pub trait Store: Send + Sync + 'static {
     /// Every open intent, oldest first (by `created_at`, then in the order
     /// recorded).
     async fn open_intents(&self) -> Result<Vec<Intent>, StoreError>;
+
+    /// Turns the open `Import` intent of `handle` into a `Destroy` intent,
+    /// for repair to destroy material whose import was abandoned; `false` if
+    /// it is not open as an import any more (its commit resolved it, or
+    /// another replica claimed it). After this, no commit can keep the
+    /// material ([`Commit::resolve_intents`]).
+    async fn claim_abandoned_import(&self, handle: &str) -> Result<bool, StoreError>;
 
     /// The generic default key, if generated.
     async fn generic_key(&self) -> Result<Option<GenericKey>, StoreError>;

@@ -16,6 +16,9 @@ use crate::{
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Lock {
     None,
+    /// Keeps a renewal (which locks the row for update) waiting until the
+    /// reader commits.
+    Share,
     ForUpdate,
 }
 
@@ -58,9 +61,11 @@ pub(crate) trait Tx: Send + Sized {
     /// unique constraint, because two calls under one handle would confuse
     /// the repair.
     async fn insert_intent(&mut self, intent: &Intent) -> Result<(), StoreError>;
-    /// Resolves intents; resolving one that is not open is not an error, so
-    /// a repair that is interrupted can simply run again.
-    async fn delete_intents(&mut self, handles: &[String]) -> Result<(), StoreError>;
+    /// Resolves the open `Import` intents of `handles`, returning how many
+    /// there were. One that repair claimed meanwhile (now a `Destroy`), or
+    /// resolved, is not counted: its material is destroyed or being
+    /// destroyed.
+    async fn resolve_import_intents(&mut self, handles: &[String]) -> Result<u64, StoreError>;
 
     /// The org's newest rotation job, without its `from` keys.
     async fn latest_job(&mut self, org: &OrgId) -> Result<Option<RotationJob>, StoreError>;
@@ -180,6 +185,7 @@ pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, Store
         resolve_intents,
         rotation,
         require_unreferenced,
+        uses_generic,
     } = commit;
     let version = match expected_version {
         None => {
@@ -206,6 +212,14 @@ pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, Store
             next
         }
     };
+    // Locked against a renewal, so that a drop of the retired key (which
+    // follows the renewal) sees this org's record of it.
+    if let Some(handle) = &uses_generic {
+        let current = tx.generic_key(Lock::Share).await?;
+        if current.is_none_or(|k| &k.handle != handle) {
+            return Err(StoreError::GenericKeyChanged);
+        }
+    }
     // With the org's other writers kept out, no re-wrap or new KEK can add
     // a reference after this.
     if tx.wraps_any_kek(&org, &require_unreferenced).await? {
@@ -218,7 +232,11 @@ pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, Store
     for intent in &add_intents {
         tx.insert_intent(intent).await?;
     }
-    tx.delete_intents(&resolve_intents).await?;
+    // Material whose intent repair claimed is destroyed: a key committed
+    // under it would be lost.
+    if tx.resolve_import_intents(&resolve_intents).await? != resolve_intents.len() as u64 {
+        return Err(StoreError::IntentLost);
+    }
     match rotation {
         None => {}
         Some(RotationChange::Start { target, from, at }) => {
@@ -255,16 +273,26 @@ pub(crate) async fn put_generic_key(
     mut tx: impl Tx,
     key: GenericKey,
 ) -> Result<GenericKey, StoreError> {
+    let claimed = tx
+        .resolve_import_intents(std::slice::from_ref(&key.handle))
+        .await?
+        == 1;
+    let before = tx.generic_key(Lock::ForUpdate).await?;
+    if before.is_none() && !claimed {
+        // Repair claimed the material as abandoned and destroys it.
+        return Err(StoreError::IntentLost);
+    }
     tx.insert_generic_key_if_absent(&key).await?;
     // Just inserted if there was none.
     let stored = tx.generic_key(Lock::None).await?.ok_or_else(|| {
         StoreError::Corrupt("generic_key: the stored key vanished within a transaction".into())
     })?;
-    // Comparing handles rather than asking whether the insert happened also
-    // covers a retry of a put whose reply was lost: the stored key's intent
-    // must never stay open, or repair would destroy every org's default key.
-    if stored.handle == key.handle {
-        tx.delete_intents(&[key.handle]).await?;
+    // Another writer's key is stored: this one's intent stays open (the
+    // transaction is dropped, undoing the resolve), so repair destroys the
+    // unused material. A retry of a put whose reply was lost finds its own
+    // key, its intent already resolved.
+    if stored.handle != key.handle {
+        return Ok(stored);
     }
     tx.commit().await?;
     Ok(stored)
@@ -288,16 +316,21 @@ pub(crate) async fn renew_generic_key(
     // Renewing a key to itself would retire the key in use, and a later
     // drop would destroy it.
     if stored.handle == old_handle && new.handle != old_handle {
+        // As in `put_generic_key`: material repair claimed is being destroyed.
+        if tx
+            .resolve_import_intents(std::slice::from_ref(&new.handle))
+            .await?
+            != 1
+        {
+            return Err(StoreError::IntentLost);
+        }
         tx.retire_generic_key(&stored).await?;
         tx.replace_generic_key(&new).await?;
         stored = new.clone();
     }
-    // As in `put_generic_key`: a retry after a lost reply finds its own key
-    // stored and must resolve its intent; a loser's intent stays open so
-    // that repair destroys the unused material.
-    if stored.handle == new.handle {
-        tx.delete_intents(&[new.handle]).await?;
-    }
+    // A retry after a lost reply finds its own key stored, its intent
+    // resolved; a loser's intent stays open so that repair destroys the
+    // unused material.
     tx.commit().await?;
     Ok(stored)
 }

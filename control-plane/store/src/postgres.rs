@@ -65,8 +65,8 @@ use sqlx::{
 };
 
 use crate::{
-    Commit, GenericKey, Intent, JobState, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob, Store,
-    StoreError, StoredKek, StoredKey, StoredOrg, codec,
+    Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, OrgAwsKey, Rewrap,
+    RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg, codec,
     ops::{self, Lock, Tx},
     sql::{
         self, Cells, KEY_COLUMNS, decode_audit, decode_generic_key, decode_intent, decode_job,
@@ -274,6 +274,17 @@ impl Store for PgStore {
     async fn resolve_intent(&self, handle: &str) -> Result<(), StoreError> {
         let handles = [handle.to_owned()];
         delete_intents(&mut *self.pool.acquire().await.map_err(db)?, &handles).await
+    }
+
+    async fn claim_abandoned_import(&self, handle: &str) -> Result<bool, StoreError> {
+        let claimed = sqlx::query("UPDATE intents SET kind = $1 WHERE handle = $2 AND kind = $3")
+            .bind(codec::intent_kind(IntentKind::Destroy))
+            .bind(handle)
+            .bind(codec::intent_kind(IntentKind::Import))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(claimed.rows_affected() == 1)
     }
 
     async fn open_intents(&self) -> Result<Vec<Intent>, StoreError> {
@@ -694,8 +705,19 @@ impl Tx for PgTx {
         insert_intent(&mut self.0, intent).await
     }
 
-    async fn delete_intents(&mut self, handles: &[String]) -> Result<(), StoreError> {
-        delete_intents(&mut self.0, handles).await
+    async fn resolve_import_intents(&mut self, handles: &[String]) -> Result<u64, StoreError> {
+        if handles.is_empty() {
+            return Ok(0);
+        }
+        // A row that repair claimed meanwhile is re-checked after its lock is
+        // released, and no longer matches.
+        let resolved = sqlx::query("DELETE FROM intents WHERE handle = ANY($1) AND kind = $2")
+            .bind(handles)
+            .bind(codec::intent_kind(IntentKind::Import))
+            .execute(&mut *self.0)
+            .await
+            .map_err(db)?;
+        Ok(resolved.rows_affected())
     }
 
     async fn latest_job(&mut self, org: &OrgId) -> Result<Option<RotationJob>, StoreError> {
@@ -1115,6 +1137,9 @@ async fn read_generic_key(
 ) -> Result<Option<GenericKey>, StoreError> {
     let query = match lock {
         Lock::None => "SELECT handle, check_value, created_at FROM generic_key WHERE id = 1",
+        Lock::Share => {
+            "SELECT handle, check_value, created_at FROM generic_key WHERE id = 1 FOR SHARE"
+        }
         Lock::ForUpdate => {
             "SELECT handle, check_value, created_at FROM generic_key WHERE id = 1 FOR UPDATE"
         }

@@ -48,8 +48,8 @@ use sqlx::{
 };
 
 use crate::{
-    Commit, GenericKey, Intent, JobState, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob, Store,
-    StoreError, StoredKek, StoredKey, StoredOrg, codec,
+    Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, OrgAwsKey, Rewrap,
+    RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg, codec,
     ops::{self, Lock, Tx},
     sql::{
         self, Cells, KEY_COLUMNS, decode_audit, decode_generic_key, decode_intent, decode_job,
@@ -216,6 +216,17 @@ impl Store for SqliteStore {
 
     async fn resolve_intent(&self, handle: &str) -> Result<(), StoreError> {
         delete_intent(&mut *self.pool.acquire().await.map_err(db)?, handle).await
+    }
+
+    async fn claim_abandoned_import(&self, handle: &str) -> Result<bool, StoreError> {
+        let claimed = sqlx::query("UPDATE intents SET kind = ?1 WHERE handle = ?2 AND kind = ?3")
+            .bind(codec::intent_kind(IntentKind::Destroy))
+            .bind(handle)
+            .bind(codec::intent_kind(IntentKind::Import))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(claimed.rows_affected() == 1)
     }
 
     async fn open_intents(&self) -> Result<Vec<Intent>, StoreError> {
@@ -617,11 +628,18 @@ impl Tx for SqliteTx {
         insert_intent(&mut self.0, intent).await
     }
 
-    async fn delete_intents(&mut self, handles: &[String]) -> Result<(), StoreError> {
+    async fn resolve_import_intents(&mut self, handles: &[String]) -> Result<u64, StoreError> {
+        let mut resolved = 0;
         for handle in handles {
-            delete_intent(&mut self.0, handle).await?;
+            resolved += sqlx::query("DELETE FROM intents WHERE handle = ?1 AND kind = ?2")
+                .bind(handle)
+                .bind(codec::intent_kind(IntentKind::Import))
+                .execute(&mut *self.0)
+                .await
+                .map_err(db)?
+                .rows_affected();
         }
-        Ok(())
+        Ok(resolved)
     }
 
     async fn latest_job(&mut self, org: &OrgId) -> Result<Option<RotationJob>, StoreError> {

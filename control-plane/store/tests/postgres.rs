@@ -290,3 +290,66 @@ async fn an_unreachable_server_is_unavailable() {
         opened.err()
     );
 }
+
+/// The generic key's race with real concurrency: a commit that gives an org
+/// the key waits for a renewal in progress (which holds the key's row), then
+/// sees the renewed key and is refused; so a drop of the old key, which comes
+/// after the renewal, can never miss the org's record of it.
+#[tokio::test]
+async fn a_commit_taking_the_generic_key_waits_for_a_renewal_and_sees_it() {
+    let db = TestDb::create().await;
+    let store = db.open().await;
+    let (old, new) = (handle(109, 1), handle(109, 2));
+    store
+        .record_intent(contract::intent(
+            old.clone(),
+            cmk_control_plane_store::IntentKind::Import,
+            None,
+            1,
+        ))
+        .await
+        .unwrap();
+    store
+        .put_generic_key(cmk_control_plane_store::GenericKey {
+            handle: old.clone(),
+            check_value: "109109".into(),
+            created_at: cmk_control_plane_domain::Timestamp(1),
+        })
+        .await
+        .unwrap();
+
+    // A renewal in progress on another replica: the row is locked and
+    // already holds the new handle, not yet committed.
+    let mut conn = db.raw().await;
+    let mut renewal = conn.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM generic_key WHERE id = 1 FOR UPDATE")
+        .execute(&mut *renewal)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE generic_key SET handle = $1 WHERE id = 1")
+        .bind(&new)
+        .execute(&mut *renewal)
+        .await
+        .unwrap();
+
+    let org = org_id("generic-lock");
+    let mut user = contract::key_in("k-generic", old.clone(), KeyState::Active, None);
+    user.record.source = cmk_control_plane_domain::KeySource::GenericDefault;
+    let taking = cmk_control_plane_store::Commit {
+        uses_generic: Some(old.clone()),
+        ..commit(&org, None, vec![user], Vec::new())
+    };
+    let racer = {
+        let store = db.open().await;
+        tokio::spawn(async move { store.commit(taking).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!racer.is_finished(), "the commit waits for the renewal");
+    renewal.commit().await.unwrap();
+    let taken = racer.await.unwrap();
+    assert!(
+        matches!(taken, Err(StoreError::GenericKeyChanged)),
+        "{taken:?}"
+    );
+    assert_eq!(store.load_org(&org).await.unwrap(), None);
+}
