@@ -15,8 +15,8 @@ use cmk_proto::control::v1::{
 use cmk_tests::{
     CONTROL_PLANE, INTRUDER,
     control_plane::{
-        ADMIN_ACME, ADMIN_GLOBEX, Deployment, READER_ACME, SERVICE_ACME, files, openssl, state_of,
-        wrap, wrap_new_key,
+        ADMIN_ACME, ADMIN_GLOBEX, Content, Deployment, READER_ACME, SERVICE_ACME, SERVICE_GLOBEX,
+        files, openssl, state_of, wrap, wrap_new_key,
     },
 };
 use tonic::{Code, Status, transport::Channel};
@@ -27,6 +27,8 @@ const ACME: &str = "acme";
 const GLOBEX: &str = "globex";
 /// A well-formed key id that no organisation has.
 const NO_SUCH_KEY: &str = "key-0000000000000000";
+/// A well-formed KEK id that no organisation has.
+const NO_SUCH_KEK: &str = "kek-00000000000000000000000000000000";
 
 /// Pending, active, rotating → deactivated, revoked, deleted and removed keys,
 /// and BYOK off: every action a state does not allow is refused with
@@ -447,56 +449,217 @@ async fn bad_wrapped_keys_reach_the_admin_as_invalid_argument_and_store_nothing(
     assert_intact(&mut admin).await;
 }
 
-/// What an identity may do in an organisation; each level includes the ones
-/// before it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Access {
-    Nothing,
-    Read,
-    Manage,
+/// An identity's role in an organisation, as the test policy grants it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    None,
+    ReadOnly,
+    Admin,
+    Service,
 }
 
-/// Every identity × every RPC × both organisations: PERMISSION_DENIED exactly
-/// when the identity lacks the role, audited in the target organisation's log,
-/// and nothing changed by the refused calls.
+/// What an RPC needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Needs {
+    Read,
+    Manage,
+    UseKeys,
+}
+
+impl Needs {
+    fn granted_to(self, role: Role) -> bool {
+        matches!(
+            (self, role),
+            (Self::Read, Role::Admin | Role::ReadOnly)
+                | (Self::Manage, Role::Admin)
+                | (Self::UseKeys, Role::Service)
+        )
+    }
+
+    /// The roles a refusal names.
+    fn roles(self) -> &'static str {
+        match self {
+            Self::Read => "the admin or read-only role",
+            Self::Manage => "the admin role",
+            Self::UseKeys => "the internal-service role",
+        }
+    }
+}
+
+/// One call of either control-plane API.
+#[derive(Clone)]
+enum Call {
+    Admin(Rpc),
+    Content(ContentRpc),
+}
+
+impl Call {
+    /// `Service/Method`, as the descriptors name it.
+    fn method(&self) -> String {
+        match self {
+            Self::Admin(rpc) => format!("KeyAdminService/{}", rpc.method()),
+            Self::Content(rpc) => format!("ContentKeyService/{}", rpc.method()),
+        }
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            Self::Admin(rpc) => rpc.action(),
+            Self::Content(rpc) => rpc.action(),
+        }
+    }
+
+    fn key_id(&self) -> &str {
+        match self {
+            Self::Admin(rpc) => rpc.key_id(),
+            Self::Content(_) => "",
+        }
+    }
+
+    async fn call(
+        &self,
+        admin: &mut Client,
+        content: &mut Content,
+        org: &str,
+    ) -> Result<(), Status> {
+        match self {
+            Self::Admin(rpc) => rpc.call(admin, org).await,
+            Self::Content(rpc) => rpc.call(content, org).await,
+        }
+    }
+}
+
+/// One content-key API call with harmless arguments.
+#[derive(Clone, Copy)]
+enum ContentRpc {
+    CreateKek,
+    GenerateDataKey,
+    Decrypt,
+}
+
+impl ContentRpc {
+    fn method(self) -> &'static str {
+        match self {
+            Self::CreateKek => "CreateKek",
+            Self::GenerateDataKey => "GenerateDataKey",
+            Self::Decrypt => "Decrypt",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Self::CreateKek => "create KEK",
+            Self::GenerateDataKey => "generate data key",
+            Self::Decrypt => "decrypt",
+        }
+    }
+
+    /// A malformed resource, an unknown KEK, a blob that is no content key:
+    /// nothing is created when the call is allowed.
+    async fn call(self, content: &mut Content, org: &str) -> Result<(), Status> {
+        let org_id = org.to_owned();
+        match self {
+            Self::CreateKek => content
+                .create_kek(pb::CreateKekRequest {
+                    org_id,
+                    resource: String::new(),
+                })
+                .await
+                .map(drop),
+            Self::GenerateDataKey => content
+                .generate_data_key(pb::GenerateDataKeyRequest {
+                    org_id,
+                    kek_id: NO_SUCH_KEK.into(),
+                    context: Vec::new(),
+                })
+                .await
+                .map(drop),
+            Self::Decrypt => content
+                .decrypt(pb::DecryptRequest {
+                    org_id,
+                    wrapped_key: vec![7; 64],
+                    context: Vec::new(),
+                })
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// Every RPC of the control plane's services (`Service/Method`), read from
+/// the descriptors compiled into the server: a new RPC without a row in the
+/// matrix fails the test.
+fn every_control_plane_rpc() -> std::collections::BTreeSet<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(cmk_proto::FILE_DESCRIPTOR_SET).unwrap();
+    set.file
+        .iter()
+        .filter(|f| f.package() == "cmk.control.v1")
+        .flat_map(|f| &f.service)
+        .flat_map(|s| {
+            s.method
+                .iter()
+                .map(move |m| format!("{}/{}", s.name(), m.name()))
+        })
+        .collect()
+}
+
+/// Every identity × every RPC of both services × both organisations:
+/// PERMISSION_DENIED exactly when the identity lacks the role, audited in the
+/// target organisation's log, and nothing changed by the refused calls.
 #[tokio::test(flavor = "multi_thread")]
 async fn authorisation_matrix() {
-    use Access::{Manage, Nothing, Read};
+    use Needs::{Manage, Read, UseKeys};
 
     // The test policy's grants, written out.
     #[rustfmt::skip]
-    let grants: [(&str, &str, Access, Access); 6] = [
-        // certificate     identity        on acme  on globex
-        ("admin-acme",     ADMIN_ACME,     Manage,  Nothing),
-        ("reader-acme",    READER_ACME,    Read,    Nothing),
-        // Internal services use keys through the content-key API, not this one.
-        ("service-acme",   SERVICE_ACME,   Nothing, Nothing),
-        ("admin-globex",   ADMIN_GLOBEX,   Nothing, Manage),
-        ("intruder",       INTRUDER,       Nothing, Nothing),
-        // The HSM daemon trusts the control plane's identity; this API does not.
-        ("control-plane",  CONTROL_PLANE,  Nothing, Nothing),
+    let grants: [(&str, &str, Role, Role); 7] = [
+        // certificate      identity        on acme          on globex
+        ("admin-acme",      ADMIN_ACME,     Role::Admin,     Role::None),
+        ("reader-acme",     READER_ACME,    Role::ReadOnly,  Role::None),
+        ("service-acme",    SERVICE_ACME,   Role::Service,   Role::None),
+        ("admin-globex",    ADMIN_GLOBEX,   Role::None,      Role::Admin),
+        ("service-globex",  SERVICE_GLOBEX, Role::None,      Role::Service),
+        ("intruder",        INTRUDER,       Role::None,      Role::None),
+        // The HSM daemon trusts the control plane's identity; these APIs do not.
+        ("control-plane",   CONTROL_PLANE,  Role::None,      Role::None),
     ];
-    // Every RPC with harmless arguments, the access it needs, and what it
-    // answers when allowed.
+    // Every RPC with harmless arguments, what it needs, and what it answers
+    // when allowed.
     let junk = vec![7; 384];
     let key = || NO_SUCH_KEY.to_owned();
+    let admin = Call::Admin;
+    let content = Call::Content;
     #[rustfmt::skip]
-    let rpcs: [(Rpc, Access, Code); 13] = [
-        // rpc                      needs   answers when allowed
-        (Rpc::GetImportPublicKey,   Read,   Code::Ok),
-        (Rpc::GetKey(key()),        Read,   Code::NotFound),
-        (Rpc::ListKeys,             Read,   Code::Ok),
-        (Rpc::ListAuditEvents,      Read,   Code::Ok),
-        (Rpc::VerifyAuditLog,       Read,   Code::Ok),
-        (Rpc::SetByok(true),        Manage, Code::Ok),
-        (Rpc::upload(&junk),        Manage, Code::InvalidArgument),
-        (Rpc::ActivateKey(key()),   Manage, Code::NotFound),
-        (Rpc::CancelKey(key()),     Manage, Code::NotFound),
-        (Rpc::RevokeKey(key()),     Manage, Code::NotFound),
-        (Rpc::ReactivateKey(key()), Manage, Code::NotFound),
-        (Rpc::DeleteKey(key()),     Manage, Code::NotFound),
-        (Rpc::RestoreKey(key()),    Manage, Code::NotFound),
+    let rpcs: [(Call, Needs, Code); 19] = [
+        // rpc                                     needs    answers when allowed
+        (admin(Rpc::GetImportPublicKey),           Read,    Code::Ok),
+        (admin(Rpc::GetKey(key())),                Read,    Code::NotFound),
+        (admin(Rpc::ListKeys),                     Read,    Code::Ok),
+        (admin(Rpc::ListAuditEvents),              Read,    Code::Ok),
+        (admin(Rpc::VerifyAuditLog),               Read,    Code::Ok),
+        (admin(Rpc::GetRotation),                  Read,    Code::NotFound),
+        (admin(Rpc::PreviewRevocation(key())),     Read,    Code::NotFound),
+        (admin(Rpc::SetByok(true)),                Manage,  Code::Ok),
+        (admin(Rpc::upload(&junk)),                Manage,  Code::InvalidArgument),
+        (admin(Rpc::AddAwsKey),                    Manage,  Code::InvalidArgument),
+        (admin(Rpc::ActivateKey(key())),           Manage,  Code::NotFound),
+        (admin(Rpc::CancelKey(key())),             Manage,  Code::NotFound),
+        (admin(Rpc::RevokeKey(key())),             Manage,  Code::NotFound),
+        (admin(Rpc::ReactivateKey(key())),         Manage,  Code::NotFound),
+        (admin(Rpc::DeleteKey(key())),             Manage,  Code::NotFound),
+        (admin(Rpc::RestoreKey(key())),            Manage,  Code::NotFound),
+        (content(ContentRpc::CreateKek),           UseKeys, Code::InvalidArgument),
+        (content(ContentRpc::GenerateDataKey),     UseKeys, Code::NotFound),
+        (content(ContentRpc::Decrypt),             UseKeys, Code::InvalidArgument),
     ];
+    let covered: std::collections::BTreeSet<String> =
+        rpcs.iter().map(|(rpc, _, _)| rpc.method()).collect();
+    assert_eq!(
+        covered,
+        every_control_plane_rpc(),
+        "the matrix has a row for every RPC the services serve"
+    );
 
     let d = Deployment::start().await;
     let mut acme = Observer::new(&d, "admin-acme", ACME).await;
@@ -508,12 +671,13 @@ async fn authorisation_matrix() {
     let globex_keys = globex.keys().await;
 
     for (cert, identity, on_acme, on_globex) in grants {
-        let mut client = d.client(cert).await;
-        for (org, has) in [(ACME, on_acme), (GLOBEX, on_globex)] {
+        let mut admin_client = d.client(cert).await;
+        let mut content_client = d.content(cert).await;
+        for (org, role) in [(ACME, on_acme), (GLOBEX, on_globex)] {
             for (rpc, needs, when_allowed) in &rpcs {
-                let what = format!("{cert} {} on {org}", rpc.name());
-                let result = rpc.call(&mut client, org).await;
-                if has >= *needs {
+                let what = format!("{cert} {} on {org}", rpc.method());
+                let result = rpc.call(&mut admin_client, &mut content_client, org).await;
+                if needs.granted_to(role) {
                     let code = result.err().map_or(Code::Ok, |s| s.code());
                     assert_ne!(code, Code::PermissionDenied, "{what}");
                     assert_eq!(code, *when_allowed, "{what}");
@@ -521,12 +685,10 @@ async fn authorisation_matrix() {
                 }
                 let status = result.expect_err(&what);
                 assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
-                let role = match needs {
-                    Manage => "the admin role",
-                    _ => "the admin or read-only role",
-                };
-                let reason =
-                    format!("{identity} may not do this in organisation {org}: it needs {role}");
+                let reason = format!(
+                    "{identity} may not do this in organisation {org}: it needs {}",
+                    needs.roles()
+                );
                 assert_eq!(status.message(), reason, "{what}");
                 let audit = if org == ACME { &mut acme } else { &mut globex };
                 let events = audit.new_events().await;
@@ -569,9 +731,35 @@ enum Rpc {
     ReactivateKey(String),
     DeleteKey(String),
     RestoreKey(String),
+    /// With a malformed key ARN: refused before AWS is asked.
+    AddAwsKey,
+    GetRotation,
+    PreviewRevocation(String),
 }
 
 impl Rpc {
+    /// The method's name in the service's descriptor.
+    fn method(&self) -> &'static str {
+        match self {
+            Self::GetImportPublicKey => "GetImportPublicKey",
+            Self::GetKey(_) => "GetKey",
+            Self::ListKeys => "ListKeys",
+            Self::ListAuditEvents => "ListAuditEvents",
+            Self::VerifyAuditLog => "VerifyAuditLog",
+            Self::SetByok(_) => "SetByok",
+            Self::UploadKey { .. } => "UploadKey",
+            Self::ActivateKey(_) => "ActivateKey",
+            Self::CancelKey(_) => "CancelKey",
+            Self::RevokeKey(_) => "RevokeKey",
+            Self::ReactivateKey(_) => "ReactivateKey",
+            Self::DeleteKey(_) => "DeleteKey",
+            Self::RestoreKey(_) => "RestoreKey",
+            Self::AddAwsKey => "AddAwsKey",
+            Self::GetRotation => "GetRotation",
+            Self::PreviewRevocation(_) => "PreviewRevocation",
+        }
+    }
+
     /// An upload to activate later, with no import key id.
     fn upload(wrapped_key: &[u8]) -> Self {
         Self::UploadKey {
@@ -598,6 +786,7 @@ impl Rpc {
             Self::ReactivateKey(_) => "ReactivateKey",
             Self::DeleteKey(_) => "DeleteKey",
             Self::RestoreKey(_) => "RestoreKey",
+            Self::AddAwsKey | Self::GetRotation | Self::PreviewRevocation(_) => self.method(),
         };
         match self.key_id() {
             "" => rpc.to_owned(),
@@ -622,6 +811,9 @@ impl Rpc {
             Self::ReactivateKey(_) => "reactivate",
             Self::DeleteKey(_) => "delete",
             Self::RestoreKey(_) => "restore",
+            Self::AddAwsKey => "add aws key",
+            Self::GetRotation => "get rotation",
+            Self::PreviewRevocation(_) => "preview revocation",
         }
     }
 
@@ -634,13 +826,16 @@ impl Rpc {
             | Self::RevokeKey(key)
             | Self::ReactivateKey(key)
             | Self::DeleteKey(key)
-            | Self::RestoreKey(key) => key,
+            | Self::RestoreKey(key)
+            | Self::PreviewRevocation(key) => key,
             Self::GetImportPublicKey
             | Self::ListKeys
             | Self::ListAuditEvents
             | Self::VerifyAuditLog
             | Self::SetByok(_)
-            | Self::UploadKey { .. } => "",
+            | Self::UploadKey { .. }
+            | Self::AddAwsKey
+            | Self::GetRotation => "",
         }
     }
 
@@ -699,6 +894,21 @@ impl Rpc {
             Self::ReactivateKey(k) => client.reactivate_key(key(k)).await.map(drop),
             Self::DeleteKey(k) => client.delete_key(key(k)).await.map(drop),
             Self::RestoreKey(k) => client.restore_key(key(k)).await.map(drop),
+            Self::AddAwsKey => client
+                .add_aws_key(pb::AddAwsKeyRequest {
+                    org_id,
+                    key_arn: "not-an-arn".into(),
+                    backup_key_arn: String::new(),
+                    role_arn: String::new(),
+                    activate_now: false,
+                })
+                .await
+                .map(drop),
+            Self::GetRotation => client
+                .get_rotation(pb::GetRotationRequest { org_id })
+                .await
+                .map(drop),
+            Self::PreviewRevocation(k) => client.preview_revocation(key(k)).await.map(drop),
         }
     }
 }
