@@ -440,7 +440,7 @@ mod tests {
             hex::encode(Sha256::digest(&der.stdout))
         );
 
-        // The check value is what the README's openssl command says.
+        // The check value is what the openssl command of docs/api.md says.
         fs::write(files.path("zero.bin"), [0u8; 16]).expect("write");
         let mac = Command::new("openssl")
             .args(["mac", "-cipher", "AES-256-CBC", "-macopt"])

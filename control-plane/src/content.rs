@@ -1,4 +1,4 @@
-//! KEKs and content keys for the org's internal services (SPEC §5).
+//! KEKs and content keys for the org's internal services (docs/api.md, the content-key API).
 //!
 //! A KEK is 32 random bytes made here, wrapped by the org's active CMK through
 //! the HSM daemon (with the org and KEK id as associated data) and stored only

@@ -1,5 +1,5 @@
 //! Work that one replica at a time does — an org's rotation job, the timers —
-//! runs under a lease in the store (SPEC §8): claimed before it starts,
+//! runs under a lease in the store (docs/design.md, "Rotation jobs"): claimed before it starts,
 //! renewed while it runs, given up when it ends. A replica that dies stops
 //! renewing, and another claims the lease once its time runs out.
 //!

@@ -1,4 +1,4 @@
-//! Rotation jobs: re-wrap every KEK of an org to its active key (SPEC §6).
+//! Rotation jobs: re-wrap every KEK of an org to its active key (docs/design.md, "Rotation jobs").
 //!
 //! A job is a row written in the same transaction as the activation that
 //! supersedes the old key; the work it stands for is not a list but a query

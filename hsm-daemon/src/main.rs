@@ -56,6 +56,6 @@ fn settings(cli: Cli) -> Result<Settings, Box<dyn std::error::Error>> {
     let root_key_env =
         std::env::var_os(ROOT_KEY_ENV).map(|value| SecretBytes::new(value.into_encoded_bytes()));
     // The variable stays in this process's environment (removing it needs
-    // `unsafe` under edition 2024), which is why the README prefers root_key_file.
+    // `unsafe` under edition 2024), which is why docs/design.md prefers root_key_file.
     Ok(file.overlay(cli.settings).validate(root_key_env)?)
 }

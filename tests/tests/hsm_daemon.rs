@@ -628,7 +628,7 @@ async fn a_key_wrapped_by_the_openssl_cli_imports_and_round_trips() {
         );
         out.stdout
     };
-    // SPEC §3, verbatim.
+    // docs/api.md, "Uploading a key", verbatim.
     openssl(&["rand", "-out", "cmk.bin", "32"]);
     openssl(&[
         "pkeyutl",

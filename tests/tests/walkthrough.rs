@@ -16,7 +16,7 @@ fn json(text: &str) -> Value {
 }
 
 /// The key check value of a raw key file, computed with the OpenSSL CLI the
-/// way the README shows it.
+/// way docs/api.md shows it.
 fn local_check_value(shell: &mut Shell, file: &str) -> String {
     let out = shell
         .run(&format!(
@@ -330,7 +330,7 @@ async fn walkthrough_with_cmkctl() {
     let pem = std::fs::read_to_string(sh.work.join("pub.pem")).unwrap();
     assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"), "{pem}");
 
-    // The first key is wrapped by OpenSSL, exactly as SPEC §3 gives the recipe.
+    // The first key is wrapped by OpenSSL, exactly as docs/api.md ("Uploading a key") gives the recipe.
     openssl_wrap(&mut sh, "cmk1");
     let kcv1 = local_check_value(&mut sh, "cmk1.bin");
     let uploaded = sh.run("cmkctl upload --wrapped cmk1.wrapped").ok();

@@ -216,7 +216,7 @@ pub enum KeySource {
     GenericDefault,
 }
 
-/// Lifecycle state of one key (SPEC §4).
+/// Lifecycle state of one key (README.md, "Key lifecycle").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyState {
     /// In custody, not yet used.

@@ -120,7 +120,7 @@ impl Org {
     /// The key that wraps new KEKs, or why the org's KEKs and content keys
     /// cannot be used at all: while the master key is revoked, deleted, lost
     /// or disabled at its provider, nothing of the org may be encrypted or
-    /// decrypted (SPEC §4).
+    /// decrypted (README.md, "Key lifecycle").
     pub fn content_master(&self) -> Result<&KeyRecord, LifecycleError> {
         if let Some(master) = self.revoked_master() {
             let (state, remedy) = match master.state {
