@@ -272,13 +272,13 @@ async fn bad_input_and_wrong_callers_are_refused_and_change_nothing() {
             &mut svc,
             &blob[..len],
             context,
-            &format!("is {len} bytes; format version 1 is exactly {}", blob.len()),
+            &format!("is {len} bytes; format version 2 is exactly {}", blob.len()),
         )
         .await;
     }
     let mut longer = blob.clone();
     longer.push(0);
-    bad.decrypt(&mut svc, &longer, context, "format version 1 is exactly")
+    bad.decrypt(&mut svc, &longer, context, "format version 2 is exactly")
         .await;
     // Over the server's message limit: refused before it is read.
     refused(
@@ -289,17 +289,27 @@ async fn bad_input_and_wrong_callers_are_refused_and_change_nothing() {
     );
     bad.decrypt(&mut svc, &[], context, "wrapped content key is empty")
         .await;
-    for version in [0u8, 2, 0xff] {
+    for version in [0u8, 3, 0xff] {
         let mut other = blob.clone();
         other[0] = version;
         bad.decrypt(
             &mut svc,
             &other,
             context,
-            &format!("format version {version}; only version 1 is supported"),
+            &format!("format version {version}; only versions 1 and 2 are supported"),
         )
         .await;
     }
+    // Format 1's length with format 2's version: refused by its length.
+    let mut relabelled = blob[..97].to_vec();
+    relabelled[0] = 2;
+    bad.decrypt(
+        &mut svc,
+        &relabelled,
+        context,
+        "is 97 bytes; format version 2 is exactly 117",
+    )
+    .await;
 
     // A content key of another org.
     let mut globex = d.content("service-globex").await;
@@ -1082,4 +1092,104 @@ async fn a_master_key_gone_from_the_hsm_is_named_not_internal() {
             status.message()
         );
     }
+}
+
+/// Content keys wrapped in format 1 (under the KEK itself, before format 2
+/// derived a key per content key) still decrypt through the API: one is made
+/// here from the KEK, unwrapped through the HSM daemon as the control plane
+/// does, exactly as the earlier format prescribes.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_keys_wrapped_in_format_1_still_decrypt() {
+    use aes_gcm::{
+        Aes256Gcm, Nonce,
+        aead::{AeadInOut, KeyInit},
+    };
+    use cmk_control_plane::envelope::kek_associated_data;
+    use cmk_control_plane_domain::{KekId, OrgId};
+    use sqlx::{Connection, Row, SqliteConnection};
+
+    let d = Deployment::start().await;
+    let mut content = d.content("service-acme").await;
+    let kek = content
+        .create_kek(pb::CreateKekRequest {
+            org_id: ORG.into(),
+            resource: "space:format-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let made = generate_data_keys(&content, ORG, &[kek.kek_id.clone()]).await;
+    assert_eq!(made[0].wrapped[0], 2, "new content keys are format 2");
+    assert_eq!(made[0].wrapped.len(), 117);
+
+    let url = format!("sqlite://{}", d.database().display());
+    let mut db = SqliteConnection::connect(&url).await.unwrap();
+    let wrapped_kek: Vec<u8> =
+        sqlx::query("SELECT wrapped FROM keks WHERE org = ?1 AND kek_id = ?2")
+            .bind(ORG)
+            .bind(&kek.kek_id)
+            .fetch_one(&mut db)
+            .await
+            .unwrap()
+            .get("wrapped");
+    db.close().await.unwrap();
+    let org = OrgId::parse(ORG).unwrap();
+    let kek_id = KekId::parse(&kek.kek_id).unwrap();
+    let mut hsm = d.hsm.pki.hsm_client(d.hsm.daemon.addr).await;
+    let kek_bytes = hsm
+        .unwrap(cmk_proto::hsm::v1::UnwrapRequest {
+            ciphertext: wrapped_kek,
+            associated_data: kek_associated_data(&org, &kek_id),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plaintext;
+
+    // Format 1: version, KEK id, random nonce, AES-256-GCM under the KEK; the
+    // associated data a label, version and KEK id, and the length-prefixed org
+    // and context.
+    let content_key = [0x5a; 32];
+    let context = b"doc/format-1".to_vec();
+    let nonce = [7u8; 12];
+    let mut blob = vec![1u8];
+    blob.extend_from_slice(kek.kek_id.as_bytes());
+    let mut aad = b"cmk/content-key/v1\0".to_vec();
+    aad.extend_from_slice(&blob);
+    for field in [ORG.as_bytes(), &context[..]] {
+        aad.extend_from_slice(&(field.len() as u64).to_be_bytes());
+        aad.extend_from_slice(field);
+    }
+    let mut body = content_key.to_vec();
+    let tag = Aes256Gcm::new_from_slice(&kek_bytes)
+        .unwrap()
+        .encrypt_inout_detached(&Nonce::from(nonce), &aad, body.as_mut_slice().into())
+        .unwrap();
+    blob.extend_from_slice(&nonce);
+    blob.extend_from_slice(&body);
+    blob.extend_from_slice(&tag);
+    assert_eq!(blob.len(), 97);
+
+    let opened = content
+        .decrypt(pb::DecryptRequest {
+            org_id: ORG.into(),
+            wrapped_key: blob.clone(),
+            context: context.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(opened.plaintext, content_key);
+    assert_eq!(opened.kek_id, kek.kek_id);
+    // Bound to its context like any content key.
+    let refused = content
+        .decrypt(pb::DecryptRequest {
+            org_id: ORG.into(),
+            wrapped_key: blob,
+            context: b"doc/other".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_all_decrypt(&content, ORG, &made).await;
 }
