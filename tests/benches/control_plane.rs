@@ -48,7 +48,7 @@ use std::{
 
 use cmk_control_plane::envelope::kek_associated_data;
 use cmk_control_plane_domain::{KekId, KeyState, OrgId, ResourceId, Timestamp};
-use cmk_control_plane_store::{SqliteStore, Store, StoredKek};
+use cmk_control_plane_store::{OrgStore, SqliteStore, StoredKek};
 use cmk_hsm_custody::contract;
 use cmk_proto::{
     bench::v1::{

@@ -620,7 +620,7 @@ pub async fn seed_keks(
 ) -> Vec<String> {
     use cmk_control_plane::envelope;
     use cmk_control_plane_domain::{KekId, OrgId, ResourceId, Timestamp};
-    use cmk_control_plane_store::{Backend, PgStore, SqliteStore, Store, StoredKek};
+    use cmk_control_plane_store::{Backend, OrgStore, PgStore, SqliteStore, StoredKek};
 
     let org = OrgId::parse(org).unwrap();
     let stored = match Backend::of(database) {

@@ -440,7 +440,7 @@ async fn hsm_down_is_unavailable_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_import_that_never_committed_is_destroyed() {
     use cmk_control_plane_domain::{OrgId, Timestamp};
-    use cmk_control_plane_store::{Intent, IntentKind, SqliteStore, Store};
+    use cmk_control_plane_store::{Intent, IntentKind, IntentStore, SqliteStore};
 
     let mut d = Deployment::start().await;
     d.stop_control_plane().await;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cmk_control_plane_store::{SqliteStore, Store};
+use cmk_control_plane_store::{IntentStore, SqliteStore};
 use cmk_proto::control::v1::{
     self as pb, KeySource, KeyState, key_admin_service_client::KeyAdminServiceClient,
 };

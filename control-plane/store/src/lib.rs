@@ -3,9 +3,20 @@
 //! [`Store`] is deliberately narrow: load one org, commit one org's change
 //! atomically (its keys, its settings, its audit events and its custody
 //! intents together), read the audit log, and keep the intents that make HSM
-//! calls repairable after a crash. Every implementation passes the same
-//! contract tests: [`SqliteStore`] on one database file, and [`PgStore`] on a
+//! calls repairable after a crash. It is the sum of one trait per role —
+//! [`OrgStore`], [`AuditStore`], [`IntentStore`], [`GenericKeyStore`],
+//! [`KekStore`] and [`LeaseStore`] — so that code which needs one role can
+//! say so. Every implementation passes the same contract tests, one module
+//! per role: [`SqliteStore`] on one database file, and [`PgStore`] on a
 //! PostgreSQL database that several replicas can share.
+//!
+//! # One SQL store, two dialects
+//!
+//! Both are a [`SqlStore`]: each statement is written once (`sql_store.rs`),
+//! each operation of several statements once (`ops.rs`), and what really
+//! differs between the databases — how a transaction begins and locks, how a
+//! batch of rows is written, how a damaged file is reported — is each
+//! backend's `Dialect` (`sqlite.rs`, `postgres.rs`).
 //!
 //! # Crash repair: intents
 //!
@@ -17,7 +28,7 @@
 //!   the new key *and* resolve the intent in one transaction. An `Import` intent
 //!   left open longer than an import can take belongs to a call that never
 //!   committed: repair first *claims* it (turns it into a `Destroy` intent, see
-//!   [`Store::claim_abandoned_import`]), then destroys the handle
+//!   [`IntentStore::claim_abandoned_import`]), then destroys the handle
 //!   (idempotently) and resolves the intent. A commit resolves only an intent
 //!   still open as an import, so of a slow import's commit and repair (another
 //!   replica, a skewed clock) exactly one wins: the key is kept, or its
@@ -27,7 +38,7 @@
 //!   `Destroy` intents are retried until the HSM confirms.
 //!
 //! The generic default key follows the import pattern through
-//! [`Store::put_generic_key`]; when two instances generate one at once, the
+//! [`GenericKeyStore::put_generic_key`]; when two instances generate one at once, the
 //! loser's `Import` intent stays open and its unused material is destroyed by
 //! the same repair.
 
@@ -36,9 +47,11 @@
 mod codec;
 #[cfg(feature = "contract")]
 pub mod contract;
+mod dialect;
 mod ops;
 pub mod postgres;
 mod sql;
+mod sql_store;
 pub mod sqlite;
 #[cfg(feature = "contract")]
 pub mod testdb;
@@ -50,6 +63,7 @@ use cmk_control_plane_domain::{
 };
 
 pub use postgres::{PgStore, PgStoreOptions};
+pub use sql_store::SqlStore;
 pub use sqlite::SqliteStore;
 
 /// One key of an org with the custody handle that holds its material.
@@ -270,7 +284,7 @@ pub struct Commit {
     pub keys: Vec<StoredKey>,
     /// Events appended to the org's audit chain, in order.
     pub audit: Vec<NewAuditEvent>,
-    /// Intents recorded with the change; as with [`Store::record_intent`], a
+    /// Intents recorded with the change; as with [`IntentStore::record_intent`], a
     /// handle that already has an open intent fails the whole commit.
     pub add_intents: Vec<Intent>,
     /// Handles whose `Import` intents the change resolves: the material
@@ -316,15 +330,43 @@ pub enum StoreError {
     GenericKeyChanged,
 }
 
-/// The control plane's metadata store.
+/// The control plane's metadata store: every role below, as one object.
+///
+/// Callers hold an `Arc<dyn Store>`; an implementation implements the role
+/// traits and gets this one for free.
+pub trait Store:
+    OrgStore + AuditStore + IntentStore + GenericKeyStore + KekStore + LeaseStore + 'static
+{
+}
+
+impl<T> Store for T where
+    T: OrgStore + AuditStore + IntentStore + GenericKeyStore + KekStore + LeaseStore + 'static
+{
+}
+
+/// An org's keys and settings: loading an org and committing its changes
+/// atomically, and the store-wide questions the lifecycle asks about keys.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait OrgStore: Send + Sync {
     /// The org, or `None` if it was never enrolled.
     async fn load_org(&self, org: &OrgId) -> Result<Option<StoredOrg>, StoreError>;
 
     /// Applies `commit` atomically and returns the org's new version.
     async fn commit(&self, commit: Commit) -> Result<u64, StoreError>;
 
+    /// Orgs with a deactivated or deleted key whose `expires_at <= now`, each
+    /// once, in id order.
+    async fn orgs_with_expired_keys(&self, now: Timestamp) -> Result<Vec<OrgId>, StoreError>;
+
+    /// Every key with AWS ARNs in a state other than removed, by org id, each
+    /// org's in the order they were added: what the provider health check
+    /// asks the HSM daemon about.
+    async fn aws_keys(&self) -> Result<Vec<OrgAwsKey>, StoreError>;
+}
+
+/// Each org's hash-chained audit log.
+#[async_trait::async_trait]
+pub trait AuditStore: Send + Sync {
     /// Appends events that change no state (reads, refusals) to the org's chain.
     async fn append_audit(&self, org: &OrgId, events: Vec<NewAuditEvent>)
     -> Result<(), StoreError>;
@@ -339,7 +381,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every org that has an audit chain, for verification, in id order.
     async fn audited_orgs(&self) -> Result<Vec<OrgId>, StoreError>;
+}
 
+/// The intents that make custody calls repairable after a crash (see the
+/// crate docs).
+#[async_trait::async_trait]
+pub trait IntentStore: Send + Sync {
     /// Records an intent on its own (before an import). A handle that already
     /// has an open intent is refused ([`StoreError::Unavailable`]): handles are
     /// chosen at random, so a repeat is a bug that repair must not paper over.
@@ -360,7 +407,12 @@ pub trait Store: Send + Sync + 'static {
     /// another replica claimed it). After this, no commit can keep the
     /// material ([`Commit::resolve_intents`]).
     async fn claim_abandoned_import(&self, handle: &str) -> Result<bool, StoreError>;
+}
 
+/// The service's generic default key: stored once, renewed, and its retired
+/// predecessors dropped once no org uses them.
+#[async_trait::async_trait]
+pub trait GenericKeyStore: Send + Sync {
     /// The generic default key, if generated.
     async fn generic_key(&self) -> Result<Option<GenericKey>, StoreError>;
 
@@ -372,10 +424,6 @@ pub trait Store: Send + Sync + 'static {
     /// destroys it. Putting the stored key again resolves its intent, so a
     /// retry after a lost reply is harmless.
     async fn put_generic_key(&self, key: GenericKey) -> Result<GenericKey, StoreError>;
-
-    /// Orgs with a deactivated or deleted key whose `expires_at <= now`, each
-    /// once, in id order.
-    async fn orgs_with_expired_keys(&self, now: Timestamp) -> Result<Vec<OrgId>, StoreError>;
 
     /// Replaces the generic default key `old_handle` with `new` (resolving the
     /// new key's import intent) and keeps the old one as retired, unless the
@@ -402,12 +450,12 @@ pub trait Store: Send + Sync + 'static {
     /// Orgs with a key record in a state other than removed that uses
     /// `handle`, each once, in id order.
     async fn orgs_using_handle(&self, handle: &str) -> Result<Vec<OrgId>, StoreError>;
+}
 
-    /// Every key with AWS ARNs in a state other than removed, by org id, each
-    /// org's in the order they were added: what the provider health check
-    /// asks the HSM daemon about.
-    async fn aws_keys(&self) -> Result<Vec<OrgAwsKey>, StoreError>;
-
+/// Key-encryption keys, the CMKs that wrap them, and the rotation jobs that
+/// re-wrap them.
+#[async_trait::async_trait]
+pub trait KekStore: Send + Sync {
     /// Stores a new KEK wrapped by the org's active key, with `audit` appended
     /// to the org's chain in the same transaction, unless the org already has
     /// a KEK for its resource (then nothing is written); returns the one stored
@@ -457,7 +505,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every running rotation job, by org id.
     async fn running_rotations(&self) -> Result<Vec<RotationJob>, StoreError>;
+}
 
+/// Leases that keep replicas from doing the same work at once.
+#[async_trait::async_trait]
+pub trait LeaseStore: Send + Sync {
     /// Claims the lease `name` for `holder` until `ttl` from now by the
     /// database's clock, if no one holds it, its holder's time has run out,
     /// or `holder` holds it already (which renews it); returns whether
@@ -467,7 +519,7 @@ pub trait Store: Send + Sync + 'static {
     /// A lease keeps replicas from doing the same work at once; it is not
     /// what keeps the data right. A holder that stalls past its expiry may
     /// still be working when another takes over, so every write that work
-    /// makes must be safe to race (as [`Store::rewrap_keks`] is).
+    /// makes must be safe to race (as [`KekStore::rewrap_keks`] is).
     async fn acquire_lease(
         &self,
         name: &str,

@@ -1,6 +1,6 @@
 //! Every [`Store`](crate::Store) operation of more than one statement,
 //! written once: the order of its statements, when it refuses, what it
-//! returns. A SQL backend provides the statements, as a [`Tx`], and chooses
+//! returns. `sql_store.rs` provides the statements, as a [`Tx`], and chooses
 //! the transaction — and so the locking — each operation runs in; the
 //! operations here rely on that transaction keeping every other writer of
 //! the org out between their first statement and their commit.
@@ -14,11 +14,13 @@ use crate::{
 
 /// Whether a read of the generic key locks its row until the commit.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Lock {
+pub enum Lock {
+    /// No lock.
     None,
     /// Keeps a renewal (which locks the row for update) waiting until the
     /// reader commits.
     Share,
+    /// Keeps every other writer of the row waiting until the reader commits.
     ForUpdate,
 }
 
@@ -154,7 +156,7 @@ pub(crate) trait Tx: Send + Sized {
     async fn handle_in_use(&mut self, handle: &str) -> Result<bool, StoreError>;
 }
 
-/// [`Store::load_org`](crate::Store::load_org): the org row and its keys
+/// [`OrgStore::load_org`](crate::OrgStore::load_org): the org row and its keys
 /// from one snapshot.
 pub(crate) async fn load_org(
     mut tx: impl Tx,
@@ -173,7 +175,7 @@ pub(crate) async fn load_org(
     }))
 }
 
-/// [`Store::commit`](crate::Store::commit).
+/// [`OrgStore::commit`](crate::OrgStore::commit).
 pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, StoreError> {
     let Commit {
         org,
@@ -258,7 +260,7 @@ pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, Store
     Ok(version)
 }
 
-/// [`Store::append_audit`](crate::Store::append_audit).
+/// [`AuditStore::append_audit`](crate::AuditStore::append_audit).
 pub(crate) async fn append_audit(
     mut tx: impl Tx,
     org: &OrgId,
@@ -268,7 +270,7 @@ pub(crate) async fn append_audit(
     tx.commit().await
 }
 
-/// [`Store::put_generic_key`](crate::Store::put_generic_key).
+/// [`GenericKeyStore::put_generic_key`](crate::GenericKeyStore::put_generic_key).
 pub(crate) async fn put_generic_key(
     mut tx: impl Tx,
     key: GenericKey,
@@ -298,7 +300,7 @@ pub(crate) async fn put_generic_key(
     Ok(stored)
 }
 
-/// [`Store::renew_generic_key`](crate::Store::renew_generic_key).
+/// [`GenericKeyStore::renew_generic_key`](crate::GenericKeyStore::renew_generic_key).
 pub(crate) async fn renew_generic_key(
     mut tx: impl Tx,
     old_handle: &str,
@@ -335,7 +337,7 @@ pub(crate) async fn renew_generic_key(
     Ok(stored)
 }
 
-/// [`Store::drop_retired_generic_key`](crate::Store::drop_retired_generic_key).
+/// [`GenericKeyStore::drop_retired_generic_key`](crate::GenericKeyStore::drop_retired_generic_key).
 pub(crate) async fn drop_retired_generic_key(
     mut tx: impl Tx,
     handle: &str,
@@ -361,7 +363,7 @@ pub(crate) async fn drop_retired_generic_key(
     Ok(true)
 }
 
-/// [`Store::insert_kek`](crate::Store::insert_kek).
+/// [`KekStore::insert_kek`](crate::KekStore::insert_kek).
 pub(crate) async fn insert_kek(
     mut tx: impl Tx,
     org: &OrgId,
@@ -393,7 +395,7 @@ pub(crate) async fn insert_keks_unchecked(
     tx.commit().await
 }
 
-/// [`Store::rewrap_keks`](crate::Store::rewrap_keks).
+/// [`KekStore::rewrap_keks`](crate::KekStore::rewrap_keks).
 pub(crate) async fn rewrap_keks(
     mut tx: impl Tx,
     org: &OrgId,
@@ -434,7 +436,7 @@ pub(crate) async fn rewrap_keks(
     Ok(written)
 }
 
-/// [`Store::latest_rotation`](crate::Store::latest_rotation): the job and
+/// [`KekStore::latest_rotation`](crate::KekStore::latest_rotation): the job and
 /// its keys from one snapshot.
 pub(crate) async fn latest_rotation(
     mut tx: impl Tx,
@@ -448,7 +450,7 @@ pub(crate) async fn latest_rotation(
     Ok(Some(job))
 }
 
-/// [`Store::running_rotations`](crate::Store::running_rotations): the jobs
+/// [`KekStore::running_rotations`](crate::KekStore::running_rotations): the jobs
 /// and their keys from one snapshot.
 pub(crate) async fn running_rotations(mut tx: impl Tx) -> Result<Vec<RotationJob>, StoreError> {
     let mut jobs = tx.running_jobs().await?;

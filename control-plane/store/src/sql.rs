@@ -1,6 +1,5 @@
-//! What the SQL implementations share: decoding rows into the store's types,
-//! extending an audit chain, and the bookkeeping of KEK batches. Only the SQL
-//! itself, and how each database reports a damaged file, differ between them.
+//! What the SQL statements share: decoding rows into the store's types,
+//! extending an audit chain, and the bookkeeping of KEK batches.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,7 +18,7 @@ use crate::{
 };
 
 /// The column types the store reads, from a row of any database it supports.
-pub(crate) trait Columns {
+pub trait Columns {
     fn text(&self, name: &str) -> Result<&str, sqlx::Error>;
     fn optional_text(&self, name: &str) -> Result<Option<&str>, sqlx::Error>;
     fn int(&self, name: &str) -> Result<i64, sqlx::Error>;
@@ -87,6 +86,11 @@ impl<'r, R: Columns> Cells<'r, R> {
 
     pub(crate) fn key_id(&self, name: &str) -> Result<KeyId, StoreError> {
         self.string(name).map(KeyId)
+    }
+
+    /// A signed integer as stored (a count or number the caller converts).
+    pub(crate) fn int(&self, name: &str) -> Result<i64, StoreError> {
+        self.row.int(name).map_err(|e| self.corrupt(name, e))
     }
 
     pub(crate) fn timestamp(&self, name: &str) -> Result<Timestamp, StoreError> {

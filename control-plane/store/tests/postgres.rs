@@ -14,7 +14,8 @@ use cmk_control_plane_domain::{KeyId, KeyState, OrgId};
 use sqlx::Connection;
 
 use cmk_control_plane_store::{
-    PgStore, PgStoreOptions, Store, StoreError,
+    AuditStore, GenericKeyStore, IntentStore, KekStore, OrgStore, PgStore, PgStoreOptions,
+    StoreError,
     contract::{self, commit, event, handle, kek, key, org_id},
     testdb::TestDb,
 };

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use cmk_control_plane_domain::{KeyId, KeyState, OrgId};
 use cmk_control_plane_store::{
-    SqliteStore, Store, StoreError,
+    AuditStore, KekStore, OrgStore, SqliteStore, StoreError,
     contract::{self, event, org_id},
 };
 use sqlx::{Connection, SqliteConnection, sqlite::SqliteConnectOptions};
