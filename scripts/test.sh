@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of cmk: formatting, clippy, the unit tests and the
 # end-to-end tests (the real binaries over real mutual TLS). Installs what the
-# tests need when it is missing: the OpenSSL CLI, jq, faketime, and Python's grpcio with
+# tests need when it is missing: the OpenSSL CLI, jq, faketime, SoftHSM2 and
+# pkcs11-tool (opensc), and Python's grpcio with
 # grpcio-reflection (tests/grpcurl.py, the reflection client the walk-through
 # runs in grpcurl's place), and moto[server], the AWS KMS emulator
 # (scripts/moto.sh). A missing tool makes the tests fail; nothing is skipped.
@@ -16,6 +17,10 @@ command -v jq >/dev/null || missing+=(jq)
 # The recovery tests move the control plane's clock 31 days with libfaketime.
 command -v faketime >/dev/null || missing+=(faketime)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
+# The PKCS#11 custody tests run on a SoftHSM2 token and inspect it with
+# pkcs11-tool (opensc).
+[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
+command -v pkcs11-tool >/dev/null || missing+=(opensc)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}"
     as_root apt-get update -qq

@@ -12,6 +12,7 @@ use std::{
 };
 
 use cmk_hsm_custody::{ImportKeyBits, RootKey};
+use cmk_hsm_pkcs11::{Pkcs11Settings, TokenSelector};
 pub use cmk_runtime::LogFormat;
 use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
@@ -19,6 +20,9 @@ use serde::Deserialize;
 
 /// Environment variable that may carry the root key itself (64 hex characters).
 pub const ROOT_KEY_ENV: &str = "CMK_HSM_ROOT_KEY";
+
+/// Environment variable that may carry the PKCS#11 user PIN itself.
+pub const PKCS11_PIN_ENV: &str = "CMK_HSM_PKCS11_PIN";
 
 /// How to make a root key, quoted in the error when none is configured.
 const ROOT_KEY_HOWTO: &str = "make one with `openssl rand -hex 32 > root.key && chmod 600 root.key` \
@@ -38,12 +42,36 @@ pub struct RawSettings {
     /// Plaintext address serving Prometheus metrics at /metrics; off unless set.
     #[arg(long, env = "CMK_HSM_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Where CMKs are kept: software (a keystore directory sealed under a
+    /// root key) or pkcs11 (a token) [default: software].
+    #[arg(long, env = "CMK_HSM_CUSTODY")]
+    pub custody: Option<String>,
     /// Directory of the software keystore.
     #[arg(long, env = "CMK_HSM_KEYSTORE_DIR")]
     pub keystore_dir: Option<PathBuf>,
     /// File holding the root key as 64 hex characters (mode 0600 or stricter).
     #[arg(long, env = "CMK_HSM_ROOT_KEY_FILE")]
     pub root_key_file: Option<PathBuf>,
+    /// The PKCS#11 module (shared library) of the token, with custody = pkcs11.
+    #[arg(long, env = "CMK_HSM_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// Label of the PKCS#11 token (or set pkcs11_slot).
+    #[arg(long, env = "CMK_HSM_PKCS11_TOKEN_LABEL")]
+    pub pkcs11_token_label: Option<String>,
+    /// Slot id of the PKCS#11 token (or set pkcs11_token_label).
+    #[arg(long, env = "CMK_HSM_PKCS11_SLOT")]
+    pub pkcs11_slot: Option<u64>,
+    /// File holding the token's user PIN (mode 0600 or 0640); or put the PIN
+    /// in CMK_HSM_PKCS11_PIN.
+    #[arg(long, env = "CMK_HSM_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// Most PKCS#11 sessions open at once [default: 8].
+    #[arg(long, env = "CMK_HSM_PKCS11_SESSIONS")]
+    pub pkcs11_sessions: Option<usize>,
+    /// Seconds one token call may wait for a session, then for the token
+    /// [default: 10].
+    #[arg(long, env = "CMK_HSM_PKCS11_TIMEOUT_SECS")]
+    pub pkcs11_timeout_secs: Option<u64>,
     /// Size of a newly generated RSA import key: 3072 or 4096 [default: 3072].
     #[arg(long, env = "CMK_HSM_IMPORT_KEY_BITS")]
     pub import_key_bits: Option<u32>,
@@ -119,8 +147,15 @@ impl RawSettings {
             listen,
             health_listen,
             metrics_listen,
+            custody,
             keystore_dir,
             root_key_file,
+            pkcs11_module,
+            pkcs11_token_label,
+            pkcs11_slot,
+            pkcs11_pin_file,
+            pkcs11_sessions,
+            pkcs11_timeout_secs,
             import_key_bits,
             allowed_clients,
             tls_cert,
@@ -141,8 +176,15 @@ impl RawSettings {
             listen: listen.or(self.listen),
             health_listen: health_listen.or(self.health_listen),
             metrics_listen: metrics_listen.or(self.metrics_listen),
+            custody: custody.or(self.custody),
             keystore_dir: keystore_dir.or(self.keystore_dir),
             root_key_file: root_key_file.or(self.root_key_file),
+            pkcs11_module: pkcs11_module.or(self.pkcs11_module),
+            pkcs11_token_label: pkcs11_token_label.or(self.pkcs11_token_label),
+            pkcs11_slot: pkcs11_slot.or(self.pkcs11_slot),
+            pkcs11_pin_file: pkcs11_pin_file.or(self.pkcs11_pin_file),
+            pkcs11_sessions: pkcs11_sessions.or(self.pkcs11_sessions),
+            pkcs11_timeout_secs: pkcs11_timeout_secs.or(self.pkcs11_timeout_secs),
             import_key_bits: import_key_bits.or(self.import_key_bits),
             allowed_clients: if allowed_clients.is_empty() {
                 self.allowed_clients
@@ -170,8 +212,25 @@ impl RawSettings {
     }
 
     /// Checks every field and resolves the root key (from `root_key_env`, the
-    /// value of [`ROOT_KEY_ENV`], or the root key file).
+    /// value of [`ROOT_KEY_ENV`], or the root key file) and, with
+    /// `custody = "pkcs11"`, the PIN (from [`PKCS11_PIN_ENV`] in this
+    /// process's environment, or the PIN file).
     pub fn validate(self, root_key_env: Option<SecretBytes>) -> Result<Settings, ConfigError> {
+        let pkcs11_pin = std::env::var_os(PKCS11_PIN_ENV)
+            .map(|value| SecretBytes::new(value.into_encoded_bytes()));
+        self.validate_with(SecretInputs {
+            root_key: root_key_env,
+            pkcs11_pin,
+        })
+    }
+
+    /// As [`RawSettings::validate`], with the secrets that may come from the
+    /// environment given rather than read.
+    pub fn validate_with(self, secrets: SecretInputs) -> Result<Settings, ConfigError> {
+        let SecretInputs {
+            root_key: root_key_env,
+            pkcs11_pin,
+        } = secrets;
         let mut errors = Vec::new();
         let mut required = |name: &str, value: Option<PathBuf>| {
             if value.is_none() {
@@ -179,7 +238,6 @@ impl RawSettings {
             }
             value.unwrap_or_default()
         };
-        let keystore_dir = required("keystore_dir", self.keystore_dir);
         let tls = TlsFiles {
             cert: required("tls_cert", self.tls_cert),
             key: required("tls_key", self.tls_key),
@@ -331,32 +389,76 @@ impl RawSettings {
             key_state_ttl,
         };
 
-        let root_key = match (root_key_env, &self.root_key_file) {
-            (Some(_), Some(_)) => {
+        let kind = match self.custody.as_deref().map(str::trim) {
+            None | Some("software") => CustodyKind::Software,
+            Some("pkcs11") => CustodyKind::Pkcs11,
+            Some(other) => {
                 errors.push(format!(
-                    "root_key_file: set either it or {ROOT_KEY_ENV}, not both"
+                    "custody: {other:?} is not a custody backend; use \"software\" or \"pkcs11\""
                 ));
-                None
+                CustodyKind::Software
             }
-            (Some(value), None) => RootKey::from_hex(&value)
-                .map_err(|e| errors.push(format!("{ROOT_KEY_ENV}: {e}")))
-                .ok(),
-            (None, Some(path)) => read_root_key_file(path)
-                .map_err(|e| errors.push(format!("root_key_file: {e}")))
-                .ok(),
-            (None, None) => {
-                errors.push(format!("root key: none configured; {ROOT_KEY_HOWTO}"));
-                None
+        };
+        let unused = |errors: &mut Vec<String>, name: &str, set: bool, kind: &str| {
+            if set {
+                errors.push(format!("{name}: only used with custody = \"{kind}\""));
+            }
+        };
+        let custody = match kind {
+            CustodyKind::Software => {
+                for (name, set) in [
+                    ("pkcs11_module", self.pkcs11_module.is_some()),
+                    ("pkcs11_token_label", self.pkcs11_token_label.is_some()),
+                    ("pkcs11_slot", self.pkcs11_slot.is_some()),
+                    ("pkcs11_pin_file", self.pkcs11_pin_file.is_some()),
+                    (PKCS11_PIN_ENV, pkcs11_pin.is_some()),
+                    ("pkcs11_sessions", self.pkcs11_sessions.is_some()),
+                    ("pkcs11_timeout_secs", self.pkcs11_timeout_secs.is_some()),
+                ] {
+                    unused(&mut errors, name, set, "pkcs11");
+                }
+                let keystore_dir = self.keystore_dir.unwrap_or_else(|| {
+                    errors.push("keystore_dir: required".into());
+                    PathBuf::new()
+                });
+                software_root_key(&mut errors, root_key_env, self.root_key_file.as_deref()).map(
+                    |root_key| CustodySettings::Software {
+                        keystore_dir,
+                        root_key,
+                    },
+                )
+            }
+            CustodyKind::Pkcs11 => {
+                for (name, set) in [
+                    ("keystore_dir", self.keystore_dir.is_some()),
+                    ("root_key_file", self.root_key_file.is_some()),
+                    (ROOT_KEY_ENV, root_key_env.is_some()),
+                ] {
+                    unused(&mut errors, name, set, "software");
+                }
+                pkcs11_settings(
+                    &mut errors,
+                    Pkcs11Raw {
+                        module: self.pkcs11_module,
+                        token_label: self.pkcs11_token_label,
+                        slot: self.pkcs11_slot,
+                        pin_file: self.pkcs11_pin_file,
+                        pin_env: pkcs11_pin,
+                        sessions: self.pkcs11_sessions,
+                        timeout_secs: self.pkcs11_timeout_secs,
+                    },
+                    import_key_bits,
+                )
+                .map(|settings| CustodySettings::Pkcs11(Box::new(settings)))
             }
         };
 
-        match root_key {
-            Some(root_key) if errors.is_empty() => Ok(Settings {
+        match custody {
+            Some(custody) if errors.is_empty() => Ok(Settings {
                 listen,
                 health_listen,
                 metrics_listen,
-                keystore_dir,
-                root_key,
+                custody,
                 import_key_bits,
                 allowed_clients,
                 tls,
@@ -367,6 +469,148 @@ impl RawSettings {
             _ => Err(ConfigError(errors)),
         }
     }
+}
+
+/// Which backend `custody` names.
+#[derive(Clone, Copy)]
+enum CustodyKind {
+    Software,
+    Pkcs11,
+}
+
+/// The secrets that may come from the process environment rather than from
+/// a file: each read once by the caller of [`RawSettings::validate_with`].
+#[derive(Debug, Default)]
+pub struct SecretInputs {
+    /// The value of [`ROOT_KEY_ENV`].
+    pub root_key: Option<SecretBytes>,
+    /// The value of [`PKCS11_PIN_ENV`].
+    pub pkcs11_pin: Option<SecretBytes>,
+}
+
+/// The root key of the software keystore, from the environment or its file.
+fn software_root_key(
+    errors: &mut Vec<String>,
+    root_key_env: Option<SecretBytes>,
+    root_key_file: Option<&Path>,
+) -> Option<RootKey> {
+    match (root_key_env, root_key_file) {
+        (Some(_), Some(_)) => {
+            errors.push(format!(
+                "root_key_file: set either it or {ROOT_KEY_ENV}, not both"
+            ));
+            None
+        }
+        (Some(value), None) => RootKey::from_hex(&value)
+            .map_err(|e| errors.push(format!("{ROOT_KEY_ENV}: {e}")))
+            .ok(),
+        (None, Some(path)) => read_root_key_file(path)
+            .map_err(|e| errors.push(format!("root_key_file: {e}")))
+            .ok(),
+        (None, None) => {
+            errors.push(format!("root key: none configured; {ROOT_KEY_HOWTO}"));
+            None
+        }
+    }
+}
+
+/// The PKCS#11 settings as read.
+struct Pkcs11Raw {
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    slot: Option<u64>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<SecretBytes>,
+    sessions: Option<usize>,
+    timeout_secs: Option<u64>,
+}
+
+/// Checks the PKCS#11 settings, naming each bad one in `errors`.
+fn pkcs11_settings(
+    errors: &mut Vec<String>,
+    raw: Pkcs11Raw,
+    import_key_bits: ImportKeyBits,
+) -> Option<Pkcs11Settings> {
+    let module = match raw.module {
+        None => {
+            errors.push(
+                "pkcs11_module: required with custody = \"pkcs11\" (e.g. /usr/lib/softhsm/libsofthsm2.so)"
+                    .into(),
+            );
+            None
+        }
+        Some(path) if !path.is_file() => {
+            errors.push(format!(
+                "pkcs11_module: {} is not a readable file",
+                path.display()
+            ));
+            None
+        }
+        Some(path) => Some(path),
+    };
+    let token = match (raw.token_label, raw.slot) {
+        (Some(label), None) if !label.trim().is_empty() => Some(TokenSelector::Label(label)),
+        (None, Some(slot)) => Some(TokenSelector::Slot(slot)),
+        (Some(_), Some(_)) => {
+            errors.push("pkcs11_token_label: set either it or pkcs11_slot, not both".into());
+            None
+        }
+        (Some(_), None) => {
+            errors.push("pkcs11_token_label: empty".into());
+            None
+        }
+        (None, None) => {
+            errors.push(
+                "pkcs11_token_label: required with custody = \"pkcs11\" (or pkcs11_slot)".into(),
+            );
+            None
+        }
+    };
+    let pin = match (raw.pin_env, raw.pin_file) {
+        (Some(_), Some(_)) => {
+            errors.push(format!(
+                "pkcs11_pin_file: set either it or {PKCS11_PIN_ENV}, not both"
+            ));
+            None
+        }
+        (Some(mut pin), None) => cmk_hsm_pkcs11::pin_from_text(&mut pin)
+            .map(|()| pin)
+            .map_err(|e| errors.push(format!("{PKCS11_PIN_ENV}: {e}")))
+            .ok(),
+        (None, Some(path)) => cmk_hsm_pkcs11::read_pin_file(&path)
+            .map_err(|e| errors.push(format!("pkcs11_pin_file: {e}")))
+            .ok(),
+        (None, None) => {
+            errors.push(format!(
+                "pkcs11 PIN: none configured; put it in a file (chmod 600) named by \
+                 pkcs11_pin_file, or in {PKCS11_PIN_ENV}"
+            ));
+            None
+        }
+    };
+    let sessions = raw.sessions.unwrap_or(Pkcs11Settings::DEFAULT_SESSIONS);
+    if !(1..=256).contains(&sessions) {
+        errors.push(format!(
+            "pkcs11_sessions: {sessions} is out of range 1..=256"
+        ));
+    }
+    let timeout_secs = raw
+        .timeout_secs
+        .unwrap_or(Pkcs11Settings::DEFAULT_TIMEOUT.as_secs());
+    if !(1..=300).contains(&timeout_secs) {
+        errors.push(format!(
+            "pkcs11_timeout_secs: {timeout_secs} is out of range 1..=300"
+        ));
+    }
+    let (module, token, pin) = (module?, token?, pin?);
+    Some(Pkcs11Settings {
+        module,
+        token,
+        pin,
+        sessions,
+        timeout: Duration::from_secs(timeout_secs),
+        import_key_bits,
+    })
 }
 
 /// An endpoint URL the AWS SDK can use: http or https, nothing else.
@@ -406,10 +650,8 @@ pub struct Settings {
     pub health_listen: Option<SocketAddr>,
     /// Plaintext Prometheus metrics at /metrics; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
-    /// Directory of the software keystore.
-    pub keystore_dir: PathBuf,
-    /// The key every keystore file is sealed under.
-    pub root_key: RootKey,
+    /// Where CMKs are kept.
+    pub custody: CustodySettings,
     /// Size of a newly generated RSA import key.
     pub import_key_bits: ImportKeyBits,
     /// Client identities (see `cmk_tls::PeerIdentity`) allowed to call.
@@ -422,6 +664,20 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// How AWS KMS is reached for the keys it holds references to.
     pub aws: Aws,
+}
+
+/// The custody backend and what it needs.
+#[derive(Debug)]
+pub enum CustodySettings {
+    /// The software keystore.
+    Software {
+        /// Directory of the keystore.
+        keystore_dir: PathBuf,
+        /// The key every keystore file is sealed under.
+        root_key: RootKey,
+    },
+    /// A PKCS#11 token.
+    Pkcs11(Box<Pkcs11Settings>),
 }
 
 /// How the daemon reaches AWS KMS. Its own AWS identity comes from the SDK's
@@ -522,6 +778,92 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn every_bad_pkcs11_setting_is_named_at_once() {
+        let raw = RawSettings {
+            custody: Some("pkcs11".into()),
+            keystore_dir: Some("/var/lib/cmk".into()),
+            pkcs11_module: Some("/nonexistent/libvendor.so".into()),
+            pkcs11_token_label: Some("cmk".into()),
+            pkcs11_slot: Some(3),
+            pkcs11_sessions: Some(0),
+            pkcs11_timeout_secs: Some(0),
+            ..RawSettings::default()
+        };
+        let text = raw
+            .validate_with(SecretInputs::default())
+            .expect_err("invalid")
+            .to_string();
+        for name in [
+            "keystore_dir: only used with custody = \"software\"",
+            "pkcs11_module: /nonexistent/libvendor.so is not a readable file",
+            "pkcs11_token_label: set either it or pkcs11_slot, not both",
+            "pkcs11 PIN: none configured",
+            "pkcs11_sessions: 0",
+            "pkcs11_timeout_secs: 0",
+        ] {
+            assert!(text.contains(name), "missing {name:?} in:\n{text}");
+        }
+        assert!(!text.contains("root key"), "no root key needed:\n{text}");
+
+        let raw = RawSettings {
+            custody: Some("hsm".into()),
+            ..RawSettings::default()
+        };
+        let text = raw.validate(None).expect_err("invalid").to_string();
+        assert!(
+            text.contains("custody: \"hsm\" is not a custody backend"),
+            "{text}"
+        );
+
+        let raw = RawSettings {
+            pkcs11_module: Some("/usr/lib/softhsm/libsofthsm2.so".into()),
+            ..RawSettings::default()
+        };
+        let text = raw
+            .validate_with(SecretInputs::default())
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            text.contains("pkcs11_module: only used with custody = \"pkcs11\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pkcs11_settings_take_the_pin_without_ever_printing_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let module = dir.path().join("libvendor.so");
+        fs::write(&module, b"").expect("write");
+        for file in ["server.crt", "server.key", "ca.crt"] {
+            fs::write(dir.path().join(file), b"").expect("write");
+        }
+        let raw = RawSettings {
+            custody: Some("pkcs11".into()),
+            pkcs11_module: Some(module.clone()),
+            pkcs11_token_label: Some("cmk".into()),
+            allowed_clients: vec!["spiffe://cmk.test/control-plane".into()],
+            tls_cert: Some(dir.path().join("server.crt")),
+            tls_key: Some(dir.path().join("server.key")),
+            tls_client_ca: Some(dir.path().join("ca.crt")),
+            ..RawSettings::default()
+        };
+        let settings = raw
+            .validate_with(SecretInputs {
+                root_key: None,
+                pkcs11_pin: Some(SecretBytes::copy_from(b"pin-4711\n")),
+            })
+            .expect("valid");
+        let CustodySettings::Pkcs11(pkcs11) = &settings.custody else {
+            panic!("not pkcs11: {:?}", settings.custody);
+        };
+        assert_eq!(pkcs11.module, module);
+        assert_eq!(pkcs11.token, TokenSelector::Label("cmk".into()));
+        assert_eq!(pkcs11.pin.expose(), b"pin-4711");
+        assert_eq!(pkcs11.sessions, Pkcs11Settings::DEFAULT_SESSIONS);
+        assert!(!format!("{settings:?}").contains("4711"));
     }
 
     #[test]

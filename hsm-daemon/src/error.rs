@@ -67,6 +67,7 @@ impl From<ServiceError> for Status {
                 );
             }
             CustodyError::Unsupported(_) => Code::Unimplemented,
+            CustodyError::DeviceCannot(_) => Code::FailedPrecondition,
             CustodyError::Storage { .. }
             | CustodyError::Corrupt { .. }
             | CustodyError::RootKeyMismatch { .. }

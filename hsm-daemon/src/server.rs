@@ -4,6 +4,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody, aws_kms::AwsSettings};
+use cmk_hsm_pkcs11::Pkcs11Custody;
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use cmk_runtime::{
     malformed::MalformedRequestLayer,
@@ -14,7 +15,12 @@ use tokio::net::TcpListener;
 use tonic::{service::InterceptorLayer, transport::Server};
 use tracing::info;
 
-use crate::{authz, config::Settings, error::chain, service::HsmApi};
+use crate::{
+    authz,
+    config::{Aws, CustodySettings, Settings},
+    error::chain,
+    service::HsmApi,
+};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,32 @@ pub enum StartError {
     Metrics(#[from] cmk_runtime::metrics::DescriptorSetError),
 }
 
+/// Opens the configured custody backend. Blocking.
+fn open_custody(
+    custody: CustodySettings,
+    import_key_bits: cmk_hsm_custody::ImportKeyBits,
+    aws: Aws,
+) -> Result<Arc<dyn Custody>, CustodyError> {
+    Ok(match custody {
+        CustodySettings::Software {
+            keystore_dir,
+            root_key,
+        } => Arc::new(
+            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits)?.with_aws(
+                AwsSettings {
+                    endpoint: aws.endpoint,
+                    endpoint_for_region: aws.region_endpoints,
+                    ..AwsSettings::default()
+                },
+                aws.key_state_ttl,
+            ),
+        ),
+        // The token holds no references to AWS KMS keys: adding one is
+        // refused as unsupported.
+        CustodySettings::Pkcs11(settings) => Arc::new(Pkcs11Custody::open(&settings)?),
+    })
+}
+
 /// Binds `settings.listen` and serves until `shutdown` completes.
 pub async fn run(
     settings: Settings,
@@ -60,8 +92,7 @@ pub async fn serve(
         listen: _,
         health_listen,
         metrics_listen,
-        keystore_dir,
-        root_key,
+        custody,
         import_key_bits,
         allowed_clients,
         tls,
@@ -71,22 +102,9 @@ pub async fn serve(
     } = settings;
     let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
     // Opening may generate the RSA import key, which takes a moment.
-    let custody: Arc<dyn Custody> = Arc::new(
-        tokio::task::spawn_blocking(move || {
-            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits).map(|custody| {
-                custody.with_aws(
-                    AwsSettings {
-                        endpoint: aws.endpoint,
-                        endpoint_for_region: aws.region_endpoints,
-                        ..AwsSettings::default()
-                    },
-                    aws.key_state_ttl,
-                )
-            })
-        })
+    let custody = tokio::task::spawn_blocking(move || open_custody(custody, import_key_bits, aws))
         .await
-        .map_err(std::io::Error::other)??,
-    );
+        .map_err(std::io::Error::other)??;
 
     let mut registry = Registry::default();
     let grpc_metrics =

@@ -1118,7 +1118,7 @@ async fn content_keys_wrapped_in_format_1_still_decrypt() {
         .await
         .unwrap()
         .into_inner();
-    let made = generate_data_keys(&content, ORG, &[kek.kek_id.clone()]).await;
+    let made = generate_data_keys(&content, ORG, std::slice::from_ref(&kek.kek_id)).await;
     assert_eq!(made[0].wrapped[0], 2, "new content keys are format 2");
     assert_eq!(made[0].wrapped.len(), 117);
 

@@ -52,6 +52,71 @@ pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
     destroy_is_idempotent_and_final(custody).await;
     a_destroyed_key_comes_back_only_with_its_own_material(custody).await;
     batches_keep_order_and_isolate_failures(custody).await;
+    a_live_generated_handle_is_not_taken_again(custody).await;
+}
+
+/// Every check that needs no successful import, for a backend on a token that
+/// cannot unwrap RSA-OAEP with SHA-256 (SoftHSM2): such a backend must refuse
+/// import outright, which its own tests assert. Not a replacement for [`all`]
+/// on any backend that can import.
+pub async fn without_import(custody: &dyn Custody) {
+    generate_and_round_trip(custody).await;
+    a_live_generated_handle_is_not_taken_again(custody).await;
+    a_destroyed_handle_is_never_reused(custody).await;
+    bad_ciphertexts_are_refused(custody).await;
+    destroy_is_idempotent_and_final(custody).await;
+    a_handle_never_issued_has_nothing_to_recover(custody).await;
+    batches_keep_order_and_isolate_failures(custody).await;
+}
+
+/// As [`a_live_handle_is_not_taken_again`], for a generated key.
+pub async fn a_live_generated_handle_is_not_taken_again(custody: &dyn Custody) {
+    let taken = handle();
+    let key = custody.generate(&taken).await.expect("generate");
+    let secret = random(32);
+    let ct = custody
+        .wrap(&taken, &secret, b"before")
+        .await
+        .expect("wrap");
+    let other_key = wrap_for_import(custody.import_public_key(), random(32).expose());
+    let refusals = [
+        custody.generate(&taken).await,
+        custody.import(&taken, &other_key).await,
+    ];
+    for refused in refusals {
+        match refused {
+            Err(CustodyError::HandleInUse { handle, destroyed }) => {
+                assert_eq!((handle, destroyed), (taken, false));
+            }
+            other => panic!("reusing a live handle: expected HandleInUse, got {other:?}"),
+        }
+    }
+    let out = custody.unwrap(&ct, b"before").await.expect("unwrap");
+    assert!(
+        out.plaintext.ct_eq(&secret),
+        "the key under {taken} changed"
+    );
+    assert_eq!(out.handle, key.handle);
+}
+
+/// Recovery of a handle never issued is [`CustodyError::UnknownKey`], and
+/// leaves it unissued.
+pub async fn a_handle_never_issued_has_nothing_to_recover(custody: &dyn Custody) {
+    let public = custody.import_public_key().clone();
+    let unknown = handle();
+    assert!(matches!(
+        custody
+            .recover(&unknown, &wrap_for_import(&public, random(32).expose()))
+            .await,
+        Err(CustodyError::UnknownKey(h)) if h == unknown
+    ));
+    assert!(
+        matches!(
+            custody.destroy(&unknown).await,
+            Err(CustodyError::UnknownKey(_))
+        ),
+        "a refused recovery does not issue the handle"
+    );
 }
 
 pub async fn import_and_round_trip(custody: &dyn Custody) {

@@ -107,6 +107,10 @@ pub enum CustodyError {
     /// The backend does not hold this kind of key.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The backend could do this, but the token or device it runs on cannot
+    /// (a mechanism or parameter it lacks); the message names the limit.
+    #[error("{0}")]
+    DeviceCannot(&'static str),
     /// A cryptographic primitive failed where it cannot fail on valid input.
     #[error("internal cryptographic failure: {0}")]
     Crypto(&'static str),

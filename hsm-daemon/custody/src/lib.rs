@@ -36,6 +36,20 @@ pub use software::{RootKey, SoftwareCustody};
 /// Length of a CMK: AES-256.
 pub const CMK_LEN: usize = 32;
 
+// Defined here rather than in `handle` so that the one way to make a check
+// value outside this crate sits beside the trait that returns it.
+impl KeyCheckValue {
+    /// The check value of a key this process cannot read (one inside an HSM),
+    /// from the AES-CMAC tag the HSM computed of 16 zero bytes under it: its
+    /// leftmost [`KeyCheckValue::LEN`] bytes, as [`KeyCheckValue`] defines.
+    /// `None` for a tag shorter than that.
+    pub fn from_cmac_of_zero_block(tag: &[u8]) -> Option<Self> {
+        let mut kcv = [0; KeyCheckValue::LEN];
+        kcv.copy_from_slice(tag.get(..KeyCheckValue::LEN)?);
+        Some(Self::from_bytes(kcv))
+    }
+}
+
 /// Fills `buf` from the operating system's CSPRNG (through aws-lc).
 pub fn fill_random(buf: &mut [u8]) -> Result<(), CustodyError> {
     aws_lc_rs::rand::fill(buf).map_err(|_| CustodyError::Crypto("random number generator failed"))
