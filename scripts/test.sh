@@ -2,7 +2,8 @@
 # Runs every check and test of cmk: formatting, clippy, the unit tests and the
 # end-to-end tests (the real binaries over real mutual TLS). Installs what the
 # tests need when it is missing: the OpenSSL CLI, jq, faketime, SoftHSM2 and
-# pkcs11-tool (opensc), and Python's grpcio with
+# pkcs11-tool (opensc), the Kryoptic soft token (built, scripts/kryoptic.sh),
+# and Python's grpcio with
 # grpcio-reflection (tests/grpcurl.py, the reflection client the walk-through
 # runs in grpcurl's place), and moto[server], the AWS KMS emulator
 # (scripts/moto.sh). A missing tool makes the tests fail; nothing is skipped.
@@ -55,6 +56,13 @@ trap '[ -z "$moto_started" ] || bash scripts/moto.sh stop' EXIT
 # The Kubernetes manifests: every overlay rendered and validated offline
 # (installs kubectl and kubernetes-validate into a cache directory if missing).
 bash scripts/validate-deploy.sh
+
+# The PKCS#11 custody tests run the whole custody contract on Kryoptic, built
+# from crates.io (with OpenSSL from openssl-src) and cached outside the clone
+# (scripts/kryoptic.sh; minutes the first time, seconds afterwards). Without
+# CMK_TEST_KRYOPTIC_MODULE those tests fail.
+CMK_TEST_KRYOPTIC_MODULE="$(bash scripts/kryoptic.sh)"
+export CMK_TEST_KRYOPTIC_MODULE
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -361,7 +361,7 @@ pub(crate) fn unwrap_cmk<'s>(
     ) {
         return Err(CustodyError::DeviceCannot(OAEP_SHA256_UNSUPPORTED).into());
     }
-    if crate::pool::is_connection_failure(&error) {
+    if !is_undecryptable(session, &error) {
         return Err(token("C_UnwrapKey")(error));
     }
     // Why it failed: another length (which an AES template refuses), SHA-1
@@ -382,10 +382,27 @@ pub(crate) fn unwrap_cmk<'s>(
     if generic(false).is_ok() {
         return Err(ImportError::OaepSha1.into());
     }
+    // The probes failed as the unwrap did; a token that failed meanwhile
+    // rather than refused the ciphertext is unavailable, not the upload bad.
+    if !is_undecryptable(session, &error) {
+        return Err(token("C_UnwrapKey")(error));
+    }
     Err(ImportError::Undecryptable {
         key_id: public.key_id.clone(),
     }
     .into())
+}
+
+/// Whether a failed `C_UnwrapKey` of an RSA-OAEP ciphertext means the
+/// ciphertext does not decrypt under the import key. Kryoptic 1.5 answers
+/// a bad OAEP padding (another key, another hash, garbage) with
+/// `CKR_DEVICE_ERROR`, the code of a failed device, so that code counts as
+/// "does not decrypt" only while the session still answers, logged in.
+fn is_undecryptable(session: &Session, error: &Error) -> bool {
+    match rv(error) {
+        Some(RvError::DeviceError) => ensure_logged_in(session).is_ok(),
+        _ => !crate::pool::is_connection_failure(error),
+    }
 }
 
 fn generic_template() -> Vec<Attribute> {
