@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::{
+    config::{FileConfig, Flags},
+    error::exit_codes_help,
+};
+
 const ABOUT: &str = "Administer an organisation's customer-managed master keys";
 
 fn long_about() -> String {
@@ -13,7 +18,7 @@ fn long_about() -> String {
          from flags, then CMKCTL_* environment variables, then the config file (TOML \
          with the keys endpoint, server_name, ca, cert, key and org; relative paths are \
          relative to the file), then defaults.\n\n{}",
-        crate::error::exit_codes_help()
+        exit_codes_help()
     )
 }
 
@@ -74,6 +79,24 @@ pub struct GlobalArgs {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub timeout_secs: u64,
+}
+
+impl GlobalArgs {
+    /// The connection settings among these, for [`crate::config::Merged`].
+    pub fn connection(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            settings: FileConfig {
+                endpoint: self.endpoint.clone(),
+                server_name: self.server_name.clone(),
+                ca: self.ca.clone(),
+                cert: self.cert.clone(),
+                key: self.key.clone(),
+                org: self.org.clone(),
+            },
+            timeout_secs: self.timeout_secs,
+        }
+    }
 }
 
 /// How results are printed.

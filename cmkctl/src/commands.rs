@@ -43,11 +43,12 @@ const MAX_AUDIT_PAGE: u64 = 1000;
 pub async fn run(cli: Cli) -> Result<(), Error> {
     let Cli { global, command } = cli;
     let format = global.output;
+    let connection = global.connection();
     match command {
         Command::Wrap(args) => wrap(args, format),
-        Command::Config => print(format, &Merged::load(&global)?),
+        Command::Config => print(format, &Merged::load(&connection)?),
         command => {
-            let client = Client::connect(Merged::load(&global)?.validate()?).await?;
+            let client = Client::connect(Merged::load(&connection)?.validate()?).await?;
             remote(&client, command, format).await
         }
     }

@@ -10,8 +10,6 @@ use cmk_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Uri;
 
-use crate::cli::GlobalArgs;
-
 /// The endpoint used when none is configured.
 pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:8443";
 
@@ -90,7 +88,8 @@ fn where_file(file: &Option<PathBuf>) -> String {
     }
 }
 
-/// The keys of a config file. Relative paths in it are relative to the file's own
+/// The keys of a config file, which flags and environment variables can give
+/// too ([`Flags::settings`]). Relative paths in a file are relative to its own
 /// directory (see [`FileConfig::load`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,6 +175,18 @@ pub struct Connection {
     pub timeout: Duration,
 }
 
+/// The connection settings given as flags or environment variables (clap has
+/// already put the environment under the flags); `None` where neither has one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// The config file to read instead of the default one.
+    pub config: Option<PathBuf>,
+    /// The settings a config file can give too; these win over the file's.
+    pub settings: FileConfig,
+    /// Per-call timeout in seconds.
+    pub timeout_secs: u64,
+}
+
 /// The settings before validation: each one from the first place that has it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Merged {
@@ -200,7 +211,8 @@ pub struct Merged {
 impl Merged {
     /// Merges flags (clap has already put the environment under them) over the
     /// config file over the defaults.
-    pub fn new(args: &GlobalArgs, file: FileConfig, config_file: Option<PathBuf>) -> Self {
+    pub fn new(args: &Flags, file: FileConfig, config_file: Option<PathBuf>) -> Self {
+        // Destructured, so that a new key cannot be forgotten here.
         let FileConfig {
             endpoint,
             server_name,
@@ -209,24 +221,25 @@ impl Merged {
             key,
             org,
         } = file;
+        let over = &args.settings;
         Merged {
             config_file,
-            endpoint: args
+            endpoint: over
                 .endpoint
                 .clone()
                 .or(endpoint)
                 .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
-            server_name: args.server_name.clone().or(server_name),
-            ca: args.ca.clone().or(ca),
-            cert: args.cert.clone().or(cert),
-            key: args.key.clone().or(key),
-            org: args.org.clone().or(org),
+            server_name: over.server_name.clone().or(server_name),
+            ca: over.ca.clone().or(ca),
+            cert: over.cert.clone().or(cert),
+            key: over.key.clone().or(key),
+            org: over.org.clone().or(org),
             timeout_secs: args.timeout_secs,
         }
     }
 
     /// Reads the config file the flags or environment name, then merges.
-    pub fn load(args: &GlobalArgs) -> Result<Self, ConfigError> {
+    pub fn load(args: &Flags) -> Result<Self, ConfigError> {
         let path = config_file(args.config.as_deref(), env_path);
         let file = match &path {
             Some(path) => FileConfig::load(path)?,
@@ -307,19 +320,22 @@ mod tests {
 
     /// Flags as clap would give them, built directly so that CMKCTL_* variables in
     /// the test's environment cannot interfere.
-    fn args() -> GlobalArgs {
-        GlobalArgs {
+    fn args() -> Flags {
+        Flags {
             timeout_secs: 30,
-            ..GlobalArgs::default()
+            ..Flags::default()
         }
     }
 
-    fn full() -> GlobalArgs {
-        GlobalArgs {
-            ca: Some("c".into()),
-            cert: Some("a".into()),
-            key: Some("k".into()),
-            org: Some("acme".into()),
+    fn full() -> Flags {
+        Flags {
+            settings: FileConfig {
+                ca: Some("c".into()),
+                cert: Some("a".into()),
+                key: Some("k".into()),
+                org: Some("acme".into()),
+                ..FileConfig::default()
+            },
             ..args()
         }
     }
@@ -365,10 +381,13 @@ org = "acme"
         assert_eq!(conn.tls.ca, dir.path().join("pki/ca.crt"));
         assert_eq!(conn.timeout, Duration::from_secs(30));
 
-        let flags = GlobalArgs {
-            endpoint: Some("https://cmk.example:9443".into()),
-            org: Some("globex".into()),
-            ca: Some("ca.pem".into()),
+        let flags = Flags {
+            settings: FileConfig {
+                endpoint: Some("https://cmk.example:9443".into()),
+                org: Some("globex".into()),
+                ca: Some("ca.pem".into()),
+                ..FileConfig::default()
+            },
             timeout_secs: 5,
             ..args()
         };
@@ -392,10 +411,8 @@ org = "acme"
         assert_eq!(conn.endpoint, DEFAULT_ENDPOINT);
         assert_eq!(conn.server_name, "127.0.0.1");
 
-        let flags = GlobalArgs {
-            endpoint: Some("cmk.example:8443".into()),
-            ..full()
-        };
+        let mut flags = full();
+        flags.settings.endpoint = Some("cmk.example:8443".into());
         let conn = Merged::new(&flags, FileConfig::default(), None)
             .validate()
             .expect("valid");
@@ -405,8 +422,11 @@ org = "acme"
 
     #[test]
     fn every_missing_setting_is_named_with_its_flag_variable_and_key() {
-        let flags = GlobalArgs {
-            cert: Some("a".into()),
+        let flags = Flags {
+            settings: FileConfig {
+                cert: Some("a".into()),
+                ..FileConfig::default()
+            },
             ..args()
         };
         let err = Merged::new(&flags, FileConfig::default(), None)
@@ -426,10 +446,8 @@ org = "acme"
 
     #[test]
     fn plain_http_is_refused() {
-        let flags = GlobalArgs {
-            endpoint: Some("http://127.0.0.1:8443".into()),
-            ..full()
-        };
+        let mut flags = full();
+        flags.settings.endpoint = Some("http://127.0.0.1:8443".into());
         let err = Merged::new(&flags, FileConfig::default(), None)
             .validate()
             .expect_err("http");

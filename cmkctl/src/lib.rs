@@ -6,6 +6,11 @@
 //! `output` renders results as tables or JSON, `wrap` wraps a master key locally and
 //! `watch` follows a rotation job. `error` holds the error type and is the only
 //! place that chooses an exit code.
+//!
+//! The modules depend on each other one way: `config` and `wrap` on none of
+//! them, `error` on their error types, `cli` on `config` (the connection flags
+//! it hands over) and `error` (the exit codes in `--help`), and the rest on
+//! those.
 
 #![forbid(unsafe_code)]
 

@@ -13,6 +13,7 @@ use std::{
 use cmk_control_plane_domain::Policy;
 use cmk_control_plane_store::{Backend, redact_url};
 pub use cmk_runtime::LogFormat;
+use cmk_runtime::server::ListenAddrs;
 use cmk_tls::TlsFiles;
 use serde::Deserialize;
 
@@ -208,32 +209,16 @@ impl RawSettings {
         };
         let policy_file = file("policy_file", self.policy_file);
 
-        let listen = self
-            .listen
-            .as_deref()
-            .unwrap_or("127.0.0.1:8443")
-            .parse::<SocketAddr>()
-            .unwrap_or_else(|e| {
-                errors.push(format!(
-                    "listen: {e} (expected host:port, e.g. 0.0.0.0:8443)"
-                ));
-                SocketAddr::from(([127, 0, 0, 1], 0))
-            });
-        let mut optional_addr = |name: &str, value: Option<&str>, example: &str| {
-            cmk_runtime::optional_addr(name, value, example).unwrap_or_else(|e| {
-                errors.push(e);
-                None
-            })
-        };
-        let health_listen = optional_addr(
-            "health_listen",
+        let ListenAddrs {
+            listen,
+            health: health_listen,
+            metrics: metrics_listen,
+        } = ListenAddrs::validate(
+            self.listen.as_deref(),
             self.health_listen.as_deref(),
-            "0.0.0.0:8081",
-        );
-        let metrics_listen = optional_addr(
-            "metrics_listen",
             self.metrics_listen.as_deref(),
-            "0.0.0.0:9090",
+            8443,
+            &mut errors,
         );
 
         let hsm_endpoint = self

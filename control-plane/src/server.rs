@@ -1,20 +1,15 @@
 //! Assembles and runs the control plane: store, HSM client, key service,
 //! timers, mutual TLS, admin API, health, reflection and metrics.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use cmk_control_plane_store::{PgStoreOptions, StoreError};
 use cmk_proto::control::v1::{
     content_key_service_server::ContentKeyServiceServer,
     key_admin_service_server::KeyAdminServiceServer,
 };
-use cmk_runtime::{
-    malformed::MalformedRequestLayer,
-    metrics::{GrpcMetrics, serve_metrics},
-};
-use prometheus_client::registry::Registry;
+use cmk_runtime::server::{self, GrpcServer, Timeouts};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::{
@@ -39,21 +34,9 @@ pub enum StartError {
     /// The HSM client could not be set up.
     #[error("HSM daemon client: {}", chain(.0))]
     Hsm(#[from] HsmError),
-    /// TLS material could not be loaded.
-    #[error("{0}")]
-    Tls(#[from] cmk_tls::TlsError),
-    /// Binding or serving failed.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The reflection service could not be built.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC metrics could not learn the server's methods.
-    #[error("metrics: {0}")]
-    Metrics(#[from] cmk_runtime::metrics::DescriptorSetError),
+    /// What every cmk server can fail at: TLS, binding, serving.
+    #[error(transparent)]
+    Server(#[from] server::StartError),
 }
 
 /// Binds `settings.listen` and serves on the system clock until `shutdown`
@@ -62,7 +45,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let listener = cmk_tls::bind(settings.listen).await?;
+    let listener = server::bind(settings.listen).await?;
     serve(settings, Arc::new(SystemClock), listener, shutdown).await
 }
 
@@ -90,7 +73,7 @@ pub async fn serve(
         limits,
         log_format: _,
     } = settings;
-    let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
+    let tls = server::watch_tls(tls)?;
     let pg = PgStoreOptions {
         max_connections: store.max_connections,
         ..PgStoreOptions::default()
@@ -116,71 +99,51 @@ pub async fn serve(
         lease_ttl,
         ..ServiceOptions::default()
     };
-    let mut registry = Registry::default();
-    let grpc_metrics =
-        GrpcMetrics::register_server(&mut registry, &[cmk_proto::FILE_DESCRIPTOR_SET])?;
-    let metrics = Metrics::register(&mut registry);
-    // Dropped (and stopped) when serving ends.
-    let _metrics = serve_metrics(metrics_listen, Arc::new(registry)).await?;
+    let mut grpc = GrpcServer::new()?;
+    let metrics = Metrics::register(grpc.registry());
     let service = Arc::new(
         KeyService::new(store, hsm_client, clock, lifecycle, options).with_metrics(metrics),
     );
     info!(replica = service.replica(), %database, "metadata store open");
+
+    let authz = Arc::new(authz);
+    // Requests are bounded by the configured limit; responses by what the
+    // service returns (a page of up to 1000 audit events is ~200 KiB).
+    let max_response = RESPONSE_LIMIT.max(limits.max_message_bytes);
+    grpc.add_service(
+        KeyAdminServiceServer::new(AdminApi::new(service.clone(), authz.clone()))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(max_response),
+    )
+    .add_service(
+        ContentKeyServiceServer::new(ContentKeyApi::new(service.clone(), authz))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(max_response),
+    );
+    let grpc = grpc.start(health_listen, metrics_listen).await?;
+
+    let addr = listener.local_addr().map_err(server::StartError::Io)?;
     let timers = tokio::spawn(maintain(service.clone(), maintenance_interval));
     // Often enough that a job whose replica died is taken over within
     // seconds of its lease running out.
     let poll = maintenance_interval.min(lease_ttl / 2);
     let rotations = tokio::spawn(rotate(service.clone(), poll));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<KeyAdminServiceServer<AdminApi>>()
-        .await;
-    health
-        .set_serving::<ContentKeyServiceServer<ContentKeyApi>>()
-        .await;
-    // Dropped (and stopped) when serving ends.
-    let _probes = cmk_runtime::health_probes(
-        health_listen,
-        tonic::service::Routes::new(health_service.clone()),
-    )
-    .await?;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("cmk.control.v1.KeyAdminService")
-            .with_service_name("cmk.control.v1.ContentKeyService")
-            .with_service_name("grpc.health.v1.Health")
-    };
-    let authz = Arc::new(authz);
-    // Requests are bounded by the configured limit; responses by what the
-    // service returns (a page of up to 1000 audit events is ~200 KiB).
-    let max_response = RESPONSE_LIMIT.max(limits.max_message_bytes);
-    let admin = KeyAdminServiceServer::new(AdminApi::new(service.clone(), authz.clone()))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(max_response);
-    let content = ContentKeyServiceServer::new(ContentKeyApi::new(service.clone(), authz))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(max_response);
-
-    let addr: SocketAddr = listener.local_addr()?;
     info!(%addr, hsm = %hsm.endpoint, "listening");
-    let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
-    let router = Server::builder()
-        .timeout(limits.request_timeout)
-        .layer(grpc_metrics.layer())
-        // Inside the metrics, so that they count the codes sent.
-        .layer(MalformedRequestLayer)
-        .add_service(admin)
-        .add_service(content)
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
-    let served = cmk_runtime::serve_with_grace(shutdown, limits.request_timeout, |signal| {
-        router.serve_with_incoming_shutdown(incoming, signal)
-    })
-    .await;
+    let timeouts = Timeouts {
+        request: limits.request_timeout,
+        handshake: limits.handshake_timeout,
+    };
+    // No layer of its own: each method checks the permission it needs.
+    let served = grpc
+        .serve(
+            listener,
+            tls,
+            timeouts,
+            shutdown,
+            tower_layer::Identity::new(),
+        )
+        .await;
     timers.abort();
     rotations.abort();
     // Once both have stopped, what they held can be taken over at once.

@@ -14,6 +14,7 @@ use std::{
 use cmk_hsm_custody::{ImportKeyBits, RootKey};
 use cmk_hsm_pkcs11::{Pkcs11Settings, TokenSelector};
 pub use cmk_runtime::LogFormat;
+use cmk_runtime::server::ListenAddrs;
 use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
 use serde::Deserialize;
@@ -253,32 +254,16 @@ impl RawSettings {
             }
         }
 
-        let listen = self
-            .listen
-            .as_deref()
-            .unwrap_or("127.0.0.1:7443")
-            .parse::<SocketAddr>()
-            .unwrap_or_else(|e| {
-                errors.push(format!(
-                    "listen: {e} (expected host:port, e.g. 0.0.0.0:7443)"
-                ));
-                SocketAddr::from(([127, 0, 0, 1], 0))
-            });
-        let mut optional_addr = |name: &str, value: Option<&str>, example: &str| {
-            cmk_runtime::optional_addr(name, value, example).unwrap_or_else(|e| {
-                errors.push(e);
-                None
-            })
-        };
-        let health_listen = optional_addr(
-            "health_listen",
+        let ListenAddrs {
+            listen,
+            health: health_listen,
+            metrics: metrics_listen,
+        } = ListenAddrs::validate(
+            self.listen.as_deref(),
             self.health_listen.as_deref(),
-            "0.0.0.0:8081",
-        );
-        let metrics_listen = optional_addr(
-            "metrics_listen",
             self.metrics_listen.as_deref(),
-            "0.0.0.0:9090",
+            7443,
+            &mut errors,
         );
 
         let import_key_bits = match self.import_key_bits {

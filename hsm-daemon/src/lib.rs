@@ -5,16 +5,19 @@
 //! over mutual TLS, to allow-listed client identities only. Keys are held by a
 //! [`cmk_hsm_custody::Custody`] backend; no RPC returns one.
 //!
-//! `main.rs` only parses the command line; [`run`] and [`serve`] are what tests
-//! call too.
+//! `main.rs` only parses the command line ([`Cli`]) and calls [`run`]; [`run`]
+//! and [`serve`] are what tests call too. The server around the HSM service
+//! (TLS, health, reflection, metrics, stopping) is `cmk_runtime::server`'s.
 
 #![forbid(unsafe_code)]
 
 mod authz;
+mod cli;
 pub mod config;
 mod error;
 mod server;
 mod service;
 
+pub use cli::Cli;
 pub use config::{ConfigError, Limits, LogFormat, RawSettings, Settings};
 pub use server::{StartError, run, serve};

@@ -1,18 +1,14 @@
 //! Assembles and runs the daemon: custody backend, mutual TLS, allow-list,
 //! HSM service, health, reflection and metrics.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody, aws_kms::AwsSettings};
 use cmk_hsm_pkcs11::Pkcs11Custody;
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
-use cmk_runtime::{
-    malformed::MalformedRequestLayer,
-    metrics::{GrpcMetrics, serve_metrics},
-};
-use prometheus_client::registry::Registry;
+use cmk_runtime::server::{self, GrpcServer, Timeouts};
 use tokio::net::TcpListener;
-use tonic::{service::InterceptorLayer, transport::Server};
+use tonic::service::InterceptorLayer;
 use tracing::info;
 
 use crate::{
@@ -28,21 +24,9 @@ pub enum StartError {
     /// The keystore could not be opened.
     #[error("cannot open the keystore: {}", chain(.0))]
     Custody(#[from] CustodyError),
-    /// TLS material could not be loaded.
-    #[error("{0}")]
-    Tls(#[from] cmk_tls::TlsError),
-    /// Binding or serving failed.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The reflection service could not be built.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC metrics could not learn the server's methods.
-    #[error("metrics: {0}")]
-    Metrics(#[from] cmk_runtime::metrics::DescriptorSetError),
+    /// What every cmk server can fail at: TLS, binding, serving.
+    #[error(transparent)]
+    Server(#[from] server::StartError),
 }
 
 /// Opens the configured custody backend. Blocking.
@@ -76,7 +60,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let listener = cmk_tls::bind(settings.listen).await?;
+    let listener = server::bind(settings.listen).await?;
     serve(settings, listener, shutdown).await
 }
 
@@ -100,59 +84,31 @@ pub async fn serve(
         log_format: _,
         aws,
     } = settings;
-    let tls_config = cmk_tls::watch_server_config(tls, cmk_tls::RELOAD_INTERVAL)?;
+    let tls = server::watch_tls(tls)?;
     // Opening may generate the RSA import key, which takes a moment.
     let custody = tokio::task::spawn_blocking(move || open_custody(custody, import_key_bits, aws))
         .await
-        .map_err(std::io::Error::other)??;
+        .map_err(|panicked| server::StartError::Io(std::io::Error::other(panicked)))??;
 
-    let mut registry = Registry::default();
-    let grpc_metrics =
-        GrpcMetrics::register_server(&mut registry, &[cmk_proto::FILE_DESCRIPTOR_SET])?;
-    // Dropped (and stopped) when serving ends.
-    let _metrics = serve_metrics(metrics_listen, Arc::new(registry)).await?;
+    let mut grpc = GrpcServer::new()?;
+    grpc.add_service(
+        HsmServiceServer::new(HsmApi::new(custody.clone(), limits))
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
+    );
+    let grpc = grpc.start(health_listen, metrics_listen).await?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<HsmServiceServer<HsmApi>>().await;
-    // Dropped (and stopped) when serving ends.
-    let _probes = cmk_runtime::health_probes(
-        health_listen,
-        tonic::service::Routes::new(health_service.clone()),
-    )
-    .await?;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cmk_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("cmk.hsm.v1.HsmService")
-            .with_service_name("grpc.health.v1.Health")
-    };
-    let hsm = HsmServiceServer::new(HsmApi::new(custody.clone(), limits))
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
-
-    let addr: SocketAddr = listener.local_addr()?;
+    let addr = listener.local_addr().map_err(server::StartError::Io)?;
     let public = custody.import_public_key();
     info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
-    let incoming = cmk_tls::incoming(listener, tls_config, limits.handshake_timeout);
-    let router = Server::builder()
-        .timeout(limits.request_timeout)
-        // Outermost, so that refused callers are counted and logged too.
-        .layer(grpc_metrics.layer())
-        // Inside the metrics, so that they count the codes sent.
-        .layer(MalformedRequestLayer)
-        .layer(InterceptorLayer::new(authz::allow_list(Arc::new(
-            allowed_clients,
-        ))))
-        .add_service(hsm)
-        .add_service(health_service)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?);
-    let served = cmk_runtime::serve_with_grace(shutdown, limits.request_timeout, |signal| {
-        router.serve_with_incoming_shutdown(incoming, signal)
-    })
-    .await;
-    served?;
+    let timeouts = Timeouts {
+        request: limits.request_timeout,
+        handshake: limits.handshake_timeout,
+    };
+    // Every caller, whatever it asks for, must be on the allow-list.
+    let allow_list = InterceptorLayer::new(authz::allow_list(Arc::new(allowed_clients)));
+    grpc.serve(listener, tls, timeouts, shutdown, allow_list)
+        .await?;
     info!("stopped");
     Ok(())
 }

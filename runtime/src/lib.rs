@@ -1,5 +1,6 @@
 //! What both cmk binaries share at start and stop: reading the configuration
-//! file, the log format, logging, shutdown signals, and errors on one line;
+//! file, the log format, logging, shutdown signals, the end of `main`, and
+//! errors on one line; the gRPC server around their services ([`server`]);
 //! and while they run: Prometheus metrics and request ids ([`metrics`],
 //! [`request`]), and the codes of requests a server cannot read
 //! ([`malformed`]).
@@ -9,8 +10,9 @@
 pub mod malformed;
 pub mod metrics;
 pub mod request;
+pub mod server;
 
-use std::{future::Future, io::IsTerminal, path::Path, pin::Pin, sync::Arc, time::Duration};
+use std::{fmt::Display, future::Future, io::IsTerminal, path::Path, process::ExitCode};
 
 use serde::de::DeserializeOwned;
 
@@ -41,21 +43,6 @@ pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("config file {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
-}
-
-/// An optional `host:port` setting: `None` when unset; an error naming the
-/// setting and showing `example` when it does not parse.
-pub fn optional_addr(
-    name: &str,
-    value: Option<&str>,
-    example: &str,
-) -> Result<Option<std::net::SocketAddr>, String> {
-    value
-        .map(|addr| {
-            addr.parse()
-                .map_err(|e| format!("{name}: {e} (expected host:port, e.g. {example})"))
-        })
-        .transpose()
 }
 
 /// Logs to stderr in `format`, filtered by `CMK_LOG` (default `info`).
@@ -89,84 +76,41 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// The signal a server stops accepting connections on.
-pub type StopSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// The exit status of a server whose settings are refused, after saying why
+/// on stderr as `program: err`.
+pub fn refuse_settings(program: &str, err: impl Display) -> ExitCode {
+    eprintln!("{program}: {err}");
+    ExitCode::from(2)
+}
 
-/// Runs the server `serve` builds around a [`StopSignal`] that fires when
-/// `shutdown` completes. Requests in flight then get `grace` to finish: a
-/// client that keeps an idle connection open cannot hold the process up
-/// beyond that.
-pub async fn serve_with_grace<S, E>(
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-    serve: impl FnOnce(StopSignal) -> S,
-) -> Result<(), E>
+/// The rest of a server's `main` once its settings are valid: logs in
+/// `log_format`, runs `run` on a multi-threaded runtime with
+/// [`shutdown_signal`] as its stop signal, and reports a failure on stderr
+/// and in the log as `program: err`.
+pub fn serve_until_signal<F, E>(
+    program: &str,
+    log_format: LogFormat,
+    run: impl FnOnce(server::StopSignal) -> F,
+) -> ExitCode
 where
-    S: Future<Output = Result<(), E>>,
+    F: Future<Output = Result<(), E>>,
+    E: Display,
 {
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
-        Box::pin(async move {
-            shutdown.await;
-            tracing::info!("stopping: no new connections, finishing requests in flight");
-            stopping.notify_one();
-        })
-    };
-    tokio::select! {
-        served = serve(signal) => served,
-        () = async {
-            stopping.notified().await;
-            tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!("connections still open after the grace period; stopping anyway");
-            Ok(())
+    init_logging(log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("{program}: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
         }
-    }
-}
-
-/// Serves `health` (the gRPC health service, sharing the status of the
-/// server it reports on) alone and in plaintext on `addr`, when one is
-/// configured, until the returned guard is dropped.
-///
-/// Kubernetes' native gRPC probes cannot present a client certificate, so
-/// they cannot reach the mutual-TLS port; this port answers
-/// `grpc.health.v1.Health` and nothing else, so it tells a caller only whether
-/// the process is serving.
-pub async fn health_probes(
-    addr: Option<std::net::SocketAddr>,
-    health: tonic::service::Routes,
-) -> std::io::Result<Option<HealthProbes>> {
-    let Some(addr) = addr else {
-        return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tracing::info!(addr = %local, "health probes (plaintext, gRPC health only)");
-    let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .add_routes(health)
-            .serve_with_incoming(incoming)
-            .await;
-        if let Err(err) = served {
-            tracing::error!(%err, "the health probe listener stopped");
+    match runtime.block_on(run(Box::pin(shutdown_signal()))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("{program}: {err}");
+            ExitCode::FAILURE
         }
-    });
-    Ok(Some(HealthProbes { addr: local, task }))
-}
-
-/// The running health-probe listener; stops when dropped.
-#[derive(Debug)]
-pub struct HealthProbes {
-    /// Where it listens.
-    pub addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HealthProbes {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
