@@ -58,7 +58,23 @@ impl ServiceError {
             Self::Lifecycle(
                 LifecycleError::AlreadyPresent { .. } | LifecycleError::DuplicateId(_),
             ) => Code::AlreadyExists,
-            Self::Lifecycle(_) => Code::FailedPrecondition,
+            Self::Lifecycle(
+                LifecycleError::InvalidTransition { .. }
+                | LifecycleError::PendingExists { .. }
+                | LifecycleError::MasterRevoked { .. }
+                | LifecycleError::MasterRevokedByProvider { .. }
+                | LifecycleError::PendingRevokedByProvider { .. }
+                | LifecycleError::KeyRevokedByProvider { .. }
+                | LifecycleError::ContentBlocked { .. }
+                | LifecycleError::NoActiveKey
+                | LifecycleError::RestoreWindowClosed { .. }
+                | LifecycleError::NotDue { .. }
+                | LifecycleError::GenericDefaultNotRevocable { .. }
+                | LifecycleError::NotTheRemovedKey { .. }
+                | LifecycleError::GenericAlreadyActive { .. }
+                | LifecycleError::GenericNotMaster
+                | LifecycleError::ByokOff,
+            ) => Code::FailedPrecondition,
             Self::UnknownKek(_) | Self::NoRotation => Code::NotFound,
             Self::KeyMaterialGone { .. } => Code::FailedPrecondition,
             Self::Envelope(
@@ -103,7 +119,20 @@ impl ServiceError {
                 Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                     return hsm_unavailable();
                 }
-                _ => return internal(),
+                // What the daemon never answers for a caller's mistake: the
+                // cause is in the log. (NOT_FOUND of a key the store holds
+                // is named where the content path calls the daemon.)
+                Code::Ok
+                | Code::Unknown
+                | Code::NotFound
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::ResourceExhausted
+                | Code::Aborted
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::DataLoss
+                | Code::Unauthenticated => return internal(),
             },
             Self::Hsm(HsmError::Connect(_) | HsmError::Tls(_)) => return hsm_unavailable(),
             Self::Hsm(HsmError::Protocol(_)) | Self::Store(StoreError::Corrupt(_)) => {
