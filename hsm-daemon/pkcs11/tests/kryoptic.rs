@@ -15,7 +15,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::{
+    ffi::OsString,
     future::Future,
     path::{Path, PathBuf},
     process::Command,
@@ -38,8 +41,6 @@ const MODULE_VAR: &str = "CMK_TEST_KRYOPTIC_MODULE";
 const LABEL: &str = "cmk-test";
 const PIN: &str = "cmk-test-pin";
 const SO_PIN: &str = "cmk-test-so-pin";
-/// Set in the child process: the token directory.
-const CHILD: &str = "CMK_TEST_KRYOPTIC_TOKEN_DIR";
 
 /// The Kryoptic module; a missing or unloadable one fails the test with how
 /// to build it.
@@ -65,17 +66,13 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
-    if std::env::var_os(CHILD).is_some() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        return runtime.block_on(body());
-    }
+    common::on_fresh_token(name, "Kryoptic", prepare_token, body);
+}
+
+/// A Kryoptic token store under `dir` with one fresh token.
+fn prepare_token(dir: &Path) -> (&'static str, OsString) {
     let module = module();
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("token.sql");
+    let conf = dir.join("token.sql");
     let init = Command::new("pkcs11-tool")
         .arg("--module")
         .arg(&module)
@@ -85,21 +82,7 @@ where
         .output()
         .expect("pkcs11-tool is missing: apt-get install opensc");
     assert!(init.status.success(), "pkcs11-tool --init-token: {init:?}");
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("KRYOPTIC_CONF", &conf)
-        .env(CHILD, dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&child.stdout);
-    let stderr = String::from_utf8_lossy(&child.stderr);
-    println!("{stdout}");
-    eprintln!("{stderr}");
-    assert!(child.status.success(), "{name} failed on Kryoptic");
-    assert!(
-        stdout.contains("1 passed"),
-        "{name} did not run in the child process"
-    );
+    ("KRYOPTIC_CONF", conf.into_os_string())
 }
 
 /// A test whose body runs on a fresh Kryoptic token.
@@ -148,7 +131,7 @@ fn inspector() -> Session {
 
 /// The token directory of the running child.
 fn token_dir() -> PathBuf {
-    PathBuf::from(std::env::var_os(CHILD).unwrap())
+    common::token_dir().unwrap()
 }
 
 /// The public half of an RSA key that is not the token's import key.

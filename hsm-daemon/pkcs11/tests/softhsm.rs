@@ -2,16 +2,15 @@
 //! `pkcs11-tool` (`opensc`) to inspect it. Without them these tests fail: they
 //! are never skipped.
 //!
-//! SoftHSM2 finds its tokens through `SOFTHSM2_CONF`, which it reads once per
-//! process, and a test cannot set a variable for itself (`set_var` is unsafe
-//! under edition 2024, and unsafe code is forbidden here). So each test runs
-//! its body in a child process of this test binary, with `SOFTHSM2_CONF`
-//! naming a fresh token directory of its own: tests stay parallel and never
-//! share a token.
+//! Each test runs its body on a fresh token of its own, in a child process
+//! with `SOFTHSM2_CONF` naming it (see `common`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::{
+    ffi::OsString,
     future::Future,
     path::{Path, PathBuf},
     process::Command,
@@ -33,8 +32,6 @@ const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const LABEL: &str = "cmk-test";
 const PIN: &str = "1234";
 const SO_PIN: &str = "12345678";
-/// Set in the child process: the token directory.
-const CHILD: &str = "CMK_TEST_SOFTHSM_TOKEN_DIR";
 
 /// Runs `body` in a child process whose SoftHSM2 has one fresh token,
 /// [`LABEL`] with user PIN [`PIN`].
@@ -43,21 +40,18 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = ()>,
 {
-    if std::env::var_os(CHILD).is_some() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        return runtime.block_on(body());
-    }
+    common::on_fresh_token(name, "SoftHSM2", prepare_token, body);
+}
+
+/// A SoftHSM2 configuration whose token directory, under `dir`, holds one
+/// fresh token.
+fn prepare_token(dir: &Path) -> (&'static str, OsString) {
     assert!(
         Path::new(MODULE).is_file(),
         "{MODULE} is missing: install SoftHSM2 (apt-get install softhsm2 opensc; scripts/test.sh does)"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    let tokens = dir.path().join("tokens");
+    let conf = dir.join("softhsm2.conf");
+    let tokens = dir.join("tokens");
     std::fs::create_dir(&tokens).unwrap();
     std::fs::write(
         &conf,
@@ -74,21 +68,7 @@ where
         .output()
         .expect("softhsm2-util is missing: apt-get install softhsm2");
     assert!(init.status.success(), "softhsm2-util: {init:?}");
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", &conf)
-        .env(CHILD, dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&child.stdout);
-    let stderr = String::from_utf8_lossy(&child.stderr);
-    println!("{stdout}");
-    eprintln!("{stderr}");
-    assert!(child.status.success(), "{name} failed on SoftHSM2");
-    assert!(
-        stdout.contains("1 passed"),
-        "{name} did not run in the child process"
-    );
+    ("SOFTHSM2_CONF", conf.into_os_string())
 }
 
 /// A test whose body runs on a fresh SoftHSM2 token.
