@@ -37,7 +37,12 @@ fn main() -> Result<(), Box<dyn Error>> {
         .compile_with_config(
             {
                 let mut config = tonic_prost_build::Config::new();
-                config.protoc_executable(protoc).enable_type_names();
+                config
+                    .protoc_executable(protoc)
+                    .enable_type_names()
+                    // The conventional domain of an `Any`'s type URL, which
+                    // the status details (src/status_details.rs) carry.
+                    .type_name_domain(["."], "type.googleapis.com");
                 config
             },
             &PROTOS.map(Path::new),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local AWS KMS and STS emulator (moto server) that the aws-kms client's
-# tests (hsm-daemon/custody/tests/aws_kms.rs) run against.
+# tests (hsm-daemon/aws-kms/tests/aws_kms.rs, hsm-daemon/tests/aws_keys.rs) run against.
 #
 #   scripts/moto.sh install        install moto[server] if missing
 #   scripts/moto.sh start [PORT]   install if missing, start moto_server on

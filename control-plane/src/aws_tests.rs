@@ -13,7 +13,7 @@ use std::{
     },
 };
 
-use cmk_control_plane_domain::{KeyState, OrgId, Policy};
+use cmk_control_plane_domain::{KekId, KeyState, OrgId, Place, Policy, ResourceId};
 use cmk_control_plane_store::{SqliteStore, Store};
 use cmk_proto::hsm::v1::{
     self as pb, hsm_service_server::HsmService, hsm_service_server::HsmServiceServer,
@@ -22,11 +22,12 @@ use cmk_proto::hsm::v1::{
 use tonic::{Code, Request, Response, Status, transport::Endpoint};
 
 use crate::{
-    authz::Caller,
+    authz::{AuthzPolicy, Caller},
     clock::SystemClock,
     error::ServiceError,
-    hsm::{HsmClient, PROVIDER_KEY_STATE},
-    service::{KeyOp, KeyService, KeyView, ServiceOptions},
+    grpc::{Edge, Refusals},
+    hsm::HsmClient,
+    service::{AddAwsKey, AuditPage, ContentContext, KeyOp, KeyService, KeyView, ServiceOptions},
 };
 
 /// What the fake daemon holds under a handle.
@@ -43,7 +44,7 @@ enum Held {
 struct Daemon {
     keys: Mutex<HashMap<String, Held>>,
     /// AWS KMS's state of each key ARN that is not enabled.
-    aws_states: Mutex<HashMap<String, &'static str>>,
+    aws_states: Mutex<HashMap<String, pb::ProviderKeyState>>,
     /// AWS KMS out of reach: every call on an AWS key is UNAVAILABLE.
     aws_down: AtomicBool,
     imports: AtomicUsize,
@@ -54,7 +55,7 @@ struct Daemon {
 struct FakeHsm(Arc<Daemon>);
 
 impl Daemon {
-    fn set_aws_state(&self, key_arn: &str, state: Option<&'static str>) {
+    fn set_aws_state(&self, key_arn: &str, state: Option<pb::ProviderKeyState>) {
         let mut states = self.aws_states.lock().unwrap();
         match state {
             Some(state) => states.insert(key_arn.to_owned(), state),
@@ -83,14 +84,12 @@ impl Daemon {
         }
         match self.aws_states.lock().unwrap().get(&key_arn) {
             None => Ok(()),
-            Some(state) => {
-                let mut status = Status::failed_precondition(format!(
-                    "AWS KMS reports key {key_arn} as {state}"
-                ));
-                status
-                    .metadata_mut()
-                    .insert(PROVIDER_KEY_STATE, state.parse().unwrap());
-                Err(status)
+            Some(&state) => {
+                let code = Code::FailedPrecondition;
+                let message = format!("AWS KMS reports key {key_arn} as {}", state.as_str_name());
+                let details =
+                    cmk_proto::status_details::provider_key_unusable(code, &message, state);
+                Err(Status::with_details(code, message, details))
             }
         }
     }
@@ -249,7 +248,7 @@ fn item_error(status: Status) -> pb::ItemError {
 /// A service over a fresh SQLite store and the fake daemon, and an admin of
 /// org `acme` with BYOK on.
 struct Setup {
-    service: KeyService,
+    service: Arc<KeyService>,
     daemon: Arc<Daemon>,
     admin: Caller,
     _dir: tempfile::TempDir,
@@ -273,13 +272,13 @@ async fn setup() -> Setup {
             .await
             .unwrap(),
     );
-    let service = KeyService::new(
+    let service = Arc::new(KeyService::new(
         store,
         HsmClient::over(channel),
         Arc::new(SystemClock),
         Policy::default(),
         ServiceOptions::default(),
-    );
+    ));
     let admin = Caller::for_tests("admin", &OrgId::parse("acme").unwrap());
     service.set_byok(&admin, true).await.unwrap();
     Setup {
@@ -294,21 +293,22 @@ fn arn(name: &str) -> String {
     format!("arn:aws:kms:eu-west-1:111122223333:key/{name}")
 }
 
+fn resource(name: &str) -> ResourceId {
+    ResourceId::parse(name).unwrap()
+}
+
+fn aws_key(key_arn: String, backup_key_arn: String, role_arn: String) -> AddAwsKey {
+    AddAwsKey::new(key_arn, backup_key_arn, role_arn, false).unwrap()
+}
+
 impl Setup {
     async fn add(&self, name: &str, activate_now: bool) -> Result<KeyView, ServiceError> {
-        self.service
-            .add_aws_key(
-                &self.admin,
-                arn(name),
-                String::new(),
-                String::new(),
-                activate_now,
-            )
-            .await
+        let key = AddAwsKey::new(arn(name), String::new(), String::new(), activate_now)?;
+        self.service.add_aws_key(&self.admin, key).await
     }
 
     async fn state_of(&self, view: &KeyView) -> KeyState {
-        let id = &view.key.record.id.0;
+        let id = &view.key.record.id;
         self.service
             .get(&self.admin, id)
             .await
@@ -320,7 +320,7 @@ impl Setup {
 
     async fn audit_actions(&self) -> Vec<String> {
         self.service
-            .audit_events(&self.admin, 0, 1000)
+            .audit_events(&self.admin, AuditPage::new(0, 1000))
             .await
             .unwrap()
             .into_iter()
@@ -339,18 +339,23 @@ impl Setup {
 
     /// A new KEK of `resource` and a content key under it, opened again.
     async fn content_round_trip(&self, resource: &str) -> Result<(), ServiceError> {
-        let kek = self.service.create_kek(&self.admin, resource).await?;
+        let kek = self
+            .service
+            .create_kek(&self.admin, &ResourceId::parse(resource).unwrap())
+            .await?;
         self.decrypt_under(kek.id.as_str()).await
     }
 
     async fn decrypt_under(&self, kek: &str) -> Result<(), ServiceError> {
+        let kek = KekId::parse(kek).unwrap();
+        let context = ContentContext::new(b"ctx".to_vec()).unwrap();
         let data = self
             .service
-            .generate_data_key(&self.admin, kek, b"ctx")
+            .generate_data_key(&self.admin, &kek, &context)
             .await?;
         let (plaintext, _) = self
             .service
-            .decrypt(&self.admin, &data.wrapped, b"ctx")
+            .decrypt(&self.admin, &data.wrapped, &context)
             .await?;
         assert_eq!(plaintext.expose(), data.plaintext.expose());
         Ok(())
@@ -360,6 +365,11 @@ impl Setup {
 #[tokio::test]
 async fn arns_are_bounded_before_anything_reaches_the_hsm() {
     let s = setup().await;
+    let edge = Edge::new(
+        s.service.clone(),
+        Arc::new(AuthzPolicy::default()),
+        Refusals::Audited,
+    );
     let imports = s.daemon.imports.load(Ordering::SeqCst);
     let long = format!("{}{}", arn(""), "k".repeat(2049 - arn("").len()));
     for (key_arn, backup, role, why) in [
@@ -388,9 +398,16 @@ async fn arns_are_bounded_before_anything_reaches_the_hsm() {
             "role_arn is 2049 bytes",
         ),
     ] {
-        let err = s
-            .service
-            .add_aws_key(&s.admin, key_arn, backup, role, false)
+        // Bounded at the edge, as every RPC's request is read.
+        let request = cmk_proto::control::v1::AddAwsKeyRequest {
+            org_id: "acme".into(),
+            key_arn,
+            backup_key_arn: backup,
+            role_arn: role,
+            activate_now: false,
+        };
+        let err = edge
+            .typed::<_, AddAwsKey>(&s.admin, "add aws key", request)
             .await
             .unwrap_err();
         let status = err.to_status();
@@ -419,10 +436,7 @@ async fn the_daemons_refusal_reaches_the_admin_and_nothing_is_kept() {
         .service
         .add_aws_key(
             &s.admin,
-            "alias/mine".into(),
-            String::new(),
-            String::new(),
-            false,
+            aws_key("alias/mine".into(), String::new(), String::new()),
         )
         .await
         .unwrap_err()
@@ -456,10 +470,11 @@ async fn an_added_key_shows_its_arns_beside_the_active_key_and_is_added_once() {
         .service
         .add_aws_key(
             &s.admin,
-            arn("a"),
-            arn("a-backup"),
-            "arn:aws:iam::111122223333:role/cmk".into(),
-            false,
+            aws_key(
+                arn("a"),
+                arn("a-backup"),
+                "arn:aws:iam::111122223333:role/cmk".into(),
+            ),
         )
         .await
         .unwrap();
@@ -489,7 +504,7 @@ async fn an_added_key_shows_its_arns_beside_the_active_key_and_is_added_once() {
 
     let activated = s
         .service
-        .change(&s.admin, KeyOp::Activate, &added.key.record.id.0)
+        .change(&s.admin, KeyOp::Activate, &added.key.record.id)
         .await
         .unwrap();
     assert_eq!(activated.key.record.state, KeyState::Active);
@@ -500,20 +515,28 @@ async fn an_added_key_shows_its_arns_beside_the_active_key_and_is_added_once() {
 async fn a_disabled_master_blocks_content_at_once_and_works_again_once_enabled() {
     let s = setup().await;
     let a = s.add("a", true).await.unwrap();
-    let kek = s.service.create_kek(&s.admin, "space:1").await.unwrap();
+    let kek = s
+        .service
+        .create_kek(&s.admin, &resource("space:1"))
+        .await
+        .unwrap();
     s.decrypt_under(kek.id.as_str()).await.unwrap();
     assert!(!s.service.kek_cache.is_empty());
 
     // Nothing changes while AWS cannot be asked.
     s.daemon.aws_down.store(true, Ordering::SeqCst);
-    s.daemon.set_aws_state(&arn("a"), Some("disabled"));
+    s.daemon
+        .set_aws_state(&arn("a"), Some(pb::ProviderKeyState::Disabled));
     s.service.check_providers().await.unwrap();
     assert_eq!(s.state_of(&a).await, KeyState::Active);
     assert_eq!(s.provider_events().await, 0);
 
     s.daemon.aws_down.store(false, Ordering::SeqCst);
     s.service.check_providers().await.unwrap();
-    assert_eq!(s.state_of(&a).await, KeyState::RevokedByProvider);
+    assert_eq!(
+        s.state_of(&a).await,
+        KeyState::RevokedByProvider { was: Place::Active }
+    );
     assert!(s.service.kek_cache.is_empty(), "the org's KEKs are dropped");
     let actions = s.audit_actions().await;
     assert!(
@@ -536,14 +559,18 @@ async fn a_disabled_master_blocks_content_at_once_and_works_again_once_enabled()
             .contains("is revoked by its provider (disabled or pending deletion in AWS KMS)"),
         "{blocked:?}"
     );
-    let no_kek = s.service.create_kek(&s.admin, "space:2").await.unwrap_err();
+    let no_kek = s
+        .service
+        .create_kek(&s.admin, &resource("space:2"))
+        .await
+        .unwrap_err();
     assert_eq!(no_kek.to_status().code(), Code::FailedPrecondition);
 
     // It holds the active place: a new key cannot take it.
     let b = s.add("b", false).await.unwrap();
     let refused = s
         .service
-        .change(&s.admin, KeyOp::Activate, &b.key.record.id.0)
+        .change(&s.admin, KeyOp::Activate, &b.key.record.id)
         .await
         .unwrap_err()
         .to_status();
@@ -573,13 +600,23 @@ async fn a_disabled_master_blocks_content_at_once_and_works_again_once_enabled()
 async fn keks_of_a_disabled_rotating_key_are_refused_by_name_and_wait_for_it() {
     let s = setup().await;
     let a = s.add("a", true).await.unwrap();
-    let kek = s.service.create_kek(&s.admin, "space:1").await.unwrap();
+    let kek = s
+        .service
+        .create_kek(&s.admin, &resource("space:1"))
+        .await
+        .unwrap();
     let b = s.add("b", true).await.unwrap();
     assert_eq!(s.state_of(&a).await, KeyState::Rotating);
 
-    s.daemon.set_aws_state(&arn("a"), Some("pending-deletion"));
+    s.daemon
+        .set_aws_state(&arn("a"), Some(pb::ProviderKeyState::PendingDeletion));
     s.service.check_providers().await.unwrap();
-    assert_eq!(s.state_of(&a).await, KeyState::RevokedByProvider);
+    assert_eq!(
+        s.state_of(&a).await,
+        KeyState::RevokedByProvider {
+            was: Place::Rotating
+        }
+    );
     assert!(
         s.audit_actions()
             .await
@@ -606,7 +643,12 @@ async fn keks_of_a_disabled_rotating_key_are_refused_by_name_and_wait_for_it() {
     let job = s.service.rotation(&s.admin).await.unwrap();
     assert!(job.paused, "{job:?}");
     assert_eq!(job.job.done, 0);
-    assert_eq!(s.state_of(&a).await, KeyState::RevokedByProvider);
+    assert_eq!(
+        s.state_of(&a).await,
+        KeyState::RevokedByProvider {
+            was: Place::Rotating
+        }
+    );
 
     s.daemon.set_aws_state(&arn("a"), None);
     s.service.check_providers().await.unwrap();
@@ -633,9 +675,15 @@ async fn keks_of_a_disabled_rotating_key_are_refused_by_name_and_wait_for_it() {
 async fn a_disabled_pending_key_holds_its_place_until_cancelled() {
     let s = setup().await;
     let a = s.add("a", false).await.unwrap();
-    s.daemon.set_aws_state(&arn("a"), Some("disabled"));
+    s.daemon
+        .set_aws_state(&arn("a"), Some(pb::ProviderKeyState::Disabled));
     s.service.check_providers().await.unwrap();
-    assert_eq!(s.state_of(&a).await, KeyState::RevokedByProvider);
+    assert_eq!(
+        s.state_of(&a).await,
+        KeyState::RevokedByProvider {
+            was: Place::Pending
+        }
+    );
     let refused = s.add("b", false).await.unwrap_err().to_status();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("or cancel it"), "{refused:?}");
@@ -644,7 +692,7 @@ async fn a_disabled_pending_key_holds_its_place_until_cancelled() {
     s.content_round_trip("space:1").await.unwrap();
 
     s.service
-        .change(&s.admin, KeyOp::Cancel, &a.key.record.id.0)
+        .change(&s.admin, KeyOp::Cancel, &a.key.record.id)
         .await
         .unwrap();
     assert_eq!(s.daemon.aws_handles(), 0, "the daemon forgets it");
@@ -656,10 +704,11 @@ async fn keys_revoked_by_the_admin_are_not_asked_about() {
     let s = setup().await;
     let a = s.add("a", true).await.unwrap();
     s.service
-        .change(&s.admin, KeyOp::Revoke, &a.key.record.id.0)
+        .change(&s.admin, KeyOp::Revoke, &a.key.record.id)
         .await
         .unwrap();
-    s.daemon.set_aws_state(&arn("a"), Some("disabled"));
+    s.daemon
+        .set_aws_state(&arn("a"), Some(pb::ProviderKeyState::Disabled));
     let wraps = s.daemon.wraps.load(Ordering::SeqCst);
     s.service.check_providers().await.unwrap();
     assert_eq!(s.daemon.wraps.load(Ordering::SeqCst), wraps);
@@ -673,7 +722,7 @@ async fn unavailable_says_what_the_daemon_cannot_reach_but_not_how_a_connection_
     s.daemon.aws_down.store(true, Ordering::SeqCst);
     let status = s
         .service
-        .create_kek(&s.admin, "space:1")
+        .create_kek(&s.admin, &resource("space:1"))
         .await
         .unwrap_err()
         .to_status();

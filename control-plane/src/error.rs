@@ -45,6 +45,47 @@ pub enum ServiceError {
         /// The org's key whose material is gone.
         key: KeyId,
     },
+    /// A fault inside the control plane or its data: never the caller's
+    /// doing, so the caller learns only that it failed.
+    #[error(transparent)]
+    Internal(#[from] Internal),
+}
+
+/// What went wrong inside the control plane, for its log.
+#[derive(Debug, thiserror::Error)]
+pub enum Internal {
+    /// A task the request waited for panicked or was cancelled.
+    #[error("a background task failed")]
+    TaskFailed(#[source] tokio::task::JoinError),
+    /// A change names a key the service has no custody handle for.
+    #[error("key {0} changed state, but no custody handle is known for it")]
+    NoHandle(KeyId),
+    /// A stored KEK names a key that cannot unwrap.
+    #[error("KEK {kek} is wrapped by key {key}, which is neither active nor rotating")]
+    KekKeyNotUsable {
+        /// The KEK.
+        kek: KekId,
+        /// The key its row names.
+        key: KeyId,
+    },
+    /// The HSM refuses a stored KEK's ciphertext: the row was altered
+    /// outside the service.
+    #[error("KEK {kek} does not unwrap")]
+    KekDoesNotUnwrap {
+        /// The KEK.
+        kek: KekId,
+        /// The HSM daemon's refusal.
+        #[source]
+        refusal: Status,
+    },
+    /// A stored KEK's row and ciphertext name different master keys.
+    #[error("KEK {kek} is stored as wrapped by key {key}, but its ciphertext names another CMK")]
+    KekHandleMismatch {
+        /// The KEK.
+        kek: KekId,
+        /// The key its row names.
+        key: KeyId,
+    },
 }
 
 impl ServiceError {
@@ -135,7 +176,15 @@ impl ServiceError {
                 | Code::Unauthenticated => return internal(),
             },
             Self::Hsm(HsmError::Connect(_) | HsmError::Tls(_)) => return hsm_unavailable(),
-            Self::Hsm(HsmError::Protocol(_)) | Self::Store(StoreError::Corrupt(_)) => {
+            Self::Hsm(HsmError::Protocol(_))
+            | Self::Store(StoreError::Corrupt(_))
+            | Self::Internal(
+                Internal::TaskFailed(_)
+                | Internal::NoHandle(_)
+                | Internal::KekKeyNotUsable { .. }
+                | Internal::KekDoesNotUnwrap { .. }
+                | Internal::KekHandleMismatch { .. },
+            ) => {
                 return internal();
             }
             Self::Store(StoreError::Unavailable(_)) => {

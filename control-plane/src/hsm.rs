@@ -36,66 +36,54 @@ pub enum HsmError {
     Protocol(&'static str),
 }
 
-/// The response metadata in which the daemon names the state AWS KMS reports
-/// for a key it refused to use.
-pub const PROVIDER_KEY_STATE: &str = "cmk-provider-key-state";
-
 /// What AWS KMS reports about a key the daemon refused to use, read from its
 /// refusal by [`HsmError::provider_key_state`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProviderKeyState {
     /// Disabled by its owner.
     Disabled,
     /// Scheduled for deletion.
     PendingDeletion,
+    /// Its imported key material is missing or expired.
+    PendingImport,
+    /// Its custom key store is disconnected.
+    Unavailable,
     /// Deleted, or never there.
     NotFound,
-    /// Another state that makes the key unusable, lower case with hyphens
-    /// (`pending-import`, `unavailable`, …).
-    Other(String),
 }
 
 impl ProviderKeyState {
-    /// Longest state name accepted from the daemon.
-    const MAX_LEN: usize = 64;
-
-    /// Parses the metadata value; `None` for anything but a short lower-case
-    /// word with hyphens, which no daemon sends.
-    fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "disabled" => Self::Disabled,
-            "pending-deletion" => Self::PendingDeletion,
-            "not-found" => Self::NotFound,
-            other
-                if !other.is_empty()
-                    && other.len() <= Self::MAX_LEN
-                    && other
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
-            {
-                Self::Other(other.to_owned())
-            }
-            _ => return None,
+    /// The state the daemon sent; `None` for the unspecified value, which no
+    /// daemon sends.
+    fn from_wire(state: pb::ProviderKeyState) -> Option<Self> {
+        Some(match state {
+            pb::ProviderKeyState::Unspecified => return None,
+            pb::ProviderKeyState::Disabled => Self::Disabled,
+            pb::ProviderKeyState::PendingDeletion => Self::PendingDeletion,
+            pb::ProviderKeyState::PendingImport => Self::PendingImport,
+            pb::ProviderKeyState::Unavailable => Self::Unavailable,
+            pb::ProviderKeyState::NotFound => Self::NotFound,
         })
     }
 }
 
 impl fmt::Display for ProviderKeyState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Disabled => f.write_str("disabled"),
-            Self::PendingDeletion => f.write_str("pending deletion"),
-            Self::NotFound => f.write_str("not found"),
-            Self::Other(state) => f.write_str(&state.replace('-', " ")),
-        }
+        f.write_str(match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending deletion",
+            Self::PendingImport => "pending import",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not found",
+        })
     }
 }
 
 impl HsmError {
     /// The state AWS KMS reports for the key, when the daemon refused a
     /// single-item call because its provider made the key unusable
-    /// (`FAILED_PRECONDITION` with [`PROVIDER_KEY_STATE`] metadata). Batch
-    /// items carry no metadata, so their refusals never say.
+    /// (`FAILED_PRECONDITION` with a `ProviderKeyUnusable` status detail).
+    /// Batch items carry no details, so their refusals never say.
     pub fn provider_key_state(&self) -> Option<ProviderKeyState> {
         let Self::Status(status) = self else {
             return None;
@@ -103,8 +91,7 @@ impl HsmError {
         if status.code() != tonic::Code::FailedPrecondition {
             return None;
         }
-        let value = status.metadata().get(PROVIDER_KEY_STATE)?.to_str().ok()?;
-        ProviderKeyState::parse(value)
+        ProviderKeyState::from_wire(cmk_proto::status_details::provider_key_state(status)?)
     }
 }
 
@@ -130,6 +117,21 @@ pub enum Admission {
     /// daemon admits it only if its fingerprint is the one it kept, and
     /// answers `ALREADY_EXISTS` for other material.
     Recover,
+}
+
+/// The daemon's RSA import public key, under which an admin wraps a key to
+/// upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportPublicKey {
+    /// The key, a PEM "PUBLIC KEY" (X.509 SubjectPublicKeyInfo).
+    pub public_key_pem: String,
+    /// Lower-case hex SHA-256 of its DER SubjectPublicKeyInfo: what an
+    /// upload names as the key it wrapped under.
+    pub key_id: String,
+    /// How to wrap under it (RSA-OAEP with SHA-256).
+    pub algorithm: String,
+    /// Its modulus size.
+    pub modulus_bits: u32,
 }
 
 /// A CMK the daemon has taken into custody.
@@ -272,15 +274,27 @@ impl HsmClient {
     }
 
     /// The RSA import public key (PEM) and its key id.
-    pub async fn import_public_key(&self) -> Result<pb::GetImportPublicKeyResponse, HsmError> {
-        self.timed("GetImportPublicKey", async {
-            Ok(self
-                .client()
-                .get_import_public_key(pb::GetImportPublicKeyRequest {})
-                .await?
-                .into_inner())
+    pub async fn import_public_key(&self) -> Result<ImportPublicKey, HsmError> {
+        let pb::GetImportPublicKeyResponse {
+            public_key_pem,
+            key_id,
+            algorithm,
+            modulus_bits,
+        } = self
+            .timed("GetImportPublicKey", async {
+                Ok(self
+                    .client()
+                    .get_import_public_key(pb::GetImportPublicKeyRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        Ok(ImportPublicKey {
+            public_key_pem,
+            key_id,
+            algorithm,
+            modulus_bits,
         })
-        .await
     }
 
     /// Imports an RSA-OAEP-wrapped CMK under `handle` (see [`random_handle`]).
@@ -555,46 +569,58 @@ mod tests {
         assert_ne!(a, random_handle());
     }
 
-    fn refusal(code: tonic::Code, state: Option<&str>) -> HsmError {
-        let mut status = tonic::Status::new(code, "AWS KMS reports key arn:… Disabled");
-        if let Some(state) = state {
-            let value = state.parse().expect("ASCII metadata value");
-            status.metadata_mut().insert(PROVIDER_KEY_STATE, value);
-        }
-        HsmError::Status(status)
+    fn refusal(code: tonic::Code, state: Option<pb::ProviderKeyState>) -> HsmError {
+        const MESSAGE: &str = "AWS KMS reports key arn:… Disabled";
+        HsmError::Status(match state {
+            Some(state) => tonic::Status::with_details(
+                code,
+                MESSAGE,
+                cmk_proto::status_details::provider_key_unusable(code, MESSAGE, state),
+            ),
+            None => tonic::Status::new(code, MESSAGE),
+        })
     }
 
     #[test]
-    fn the_provider_state_is_read_from_a_failed_precondition_with_metadata() {
+    fn the_provider_state_is_read_from_a_failed_precondition_with_details() {
+        use pb::ProviderKeyState as Wire;
         use tonic::Code;
-        for (value, state, shown) in [
-            ("disabled", ProviderKeyState::Disabled, "disabled"),
+        for (wire, state, shown) in [
+            (Wire::Disabled, ProviderKeyState::Disabled, "disabled"),
             (
-                "pending-deletion",
+                Wire::PendingDeletion,
                 ProviderKeyState::PendingDeletion,
                 "pending deletion",
             ),
-            ("not-found", ProviderKeyState::NotFound, "not found"),
+            (Wire::NotFound, ProviderKeyState::NotFound, "not found"),
             (
-                "pending-import",
-                ProviderKeyState::Other("pending-import".into()),
+                Wire::PendingImport,
+                ProviderKeyState::PendingImport,
                 "pending import",
             ),
+            (
+                Wire::Unavailable,
+                ProviderKeyState::Unavailable,
+                "unavailable",
+            ),
         ] {
-            let read = refusal(Code::FailedPrecondition, Some(value)).provider_key_state();
-            assert_eq!(read.as_ref(), Some(&state), "{value}");
+            let read = refusal(Code::FailedPrecondition, Some(wire)).provider_key_state();
+            assert_eq!(read, Some(state), "{wire:?}");
             assert_eq!(state.to_string(), shown);
         }
-        // Any other code, or no (or a malformed) state, says nothing of the
-        // provider: the daemon or AWS may simply be out of reach.
+        // Any other code, or no (or an unspecified, or a malformed) state, says
+        // nothing of the provider: the daemon or AWS may simply be out of reach.
+        // (Unknown enum values are covered where they are decoded, in cmk-proto.)
         for error in [
             refusal(Code::FailedPrecondition, None),
-            refusal(Code::Unavailable, Some("disabled")),
-            refusal(Code::InvalidArgument, Some("disabled")),
-            refusal(Code::FailedPrecondition, Some("")),
-            refusal(Code::FailedPrecondition, Some("Disabled")),
-            refusal(Code::FailedPrecondition, Some("dis abled")),
-            refusal(Code::FailedPrecondition, Some(&"x".repeat(65))),
+            refusal(Code::Unavailable, Some(Wire::Disabled)),
+            refusal(Code::InvalidArgument, Some(Wire::Disabled)),
+            refusal(Code::FailedPrecondition, Some(Wire::Unspecified)),
+            HsmError::Status(tonic::Status::with_details(
+                Code::FailedPrecondition,
+                "disabled",
+                (&b"\xff\x01 not a google.rpc.Status"[..]).into(),
+            )),
             HsmError::Protocol("x"),
         ] {
             assert_eq!(error.provider_key_state(), None, "{error}");

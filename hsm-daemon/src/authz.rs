@@ -10,6 +10,8 @@ use std::{collections::BTreeSet, sync::Arc};
 use cmk_tls::PeerIdentity;
 use tonic::{Request, Status};
 
+use crate::error::{ServiceError, to_status};
+
 /// The interceptor: admits allow-listed identities and records the identity in
 /// the request extensions for the handlers' logs.
 pub fn allow_list(
@@ -17,15 +19,16 @@ pub fn allow_list(
 ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |mut request: Request<()>| {
         let Some(identity) = PeerIdentity::of_request(&request) else {
-            return Err(Status::permission_denied(
-                "the client certificate names no identity (no URI or DNS SAN, no common name)",
-            ));
+            return Err(to_status(ServiceError::NotAllowed(
+                "the client certificate names no identity (no URI or DNS SAN, no common name)"
+                    .into(),
+            )));
         };
         if !allowed.contains(identity.as_str()) {
             tracing::warn!(%identity, "refused a client that is not on the allow-list");
-            return Err(Status::permission_denied(format!(
+            return Err(to_status(ServiceError::NotAllowed(format!(
                 "client identity {identity} is not allowed to call the HSM daemon"
-            )));
+            ))));
         }
         request.extensions_mut().insert(identity);
         Ok(request)

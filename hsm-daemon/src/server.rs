@@ -3,7 +3,8 @@
 
 use std::{future::Future, sync::Arc};
 
-use cmk_hsm_custody::{Custody, CustodyError, SoftwareCustody, aws_kms::AwsSettings};
+use cmk_hsm_aws_kms::{AwsKeys, AwsSettings};
+use cmk_hsm_custody::{CustodyError, SoftwareCustody};
 use cmk_hsm_pkcs11::Pkcs11Custody;
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use cmk_runtime::server::{self, GrpcServer, Timeouts};
@@ -15,6 +16,7 @@ use crate::{
     authz,
     config::{Aws, CustodySettings, Settings},
     error::chain,
+    keys::Keys,
     service::HsmApi,
 };
 
@@ -29,29 +31,36 @@ pub enum StartError {
     Server(#[from] server::StartError),
 }
 
-/// Opens the configured custody backend. Blocking.
-fn open_custody(
+/// Opens the configured custody backend and, beside the software keystore
+/// (which keeps the references), the AWS KMS backend. Blocking.
+fn open_keys(
     custody: CustodySettings,
     import_key_bits: cmk_hsm_custody::ImportKeyBits,
     aws: Aws,
-) -> Result<Arc<dyn Custody>, CustodyError> {
+) -> Result<Keys, CustodyError> {
     Ok(match custody {
         CustodySettings::Software {
             keystore_dir,
             root_key,
-        } => Arc::new(
-            SoftwareCustody::open(&keystore_dir, root_key, import_key_bits)?.with_aws(
-                AwsSettings {
-                    endpoint: aws.endpoint,
-                    endpoint_for_region: aws.region_endpoints,
-                    ..AwsSettings::default()
-                },
-                aws.key_state_ttl,
-            ),
-        ),
+        } => {
+            let keystore = Arc::new(SoftwareCustody::open(
+                &keystore_dir,
+                root_key,
+                import_key_bits,
+            )?);
+            let settings = AwsSettings {
+                endpoint: aws.endpoint,
+                endpoint_for_region: aws.region_endpoints,
+                ..AwsSettings::default()
+            };
+            let aws = AwsKeys::new(settings, aws.key_state_ttl, keystore.clone());
+            Keys::new(keystore, Some(aws))
+        }
         // The token holds no references to AWS KMS keys: adding one is
         // refused as unsupported.
-        CustodySettings::Pkcs11(settings) => Arc::new(Pkcs11Custody::open(&settings)?),
+        CustodySettings::Pkcs11(settings) => {
+            Keys::new(Arc::new(Pkcs11Custody::open(&settings)?), None)
+        }
     })
 }
 
@@ -86,20 +95,21 @@ pub async fn serve(
     } = settings;
     let tls = server::watch_tls(tls)?;
     // Opening may generate the RSA import key, which takes a moment.
-    let custody = tokio::task::spawn_blocking(move || open_custody(custody, import_key_bits, aws))
+    let keys = tokio::task::spawn_blocking(move || open_keys(custody, import_key_bits, aws))
         .await
         .map_err(|panicked| server::StartError::Io(std::io::Error::other(panicked)))??;
+    let keys = Arc::new(keys);
 
     let mut grpc = GrpcServer::new()?;
     grpc.add_service(
-        HsmServiceServer::new(HsmApi::new(custody.clone(), limits))
+        HsmServiceServer::new(HsmApi::new(keys.clone(), limits))
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes),
     );
     let grpc = grpc.start(health_listen, metrics_listen).await?;
 
     let addr = listener.local_addr().map_err(server::StartError::Io)?;
-    let public = custody.import_public_key();
+    let public = keys.import_public_key();
     info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
     let timeouts = Timeouts {
         request: limits.request_timeout,

@@ -8,6 +8,7 @@
 
 pub mod codec;
 mod redact;
+pub mod status_details;
 
 /// The HSM daemon's API (`cmk.hsm.v1`).
 pub mod hsm {

@@ -187,7 +187,8 @@ async fn main() {
     let daemon =
         InProcess::start(pki.settings(&store.path().join("daemon"), Limits::default())).await;
     let client = pki.control_plane_client(daemon.addr).await;
-    let remote_public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
+    let remote_public =
+        cmk_tests::client_import_public_key(client.import_public_key().await.unwrap());
     let remote_wrapped: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..220)
             .map(|_| contract::wrap_for_import(&remote_public, contract::random(32).expose()))

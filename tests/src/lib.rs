@@ -206,6 +206,18 @@ pub fn import_public_key(
     }
 }
 
+/// The import key as the control plane's HSM client gives it, in the form
+/// the custody contract wraps under.
+pub fn client_import_public_key(
+    key: cmk_control_plane::hsm::ImportPublicKey,
+) -> cmk_hsm_custody::ImportPublicKey {
+    cmk_hsm_custody::ImportPublicKey {
+        pem: key.public_key_pem,
+        key_id: key.key_id,
+        bits: key.modulus_bits,
+    }
+}
+
 /// A mutual-TLS channel to `addr` (server name `localhost`) with `files`.
 pub async fn channel(
     addr: SocketAddr,

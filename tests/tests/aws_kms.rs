@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cmk_hsm_custody::aws_kms::{
+use cmk_hsm_aws_kms::{
     KeyArn, RoleArn,
     emulator::{
         self, admin as kms_admin, create_key, new_key, role_credentials, set_enabled,

@@ -861,7 +861,7 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
     } = Harness::start(Limits::default()).await;
     let client = pki.control_plane_client(daemon.addr).await;
 
-    let public = cmk_tests::import_public_key(client.import_public_key().await.unwrap());
+    let public = cmk_tests::client_import_public_key(client.import_public_key().await.unwrap());
     let wrapped = contract::wrap_for_import(&public, &[0x11; 32]);
     let handle = random_handle();
     let imported = client

@@ -18,7 +18,7 @@ mod org;
 use std::{fmt, time::Duration};
 
 pub use lifecycle::transition;
-pub use org::{Change, Command, Org};
+pub use org::{Change, Command, Effect, Org, Outcome};
 
 /// Seconds since the Unix epoch. The domain never reads a clock: callers pass
 /// the time in, so tests can move it.
@@ -216,7 +216,10 @@ pub enum KeySource {
     GenericDefault,
 }
 
-/// Lifecycle state of one key (README.md, "Key lifecycle").
+/// Lifecycle state of one key (docs/design.md, "Key lifecycle"), with the
+/// data that only that state has: a deactivated key knows when it is removed,
+/// a deleted one until when it can be restored, one its provider disabled
+/// which place it holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyState {
     /// In custody, not yet used.
@@ -226,17 +229,57 @@ pub enum KeyState {
     /// Still needed to unwrap KEKs not yet re-wrapped to the active key.
     Rotating,
     /// No longer used; removed once its retention ends.
-    Deactivated,
+    Deactivated {
+        /// When its retention ends.
+        remove_at: Timestamp,
+    },
     /// Suspected compromise: nothing may be decrypted with it.
     Revoked,
     /// As revoked, and removed once the 30-day restore window ends.
-    Deleted,
+    Deleted {
+        /// The end of its restore window.
+        restore_until: Timestamp,
+    },
     /// Logical: destroyed in custody and no longer listed.
     Removed,
-    /// An external key disabled or scheduled for deletion at its provider; it
-    /// holds the place of the state it came from (see
-    /// [`KeyRecord::before_provider_revocation`]).
-    RevokedByProvider,
+    /// Destroyed in custody while deleted: KEKs still need it, so the org
+    /// stays blocked until custody takes the original material back
+    /// ([`Action::Recover`]). Shown as "removed".
+    Lost,
+    /// An external key disabled or scheduled for deletion at its provider,
+    /// holding the place of the state it came from.
+    RevokedByProvider {
+        /// The state it returns to when its provider enables it again.
+        was: Place,
+    },
+}
+
+impl KeyState {
+    /// A key that blocks its org: revoked, deleted, or removed while still
+    /// needed.
+    pub fn blocks_org(self) -> bool {
+        matches!(self, Self::Revoked | Self::Deleted { .. } | Self::Lost)
+    }
+
+    /// Destroyed in custody (removed, or lost).
+    pub fn is_removed(self) -> bool {
+        matches!(self, Self::Removed | Self::Lost)
+    }
+
+    /// When a deactivated or deleted key is due for removal.
+    pub fn due(self) -> Option<Timestamp> {
+        match self {
+            Self::Deactivated { remove_at } => Some(remove_at),
+            Self::Deleted { restore_until } => Some(restore_until),
+            Self::Pending
+            | Self::Active
+            | Self::Rotating
+            | Self::Revoked
+            | Self::Removed
+            | Self::Lost
+            | Self::RevokedByProvider { .. } => None,
+        }
+    }
 }
 
 impl fmt::Display for KeyState {
@@ -245,12 +288,59 @@ impl fmt::Display for KeyState {
             Self::Pending => "pending",
             Self::Active => "active",
             Self::Rotating => "rotating",
-            Self::Deactivated => "deactivated",
+            Self::Deactivated { .. } => "deactivated",
             Self::Revoked => "revoked",
-            Self::Deleted => "deleted",
-            Self::Removed => "removed",
-            Self::RevokedByProvider => "revoked by provider",
+            Self::Deleted { .. } => "deleted",
+            Self::Removed | Self::Lost => "removed",
+            Self::RevokedByProvider { .. } => "revoked by provider",
         })
+    }
+}
+
+/// The states an external key's provider can take it out of: the place it
+/// keeps among the org's keys while disabled, and returns to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// It was pending.
+    Pending,
+    /// It was the master.
+    Active,
+    /// It was rotating.
+    Rotating,
+    /// It was deactivated (its retention pauses while disabled).
+    Deactivated {
+        /// When its retention ends.
+        remove_at: Timestamp,
+    },
+}
+
+impl Place {
+    /// The place a key in `state` holds, if its provider can take it out of
+    /// that state: a revoked, deleted or removed key is blocked or gone
+    /// already, and a disabled one is disabled.
+    pub fn of(state: KeyState) -> Option<Self> {
+        match state {
+            KeyState::Pending => Some(Self::Pending),
+            KeyState::Active => Some(Self::Active),
+            KeyState::Rotating => Some(Self::Rotating),
+            KeyState::Deactivated { remove_at } => Some(Self::Deactivated { remove_at }),
+            KeyState::Revoked
+            | KeyState::Deleted { .. }
+            | KeyState::Removed
+            | KeyState::Lost
+            | KeyState::RevokedByProvider { .. } => None,
+        }
+    }
+}
+
+impl From<Place> for KeyState {
+    fn from(place: Place) -> Self {
+        match place {
+            Place::Pending => Self::Pending,
+            Place::Active => Self::Active,
+            Place::Rotating => Self::Rotating,
+            Place::Deactivated { remove_at } => Self::Deactivated { remove_at },
+        }
     }
 }
 
@@ -320,13 +410,6 @@ pub struct KeyRecord {
     pub activated_at: Option<Timestamp>,
     /// When it was last revoked.
     pub revoked_at: Option<Timestamp>,
-    /// When a deactivated or deleted key is due for removal.
-    pub expires_at: Option<Timestamp>,
-    /// Removed while deleted: KEKs still need it, so the org stays blocked until
-    /// the same key is uploaded again.
-    pub needed: bool,
-    /// The state a key revoked by its provider returns to when re-enabled.
-    pub before_provider_revocation: Option<KeyState>,
 }
 
 impl KeyRecord {
@@ -336,9 +419,7 @@ impl KeyRecord {
     /// still holds the org's one pending or active place.
     pub fn slot(&self) -> KeyState {
         match self.state {
-            KeyState::RevokedByProvider => {
-                self.before_provider_revocation.unwrap_or(KeyState::Pending)
-            }
+            KeyState::RevokedByProvider { was } => was.into(),
             state => state,
         }
     }
@@ -353,9 +434,6 @@ impl KeyRecord {
             created_at: now,
             activated_at: None,
             revoked_at: None,
-            expires_at: None,
-            needed: false,
-            before_provider_revocation: None,
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The transition function: every rule about a single key.
 
-use crate::{Action, KeyRecord, KeySource, KeyState, LifecycleError, Policy, Timestamp};
+use crate::{Action, KeyRecord, KeySource, KeyState, LifecycleError, Place, Policy, Timestamp};
 
 /// The record after `action`, or why `action` is not allowed now.
+///
+/// Matched action by action, with no catch-all: a new action does not build
+/// until this function says from which states it is allowed.
 pub fn transition(
     key: &KeyRecord,
     action: Action,
@@ -11,15 +14,48 @@ pub fn transition(
 ) -> Result<KeyRecord, LifecycleError> {
     use Action as A;
     use KeyState as S;
+    let refuse = || LifecycleError::InvalidTransition {
+        key: key.id.clone(),
+        state: key.state,
+        action,
+        allowed: allowed(key),
+    };
     let mut next = key.clone();
-    match (key.state, action) {
-        (S::Pending, A::Activate) | (S::Revoked, A::Reactivate) => {
+    match action {
+        A::Activate | A::Reactivate => {
+            if !matches!(
+                (action, key.state),
+                (A::Activate, S::Pending) | (A::Reactivate, S::Revoked)
+            ) {
+                return Err(refuse());
+            }
             next.state = S::Active;
             next.activated_at = Some(now);
         }
-        (S::Pending, A::Cancel) => next.state = S::Removed,
-        (S::Active, A::Supersede) => next.state = S::Rotating,
-        (S::Active, A::Revoke) => {
+        A::Cancel => {
+            // A pending key could be cancelled before its provider disabled
+            // it, and nothing has used it since.
+            if !matches!(
+                key.state,
+                S::Pending
+                    | S::RevokedByProvider {
+                        was: Place::Pending
+                    }
+            ) {
+                return Err(refuse());
+            }
+            next.state = S::Removed;
+        }
+        A::Supersede => {
+            if key.state != S::Active {
+                return Err(refuse());
+            }
+            next.state = S::Rotating;
+        }
+        A::Revoke => {
+            if key.state != S::Active {
+                return Err(refuse());
+            }
             if key.source == KeySource::GenericDefault {
                 return Err(LifecycleError::GenericDefaultNotRevocable {
                     key: key.id.clone(),
@@ -28,78 +64,75 @@ pub fn transition(
             next.state = S::Revoked;
             next.revoked_at = Some(now);
         }
-        (S::Rotating, A::FinishRotation) => match key.source {
-            KeySource::Uploaded => {
-                next.state = S::Deactivated;
-                next.expires_at = Some(now.plus(policy.deactivated_retention));
+        A::FinishRotation => {
+            if key.state != S::Rotating {
+                return Err(refuse());
             }
-            // Nothing of these is held by the service: they simply leave the list.
-            KeySource::AwsKms | KeySource::GenericDefault => next.state = S::Removed,
-        },
-        (S::Revoked, A::Delete) => {
-            next.state = S::Deleted;
-            next.expires_at = Some(now.plus(policy.restore_window));
+            next.state = match key.source {
+                KeySource::Uploaded => S::Deactivated {
+                    remove_at: now.plus(policy.deactivated_retention),
+                },
+                // Nothing of these is held by the service: they simply leave the list.
+                KeySource::AwsKms | KeySource::GenericDefault => S::Removed,
+            };
         }
-        (S::Deleted, A::Restore) => {
-            let ends = key.expires_at.unwrap_or(now);
-            if now >= ends {
+        A::Delete => {
+            if key.state != S::Revoked {
+                return Err(refuse());
+            }
+            next.state = S::Deleted {
+                restore_until: now.plus(policy.restore_window),
+            };
+        }
+        A::Restore => {
+            let S::Deleted { restore_until } = key.state else {
+                return Err(refuse());
+            };
+            if now >= restore_until {
                 return Err(LifecycleError::RestoreWindowClosed {
                     key: key.id.clone(),
-                    ended: ends,
+                    ended: restore_until,
                 });
             }
             next.state = S::Revoked;
-            next.expires_at = None;
         }
-        (S::Deactivated | S::Deleted, A::Expire) => {
-            let due = key.expires_at.unwrap_or(now);
+        A::Expire => {
+            let Some(due) = key.state.due() else {
+                return Err(refuse());
+            };
             if now < due {
                 return Err(LifecycleError::NotDue {
                     key: key.id.clone(),
                     due,
                 });
             }
-            next.needed = key.state == S::Deleted;
-            next.state = S::Removed;
-            next.expires_at = None;
+            // A deleted key may still wrap KEKs: the org stays blocked.
+            next.state = match key.state.blocks_org() {
+                true => S::Lost,
+                false => S::Removed,
+            };
         }
-        (S::Removed, A::Recover) if key.needed => {
+        A::Recover => {
+            if key.state != S::Lost {
+                return Err(refuse());
+            }
             next.state = S::Revoked;
-            next.needed = false;
         }
-        (S::Pending | S::Active | S::Rotating | S::Deactivated, A::ProviderDisable)
-            if key.source == KeySource::AwsKms =>
-        {
-            next.before_provider_revocation = Some(key.state);
-            next.state = S::RevokedByProvider;
+        A::ProviderDisable => {
+            if key.source != KeySource::AwsKms {
+                return Err(refuse());
+            }
+            // Revoked, deleted or removed: blocked or gone already.
+            let Some(was) = Place::of(key.state) else {
+                return Err(refuse());
+            };
+            next.state = S::RevokedByProvider { was };
         }
-        (S::RevokedByProvider, A::ProviderEnable) => {
-            next.state = key.slot();
-            next.before_provider_revocation = None;
-        }
-        // A pending key could be cancelled before its provider disabled it,
-        // and nothing has used it since.
-        (S::RevokedByProvider, A::Cancel) if key.slot() == S::Pending => {
-            next.state = S::Removed;
-            next.before_provider_revocation = None;
-        }
-        (
-            S::Pending
-            | S::Active
-            | S::Rotating
-            | S::Deactivated
-            | S::Revoked
-            | S::Deleted
-            | S::Removed
-            | S::RevokedByProvider,
-            _,
-        ) => {
-            return Err(LifecycleError::InvalidTransition {
-                key: key.id.clone(),
-                state: key.state,
-                action,
-                allowed: allowed(key),
-            });
+        A::ProviderEnable => {
+            let S::RevokedByProvider { was } = key.state else {
+                return Err(refuse());
+            };
+            next.state = was.into();
         }
     }
     Ok(next)
@@ -118,24 +151,28 @@ fn allowed(key: &KeyRecord) -> String {
         KeyState::Rotating => {
             "a rotating key changes state by itself once every KEK is re-wrapped".into()
         }
-        KeyState::Deactivated => "a deactivated key is removed when its retention ends".into(),
+        KeyState::Deactivated { .. } => {
+            "a deactivated key is removed when its retention ends".into()
+        }
         KeyState::Revoked => "a revoked key can be reactivated or deleted".into(),
-        KeyState::Deleted => match key.expires_at {
-            Some(ends) => format!("a deleted key can be restored until {ends}"),
-            None => "a deleted key can be restored".into(),
-        },
-        KeyState::Removed if key.needed => {
+        KeyState::Deleted { restore_until } => {
+            format!("a deleted key can be restored until {restore_until}")
+        }
+        KeyState::Lost => {
             format!(
                 "upload the original key (check value {}) again to recover it",
                 key.check_value
             )
         }
         KeyState::Removed => "a removed key is gone".into(),
-        KeyState::RevokedByProvider => match key.slot() {
-            KeyState::Pending => "a pending key disabled at its provider becomes pending again \
-                                  once enabled there, and can be cancelled meanwhile"
+        KeyState::RevokedByProvider { was } => match was {
+            Place::Pending => "a pending key disabled at its provider becomes pending again \
+                               once enabled there, and can be cancelled meanwhile"
                 .into(),
-            before => format!("it becomes {before} again once enabled at its provider"),
+            Place::Active | Place::Rotating | Place::Deactivated { .. } => format!(
+                "it becomes {} again once enabled at its provider",
+                KeyState::from(was)
+            ),
         },
     }
 }
@@ -192,7 +229,12 @@ mod tests {
         let deleted =
             transition(&revoked, Action::Delete, Timestamp(100), &policy).expect("delete");
         let window = policy.restore_window.as_secs() as i64;
-        assert_eq!(deleted.expires_at, Some(Timestamp(100 + window)));
+        assert_eq!(
+            deleted.state,
+            KeyState::Deleted {
+                restore_until: Timestamp(100 + window)
+            }
+        );
         let restored = transition(
             &deleted,
             Action::Restore,
@@ -219,8 +261,9 @@ mod tests {
         ));
         let removed =
             transition(&deleted, Action::Expire, Timestamp(100 + window), &policy).expect("expire");
-        assert!(
-            removed.needed,
+        assert_eq!(
+            removed.state,
+            KeyState::Lost,
             "a key removed while deleted is still needed"
         );
         let recovered = transition(
@@ -237,7 +280,12 @@ mod tests {
     fn rotated_off_keys_the_service_does_not_hold_leave_the_list() {
         let policy = Policy::default();
         for (source, expected) in [
-            (KeySource::Uploaded, KeyState::Deactivated),
+            (
+                KeySource::Uploaded,
+                KeyState::Deactivated {
+                    remove_at: Timestamp(5).plus(policy.deactivated_retention),
+                },
+            ),
             (KeySource::AwsKms, KeyState::Removed),
             (KeySource::GenericDefault, KeyState::Removed),
         ] {
@@ -259,15 +307,17 @@ mod tests {
             KeyState::Pending,
             KeyState::Active,
             KeyState::Rotating,
-            KeyState::Deactivated,
+            KeyState::Deactivated {
+                remove_at: Timestamp(99),
+            },
         ] {
-            let before = KeyRecord {
-                expires_at: Some(Timestamp(99)),
-                ..key(state, KeySource::AwsKms)
-            };
+            let before = key(state, KeySource::AwsKms);
             let disabled = transition(&before, Action::ProviderDisable, Timestamp(1), &policy)
                 .expect("disable");
-            assert_eq!(disabled.state, KeyState::RevokedByProvider, "{state}");
+            assert!(
+                matches!(disabled.state, KeyState::RevokedByProvider { .. }),
+                "{state}"
+            );
             assert_eq!(disabled.slot(), state, "it keeps its place");
             let again = transition(&disabled, Action::ProviderDisable, Timestamp(2), &policy)
                 .expect_err("disabled twice");
@@ -287,7 +337,14 @@ mod tests {
         }
         // Only what the service still uses can be disabled: a revoked, deleted
         // or removed key is blocked or gone already.
-        for state in [KeyState::Revoked, KeyState::Deleted, KeyState::Removed] {
+        for state in [
+            KeyState::Revoked,
+            KeyState::Deleted {
+                restore_until: Timestamp(9),
+            },
+            KeyState::Removed,
+            KeyState::Lost,
+        ] {
             let err = transition(
                 &key(state, KeySource::AwsKms),
                 Action::ProviderDisable,
@@ -333,7 +390,6 @@ mod tests {
             assert_eq!(cancelled.is_ok(), cancellable, "{state}: {cancelled:?}");
             if let Ok(cancelled) = cancelled {
                 assert_eq!(cancelled.state, KeyState::Removed);
-                assert_eq!(cancelled.before_provider_revocation, None);
             }
             for action in [Action::Activate, Action::Revoke, Action::Delete] {
                 assert!(
@@ -354,7 +410,10 @@ mod tests {
             &policy,
         )
         .expect("disable");
-        assert_eq!(aws.state, KeyState::RevokedByProvider);
+        assert_eq!(
+            aws.state,
+            KeyState::RevokedByProvider { was: Place::Active }
+        );
         let back = transition(&aws, Action::ProviderEnable, Timestamp(2), &policy).expect("enable");
         assert_eq!(back.state, KeyState::Active);
         assert!(

@@ -59,7 +59,7 @@ pub mod testdb;
 use std::{sync::Arc, time::Duration};
 
 use cmk_control_plane_domain::{
-    KekId, KeyId, KeyRecord, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
+    KekId, KeyId, KeyRecord, Org, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
 };
 
 pub use postgres::{PgStore, PgStoreOptions};
@@ -110,6 +110,16 @@ pub struct StoredOrg {
     pub version: u64,
     /// Every key, removed ones included, in the order they were added.
     pub keys: Vec<StoredKey>,
+}
+
+impl StoredOrg {
+    /// The org as the lifecycle sees it.
+    pub fn domain(&self) -> Org {
+        Org::from_records(
+            self.byok,
+            self.keys.iter().map(|k| k.record.clone()).collect(),
+        )
+    }
 }
 
 /// An audit event before the store gives it a place in the org's chain.
@@ -317,7 +327,7 @@ pub enum StoreError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Stored data does not decode (a bug, or tampering outside the service).
     #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
+    Corrupt(Corruption),
     /// The import the change would keep took longer than repair waits for an
     /// import to finish; repair claimed it as abandoned and destroys its
     /// material, so nothing was committed.
@@ -328,6 +338,109 @@ pub enum StoreError {
     /// The generic default key was renewed since the caller read it.
     #[error("the generic default key was renewed meanwhile; read it again")]
     GenericKeyChanged,
+}
+
+/// A column of a table, as corruption names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// The table.
+    pub table: &'static str,
+    /// The column.
+    pub name: &'static str,
+}
+
+impl std::fmt::Display for Column {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.table, self.name)
+    }
+}
+
+/// What is wrong with stored data: the store never wrote it so, so a bug or
+/// a hand outside the service did.
+#[derive(Debug, thiserror::Error)]
+pub enum Corruption {
+    /// An enumeration's text this release does not know.
+    #[error("{column} has unknown value {value:?}")]
+    UnknownValue {
+        /// Where.
+        column: Column,
+        /// The text found.
+        value: String,
+    },
+    /// An id the service would not accept.
+    #[error("{column} {value:?}: {why}")]
+    InvalidId {
+        /// Where.
+        column: Column,
+        /// The text found.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A negative version, sequence number or count.
+    #[error("{column} is negative: {value}")]
+    Negative {
+        /// Where.
+        column: Column,
+        /// The value found.
+        value: i64,
+    },
+    /// A chain hash of the wrong length.
+    #[error("{column} is {len} bytes, not a 32-byte hash")]
+    HashLength {
+        /// Where.
+        column: Column,
+        /// Its length.
+        len: usize,
+    },
+    /// A value the rest of the row requires is missing.
+    #[error("{column} is missing, but {because}")]
+    MissingValue {
+        /// Where.
+        column: Column,
+        /// Why it must be there.
+        because: &'static str,
+    },
+    /// A value of the wrong SQL type, or a column the row lacks.
+    #[error("{column}: {source}")]
+    Undecodable {
+        /// Where.
+        column: Column,
+        /// What the database driver said.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database reports a value it cannot decode, or damaged pages.
+    #[error("the database reports damaged data")]
+    Damaged(#[source] sqlx::Error),
+    /// A row that must exist is missing.
+    #[error("{table}: {what} is missing")]
+    MissingRow {
+        /// The table.
+        table: &'static str,
+        /// Which row.
+        what: &'static str,
+    },
+    /// An org's audit sequence reached the integer limit.
+    #[error("audit.seq of org {0} is exhausted")]
+    AuditSeqExhausted(OrgId),
+    /// A counter beyond SQL's signed 64-bit range.
+    #[error("counter {0} exceeds the database's integer range")]
+    CounterRange(u64),
+    /// KEKs wrapped by a key whose count is missing or too small.
+    #[error("kek_counts: org {org} has KEKs wrapped by {key} but no count for them")]
+    KekCountMissing {
+        /// The org.
+        org: OrgId,
+        /// The wrapping key.
+        key: KeyId,
+    },
+}
+
+impl From<Corruption> for StoreError {
+    fn from(corruption: Corruption) -> Self {
+        Self::Corrupt(corruption)
+    }
 }
 
 /// The control plane's metadata store: every role below, as one object.

@@ -8,8 +8,8 @@
 use cmk_control_plane_domain::{KeyId, OrgId, ResourceId, Timestamp, audit::ChainedEvent};
 
 use crate::{
-    Commit, GenericKey, Intent, IntentKind, NewAuditEvent, Rewrap, RotationChange, RotationJob,
-    StoreError, StoredKek, StoredKey, StoredOrg, sql,
+    Commit, Corruption, GenericKey, Intent, IntentKind, NewAuditEvent, Rewrap, RotationChange,
+    RotationJob, StoreError, StoredKek, StoredKey, StoredOrg, sql,
 };
 
 /// Whether a read of the generic key locks its row until the commit.
@@ -287,7 +287,10 @@ pub(crate) async fn put_generic_key(
     tx.insert_generic_key_if_absent(&key).await?;
     // Just inserted if there was none.
     let stored = tx.generic_key(Lock::None).await?.ok_or_else(|| {
-        StoreError::Corrupt("generic_key: the stored key vanished within a transaction".into())
+        StoreError::Corrupt(Corruption::MissingRow {
+            table: "generic_key",
+            what: "the generic default key just stored",
+        })
     })?;
     // Another writer's key is stored: this one's intent stays open (the
     // transaction is dropped, undoing the resolve), so repair destroys the
@@ -311,9 +314,10 @@ pub(crate) async fn renew_generic_key(
     let Some(mut stored) = tx.generic_key(Lock::ForUpdate).await? else {
         // The store never deletes the generic key, and the caller read
         // `old_handle` from it.
-        return Err(StoreError::Corrupt(
-            "generic_key: no generic default key is stored to renew".into(),
-        ));
+        return Err(StoreError::Corrupt(Corruption::MissingRow {
+            table: "generic_key",
+            what: "the generic default key being renewed",
+        }));
     };
     // Renewing a key to itself would retire the key in use, and a later
     // drop would destroy it.
@@ -423,9 +427,10 @@ pub(crate) async fn rewrap_keks(
             // the KEKs: the CHECK on the table, or the test here, aborts the
             // write rather than let a key look unused while KEKs need it.
             if !tx.remove_from_count(org, from, n).await? {
-                return Err(StoreError::Corrupt(format!(
-                    "kek_counts: org {org} has KEKs wrapped by {from} but no count for it"
-                )));
+                return Err(StoreError::Corrupt(Corruption::KekCountMissing {
+                    org: org.clone(),
+                    key: from.clone(),
+                }));
             }
             tx.add_to_count(org, to, n).await?;
         }

@@ -1,10 +1,7 @@
 //! What the SQL statements share: decoding rows into the store's types,
 //! extending an audit chain, and the bookkeeping of KEK batches.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-};
+use std::collections::{BTreeMap, HashMap};
 
 use cmk_control_plane_domain::{
     KeyId, KeyRecord, OrgId, Timestamp,
@@ -13,18 +10,19 @@ use cmk_control_plane_domain::{
 use sqlx::{ColumnIndex, Decode, Row, Type, migrate::MigrateError};
 
 use crate::{
-    AwsArns, GenericKey, Intent, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob, StoreError,
-    StoredKek, StoredKey, codec,
+    AwsArns, Column, Corruption, GenericKey, Intent, NewAuditEvent, OrgAwsKey, Rewrap, RotationJob,
+    StoreError, StoredKek, StoredKey,
+    codec::{self, KeyColumns},
 };
 
 /// The column types the store reads, from a row of any database it supports.
 pub trait Columns {
-    fn text(&self, name: &str) -> Result<&str, sqlx::Error>;
-    fn optional_text(&self, name: &str) -> Result<Option<&str>, sqlx::Error>;
-    fn int(&self, name: &str) -> Result<i64, sqlx::Error>;
-    fn optional_int(&self, name: &str) -> Result<Option<i64>, sqlx::Error>;
-    fn flag(&self, name: &str) -> Result<bool, sqlx::Error>;
-    fn bytes(&self, name: &str) -> Result<&[u8], sqlx::Error>;
+    fn text(&self, name: &'static str) -> Result<&str, sqlx::Error>;
+    fn optional_text(&self, name: &'static str) -> Result<Option<&str>, sqlx::Error>;
+    fn int(&self, name: &'static str) -> Result<i64, sqlx::Error>;
+    fn optional_int(&self, name: &'static str) -> Result<Option<i64>, sqlx::Error>;
+    fn flag(&self, name: &'static str) -> Result<bool, sqlx::Error>;
+    fn bytes(&self, name: &'static str) -> Result<&[u8], sqlx::Error>;
 }
 
 impl<R> Columns for R
@@ -36,27 +34,27 @@ where
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
 {
-    fn text(&self, name: &str) -> Result<&str, sqlx::Error> {
+    fn text(&self, name: &'static str) -> Result<&str, sqlx::Error> {
         self.try_get(name)
     }
 
-    fn optional_text(&self, name: &str) -> Result<Option<&str>, sqlx::Error> {
+    fn optional_text(&self, name: &'static str) -> Result<Option<&str>, sqlx::Error> {
         self.try_get(name)
     }
 
-    fn int(&self, name: &str) -> Result<i64, sqlx::Error> {
+    fn int(&self, name: &'static str) -> Result<i64, sqlx::Error> {
         self.try_get(name)
     }
 
-    fn optional_int(&self, name: &str) -> Result<Option<i64>, sqlx::Error> {
+    fn optional_int(&self, name: &'static str) -> Result<Option<i64>, sqlx::Error> {
         self.try_get(name)
     }
 
-    fn flag(&self, name: &str) -> Result<bool, sqlx::Error> {
+    fn flag(&self, name: &'static str) -> Result<bool, sqlx::Error> {
         self.try_get(name)
     }
 
-    fn bytes(&self, name: &str) -> Result<&[u8], sqlx::Error> {
+    fn bytes(&self, name: &'static str) -> Result<&[u8], sqlx::Error> {
         self.try_get(name)
     }
 }
@@ -72,46 +70,49 @@ impl<'r, R: Columns> Cells<'r, R> {
         Self { row, table }
     }
 
-    pub(crate) fn text(&self, name: &str) -> Result<&'r str, StoreError> {
+    pub(crate) fn text(&self, name: &'static str) -> Result<&'r str, StoreError> {
         self.row.text(name).map_err(|e| self.corrupt(name, e))
     }
 
-    pub(crate) fn string(&self, name: &str) -> Result<String, StoreError> {
+    pub(crate) fn string(&self, name: &'static str) -> Result<String, StoreError> {
         self.text(name).map(str::to_owned)
     }
 
-    pub(crate) fn optional_string(&self, name: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn optional_string(&self, name: &'static str) -> Result<Option<String>, StoreError> {
         self.optional_text(name).map(|t| t.map(str::to_owned))
     }
 
-    pub(crate) fn key_id(&self, name: &str) -> Result<KeyId, StoreError> {
+    pub(crate) fn key_id(&self, name: &'static str) -> Result<KeyId, StoreError> {
         self.string(name).map(KeyId)
     }
 
     /// A signed integer as stored (a count or number the caller converts).
-    pub(crate) fn int(&self, name: &str) -> Result<i64, StoreError> {
+    pub(crate) fn int(&self, name: &'static str) -> Result<i64, StoreError> {
         self.row.int(name).map_err(|e| self.corrupt(name, e))
     }
 
-    pub(crate) fn timestamp(&self, name: &str) -> Result<Timestamp, StoreError> {
+    pub(crate) fn timestamp(&self, name: &'static str) -> Result<Timestamp, StoreError> {
         self.row
             .int(name)
             .map(Timestamp)
             .map_err(|e| self.corrupt(name, e))
     }
 
-    pub(crate) fn optional_timestamp(&self, name: &str) -> Result<Option<Timestamp>, StoreError> {
+    pub(crate) fn optional_timestamp(
+        &self,
+        name: &'static str,
+    ) -> Result<Option<Timestamp>, StoreError> {
         self.row
             .optional_int(name)
             .map(|t| t.map(Timestamp))
             .map_err(|e| self.corrupt(name, e))
     }
 
-    pub(crate) fn flag(&self, name: &str) -> Result<bool, StoreError> {
+    pub(crate) fn flag(&self, name: &'static str) -> Result<bool, StoreError> {
         self.row.flag(name).map_err(|e| self.corrupt(name, e))
     }
 
-    pub(crate) fn bytes(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+    pub(crate) fn bytes(&self, name: &'static str) -> Result<Vec<u8>, StoreError> {
         self.row
             .bytes(name)
             .map(<[u8]>::to_vec)
@@ -120,64 +121,57 @@ impl<'r, R: Columns> Cells<'r, R> {
 
     pub(crate) fn parse<T>(
         &self,
-        name: &str,
-        parse: fn(&dyn fmt::Display, &str) -> Result<T, StoreError>,
+        name: &'static str,
+        parse: fn(Column, &str) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        parse(&self.column(name), self.text(name)?)
+        parse(self.column(name), self.text(name)?)
     }
 
     pub(crate) fn parse_optional<T>(
         &self,
-        name: &str,
-        parse: fn(&dyn fmt::Display, &str) -> Result<T, StoreError>,
+        name: &'static str,
+        parse: fn(Column, &str) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
         self.optional_text(name)?
-            .map(|text| parse(&self.column(name), text))
+            .map(|text| parse(self.column(name), text))
             .transpose()
     }
 
-    pub(crate) fn org(&self, name: &str) -> Result<OrgId, StoreError> {
+    pub(crate) fn org(&self, name: &'static str) -> Result<OrgId, StoreError> {
         self.parse(name, codec::parse_org)
     }
 
-    pub(crate) fn unsigned(&self, name: &str) -> Result<u64, StoreError> {
+    pub(crate) fn unsigned(&self, name: &'static str) -> Result<u64, StoreError> {
         let value = self.row.int(name).map_err(|e| self.corrupt(name, e))?;
-        codec::parse_unsigned(&self.column(name), value)
+        codec::parse_unsigned(self.column(name), value)
     }
 
-    pub(crate) fn hash(&self, name: &str) -> Result<[u8; 32], StoreError> {
+    pub(crate) fn hash(&self, name: &'static str) -> Result<[u8; 32], StoreError> {
         let bytes = self.row.bytes(name).map_err(|e| self.corrupt(name, e))?;
-        codec::parse_hash(&self.column(name), bytes)
+        codec::parse_hash(self.column(name), bytes)
     }
 
-    fn optional_text(&self, name: &str) -> Result<Option<&'r str>, StoreError> {
+    pub(crate) fn optional_text(&self, name: &'static str) -> Result<Option<&'r str>, StoreError> {
         self.row
             .optional_text(name)
             .map_err(|e| self.corrupt(name, e))
     }
 
-    fn corrupt(&self, name: &str, error: sqlx::Error) -> StoreError {
-        StoreError::Corrupt(format!("{}: {error}", self.column(name)))
+    fn corrupt(&self, name: &'static str, source: sqlx::Error) -> StoreError {
+        Corruption::Undecodable {
+            column: self.column(name),
+            source,
+        }
+        .into()
     }
 
     /// `table.column`; formatted only if an error names it, since every
     /// decoded value passes one to its parser.
-    fn column<'n>(&self, name: &'n str) -> Column<'n> {
+    fn column(&self, name: &'static str) -> Column {
         Column {
             table: self.table,
             name,
         }
-    }
-}
-
-struct Column<'n> {
-    table: &'static str,
-    name: &'n str,
-}
-
-impl fmt::Display for Column<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.table, self.name)
     }
 }
 
@@ -187,15 +181,17 @@ pub(crate) fn decode_key(row: &impl Columns) -> Result<StoredKey, StoreError> {
         record: KeyRecord {
             id: cells.key_id("key_id")?,
             source: cells.parse("source", codec::parse_key_source)?,
-            state: cells.parse("state", codec::parse_key_state)?,
+            state: KeyColumns {
+                state: cells.text("state")?,
+                expires_at: cells.optional_timestamp("expires_at")?,
+                needed: cells.flag("needed")?,
+                before_provider_revocation: cells.optional_text("before_provider_revocation")?,
+            }
+            .decode("keys")?,
             check_value: cells.string("check_value")?,
             created_at: cells.timestamp("created_at")?,
             activated_at: cells.optional_timestamp("activated_at")?,
             revoked_at: cells.optional_timestamp("revoked_at")?,
-            expires_at: cells.optional_timestamp("expires_at")?,
-            needed: cells.flag("needed")?,
-            before_provider_revocation: cells
-                .parse_optional("before_provider_revocation", codec::parse_key_state)?,
         },
         handle: cells.string("handle")?,
         aws: decode_aws(&cells)?,
@@ -225,9 +221,14 @@ fn decode_aws<R: Columns>(cells: &Cells<'_, R>) -> Result<Option<AwsArns>, Store
             role_arn,
         })),
         None if backup_key_arn.is_none() && role_arn.is_none() => Ok(None),
-        None => Err(StoreError::Corrupt(
-            "keys.aws_key_arn is missing beside a backup key or role ARN".into(),
-        )),
+        None => Err(Corruption::MissingValue {
+            column: Column {
+                table: "keys",
+                name: "aws_key_arn",
+            },
+            because: "the key has a backup key or role ARN",
+        }
+        .into()),
     }
 }
 
@@ -363,12 +364,13 @@ pub(crate) fn chain_after(
     } in events
     {
         let prev = chained.last().or(head.as_ref());
-        let seq = match prev {
-            None => 1,
-            Some(prev) => prev.event.seq.checked_add(1).ok_or_else(|| {
-                StoreError::Corrupt(format!("audit.seq of org {org} is exhausted"))
-            })?,
-        };
+        let seq =
+            match prev {
+                None => 1,
+                Some(prev) => prev.event.seq.checked_add(1).ok_or_else(|| {
+                    StoreError::Corrupt(Corruption::AuditSeqExhausted(org.clone()))
+                })?,
+            };
         let next = audit::chain(
             prev,
             AuditEvent {
@@ -415,11 +417,7 @@ pub(crate) fn count_by_key(keks: &[StoredKek]) -> BTreeMap<&KeyId, u64> {
 /// the store writes are reached by counting from 1, so one that does not fit
 /// means the stored count is already at the limit.
 pub(crate) fn sql_int(value: u64) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| {
-        StoreError::Corrupt(format!(
-            "counter {value} exceeds the database's integer range"
-        ))
-    })
+    i64::try_from(value).map_err(|_| Corruption::CounterRange(value).into())
 }
 
 /// Errors that say a stored value does not decode, whichever the database.

@@ -14,14 +14,15 @@
 use std::time::Duration;
 
 use cmk_control_plane_domain::{
-    KekId, KeyId, KeyRecord, KeyState, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
+    KekId, KeyId, KeyRecord, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
 };
 use sqlx::{Pool, Transaction, migrate::MigrateError};
 
 use crate::{
-    AuditStore, Commit, GenericKey, GenericKeyStore, Intent, IntentKind, IntentStore, JobState,
-    KekStore, LeaseStore, NewAuditEvent, OrgAwsKey, OrgStore, Rewrap, RotationJob, StoreError,
-    StoredKek, StoredKey, StoredOrg, codec,
+    AuditStore, Commit, Corruption, GenericKey, GenericKeyStore, Intent, IntentKind, IntentStore,
+    JobState, KekStore, LeaseStore, NewAuditEvent, OrgAwsKey, OrgStore, Rewrap, RotationJob,
+    StoreError, StoredKek, StoredKey, StoredOrg,
+    codec::{self, KeyColumns},
     dialect::{Dialect, Stmt},
     ops::{self, Lock, Tx},
     sql::{
@@ -140,8 +141,8 @@ impl<D: Dialect> OrgStore for SqlStore<D> {
                 "SELECT DISTINCT org FROM keys \
                  WHERE state IN ($1, $2) AND expires_at <= $3 ORDER BY org",
             )
-            .text(codec::key_state(KeyState::Deactivated))
-            .text(codec::key_state(KeyState::Deleted))
+            .text(codec::DEACTIVATED)
+            .text(codec::DELETED)
             .int(now.0),
         )
         .await?
@@ -156,7 +157,7 @@ impl<D: Dialect> OrgStore for SqlStore<D> {
                 "SELECT org, {KEY_COLUMNS} FROM keys \
                  WHERE aws_key_arn IS NOT NULL AND state <> $1 ORDER BY org, position"
             ))
-            .text(codec::key_state(KeyState::Removed)),
+            .text(codec::REMOVED),
         )
         .await?
         .iter()
@@ -294,7 +295,7 @@ impl<D: Dialect> GenericKeyStore for SqlStore<D> {
                 "SELECT DISTINCT org FROM keys WHERE handle = $1 AND state <> $2 ORDER BY org",
             )
             .text(handle)
-            .text(codec::key_state(KeyState::Removed)),
+            .text(codec::REMOVED),
         )
         .await?
         .iter()
@@ -476,7 +477,10 @@ impl<D: Dialect> SqlTx<D> {
     ) -> Result<D::Row, StoreError> {
         self.fetch_optional(stmt)
             .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("{table}: a query of one row found none")))
+            .ok_or(StoreError::Corrupt(Corruption::MissingRow {
+                table,
+                what: "the row a query of one row reads",
+            }))
     }
 }
 
@@ -566,14 +570,17 @@ impl<D: Dialect> Tx for SqlTx<D> {
                     created_at,
                     activated_at,
                     revoked_at,
-                    expires_at,
-                    needed,
-                    before_provider_revocation,
                 },
             handle,
             aws,
         } = key;
         let [aws_key_arn, aws_backup_key_arn, aws_role_arn] = sql::aws_columns(aws.as_ref());
+        let KeyColumns {
+            state,
+            expires_at,
+            needed,
+            before_provider_revocation,
+        } = KeyColumns::of(*state);
         self.execute(
             Stmt::new(
                 "INSERT INTO keys (org, key_id, position, handle, source, state, check_value, \
@@ -596,14 +603,14 @@ impl<D: Dialect> Tx for SqlTx<D> {
             .text(id.0.as_str())
             .text(handle.as_str())
             .text(codec::key_source(*source))
-            .text(codec::key_state(*state))
+            .text(state)
             .text(check_value.as_str())
             .int(created_at.0)
             .optional_int(activated_at.map(|t| t.0))
             .optional_int(revoked_at.map(|t| t.0))
             .optional_int(expires_at.map(|t| t.0))
-            .flag(*needed)
-            .optional_text(before_provider_revocation.map(codec::key_state))
+            .flag(needed)
+            .optional_text(before_provider_revocation)
             .optional_text(aws_key_arn)
             .optional_text(aws_backup_key_arn)
             .optional_text(aws_role_arn),
@@ -955,7 +962,7 @@ impl<D: Dialect> Tx for SqlTx<D> {
                          OR EXISTS (SELECT 1 FROM generic_key WHERE handle = $1)) AS value",
             )
             .text(handle)
-            .text(codec::key_state(KeyState::Removed)),
+            .text(codec::REMOVED),
             "keys",
         )
         .await
@@ -995,10 +1002,8 @@ fn read_generic_key<D: Dialect>(lock: Lock) -> Stmt<'static> {
 /// [`StoreError::Unavailable`] with the sqlx error as its source.
 pub(crate) fn db<D: Dialect>(error: sqlx::Error) -> StoreError {
     match &error {
-        _ if sql::is_decode_error(&error) => StoreError::Corrupt(error.to_string()),
-        sqlx::Error::Database(e) if D::is_damaged(e.as_ref()) => {
-            StoreError::Corrupt(error.to_string())
-        }
+        _ if sql::is_decode_error(&error) => Corruption::Damaged(error).into(),
+        sqlx::Error::Database(e) if D::is_damaged(e.as_ref()) => Corruption::Damaged(error).into(),
         _ => StoreError::Unavailable(Box::new(error)),
     }
 }

@@ -334,7 +334,7 @@ async fn a_commit_taking_the_generic_key_waits_for_a_renewal_and_sees_it() {
         .unwrap();
 
     let org = org_id("generic-lock");
-    let mut user = contract::key_in("k-generic", old.clone(), KeyState::Active, None);
+    let mut user = contract::key_in("k-generic", old.clone(), KeyState::Active);
     user.record.source = cmk_control_plane_domain::KeySource::GenericDefault;
     let taking = cmk_control_plane_store::Commit {
         uses_generic: Some(old.clone()),

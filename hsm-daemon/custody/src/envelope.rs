@@ -23,11 +23,12 @@
 //! offset  length  field
 //! 0       1       format version (2)
 //! 1       16      key handle of the AWS key reference
-//! 17      …       the KMS ciphertexts (crate::aws_kms::WrappedByAws)
+//! 17      …       the KMS ciphertexts (`cmk_hsm_aws_kms::WrappedByAws`)
 //! ```
 //!
 //! KMS authenticates its ciphertexts; the handle and the caller's associated
-//! data are bound through the encryption context (see `crate::aws_kms`).
+//! data are bound through the encryption context (see `cmk_hsm_aws_kms`).
+//! This crate reads only the header; the body is the aws-kms backend's.
 
 use aes_gcm::{
     Aes256Gcm, Nonce, Tag,
@@ -49,8 +50,6 @@ const TAG_LEN: usize = 16;
 pub const MIN_LEN: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
 /// The shortest version 2 body: version, flags and one length-prefixed byte.
 const MIN_AWS_BODY: usize = 5;
-/// The longest version 2 ciphertext: two KMS blobs of the largest size.
-pub const MAX_AWS_LEN: usize = HEADER_LEN + 2 + 2 * (2 + crate::aws_kms::MAX_BLOB_LEN);
 
 /// What the header of a `wrap` ciphertext says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

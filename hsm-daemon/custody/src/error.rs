@@ -5,7 +5,6 @@
 use std::io;
 
 use crate::KeyHandle;
-use crate::aws_kms::{ArnError, AwsError, KeyArn, ProviderState};
 
 /// Why a custody operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,25 +84,10 @@ pub enum CustodyError {
     /// The backend itself could not be reached (an HSM, a cloud KMS).
     #[error("key backend unavailable: {0}")]
     Unavailable(String),
-    /// An AWS key reference names a malformed ARN.
-    #[error(transparent)]
-    Arn(#[from] ArnError),
-    /// AWS KMS refused or failed a call on a referenced key.
-    #[error(transparent)]
-    Aws(#[from] AwsError),
-    /// The owner of a key in AWS KMS disabled it or scheduled its deletion
-    /// (outside this service): nothing is wrapped or unwrapped with it until it
-    /// is enabled again.
-    #[error(
-        "AWS KMS key {key} is {state} in AWS KMS, so it cannot be used: {}",
-        state.remedy()
-    )]
-    ProviderKeyState {
-        /// The primary key of the reference.
-        key: KeyArn,
-        /// What DescribeKey reported.
-        state: ProviderState,
-    },
+    /// The handle names a reference to a key held outside this backend (in
+    /// AWS KMS): only the backend of that key wraps and unwraps with it.
+    #[error("key {0} is held outside this keystore: its own backend wraps and unwraps with it")]
+    ExternalKey(KeyHandle),
     /// The backend does not hold this kind of key.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -196,9 +180,6 @@ pub enum InputError {
     /// Nothing to wrap.
     #[error("plaintext is empty")]
     EmptyPlaintext,
-    /// A version 2 ciphertext whose KMS part is malformed.
-    #[error(transparent)]
-    AwsCiphertext(#[from] crate::aws_kms::WrappedError),
 }
 
 impl CustodyError {

@@ -73,7 +73,9 @@ impl KeyCheckValue {
     /// Length in bytes.
     pub const LEN: usize = 5;
 
-    pub(crate) fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
+    /// A check value from its bytes, for a backend that defines its own
+    /// (a reference to a key held elsewhere, whose bytes it never sees).
+    pub fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
         Self(bytes)
     }
 

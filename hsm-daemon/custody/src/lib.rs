@@ -6,8 +6,9 @@
 //! has no method that returns CMK bytes. What leaves is a [`KeyHandle`] (an opaque
 //! reference), a [`KeyCheckValue`] (a non-secret fingerprint), and ciphertexts.
 //!
-//! [`aws_kms`] holds keys that stay in AWS KMS: the software keystore keeps
-//! sealed references to them beside its own CMKs.
+//! Keys that stay in AWS KMS are the `cmk-hsm-aws-kms` backend's; the software
+//! keystore keeps sealed references to them beside its own CMKs
+//! ([`ReferenceStore`]), so that one handle namespace covers both.
 //!
 //! The ciphertext format of `wrap` is defined once, in [`envelope`], and shared by
 //! every backend that runs AES-256-GCM itself.
@@ -15,7 +16,6 @@
 #![forbid(unsafe_code)]
 
 mod atomic;
-pub mod aws_kms;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod envelope;
@@ -23,6 +23,7 @@ mod error;
 mod handle;
 mod import_key;
 mod kcv;
+mod reference;
 mod software;
 
 use async_trait::async_trait;
@@ -31,6 +32,7 @@ use cmk_secret::SecretBytes;
 pub use error::{CustodyError, ImportError, InputError};
 pub use handle::{KeyCheckValue, KeyHandle};
 pub use import_key::{IMPORT_ALGORITHM, ImportKey, ImportKeyBits, ImportPublicKey};
+pub use reference::{KeyReference, ReferenceStore};
 pub use software::{RootKey, SoftwareCustody};
 
 /// Length of a CMK: AES-256.
@@ -115,8 +117,8 @@ pub struct UnwrapItem {
     pub associated_data: Vec<u8>,
 }
 
-/// A place where CMKs are kept: the software keystore, a PKCS#11 token, an external
-/// KMS. Implementations never return CMK bytes and leave nothing changed when a call
+/// A place where CMKs are kept: the software keystore, a PKCS#11 token.
+/// Implementations never return CMK bytes and leave nothing changed when a call
 /// fails.
 #[async_trait]
 pub trait Custody: Send + Sync + 'static {
@@ -150,37 +152,9 @@ pub trait Custody: Send + Sync + 'static {
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError>;
 
-    /// As [`Custody::recover`], for a reference to a key in AWS KMS: the
-    /// destroyed reference's primary key ARN must be the one given, and the
-    /// key is checked as [`Custody::add_aws_key`] checks it.
-    async fn recover_aws_key(
-        &self,
-        handle: &KeyHandle,
-        key: aws_kms::AwsKeyRef,
-    ) -> Result<KeyInfo, CustodyError> {
-        let _ = (handle, key);
-        Err(CustodyError::Unsupported(
-            "this custody backend does not hold references to AWS KMS keys",
-        ))
-    }
-
     /// Generates a CMK inside the backend under `handle`, durable once this returns
     /// `Ok`. The handle is refused as in [`Custody::import`].
     async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
-
-    /// Takes a reference to a key in AWS KMS into custody under `handle`, once
-    /// an Encrypt and Decrypt round trip has shown the key can be used; durable
-    /// once this returns `Ok`. The handle is refused as in [`Custody::import`].
-    async fn add_aws_key(
-        &self,
-        handle: &KeyHandle,
-        key: aws_kms::AwsKeyRef,
-    ) -> Result<KeyInfo, CustodyError> {
-        let _ = (handle, key);
-        Err(CustodyError::Unsupported(
-            "this custody backend does not hold references to AWS KMS keys",
-        ))
-    }
 
     /// Encrypts `plaintext` under the CMK `handle`, binding `associated_data`.
     async fn wrap(

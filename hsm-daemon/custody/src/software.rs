@@ -6,9 +6,10 @@
 //!   keystore.meta             sealed marker; proves the root key is the right one
 //!   import-key                sealed PKCS#8 of the RSA import key
 //!   keys/<handle>.key         sealed record: a CMK (version 1: origin, check
-//!                             value, key) or a reference to a key in AWS KMS
-//!                             (version 2: check value, primary, backup and
-//!                             role ARNs)
+//!                             value, key) or a reference to a key held
+//!                             elsewhere (version 2: check value, identity,
+//!                             the backend's detail; for AWS KMS the primary
+//!                             key ARN, then the backup and role ARNs)
 //!   keys/<handle>.destroyed   sealed tombstone: the key existed and was
 //!                             destroyed; holds the fingerprint of its material
 //! ```
@@ -32,7 +33,8 @@
 //!
 //! Unsealed CMKs are cached in memory as expanded AES keys (wiped when dropped),
 //! one entry per key used since start; destroyed keys leave a tombstone entry.
-//! Secrets under an AWS key reference are wrapped by AWS KMS ([`AwsKeys`]).
+//! References are only kept here ([`ReferenceStore`]): the backend they belong
+//! to (`cmk-hsm-aws-kms`) reads them back and wraps with the key they name.
 
 use std::{
     collections::HashMap,
@@ -50,8 +52,8 @@ use tracing::{info, warn};
 
 use crate::{
     CMK_LEN, Custody, CustodyError, Destroyed, ImportKey, ImportKeyBits, ImportPublicKey,
-    KeyHandle, KeyInfo, KeyOrigin, UnwrapItem, Unwrapped, WrapItem, atomic,
-    aws_kms::{self, AwsKeyRef, AwsKeys, AwsSettings},
+    KeyHandle, KeyInfo, KeyOrigin, KeyReference, ReferenceStore, UnwrapItem, Unwrapped, WrapItem,
+    atomic,
     envelope::{self, Sealed, SealingKey},
     handle::KeyCheckValue,
     kcv,
@@ -64,9 +66,8 @@ const IMPORT_KEY_FILE: &str = "import-key";
 const KEYS_DIR: &str = "keys";
 const RECORD_VERSION: u8 = 1;
 const RECORD_LEN: usize = 2 + KeyCheckValue::LEN + CMK_LEN;
-/// A record of a reference to a key in AWS KMS.
-const AWS_RECORD_VERSION: u8 = 2;
-/// How long a key's state in AWS KMS is trusted unless configured otherwise.
+/// A record of a reference to a key held elsewhere.
+const REFERENCE_RECORD_VERSION: u8 = 2;
 /// A tombstone that holds the fingerprint of the destroyed material.
 const TOMBSTONE_VERSION: u8 = 1;
 /// Length of a fingerprint: an HMAC-SHA-256 tag.
@@ -74,8 +75,8 @@ const FINGERPRINT_LEN: usize = 32;
 /// What the root key signs to derive the fingerprint key, so that the
 /// fingerprint key is never the root key itself.
 const FINGERPRINT_KEY_LABEL: &[u8] = b"cmk software keystore: fingerprint key, version 1";
-const DEFAULT_AWS_STATE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
-/// Batch items in flight at once: AWS KMS calls are network round trips.
+/// Batch items in flight at once: a key not cached yet is read from disk on a
+/// blocking thread, and one slow read should not hold up the rest.
 const BATCH_CONCURRENCY: usize = 16;
 
 /// The 32-byte key every keystore file is sealed under.
@@ -99,12 +100,11 @@ impl RootKey {
     }
 }
 
-/// CMKs on local disk, sealed under a root key, and references to keys in AWS
-/// KMS sealed the same way. Cheap to clone.
+/// CMKs on local disk, sealed under a root key, and references to keys held
+/// elsewhere sealed the same way. Cheap to clone.
 #[derive(Clone)]
 pub struct SoftwareCustody {
     inner: Arc<Inner>,
-    aws: Arc<AwsKeys>,
 }
 
 impl std::fmt::Debug for SoftwareCustody {
@@ -136,7 +136,7 @@ struct Inner {
 #[derive(Clone)]
 enum Entry {
     Key(Arc<SealingKey>),
-    Aws(Arc<AwsKeyRef>),
+    Reference(Arc<KeyReference>),
     Destroyed,
 }
 
@@ -171,7 +171,6 @@ impl SoftwareCustody {
         check_meta(dir, &keys_dir, &root)?;
         let import_key = load_or_create_import_key(dir, &root, new_import_key_bits)?;
         Ok(Self {
-            aws: Arc::new(AwsKeys::new(AwsSettings::default(), DEFAULT_AWS_STATE_TTL)),
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 keys_dir,
@@ -183,13 +182,6 @@ impl SoftwareCustody {
                 _lock: lock,
             }),
         })
-    }
-
-    /// Reaches AWS KMS with `settings` for the keys it references, and trusts
-    /// what DescribeKey says about a key's state for `state_ttl`.
-    pub fn with_aws(mut self, settings: AwsSettings, state_ttl: std::time::Duration) -> Self {
-        self.aws = Arc::new(AwsKeys::new(settings, state_ttl));
-        self
     }
 
     /// The key or reference `handle` names, unless destroyed.
@@ -260,9 +252,11 @@ impl Inner {
                 context.update(b"key\0");
                 context.update(key);
             }
-            Material::Aws(arn) => {
+            // The label names the one kind of reference there has been; it
+            // stays, so that the tombstones already written still match.
+            Material::Reference(identity) => {
                 context.update(b"aws-kms key\0");
-                context.update(arn.as_bytes());
+                context.update(identity.as_bytes());
             }
         }
         let mut fingerprint = [0; FINGERPRINT_LEN];
@@ -281,10 +275,8 @@ impl Inner {
             Some(&RECORD_VERSION) if r.len() == RECORD_LEN => {
                 Ok(self.fingerprint(Material::Key(&r[2 + KeyCheckValue::LEN..])))
             }
-            Some(&AWS_RECORD_VERSION) => r
-                .get(1 + KeyCheckValue::LEN..)
-                .and_then(aws_kms::decode_reference)
-                .map(|key| self.fingerprint(Material::Aws(key.primary().as_str())))
+            Some(&REFERENCE_RECORD_VERSION) => decode_reference(r)
+                .map(|reference| self.fingerprint(Material::Reference(reference.identity())))
                 .ok_or_else(|| corrupt(path)),
             _ => Err(corrupt(path)),
         }
@@ -416,19 +408,17 @@ impl Inner {
         })
     }
 
-    /// Seals the reference `key` into a new key file under `handle`, as
+    /// Seals `reference` into a new key file under `handle`, as
     /// [`Inner::store`] does a CMK.
     fn store_reference(
         &self,
         handle: KeyHandle,
-        key: AwsKeyRef,
-        check_value: KeyCheckValue,
+        reference: KeyReference,
         admission: Admission,
     ) -> Result<KeyInfo, CustodyError> {
-        let mut record = vec![AWS_RECORD_VERSION];
-        record.extend_from_slice(check_value.as_bytes());
-        record.extend_from_slice(&aws_kms::encode_reference(&key));
-        let (record, entry) = (SecretBytes::new(record), Entry::Aws(Arc::new(key)));
+        let record = SecretBytes::new(encode_reference(&reference));
+        let check_value = reference.check_value();
+        let entry = Entry::Reference(Arc::new(reference));
         match admission {
             Admission::New => self.store_record(handle, &record, entry)?,
             Admission::Recover => self.restore_record(handle, &record, entry)?,
@@ -505,10 +495,8 @@ impl Inner {
                     let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
                     Entry::Key(Arc::new(SealingKey::new(&key)?))
                 }
-                Some(&AWS_RECORD_VERSION) => r
-                    .get(1 + KeyCheckValue::LEN..)
-                    .and_then(aws_kms::decode_reference)
-                    .map(|key| Entry::Aws(Arc::new(key)))
+                Some(&REFERENCE_RECORD_VERSION) => decode_reference(r)
+                    .map(|reference| Entry::Reference(Arc::new(reference)))
                     .ok_or_else(|| corrupt(&path))?,
                 _ => return Err(corrupt(&path)),
             }
@@ -607,41 +595,6 @@ impl Custody for SoftwareCustody {
         .await
     }
 
-    async fn add_aws_key(
-        &self,
-        handle: &KeyHandle,
-        key: AwsKeyRef,
-    ) -> Result<KeyInfo, CustodyError> {
-        let check_value = self.aws.admit(&key).await?;
-        let inner = self.inner.clone();
-        let handle = *handle;
-        blocking(move || inner.store_reference(handle, key, check_value, Admission::New)).await
-    }
-
-    async fn recover_aws_key(
-        &self,
-        handle: &KeyHandle,
-        key: AwsKeyRef,
-    ) -> Result<KeyInfo, CustodyError> {
-        // Checked before AWS is asked anything, so that another key's ARN
-        // costs no round trips; checked again when the reference is stored.
-        let inner = self.inner.clone();
-        let (handle, primary) = (*handle, key.primary().as_str().to_owned());
-        blocking(move || {
-            let fingerprint = inner.fingerprint(Material::Aws(&primary));
-            let _handles = inner.lock_handles();
-            inner.check_recoverable(&handle, &fingerprint).map(drop)
-        })
-        .await?;
-        let check_value = self.aws.admit(&key).await?;
-        let inner = self.inner.clone();
-        let info =
-            blocking(move || inner.store_reference(handle, key, check_value, Admission::Recover))
-                .await?;
-        info!(%handle, check_value = %info.check_value, "destroyed AWS KMS key reference recovered");
-        Ok(info)
-    }
-
     async fn wrap(
         &self,
         handle: &KeyHandle,
@@ -650,11 +603,7 @@ impl Custody for SoftwareCustody {
     ) -> Result<Vec<u8>, CustodyError> {
         match self.live(handle).await? {
             Entry::Key(key) => envelope::wrap(&key, handle, plaintext, associated_data),
-            Entry::Aws(key) => {
-                self.aws
-                    .wrap(handle, &key, plaintext, associated_data)
-                    .await
-            }
+            Entry::Reference(_) => Err(CustodyError::ExternalKey(*handle)),
             Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
         }
     }
@@ -670,10 +619,8 @@ impl Custody for SoftwareCustody {
             (Sealed::Local(_), Entry::Key(key)) => {
                 envelope::unwrap(&key, ciphertext, associated_data)?
             }
-            (Sealed::Aws { body, .. }, Entry::Aws(key)) => {
-                self.aws
-                    .unwrap(&handle, &key, body, associated_data)
-                    .await?
+            (Sealed::Aws { .. }, Entry::Reference(_)) => {
+                return Err(CustodyError::ExternalKey(handle));
             }
             // The version byte does not match the kind of key it names: the
             // ciphertext was altered.
@@ -708,6 +655,55 @@ impl Custody for SoftwareCustody {
     }
 }
 
+#[async_trait]
+impl ReferenceStore for SoftwareCustody {
+    async fn add_reference(
+        &self,
+        handle: &KeyHandle,
+        reference: KeyReference,
+    ) -> Result<KeyInfo, CustodyError> {
+        let inner = self.inner.clone();
+        let handle = *handle;
+        blocking(move || inner.store_reference(handle, reference, Admission::New)).await
+    }
+
+    async fn check_recoverable(
+        &self,
+        handle: &KeyHandle,
+        identity: &str,
+    ) -> Result<(), CustodyError> {
+        let inner = self.inner.clone();
+        let (handle, identity) = (*handle, identity.to_owned());
+        blocking(move || {
+            let fingerprint = inner.fingerprint(Material::Reference(&identity));
+            let _handles = inner.lock_handles();
+            inner.check_recoverable(&handle, &fingerprint).map(drop)
+        })
+        .await
+    }
+
+    async fn recover_reference(
+        &self,
+        handle: &KeyHandle,
+        reference: KeyReference,
+    ) -> Result<KeyInfo, CustodyError> {
+        let inner = self.inner.clone();
+        let handle = *handle;
+        blocking(move || inner.store_reference(handle, reference, Admission::Recover)).await
+    }
+
+    async fn reference(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<Option<Arc<KeyReference>>, CustodyError> {
+        match self.live(handle).await? {
+            Entry::Reference(reference) => Ok(Some(reference)),
+            Entry::Key(_) => Ok(None),
+            Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
+        }
+    }
+}
+
 /// Whether a key file is written for a new handle or a destroyed one's
 /// original material.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -720,8 +716,8 @@ enum Admission {
 enum Material<'a> {
     /// CMK bytes.
     Key(&'a [u8]),
-    /// The primary key ARN of an AWS key reference.
-    Aws(&'a str),
+    /// The identity of a reference (for AWS KMS, the primary key ARN).
+    Reference(&'a str),
 }
 
 /// What a tombstone file holds.
@@ -758,6 +754,39 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|_| CustodyError::Crypto("keystore worker task failed"))?
+}
+
+/// A reference record: the version, the check value, the identity with a
+/// length prefix (u16, big-endian), then the backend's detail. An AWS KMS
+/// reference written before references were the backend's own has the same
+/// bytes: its primary key ARN was the first length-prefixed field.
+fn encode_reference(reference: &KeyReference) -> Vec<u8> {
+    let identity = reference.identity().as_bytes();
+    // `KeyReference::new` bounds the identity by u16::MAX.
+    let len = u16::try_from(identity.len()).unwrap_or(u16::MAX);
+    let mut record =
+        Vec::with_capacity(3 + KeyCheckValue::LEN + identity.len() + reference.detail().len());
+    record.push(REFERENCE_RECORD_VERSION);
+    record.extend_from_slice(reference.check_value().as_bytes());
+    record.extend_from_slice(&len.to_be_bytes());
+    record.extend_from_slice(identity);
+    record.extend_from_slice(reference.detail());
+    record
+}
+
+/// Reads what [`encode_reference`] wrote; `None` if it is not that, which for
+/// a record that authenticated under the root key means a bug.
+fn decode_reference(record: &[u8]) -> Option<KeyReference> {
+    let rest = record.strip_prefix(&[REFERENCE_RECORD_VERSION])?;
+    let (check_value, rest) = rest.split_first_chunk::<{ KeyCheckValue::LEN }>()?;
+    let (len, rest) = rest.split_first_chunk::<2>()?;
+    let (identity, detail) = rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))?;
+    let identity = std::str::from_utf8(identity).ok()?.to_owned();
+    KeyReference::new(
+        identity,
+        detail.to_vec(),
+        KeyCheckValue::from_bytes(*check_value),
+    )
 }
 
 fn corrupt(path: &Path) -> CustodyError {
@@ -844,4 +873,34 @@ fn load_or_create_import_key(
     let sealed = root.seal(MAGIC, der.expose(), IMPORT_KEY_FILE.as_bytes())?;
     atomic::write(dir, IMPORT_KEY_FILE, &sealed)?;
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_records_round_trip_and_malformed_ones_are_refused() {
+        let check_value = KeyCheckValue::from_bytes([1, 2, 3, 4, 5]);
+        let reference =
+            KeyReference::new("arn:aws:kms:x".into(), b"\0\0\0\0".to_vec(), check_value)
+                .expect("valid");
+        let record = encode_reference(&reference);
+        assert_eq!(
+            record,
+            [
+                &[2, 1, 2, 3, 4, 5, 0, 13][..],
+                b"arn:aws:kms:x",
+                b"\0\0\0\0"
+            ]
+            .concat()
+        );
+        assert_eq!(decode_reference(&record), Some(reference));
+        for cut in 0..8 + 13 {
+            assert_eq!(decode_reference(&record[..cut]), None, "cut at {cut}");
+        }
+        let mut empty = record[..6].to_vec();
+        empty.extend_from_slice(&[0, 0]);
+        assert_eq!(decode_reference(&empty), None);
+    }
 }

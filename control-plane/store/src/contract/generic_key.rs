@@ -146,7 +146,7 @@ pub async fn a_generic_key_renewed_and_dropped_meanwhile_is_not_taken(store: &dy
 
     let org = org_id("generic-race");
     let record = |handle: &str| {
-        let mut user = key_in("k-generic", handle.to_owned(), KeyState::Active, None);
+        let mut user = key_in("k-generic", handle.to_owned(), KeyState::Active);
         user.record.source = KeySource::GenericDefault;
         Commit {
             uses_generic: Some(handle.to_owned()),
@@ -196,9 +196,25 @@ pub async fn orgs_using_a_handle_are_found(store: &dyn Store) {
             vec![(KeyState::Active, &shared), (KeyState::Revoked, &shared)],
         ),
         ("using-removed", vec![(KeyState::Removed, &shared)]),
-        ("using-deactivated", vec![(KeyState::Deactivated, &shared)]),
+        (
+            "using-deactivated",
+            vec![(
+                KeyState::Deactivated {
+                    remove_at: Timestamp(1),
+                },
+                &shared,
+            )],
+        ),
         ("using-another", vec![(KeyState::Active, &another)]),
-        ("using-deleted", vec![(KeyState::Deleted, &shared)]),
+        (
+            "using-deleted",
+            vec![(
+                KeyState::Deleted {
+                    restore_until: Timestamp(1),
+                },
+                &shared,
+            )],
+        ),
     ];
     let mut n = 0;
     for (name, keys) in cases {
@@ -206,7 +222,7 @@ pub async fn orgs_using_a_handle_are_found(store: &dyn Store) {
             .into_iter()
             .map(|(state, handle)| {
                 n += 1;
-                key_in(&format!("k-{n}"), handle.clone(), state, None)
+                key_in(&format!("k-{n}"), handle.clone(), state)
             })
             .collect();
         store
@@ -273,7 +289,7 @@ pub async fn generic_key_is_renewed_and_the_old_one_dropped_once_unused(store: &
     }
     // An org without BYOK uses the old key.
     let org = org_id("generic-renewal");
-    let mut user = key_in("k-generic", old.handle.clone(), KeyState::Active, None);
+    let mut user = key_in("k-generic", old.handle.clone(), KeyState::Active);
     user.record.source = KeySource::GenericDefault;
     store
         .commit(commit(&org, None, vec![user.clone()], Vec::new()))

@@ -95,7 +95,7 @@ pub async fn commits_record_and_resolve_intents(store: &dyn Store) {
         ..commit(
             &org,
             Some(1),
-            vec![key_in("k", material.clone(), KeyState::Removed, None)],
+            vec![key_in("k", material.clone(), KeyState::Removed)],
             vec![event("remove")],
         )
     };

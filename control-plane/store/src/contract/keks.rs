@@ -705,8 +705,9 @@ pub async fn keys_still_wrapping_keks_cannot_be_required_unreferenced(store: &dy
             vec![key_in(
                 "k-old",
                 handle(CHECK, 1000),
-                KeyState::Deactivated,
-                None,
+                KeyState::Deactivated {
+                    remove_at: Timestamp(1),
+                },
             )],
             vec![event("deactivate")],
         )
@@ -755,12 +756,9 @@ pub async fn keys_still_wrapping_keks_cannot_be_required_unreferenced(store: &dy
         .expect("deactivate");
     let loaded = store.load_org(&org).await.expect("load_org").expect("org");
     assert_eq!(loaded.version, version);
-    assert!(
-        loaded
-            .keys
-            .iter()
-            .any(|k| k.record.id.0 == "k-old" && k.record.state == KeyState::Deactivated)
-    );
+    assert!(loaded.keys.iter().any(
+        |k| k.record.id.0 == "k-old" && matches!(k.record.state, KeyState::Deactivated { .. })
+    ));
     assert_eq!(
         store
             .latest_rotation(&org)

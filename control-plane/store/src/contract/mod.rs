@@ -14,7 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cmk_control_plane_domain::{
-    KekId, KeyId, KeyRecord, KeySource, KeyState, OrgId, ResourceId, Timestamp,
+    KekId, KeyId, KeyRecord, KeySource, KeyState, OrgId, Place, ResourceId, Timestamp,
     audit::{self, ChainError, ChainedEvent},
 };
 
@@ -132,16 +132,10 @@ pub fn aws_key(id: &str, handle: String, full: bool) -> StoredKey {
     key
 }
 
-/// A key in `state` expiring at `expires_at`.
-pub fn key_in(
-    id: &str,
-    handle: String,
-    state: KeyState,
-    expires_at: Option<Timestamp>,
-) -> StoredKey {
+/// A key in `state`.
+pub fn key_in(id: &str, handle: String, state: KeyState) -> StoredKey {
     let mut key = key(id, handle);
     key.record.state = state;
-    key.record.expires_at = expires_at;
     key
 }
 
@@ -288,7 +282,7 @@ pub async fn org_with_keys(
 ) -> u64 {
     let keys = (0u32..)
         .zip(keys)
-        .map(|(n, (id, state))| key_in(id, handle(check, 1000 + n), *state, None))
+        .map(|(n, (id, state))| key_in(id, handle(check, 1000 + n), *state))
         .collect();
     store
         .commit(commit(org, None, keys, Vec::new()))

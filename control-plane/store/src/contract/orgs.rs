@@ -15,15 +15,24 @@ pub async fn unknown_org_loads_as_none(store: &dyn Store) {
 pub async fn create_and_load_round_trip_every_field(store: &dyn Store) {
     const CHECK: u32 = 1;
     let org = org_id("round-trip");
+    // The extremes of the range survive too.
     let states = [
         KeyState::Pending,
         KeyState::Active,
         KeyState::Rotating,
-        KeyState::Deactivated,
+        KeyState::Deactivated {
+            remove_at: Timestamp(i64::MAX),
+        },
         KeyState::Revoked,
-        KeyState::Deleted,
-        KeyState::Removed,
-        KeyState::RevokedByProvider,
+        KeyState::Deleted {
+            restore_until: Timestamp(1_700_086_405),
+        },
+        KeyState::Lost,
+        KeyState::RevokedByProvider {
+            was: Place::Deactivated {
+                remove_at: Timestamp(1_700_086_407),
+            },
+        },
     ];
     let sources = [
         KeySource::Uploaded,
@@ -52,14 +61,6 @@ pub async fn create_and_load_round_trip_every_field(store: &dyn Store) {
                     }),
                     activated_at: some_when(n),
                     revoked_at: (i % 3 == 0).then_some(Timestamp(1_700_000_500 + n)),
-                    expires_at: if i == 3 {
-                        Some(Timestamp(i64::MAX))
-                    } else {
-                        some_when(86_400 + n)
-                    },
-                    needed: state == KeyState::Removed,
-                    before_provider_revocation: (state == KeyState::RevokedByProvider)
-                        .then_some(KeyState::Rotating),
                 },
                 handle: handle(CHECK, i),
                 // Every shape: none, the key alone, all three, and a role
@@ -94,11 +95,9 @@ pub async fn create_and_load_round_trip_every_field(store: &dyn Store) {
 
     // An update keeps the key's place, a new key goes last, BYOK follows the commit.
     let mut updated = keys[1].clone();
-    updated.record.state = KeyState::RevokedByProvider;
-    updated.record.before_provider_revocation = Some(KeyState::Active);
+    updated.record.state = KeyState::RevokedByProvider { was: Place::Active };
     updated.record.activated_at = None;
     updated.record.revoked_at = Some(Timestamp(1_800_000_000));
-    updated.record.needed = true;
     updated.handle = handle(CHECK, 100);
     updated.aws = aws_key("k-renamed", String::new(), false).aws;
     let added = key("k-00", handle(CHECK, 101));
@@ -161,7 +160,7 @@ pub async fn stale_versions_conflict_and_write_nothing(store: &dyn Store) {
     // Everything a commit can carry, so that any part written despite the
     // conflict shows.
     let conflicting = |expected| {
-        let mut changed = key_in("a", handle(CHECK, 4), KeyState::Active, None);
+        let mut changed = key_in("a", handle(CHECK, 4), KeyState::Active);
         changed.record.activated_at = Some(Timestamp(5));
         Commit {
             byok: false,
@@ -262,7 +261,7 @@ pub async fn a_failed_commit_writes_nothing(store: &dyn Store) {
         ..commit(
             &org,
             Some(1),
-            vec![key_in("a", handle(CHECK, 1), KeyState::Removed, None)],
+            vec![key_in("a", handle(CHECK, 1), KeyState::Removed)],
             vec![event("remove")],
         )
     };
@@ -284,26 +283,37 @@ pub async fn a_failed_commit_writes_nothing(store: &dyn Store) {
 pub async fn orgs_with_expired_keys_are_found(store: &dyn Store) {
     const CHECK: u32 = 8;
     let now = Timestamp(1_800_000_000);
-    let at = |offset: i64| Some(Timestamp(now.0 + offset));
+    let at = |offset: i64| Timestamp(now.0 + offset);
+    let deactivated = |offset| KeyState::Deactivated {
+        remove_at: at(offset),
+    };
+    let deleted = |offset| KeyState::Deleted {
+        restore_until: at(offset),
+    };
     let cases = [
-        ("due-deactivated", vec![(KeyState::Deactivated, at(-1))]),
-        ("due-deleted-now", vec![(KeyState::Deleted, at(0))]),
-        ("not-yet", vec![(KeyState::Deactivated, at(1))]),
-        ("revoked", vec![(KeyState::Revoked, at(-100))]),
-        ("removed", vec![(KeyState::Removed, at(-100))]),
-        ("no-expiry", vec![(KeyState::Deactivated, None)]),
+        ("due-deactivated", vec![deactivated(-1)]),
+        ("due-deleted-now", vec![deleted(0)]),
+        ("not-yet", vec![deactivated(1)]),
+        ("revoked", vec![KeyState::Revoked]),
+        ("removed", vec![KeyState::Removed, KeyState::Lost]),
+        // Its retention pauses while its provider disables it.
         (
-            "due-twice",
-            vec![(KeyState::Deactivated, at(-5)), (KeyState::Deleted, at(-6))],
+            "disabled",
+            vec![KeyState::RevokedByProvider {
+                was: Place::Deactivated {
+                    remove_at: at(-100),
+                },
+            }],
         ),
+        ("due-twice", vec![deactivated(-5), deleted(-6)]),
     ];
     let mut n = 0;
     for (name, keys) in cases {
         let keys = keys
             .into_iter()
-            .map(|(state, expires_at)| {
+            .map(|state| {
                 n += 1;
-                key_in(&format!("k-{n}"), handle(CHECK, n), state, expires_at)
+                key_in(&format!("k-{n}"), handle(CHECK, n), state)
             })
             .collect();
         store
@@ -357,7 +367,7 @@ pub async fn aws_keys_not_removed_are_listed_with_their_org(store: &dyn Store) {
     ];
     let a = vec![in_state(
         aws_key("k-5", handle(CHECK, 5), false),
-        KeyState::RevokedByProvider,
+        KeyState::RevokedByProvider { was: Place::Active },
     )];
     let none = vec![key("k-6", handle(CHECK, 6))];
     for (name, keys) in [("aws-b", &b), ("aws-a", &a), ("aws-none", &none)] {
@@ -421,7 +431,6 @@ pub async fn racing_creates_and_commits_from_one_version_one_wins(a: &dyn Store,
                     "k",
                     handle(CHECK, 2 * round + racer),
                     KeyState::Pending,
-                    None,
                 )],
                 vec![event(&format!("round {round} racer {racer}"))],
             )

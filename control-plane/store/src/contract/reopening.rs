@@ -46,7 +46,8 @@ pub async fn unknown_stored_values_are_corruption_naming_the_column<F, Fut>(
     tamper(org.clone()).await;
 
     let expect_corrupt = |read: Result<(), StoreError>, column: &str, value: &str| match read {
-        Err(StoreError::Corrupt(message)) => {
+        Err(StoreError::Corrupt(corruption)) => {
+            let message = corruption.to_string();
             assert!(message.contains(column), "{message}");
             assert!(message.contains(value), "{message}");
         }

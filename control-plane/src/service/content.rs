@@ -17,27 +17,71 @@
 //! Content-key calls themselves are not audited (they are the data path, at
 //! thousands per second); KEK creation and refused authorisation are.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
 use cmk_control_plane_domain::{
-    Action, KekId, KeyId, KeyState, LifecycleError, Org, OrgId, ResourceId, Timestamp, transition,
+    KekId, KeyId, KeyState, LifecycleError, OrgId, ResourceId, Timestamp,
 };
 use cmk_control_plane_store::{NewAuditEvent, StoreError, StoredKek, StoredOrg};
 use cmk_secret::SecretBytes;
 use tonic::Code;
 use tracing::debug;
 
+use super::KeyService;
 use crate::{
     authz::Caller,
     envelope::{self, EnvelopeError},
-    error::ServiceError,
+    error::{Internal, ServiceError},
     hsm::HsmError,
-    service::{KeyDetails, KeyService, OrgState, details},
 };
 
 /// How often a KEK insert that lost a race with a change of the org's keys is
 /// retried with the new active key.
 const KEK_CONFLICT_RETRIES: usize = 5;
+
+/// What a content key is bound to besides its org and KEK: the caller's
+/// context, at most [`envelope::MAX_CONTEXT_BYTES`]. Not secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentContext(Vec<u8>);
+
+impl ContentContext {
+    /// The context, if it is within bounds.
+    pub fn new(context: Vec<u8>) -> Result<Self, ServiceError> {
+        if context.len() > envelope::MAX_CONTEXT_BYTES {
+            return Err(EnvelopeError::ContextTooLong {
+                actual: context.len(),
+            }
+            .into());
+        }
+        Ok(Self(context))
+    }
+
+    /// The context's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What content-key calls of one org may use, as last read from the store.
+#[derive(Debug)]
+pub(crate) struct OrgState {
+    /// The org's version it was read at.
+    pub(crate) version: u64,
+    /// When it was read.
+    pub(crate) read_at: Instant,
+    /// The key that wraps new KEKs (id and handle), or why the org's content
+    /// is blocked.
+    pub(crate) master: Result<(KeyId, String), LifecycleError>,
+    /// Keys that may unwrap KEKs (active and rotating) by id, with their handles.
+    pub(crate) unwrap_keys: HashMap<KeyId, String>,
+    /// Active or rotating keys that their provider disabled: the KEKs they
+    /// wrap cannot be unwrapped until it enables them again.
+    pub(crate) provider_blocked: HashSet<KeyId>,
+}
 
 /// A KEK as the internal service sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,29 +109,14 @@ pub struct DataKey {
     pub kek: KekId,
 }
 
-/// What revoking a key would make unreadable.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RevocationPreview {
-    /// The key, as it is now.
-    pub key: KeyDetails,
-    /// Whether it can be revoked now.
-    pub revocable: bool,
-    /// KEKs (one per resource) that would become unreadable.
-    pub keks_unreadable: u64,
-    /// KEKs wrapped by the key itself.
-    pub keks_wrapped_by_key: u64,
-}
-
 impl KeyService {
     /// The KEK of `resource`, created and wrapped by the active master key on
     /// first call.
     pub async fn create_kek(
         &self,
         caller: &Caller,
-        resource: &str,
+        resource: &ResourceId,
     ) -> Result<KekView, ServiceError> {
-        let resource = ResourceId::parse(resource)
-            .map_err(|e| ServiceError::InvalidArgument(format!("resource: {e}")))?;
         let org = caller.org();
         let mut state = self.org_state(org).await?;
         for _ in 0..KEK_CONFLICT_RETRIES {
@@ -148,23 +177,20 @@ impl KeyService {
     pub async fn generate_data_key(
         &self,
         caller: &Caller,
-        kek_id: &str,
-        context: &[u8],
+        kek_id: &KekId,
+        context: &ContentContext,
     ) -> Result<DataKey, ServiceError> {
-        let kek_id = KekId::parse(kek_id)
-            .map_err(|e| ServiceError::InvalidArgument(format!("kek_id: {e}")))?;
-        check_context(context)?;
         let org = caller.org();
         let kek = self
-            .unwrapped_kek(org, &kek_id)
+            .unwrapped_kek(org, kek_id)
             .await?
             .ok_or_else(|| ServiceError::UnknownKek(kek_id.clone()))?;
         let plaintext = envelope::new_content_key();
-        let wrapped = envelope::seal(org, &kek_id, &kek, context, &plaintext)?;
+        let wrapped = envelope::seal(org, kek_id, &kek, context.as_bytes(), &plaintext)?;
         Ok(DataKey {
             plaintext,
             wrapped,
-            kek: kek_id,
+            kek: kek_id.clone(),
         })
     }
 
@@ -174,9 +200,8 @@ impl KeyService {
         &self,
         caller: &Caller,
         wrapped: &[u8],
-        context: &[u8],
+        context: &ContentContext,
     ) -> Result<(SecretBytes, KekId), ServiceError> {
-        check_context(context)?;
         let parsed = envelope::parse(wrapped)?;
         let org = caller.org();
         let Some(kek) = self.unwrapped_kek(org, parsed.kek_id()).await? else {
@@ -185,56 +210,8 @@ impl KeyService {
             debug!(%org, kek = %parsed.kek_id(), "decrypt of a content key of an unknown KEK");
             return Err(EnvelopeError::NotAuthentic.into());
         };
-        let plaintext = parsed.open(org, &kek, context)?;
+        let plaintext = parsed.open(org, &kek, context.as_bytes())?;
         Ok((plaintext, parsed.kek_id().clone()))
-    }
-
-    /// What revoking `key_id` would make unreadable; changes nothing.
-    pub async fn preview_revocation(
-        &self,
-        caller: &Caller,
-        key_id: &str,
-    ) -> Result<RevocationPreview, ServiceError> {
-        let key = match KeyId::parse(key_id) {
-            Ok(key) => key,
-            Err(e) => {
-                let err = ServiceError::InvalidArgument(format!("key_id: {e}"));
-                return self.refuse(caller, "preview revocation", err).await;
-            }
-        };
-        self.audited(caller, "preview revocation", Some(&key), true, async {
-            let org = caller.org();
-            let stored = self.load_or_enrol(org).await?;
-            let found = stored
-                .keys
-                .iter()
-                .find(|k| k.record.id == key)
-                .map(details)
-                .ok_or_else(|| LifecycleError::UnknownKey(key.clone()))?;
-            // The lifecycle's own rule, so the preview cannot disagree with it.
-            let revocable = transition(
-                &found.record,
-                Action::Revoke,
-                self.clock.now(),
-                &self.policy,
-            )
-            .is_ok();
-            let counts = self.store.kek_counts(org).await?;
-            let total: u64 = counts.iter().map(|(_, n)| n).sum();
-            let own = counts
-                .iter()
-                .find(|(k, _)| k == &key)
-                .map_or(0, |(_, n)| *n);
-            Ok(RevocationPreview {
-                key: found,
-                revocable,
-                // Revoking the master blocks the whole org, KEKs still wrapped
-                // by rotating keys included.
-                keks_unreadable: if revocable { total } else { 0 },
-                keks_wrapped_by_key: own,
-            })
-        })
-        .await
     }
 
     /// The unwrapped KEK, from the cache or through the HSM daemon; `None` if
@@ -260,12 +237,14 @@ impl KeyService {
             state.master.clone()?;
         }
         state.check_unwrap_key(&stored.key)?;
-        let expected = state.unwrap_keys.get(&stored.key).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "KEK {id} is wrapped by key {}, which is neither active nor rotating",
-                stored.key
-            ))
-        })?;
+        let expected =
+            state
+                .unwrap_keys
+                .get(&stored.key)
+                .ok_or_else(|| Internal::KekKeyNotUsable {
+                    kek: id.clone(),
+                    key: stored.key.clone(),
+                })?;
         let unwrapped = self
             .hsm
             .unwrap(&stored.wrapped, &envelope::kek_associated_data(org, id))
@@ -279,20 +258,21 @@ impl KeyService {
                         Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
                     ) =>
                 {
-                    ServiceError::Store(StoreError::Corrupt(format!(
-                        "KEK {id} does not unwrap: {}",
-                        status.message()
-                    )))
+                    Internal::KekDoesNotUnwrap {
+                        kek: id.clone(),
+                        refusal: status,
+                    }
+                    .into()
                 }
                 err => material_gone(err, &stored.key),
             })?;
         // The row names its key; the ciphertext names the handle. A mismatch
         // means the row was altered outside the service.
         if &unwrapped.handle != expected {
-            return Err(StoreError::Corrupt(format!(
-                "KEK {id} is stored as wrapped by key {}, but its ciphertext names another CMK",
-                stored.key
-            ))
+            return Err(Internal::KekHandleMismatch {
+                kek: id.clone(),
+                key: stored.key.clone(),
+            }
             .into());
         }
         let kek = self
@@ -371,7 +351,7 @@ pub(crate) fn org_state_of(stored: &StoredOrg) -> OrgState {
             .find(|k| &k.record.id == id)
             .map(|k| k.handle.clone())
     };
-    let org = Org::from_records(stored.keys.iter().map(|k| k.record.clone()).collect());
+    let org = stored.domain();
     let master = org.content_master().and_then(|k| {
         handle_of(&k.id)
             .map(|h| (k.id.clone(), h))
@@ -390,7 +370,7 @@ pub(crate) fn org_state_of(stored: &StoredOrg) -> OrgState {
         provider_blocked: stored
             .keys
             .iter()
-            .filter(|k| k.record.state == KeyState::RevokedByProvider)
+            .filter(|k| matches!(k.record.state, KeyState::RevokedByProvider { .. }))
             .filter(|k| matches!(k.record.slot(), KeyState::Active | KeyState::Rotating))
             .map(|k| k.record.id.clone())
             .collect(),
@@ -406,16 +386,6 @@ impl OrgState {
             false => Ok(()),
         }
     }
-}
-
-fn check_context(context: &[u8]) -> Result<(), ServiceError> {
-    if context.len() > envelope::MAX_CONTEXT_BYTES {
-        return Err(EnvelopeError::ContextTooLong {
-            actual: context.len(),
-        }
-        .into());
-    }
-    Ok(())
 }
 
 fn random_bytes() -> [u8; 16] {

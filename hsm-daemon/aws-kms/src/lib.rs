@@ -1,7 +1,11 @@
-//! The aws-kms custody backend: a customer's CMK stays in
-//! AWS KMS, referenced by key ARN, and secrets are wrapped by KMS Encrypt and
-//! unwrapped by KMS Decrypt under an encryption context that binds what they are
-//! for.
+//! The HSM daemon's AWS KMS backend: a customer's CMK stays in AWS KMS,
+//! referenced by key ARN, and secrets are wrapped by KMS Encrypt and unwrapped
+//! by KMS Decrypt under an encryption context that binds what they are for.
+//!
+//! [`AwsKeys`] is the backend: it admits a key reference, keeps it in a
+//! [`cmk_hsm_custody::ReferenceStore`] (the software keystore), and wraps and
+//! unwraps under it. The daemon puts it beside its custody backend and sends it
+//! every handle that names a reference and every version 2 ciphertext.
 //!
 //! # Design
 //!
@@ -31,8 +35,10 @@
 //! - **References sealed like keys.** The software keystore keeps each key
 //!   reference (primary, backup and role ARNs) in a record sealed under its root
 //!   key, beside the CMKs it holds, in one handle namespace: a reference altered
-//!   on disk would send secrets to another key. Destroying a reference forgets
-//!   it; the key in AWS is left as it is.
+//!   on disk would send secrets to another key. The primary key ARN is the
+//!   reference's identity, what a recovery must present again. Destroying a
+//!   reference (the keystore's `destroy`) forgets it; the key in AWS is left as
+//!   it is.
 //! - **Envelope version 2.** A secret wrapped under a reference is the
 //!   reference's handle and the KMS ciphertexts ([`WrappedByAws`]); the
 //!   encryption context binds the handle and the caller's associated data
@@ -40,7 +46,7 @@
 //! - **The owner's word is DescribeKey.** Before a wrap or unwrap the key's
 //!   state is looked up (cached for a configurable time): a key its owner
 //!   disabled or scheduled for deletion is refused with
-//!   [`crate::CustodyError::ProviderKeyState`], naming the state, even where
+//!   [`AwsKmsError::ProviderKeyState`], naming the state, even where
 //!   Encrypt would still answer (as an emulator does).
 //! - **No destruction.** Nothing here deletes, disables or schedules the deletion
 //!   of a key. The customer owns it; "destroy" in this service forgets the ARN.
@@ -49,13 +55,15 @@
 //!   own request and response bodies cannot be wiped from here. Nothing logs a
 //!   plaintext or a credential; errors carry AWS's error code and message.
 
+#![forbid(unsafe_code)]
+
 mod arn;
 mod client;
 mod context;
-mod custody;
-#[cfg(feature = "contract")]
+#[cfg(feature = "emulator")]
 pub mod emulator;
 mod error;
+mod keys;
 mod wrapped;
 
 pub use arn::{ArnError, KeyArn, MAX_ARN_LEN, Partition, RoleArn};
@@ -64,10 +72,9 @@ pub use client::{
     ROLE_SESSION_NAME,
 };
 pub use context::{ContextError, EncryptionContext, MAX_CONTEXT_BYTES};
-pub use custody::{
-    AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, ProviderState, check_value,
-    encryption_context,
+pub use error::{AwsDetail, AwsError, AwsKmsError, BoxError};
+pub use keys::{
+    AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, DEFAULT_STATE_TTL, MAX_CIPHERTEXT_LEN,
+    ProviderState, check_value, encryption_context,
 };
-pub(crate) use custody::{decode_reference, encode_reference};
-pub use error::{AwsDetail, AwsError, BoxError};
 pub use wrapped::{MAX_BLOB_LEN, WrappedByAws, WrappedError};

@@ -1,31 +1,124 @@
-//! The software keystore holding references to keys in AWS KMS, against the
-//! KMS emulator (moto server; see `common` for how it is found).
+//! The daemon's keys: the software keystore holding references to keys in
+//! AWS KMS beside its own, composed with the AWS KMS backend, against the KMS
+//! emulator (moto server; see `cmk_hsm_aws_kms::emulator` for how it is found).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use cmk_hsm_custody::aws_kms::{AwsError, AwsKeyRef, KeyArn, ProviderState, check_value};
-use cmk_hsm_custody::{
-    Custody, CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyOrigin, RootKey,
-    SoftwareCustody, UnwrapItem, WrapItem, envelope,
+use cmk_hsm_aws_kms::{
+    AwsError, AwsKeyRef, AwsKeys, AwsKmsError, KeyArn, ProviderState, check_value,
 };
+use cmk_hsm_custody::{
+    CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyInfo, KeyOrigin, RootKey,
+    SoftwareCustody, UnwrapItem, Unwrapped, WrapItem, envelope,
+};
+use cmk_hsm_daemon::{Admission, Import, ServiceError, Source, keys::Keys};
 use cmk_secret::SecretBytes;
 
-use cmk_hsm_custody::aws_kms::emulator::{
-    admin, create_key, emulator, new_key, settings, test_credentials,
-};
+use cmk_hsm_aws_kms::emulator::{admin, create_key, emulator, new_key, settings, test_credentials};
 
 /// How long the keystore trusts a key's state here: short, so that tests see
 /// their own DisableKey quickly.
 const STATE_TTL: Duration = Duration::from_millis(300);
 
-fn open(dir: &Path, endpoint: &str) -> SoftwareCustody {
+fn open(dir: &Path, endpoint: &str) -> Keys {
     let root = RootKey::from_hex(&SecretBytes::copy_from(&[b'7'; 64])).unwrap();
-    SoftwareCustody::open(dir, root, ImportKeyBits::Rsa3072)
-        .expect("open keystore")
-        .with_aws(settings(endpoint, &[]), STATE_TTL)
+    let keystore =
+        Arc::new(SoftwareCustody::open(dir, root, ImportKeyBits::Rsa3072).expect("open keystore"));
+    let aws = AwsKeys::new(settings(endpoint, &[]), STATE_TTL, keystore.clone());
+    Keys::new(keystore, Some(aws))
+}
+
+/// The calls the tests make, in the words of a custody backend.
+trait Calls {
+    async fn add_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, ServiceError>;
+    async fn recover_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, ServiceError>;
+    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, ServiceError>;
+    async fn wrap_one(
+        &self,
+        handle: &KeyHandle,
+        plaintext: &SecretBytes,
+        aad: &[u8],
+    ) -> Result<Vec<u8>, ServiceError>;
+    async fn unwrap_one(&self, ciphertext: &[u8], aad: &[u8]) -> Result<Unwrapped, ServiceError>;
+}
+
+impl Calls for Keys {
+    async fn add_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, ServiceError> {
+        self.import(Import {
+            handle: Some(*handle),
+            admission: Admission::New,
+            source: Source::AwsKms(key),
+        })
+        .await
+    }
+
+    async fn recover_aws_key(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, ServiceError> {
+        self.import(Import {
+            handle: Some(*handle),
+            admission: Admission::Recover,
+            source: Source::AwsKms(key),
+        })
+        .await
+    }
+
+    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, ServiceError> {
+        self.import(Import {
+            handle: Some(*handle),
+            admission: Admission::New,
+            source: Source::Generate,
+        })
+        .await
+    }
+
+    async fn wrap_one(
+        &self,
+        handle: &KeyHandle,
+        plaintext: &SecretBytes,
+        aad: &[u8],
+    ) -> Result<Vec<u8>, ServiceError> {
+        self.wrap(&WrapItem {
+            handle: *handle,
+            plaintext: SecretBytes::copy_from(plaintext.expose()),
+            associated_data: aad.to_vec(),
+        })
+        .await
+    }
+
+    async fn unwrap_one(&self, ciphertext: &[u8], aad: &[u8]) -> Result<Unwrapped, ServiceError> {
+        self.unwrap(&UnwrapItem {
+            ciphertext: ciphertext.to_vec(),
+            associated_data: aad.to_vec(),
+        })
+        .await
+    }
+}
+
+/// The keystore's refusal, whichever backend passed it on.
+fn keystore(err: &ServiceError) -> Option<&CustodyError> {
+    match err {
+        ServiceError::Custody(err) | ServiceError::AwsKms(AwsKmsError::Keystore(err)) => Some(err),
+        _ => None,
+    }
 }
 
 fn reference(primary: &KeyArn, backup: Option<&KeyArn>) -> AwsKeyRef {
@@ -51,28 +144,34 @@ async fn a_reference_wraps_unwraps_and_survives_a_restart_until_forgotten() {
     assert_eq!(info.origin, KeyOrigin::AwsKms);
     assert_eq!(info.check_value, check_value(&key));
 
-    let ct = custody.wrap(&handle, &kek(), b"org-a/kek-1").await.unwrap();
+    let ct = custody
+        .wrap_one(&handle, &kek(), b"org-a/kek-1")
+        .await
+        .unwrap();
     assert_eq!(ct[0], envelope::VERSION_AWS);
     assert_eq!(envelope::parse(&ct), Ok(handle));
-    let out = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap();
+    let out = custody.unwrap_one(&ct, b"org-a/kek-1").await.unwrap();
     assert_eq!(out.handle, handle);
     assert!(out.plaintext.ct_eq(&kek()));
 
     // The associated data is bound through the encryption context.
-    let err = custody.unwrap(&ct, b"org-a/kek-2").await.unwrap_err();
+    let err = custody.unwrap_one(&ct, b"org-a/kek-2").await.unwrap_err();
     assert!(
-        matches!(err, CustodyError::Aws(AwsError::InvalidCiphertext { .. })),
+        matches!(
+            err,
+            ServiceError::AwsKms(AwsKmsError::Aws(AwsError::InvalidCiphertext { .. }))
+        ),
         "{err:?}"
     );
     // A handle is taken by a reference as by a key.
     let err = custody.add_aws_key(&handle, key.clone()).await.unwrap_err();
     assert!(
         matches!(
-            err,
-            CustodyError::HandleInUse {
+            keystore(&err),
+            Some(CustodyError::HandleInUse {
                 destroyed: false,
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -80,16 +179,16 @@ async fn a_reference_wraps_unwraps_and_survives_a_restart_until_forgotten() {
     drop(custody);
     let custody = open(dir.path(), &endpoint);
     let out = custody
-        .unwrap(&ct, b"org-a/kek-1")
+        .unwrap_one(&ct, b"org-a/kek-1")
         .await
         .expect("after a restart");
     assert!(out.plaintext.ct_eq(&kek()));
 
     assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Now);
     assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Already);
-    let err = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap_err();
+    let err = custody.unwrap_one(&ct, b"org-a/kek-1").await.unwrap_err();
     assert!(
-        matches!(err, CustodyError::DestroyedKey(h) if h == handle),
+        matches!(keystore(&err), Some(CustodyError::DestroyedKey(h)) if *h == handle),
         "{err:?}"
     );
     // Forgotten here; untouched in AWS.
@@ -126,14 +225,18 @@ async fn a_key_that_cannot_be_used_is_not_stored() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, CustodyError::Aws(AwsError::NotFound { .. })),
+        matches!(
+            err,
+            ServiceError::AwsKms(AwsKmsError::Aws(AwsError::NotFound { .. }))
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("does not exist"), "{err}");
-    assert!(matches!(
-        custody.wrap(&handle, &kek(), b"").await,
-        Err(CustodyError::UnknownKey(_))
-    ));
+    let err = custody.wrap_one(&handle, &kek(), b"").await.unwrap_err();
+    assert!(
+        matches!(keystore(&err), Some(CustodyError::UnknownKey(_))),
+        "{err:?}"
+    );
     // Nothing claimed the handle.
     let good = new_key(&endpoint, "us-east-1").await;
     custody
@@ -154,7 +257,7 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
         .add_aws_key(&handle, reference(&arn, None))
         .await
         .unwrap();
-    let ct = custody.wrap(&handle, &kek(), b"aad").await.unwrap();
+    let ct = custody.wrap_one(&handle, &kek(), b"aad").await.unwrap();
 
     admin
         .disable_key()
@@ -164,10 +267,10 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
         .unwrap();
     tokio::time::sleep(STATE_TTL).await;
     for err in [
-        custody.wrap(&handle, &kek(), b"aad").await.unwrap_err(),
-        custody.unwrap(&ct, b"aad").await.unwrap_err(),
+        custody.wrap_one(&handle, &kek(), b"aad").await.unwrap_err(),
+        custody.unwrap_one(&ct, b"aad").await.unwrap_err(),
     ] {
-        let CustodyError::ProviderKeyState { key, state } = &err else {
+        let ServiceError::AwsKms(AwsKmsError::ProviderKeyState { key, state }) = &err else {
             panic!("expected ProviderKeyState, got {err:?}");
         };
         assert_eq!(key, &arn);
@@ -184,7 +287,7 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
     tokio::time::sleep(STATE_TTL).await;
     assert!(
         custody
-            .unwrap(&ct, b"aad")
+            .unwrap_one(&ct, b"aad")
             .await
             .unwrap()
             .plaintext
@@ -199,14 +302,14 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
         .await
         .unwrap();
     tokio::time::sleep(STATE_TTL).await;
-    let err = custody.unwrap(&ct, b"aad").await.unwrap_err();
+    let err = custody.unwrap_one(&ct, b"aad").await.unwrap_err();
     assert!(
         matches!(
             err,
-            CustodyError::ProviderKeyState {
+            ServiceError::AwsKms(AwsKmsError::ProviderKeyState {
                 state: ProviderState::PendingDeletion,
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -235,8 +338,9 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
         })
         .collect();
     let wrapped: Vec<Vec<u8>> = custody
-        .wrap_batch(items)
+        .wrap_batch(items.into_iter().map(Ok).collect())
         .await
+        .unwrap()
         .into_iter()
         .collect::<Result<_, _>>()
         .unwrap();
@@ -245,13 +349,16 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
             wrapped
                 .iter()
                 .enumerate()
-                .map(|(i, ct)| UnwrapItem {
-                    ciphertext: ct.clone(),
-                    associated_data: vec![i as u8],
+                .map(|(i, ct)| {
+                    Ok(UnwrapItem {
+                        ciphertext: ct.clone(),
+                        associated_data: vec![i as u8],
+                    })
                 })
                 .collect(),
         )
-        .await;
+        .await
+        .unwrap();
     for (i, out) in unwrapped.into_iter().enumerate() {
         let out = out.unwrap();
         assert!(out.plaintext.ct_eq(&SecretBytes::copy_from(&[i as u8; 32])));
@@ -262,14 +369,14 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
     let mut swapped = wrapped[1].clone();
     swapped[0] = envelope::VERSION;
     assert!(matches!(
-        custody.unwrap(&swapped, &[1]).await,
-        Err(CustodyError::Authentication)
+        custody.unwrap_one(&swapped, &[1]).await,
+        Err(ServiceError::Custody(CustodyError::Authentication))
     ));
     let mut swapped = wrapped[0].clone();
     swapped[0] = envelope::VERSION_AWS;
     assert!(matches!(
-        custody.unwrap(&swapped, &[0]).await,
-        Err(CustodyError::Authentication)
+        custody.unwrap_one(&swapped, &[0]).await,
+        Err(ServiceError::Custody(CustodyError::Authentication))
     ));
 }
 
@@ -289,7 +396,10 @@ async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
         .add_aws_key(&handle, reference(&arn, None))
         .await
         .unwrap();
-    let ct = custody.wrap(&handle, &kek(), b"org-a/kek-1").await.unwrap();
+    let ct = custody
+        .wrap_one(&handle, &kek(), b"org-a/kek-1")
+        .await
+        .unwrap();
     custody.destroy(&handle).await.unwrap();
 
     let err = custody
@@ -297,7 +407,7 @@ async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, CustodyError::NotTheDestroyedKey(h) if h == handle),
+        matches!(keystore(&err), Some(CustodyError::NotTheDestroyedKey(h)) if *h == handle),
         "{err:?}"
     );
     drop(custody);
@@ -309,6 +419,6 @@ async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
     assert_eq!(recovered.handle, handle);
     assert_eq!(recovered.check_value, info.check_value);
     assert_eq!(recovered.origin, KeyOrigin::AwsKms);
-    let out = custody.unwrap(&ct, b"org-a/kek-1").await.unwrap();
+    let out = custody.unwrap_one(&ct, b"org-a/kek-1").await.unwrap();
     assert!(out.plaintext.ct_eq(&kek()));
 }

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_kms::types::{KeySpec, KeyUsageType};
-use cmk_hsm_custody::aws_kms::{
+use cmk_hsm_aws_kms::{
     ArnError, AwsCredentials, AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings,
     EncryptionContext, KeyArn, RoleArn, WrappedByAws,
 };
@@ -23,7 +23,7 @@ use cmk_secret::SecretBytes;
 /// An address where nothing listens: a region that is down.
 const DEAD: &str = "http://127.0.0.1:1";
 
-use cmk_hsm_custody::aws_kms::emulator::{
+use cmk_hsm_aws_kms::emulator::{
     ACCOUNT, admin, create_key, credentials, emulator, new_key, role_credentials, settings,
     test_credentials,
 };

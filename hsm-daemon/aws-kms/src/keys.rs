@@ -2,25 +2,25 @@
 //! secrets are wrapped under it in envelope version 2, and the owner's key state
 //! is watched through DescribeKey.
 //!
-//! The references themselves are kept by the software keystore, sealed under
-//! its root key like every CMK record: a reference altered on disk would
-//! redirect secrets to someone else's key, so it must not be changeable
-//! without the root key.
+//! The references themselves are kept by the software keystore
+//! ([`ReferenceStore`]), sealed under its root key like every CMK record: a
+//! reference altered on disk would redirect secrets to someone else's key, so
+//! it must not be changeable without the root key.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use cmk_hsm_custody::{KeyCheckValue, KeyHandle, KeyInfo, KeyReference, ReferenceStore, envelope};
 use cmk_secret::SecretBytes;
 use sha2::{Digest, Sha256};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::{
-    AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, EncryptionContext, KeyArn, RoleArn,
-    WrappedByAws,
+use crate::{
+    AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsKmsError, AwsSettings, EncryptionContext, KeyArn,
+    MAX_BLOB_LEN, RoleArn, WrappedByAws,
 };
-use crate::{CustodyError, InputError, KeyCheckValue, KeyHandle, envelope};
 
 /// The encryption context pair naming the key reference.
 pub const CONTEXT_HANDLE: &str = "cmk:key-handle";
@@ -30,6 +30,12 @@ pub const CONTEXT_ASSOCIATED_DATA: &str = "cmk:associated-data";
 
 /// Domain separation of the check value of a key reference.
 const CHECK_VALUE_LABEL: &[u8] = b"cmk aws-kms key\0";
+
+/// How long a key's state in AWS KMS is trusted unless configured otherwise.
+pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(30);
+
+/// The longest version 2 ciphertext: two KMS blobs of the largest size.
+pub const MAX_CIPHERTEXT_LEN: usize = envelope::HEADER_LEN + 2 + 2 * (2 + MAX_BLOB_LEN);
 
 /// Why a referenced key cannot be used, as DescribeKey reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +65,9 @@ impl ProviderState {
         }
     }
 
-    /// A stable lower-case token, sent to the control plane as
-    /// `cmk-provider-key-state`.
+    /// A stable lower-case token naming the state. The control plane is
+    /// told the state as `cmk.hsm.v1.ProviderKeyState` instead, which the
+    /// daemon's status mapping chooses.
     pub fn token(self) -> &'static str {
         match self {
             Self::Disabled => "disabled",
@@ -122,7 +129,7 @@ pub fn check_value(key: &AwsKeyRef) -> KeyCheckValue {
 pub fn encryption_context(
     handle: &KeyHandle,
     associated_data: &[u8],
-) -> Result<EncryptionContext, CustodyError> {
+) -> Result<EncryptionContext, AwsKmsError> {
     let context =
         EncryptionContext::new(CONTEXT_HANDLE, handle.to_string()).map_err(AwsError::from)?;
     // KMS refuses an empty value; no pair and an empty one bind the same thing.
@@ -136,8 +143,9 @@ pub fn encryption_context(
 
 /// The byte form of a key reference inside a sealed keystore record: three
 /// length-prefixed (u16, big-endian) ARNs, primary, backup and role, an empty
-/// one meaning none.
-pub(crate) fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
+/// one meaning none. The keystore keeps the primary as the reference's
+/// identity and the rest as its detail, in these same bytes.
+fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
     let fields = [
         key.primary().as_str(),
         key.backup().map_or("", KeyArn::as_str),
@@ -156,7 +164,7 @@ pub(crate) fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
 /// Reads what [`encode_reference`] wrote; `None` if it is not that, which for
 /// a record that authenticated under the root key means a bug or a format from
 /// a newer version.
-pub(crate) fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
+fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
     let mut fields = Vec::with_capacity(3);
     for _ in 0..3 {
         let (len, rest) = bytes.split_first_chunk::<2>()?;
@@ -176,9 +184,27 @@ pub(crate) fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
     AwsKeyRef::new(primary, backup, role).ok()
 }
 
-/// The AWS KMS side of a custody backend.
+/// What the keystore keeps of `key`.
+fn to_stored(key: &AwsKeyRef) -> KeyReference {
+    let bytes = encode_reference(key);
+    // The primary's length prefix and text come first (see `encode_reference`).
+    let detail = bytes[2 + key.primary().as_str().len()..].to_vec();
+    let stored = KeyReference::new(key.primary().as_str().to_owned(), detail, check_value(key));
+    // An ARN is never empty and is bounded by MAX_ARN_LEN, far below u16::MAX.
+    stored.expect("a key ARN is a valid reference identity")
+}
+
+/// The key reference the keystore kept; `None` if it is not one.
+fn from_stored(stored: &KeyReference) -> Option<AwsKeyRef> {
+    let identity = stored.identity().as_bytes();
+    let len = u16::try_from(identity.len()).ok()?.to_be_bytes();
+    decode_reference(&[&len[..], identity, stored.detail()].concat())
+}
+
+/// The AWS KMS backend: references kept in `store`, used through AWS KMS.
 pub struct AwsKeys {
     kms: AwsKms,
+    store: Arc<dyn ReferenceStore>,
     state_ttl: Duration,
     /// What DescribeKey last said about each primary key, and when; `None` for
     /// usable, or unknown because the region did not answer (the call itself
@@ -196,32 +222,77 @@ impl fmt::Debug for AwsKeys {
 }
 
 impl AwsKeys {
-    /// AWS KMS reached with `settings`; a key's state is looked up again once
-    /// `state_ttl` old. Nothing is contacted until a key is used.
-    pub fn new(settings: AwsSettings, state_ttl: Duration) -> Self {
+    /// AWS KMS reached with `settings`, references kept in `store`; a key's
+    /// state is looked up again once `state_ttl` old. Nothing is contacted
+    /// until a key is used.
+    pub fn new(settings: AwsSettings, state_ttl: Duration, store: Arc<dyn ReferenceStore>) -> Self {
         Self {
             kms: AwsKms::new(settings),
+            store,
             state_ttl,
             states: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Checks that the service can use `key` (and its backup), and returns its
-    /// check value.
-    pub async fn admit(&self, key: &AwsKeyRef) -> Result<KeyCheckValue, CustodyError> {
-        self.kms.verify_access(key).await?;
-        self.remember(key.primary(), None);
-        Ok(check_value(key))
+    /// Takes a reference to `key` into the keystore under `handle`, once an
+    /// Encrypt and Decrypt round trip has shown the key can be used; durable
+    /// once this returns `Ok`. The handle is refused as a key's would be
+    /// ([`cmk_hsm_custody::Custody::import`]).
+    pub async fn add(&self, handle: &KeyHandle, key: AwsKeyRef) -> Result<KeyInfo, AwsKmsError> {
+        self.admit(&key).await?;
+        Ok(self.store.add_reference(handle, to_stored(&key)).await?)
     }
 
-    /// Encrypts `plaintext` under `key` into an envelope version 2 ciphertext.
+    /// Brings the destroyed reference `handle` back, as
+    /// [`cmk_hsm_custody::Custody::recover`] does a key: its primary key ARN
+    /// must be the one given (backup and role may differ), and the key is
+    /// checked as [`AwsKeys::add`] checks it.
+    pub async fn recover(
+        &self,
+        handle: &KeyHandle,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, AwsKmsError> {
+        // Checked before AWS is asked anything, so that another key's ARN
+        // costs no round trips; checked again when the reference is stored.
+        self.store
+            .check_recoverable(handle, key.primary().as_str())
+            .await?;
+        self.admit(&key).await?;
+        let info = self
+            .store
+            .recover_reference(handle, to_stored(&key))
+            .await?;
+        info!(%handle, check_value = %info.check_value, "destroyed AWS KMS key reference recovered");
+        Ok(info)
+    }
+
+    /// The key `handle` refers to, or `None` when it names a key the
+    /// keystore holds itself; unknown and destroyed handles are errors.
+    pub async fn key(&self, handle: &KeyHandle) -> Result<Option<AwsKeyRef>, AwsKmsError> {
+        match self.store.reference(handle).await? {
+            Some(stored) => from_stored(&stored)
+                .map(Some)
+                .ok_or(AwsKmsError::UnreadableReference(*handle)),
+            None => Ok(None),
+        }
+    }
+
+    /// Checks that the service can use `key` (and its backup).
+    async fn admit(&self, key: &AwsKeyRef) -> Result<(), AwsKmsError> {
+        self.kms.verify_access(key).await?;
+        self.remember(key.primary(), None);
+        Ok(())
+    }
+
+    /// Encrypts `plaintext` under `key`, the reference `handle`, into an
+    /// envelope version 2 ciphertext.
     pub async fn wrap(
         &self,
         handle: &KeyHandle,
         key: &AwsKeyRef,
         plaintext: &SecretBytes,
         associated_data: &[u8],
-    ) -> Result<Vec<u8>, CustodyError> {
+    ) -> Result<Vec<u8>, AwsKmsError> {
         let context = encryption_context(handle, associated_data)?;
         self.check_usable(key).await?;
         let wrapped = self
@@ -238,8 +309,8 @@ impl AwsKeys {
         key: &AwsKeyRef,
         body: &[u8],
         associated_data: &[u8],
-    ) -> Result<SecretBytes, CustodyError> {
-        let wrapped = WrappedByAws::from_bytes(body).map_err(InputError::from)?;
+    ) -> Result<SecretBytes, AwsKmsError> {
+        let wrapped = WrappedByAws::from_bytes(body)?;
         let context = encryption_context(handle, associated_data)?;
         self.check_usable(key).await?;
         self.answered(key, self.kms.decrypt(key, &wrapped, &context).await)
@@ -249,9 +320,9 @@ impl AwsKeys {
     /// Refuses a key whose owner disabled it or scheduled its deletion. Moto,
     /// like a KMS replica lagging behind, still encrypts with a disabled key:
     /// DescribeKey is what says whether the owner wants it used.
-    async fn check_usable(&self, key: &AwsKeyRef) -> Result<(), CustodyError> {
+    async fn check_usable(&self, key: &AwsKeyRef) -> Result<(), AwsKmsError> {
         match self.state(key.primary(), key.role()).await {
-            Some(state) => Err(CustodyError::ProviderKeyState {
+            Some(state) => Err(AwsKmsError::ProviderKeyState {
                 key: key.primary().clone(),
                 state,
             }),
@@ -265,7 +336,7 @@ impl AwsKeys {
         &self,
         key: &AwsKeyRef,
         result: Result<T, AwsError>,
-    ) -> Result<T, CustodyError> {
+    ) -> Result<T, AwsKmsError> {
         match result {
             Err(err @ (AwsError::KeyDisabled { .. } | AwsError::NotFound { .. })) => {
                 self.forget(key.primary());
@@ -359,6 +430,22 @@ mod tests {
         doubled.extend_from_slice(&same[..2 + PRIMARY.len()]);
         doubled.extend_from_slice(&[0, 0]);
         assert_eq!(decode_reference(&doubled), None);
+    }
+
+    #[test]
+    fn the_keystore_keeps_the_primary_as_identity_and_the_record_bytes_unchanged() {
+        for (backup, role) in [(false, false), (true, false), (false, true), (true, true)] {
+            let key = reference(backup, role);
+            let stored = to_stored(&key);
+            assert_eq!(stored.identity(), PRIMARY);
+            assert_eq!(stored.check_value(), check_value(&key));
+            let len = u16::try_from(PRIMARY.len()).expect("short").to_be_bytes();
+            assert_eq!(
+                [&len[..], PRIMARY.as_bytes(), stored.detail()].concat(),
+                encode_reference(&key)
+            );
+            assert_eq!(from_stored(&stored), Some(key));
+        }
     }
 
     #[test]

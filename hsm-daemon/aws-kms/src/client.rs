@@ -378,7 +378,7 @@ impl AwsKms {
             )));
         }
         let mut probe = SecretBytes::zeroed(PROBE_LEN);
-        crate::fill_random(probe.expose_mut()).map_err(|_| AwsError::Other {
+        cmk_hsm_custody::fill_random(probe.expose_mut()).map_err(|_| AwsError::Other {
             operation: "verify",
             key: key.clone(),
             detail: AwsDetail {

@@ -23,22 +23,18 @@ use std::{
 };
 
 use cmk_control_plane_domain::{Command, KeyId, KeyState, OrgId, Timestamp};
-use cmk_control_plane_store::{
-    GenericKey, Intent, IntentKind, JobState, Rewrap, RotationJob, StoreError, StoredKek, StoredOrg,
-};
+use cmk_control_plane_store::{JobState, Rewrap, RotationJob, StoreError, StoredKek, StoredOrg};
 use cmk_secret::SecretBytes;
 use prometheus_client::metrics::counter::Counter;
 use tracing::{info, warn};
 
+use super::{KeyService, SERVICE_ACTOR, Step, content::org_state_of};
 use crate::{
     authz::Caller,
-    content::org_state_of,
     envelope,
-    error::{ServiceError, chain},
-    hsm::random_handle,
+    error::{Internal, ServiceError, chain},
     lease::Leased,
     metrics::ActiveRotation,
-    service::{KeyService, SERVICE_ACTOR, Step, new_key_id},
 };
 
 /// A rotation job with what the caller needs to follow it.
@@ -80,9 +76,7 @@ impl Write {
     /// if some rows were skipped because they had changed since they were
     /// read.
     async fn finish(self, rewrapped: &Counter) -> Result<bool, ServiceError> {
-        let written = self.task.await.map_err(|e| {
-            StoreError::Unavailable(format!("the KEK write task failed: {e}").into())
-        })??;
+        let written = self.task.await.map_err(Internal::TaskFailed)??;
         rewrapped.inc_by(written);
         Ok(written < self.attempted)
     }
@@ -381,13 +375,8 @@ impl KeyService {
             .map(|k| k.record.id.clone())
             .collect();
         for key in idle {
-            let plan = |stored: &StoredOrg| {
-                Ok(Step {
-                    command: Some(Command::FinishRotation(key.clone())),
-                    require_unreferenced: vec![key.clone()],
-                    ..Step::settings(stored.byok)
-                })
-            };
+            // The domain requires that the key wraps no KEK when it commits.
+            let plan = |_: &StoredOrg| Ok(Step::command(Command::FinishRotation(key.clone())));
             let action = format!("rotation finished for key {key}: 0 KEKs wrapped by it (counted)");
             (stored, _) = self
                 .apply(SERVICE_ACTOR, org, &action, Some(&key), plan)
@@ -404,10 +393,10 @@ impl KeyService {
             .await?
             .filter(|j| j.state == JobState::Running);
         if let (false, Some(job)) = (rotating, running) {
-            let plan = |stored: &StoredOrg| {
+            let plan = |_: &StoredOrg| {
                 Ok(Step {
                     finish_job: Some(job.id),
-                    ..Step::settings(stored.byok)
+                    ..Step::nothing()
                 })
             };
             let action = format!(
@@ -420,118 +409,6 @@ impl KeyService {
             info!(%org, job = job.id, done = job.done, total = job.total, "rotation finished");
         }
         Ok(stored)
-    }
-
-    /// Renews the generic default key once it is older than the rotation
-    /// period, moves every org whose master it is onto the new material, and
-    /// destroys retired material no org's key uses any more.
-    pub async fn renew_generic(&self) -> Result<(), ServiceError> {
-        let now = self.clock.now();
-        if let Some(current) = self.store.generic_key().await?
-            && current.created_at.plus(self.policy.rotation_period) <= now
-        {
-            self.generate_successor(&current, now).await?;
-        }
-        let Some(current) = self.store.generic_key().await? else {
-            return Ok(());
-        };
-        for retired in self.store.retired_generic_keys().await? {
-            for org in self.store.orgs_using_handle(&retired.handle).await? {
-                self.move_to_generic(&org, &retired, &current).await?;
-            }
-            if self
-                .store
-                .drop_retired_generic_key(&retired.handle, self.clock.now())
-                .await?
-            {
-                info!(check_value = %retired.check_value, "retired generic default key destroyed");
-                self.discard(&retired.handle).await;
-            }
-        }
-        Ok(())
-    }
-
-    async fn generate_successor(
-        &self,
-        current: &GenericKey,
-        now: Timestamp,
-    ) -> Result<(), ServiceError> {
-        let handle = random_handle();
-        self.store
-            .record_intent(Intent {
-                handle: handle.clone(),
-                kind: IntentKind::Import,
-                org: None,
-                created_at: now,
-            })
-            .await?;
-        let generated = match self.hsm.generate(&handle).await {
-            Ok(generated) => generated,
-            Err(err) => {
-                self.discard(&handle).await;
-                return Err(err.into());
-            }
-        };
-        let stored = self
-            .store
-            .renew_generic_key(
-                &current.handle,
-                GenericKey {
-                    handle: handle.clone(),
-                    check_value: generated.check_value,
-                    created_at: now,
-                },
-            )
-            .await?;
-        if stored.handle == handle {
-            info!(old = %current.check_value, new = %stored.check_value,
-                  "renewed the generic default key");
-        } else {
-            // Another replica renewed it first; ours is unused.
-            self.discard(&handle).await;
-        }
-        Ok(())
-    }
-
-    /// Where `retired` is the org's master, the org's record of `current`
-    /// becomes the master and the old one rotates.
-    async fn move_to_generic(
-        &self,
-        org: &OrgId,
-        retired: &GenericKey,
-        current: &GenericKey,
-    ) -> Result<(), ServiceError> {
-        let _guard = self.lock(org).await;
-        let master_is_retired = |stored: &StoredOrg| {
-            stored
-                .keys
-                .iter()
-                .any(|k| k.record.state == KeyState::Active && k.handle == retired.handle)
-        };
-        // An org only rotating away from the retired key needs nothing here.
-        if !master_is_retired(&self.load_or_enrol(org).await?) {
-            return Ok(());
-        }
-        let plan = |stored: &StoredOrg| {
-            Ok(Step {
-                command: master_is_retired(stored).then(|| Command::RenewGeneric {
-                    id: new_key_id(),
-                    check_value: current.check_value.clone(),
-                }),
-                fresh_handle: Some(current.handle.clone()),
-                ..Step::settings(stored.byok)
-            })
-        };
-        self.apply(
-            SERVICE_ACTOR,
-            org,
-            "renew the generic default key",
-            None,
-            plan,
-        )
-        .await?;
-        self.settle_rotations(org).await?;
-        Ok(())
     }
 }
 

@@ -13,8 +13,12 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
-use super::arn::{KeyArn, RoleArn};
-use super::context::ContextError;
+use cmk_hsm_custody::KeyHandle;
+
+use crate::arn::{ArnError, KeyArn, RoleArn};
+use crate::context::ContextError;
+use crate::keys::ProviderState;
+use crate::wrapped::WrappedError;
 
 /// A boxed underlying error, kept for the log's error chain.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -49,7 +53,42 @@ impl fmt::Display for AwsDetail {
     }
 }
 
-/// Why a call through [`super::AwsKms`] failed.
+/// Why the AWS KMS backend ([`crate::AwsKeys`]) refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsKmsError {
+    /// The keystore that keeps the references refused or failed (an unknown
+    /// or destroyed handle, a handle in use, storage).
+    #[error(transparent)]
+    Keystore(#[from] cmk_hsm_custody::CustodyError),
+    /// A key reference names a malformed ARN.
+    #[error(transparent)]
+    Arn(#[from] ArnError),
+    /// AWS KMS refused or failed a call on a referenced key.
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    /// A version 2 ciphertext whose KMS part is malformed.
+    #[error(transparent)]
+    Ciphertext(#[from] WrappedError),
+    /// The owner of a key in AWS KMS disabled it or scheduled its deletion
+    /// (outside this service): nothing is wrapped or unwrapped with it until it
+    /// is enabled again.
+    #[error(
+        "AWS KMS key {key} is {state} in AWS KMS, so it cannot be used: {}",
+        state.remedy()
+    )]
+    ProviderKeyState {
+        /// The primary key of the reference.
+        key: KeyArn,
+        /// What DescribeKey reported.
+        state: ProviderState,
+    },
+    /// The keystore holds a reference under the handle that this version
+    /// cannot read, although it authenticated under the root key.
+    #[error("the keystore's reference {0} is not one this version of the daemon reads")]
+    UnreadableReference(KeyHandle),
+}
+
+/// Why a call through [`crate::AwsKms`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
     /// The key's region did not answer in time, answered with a server-side

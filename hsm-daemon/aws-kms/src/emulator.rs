@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::{AwsCredentials, AwsSettings, KeyArn, RoleArn};
+use crate::{AwsCredentials, AwsSettings, KeyArn, RoleArn};
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_kms::config::Credentials;
 use aws_sdk_kms::types::{KeySpec, KeyUsageType};

@@ -1,0 +1,256 @@
+//! The change path: a plan computed from the org as stored, the domain's
+//! transition, and one commit of the outcome with its audit events, custody
+//! intents and rotation job.
+
+use cmk_control_plane_domain::{Change, Command, Effect, KeyId, KeyState, Org, OrgId, Outcome};
+use cmk_control_plane_store::{
+    AwsArns, Commit, Intent, IntentKind, RotationChange, StoreError, StoredKey, StoredOrg,
+};
+
+use super::{CONFLICT_RETRIES, KeyService, SERVICE_ACTOR, new_key_id};
+use crate::error::{Internal, ServiceError};
+
+/// One change to an org, computed from the org as stored.
+pub(crate) struct Step {
+    /// What the domain is asked to do; `None` changes nothing but what the
+    /// step itself carries (a finished job).
+    pub(crate) command: Option<Command>,
+    /// Custody handle of material taken in for this change: it belongs to the
+    /// key the change adds or recovers.
+    pub(crate) fresh_handle: Option<String>,
+    /// The ARNs of an AWS key taken in under `fresh_handle`.
+    pub(crate) fresh_aws: Option<AwsArns>,
+    /// The import intent the commit resolves.
+    pub(crate) import_intent: Option<String>,
+    /// A rotation job the change ends (a job is started by the commit of any
+    /// change that supersedes the active key).
+    pub(crate) finish_job: Option<u64>,
+}
+
+impl Step {
+    /// A step that runs `command` and brings nothing into custody.
+    pub(crate) fn command(command: Command) -> Self {
+        Self {
+            command: Some(command),
+            ..Self::nothing()
+        }
+    }
+
+    /// A step that changes no key.
+    pub(crate) fn nothing() -> Self {
+        Self {
+            command: None,
+            fresh_handle: None,
+            fresh_aws: None,
+            import_intent: None,
+            finish_job: None,
+        }
+    }
+}
+
+impl KeyService {
+    /// Computes `plan` against the org as stored, lets the domain apply its
+    /// command, and commits the outcome with its audit events and intents;
+    /// recomputed if another writer got there first. Then carries out the
+    /// effects the domain named that follow the commit (destroying removed
+    /// keys' material, waking rotation jobs).
+    pub(crate) async fn apply(
+        &self,
+        actor: &str,
+        org: &OrgId,
+        action: &str,
+        key: Option<&KeyId>,
+        plan: impl Fn(&StoredOrg) -> Result<Step, ServiceError>,
+    ) -> Result<(StoredOrg, Vec<Change>), ServiceError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let stored = self.load_or_enrol(org).await?;
+            let now = self.clock.now();
+            let step = plan(&stored)?;
+            let current = stored.domain();
+            let Outcome {
+                org: next,
+                changes,
+                effects,
+            } = match step.command {
+                Some(command) => current.handle(command, now, &self.policy)?,
+                None => Outcome {
+                    org: current,
+                    changes: Vec::new(),
+                    effects: Vec::new(),
+                },
+            };
+            let mut keys: Vec<StoredKey> = stored.keys.clone();
+            let mut written: Vec<StoredKey> = Vec::new();
+            for change in &changes {
+                let record = next.key(&change.key)?.clone();
+                let before = keys.iter().find(|k| k.record.id == change.key);
+                let (handle, aws) = match (change.from, before, &step.fresh_handle) {
+                    // A key this command added, or recovered under its own
+                    // handle, from material the step took in.
+                    (None | Some(KeyState::Lost), _, Some(handle)) if !change.to.is_removed() => {
+                        (handle.clone(), step.fresh_aws.clone())
+                    }
+                    (_, Some(before), _) => (before.handle.clone(), before.aws.clone()),
+                    (_, None, _) => return Err(Internal::NoHandle(change.key.clone()).into()),
+                };
+                let stored_key = StoredKey {
+                    record,
+                    handle,
+                    aws,
+                };
+                match keys.iter_mut().find(|k| k.record.id == change.key) {
+                    Some(slot) => *slot = stored_key.clone(),
+                    None => keys.push(stored_key.clone()),
+                }
+                written.retain(|k| k.record.id != change.key);
+                written.push(stored_key);
+            }
+            let handle_of = |id: &KeyId| {
+                keys.iter()
+                    .find(|k| &k.record.id == id)
+                    .map(|k| k.handle.clone())
+                    .ok_or_else(|| Internal::NoHandle(id.clone()))
+            };
+            let call_key = key
+                .or_else(|| changes.first().map(|c| &c.key))
+                .map(|k| k.0.clone());
+            let mut events = vec![self.event(actor, call_key, action, now)];
+            events.extend(changes.iter().map(|c| {
+                let from = c.from.map_or("new".to_owned(), |s| s.to_string());
+                self.event(
+                    actor,
+                    Some(c.key.0.clone()),
+                    &format!("state {from} → {}", c.to),
+                    now,
+                )
+            }));
+            let mut rotation = step
+                .finish_job
+                .map(|job| RotationChange::Finish { job, at: now });
+            let mut require_unreferenced = Vec::new();
+            let mut uses_generic = None;
+            let mut destroy = Vec::new();
+            let mut wake = false;
+            for effect in &effects {
+                match effect {
+                    // The job row is written with the change that supersedes
+                    // the active key.
+                    Effect::StartRotation { target, from } => {
+                        events.push(self.event(
+                            actor,
+                            Some(target.0.clone()),
+                            &format!(
+                                "rotation started: re-wrapping the KEKs of {} to {}",
+                                from.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", "),
+                                target
+                            ),
+                            now,
+                        ));
+                        rotation = Some(RotationChange::Start {
+                            target: target.clone(),
+                            from: from.clone(),
+                            at: now,
+                        });
+                    }
+                    Effect::RequireNoKeks(key) => require_unreferenced.push(key.clone()),
+                    Effect::UsesGeneric(key) => uses_generic = Some(handle_of(key)?),
+                    Effect::Destroy(key) => destroy.push(handle_of(key)?),
+                    Effect::ResumeRotation => wake = true,
+                }
+            }
+            let commit = Commit {
+                org: org.clone(),
+                expected_version: Some(stored.version),
+                byok: next.byok(),
+                keys: written,
+                audit: events,
+                add_intents: destroy
+                    .iter()
+                    .map(|handle| Intent {
+                        handle: handle.clone(),
+                        kind: IntentKind::Destroy,
+                        org: Some(org.clone()),
+                        created_at: now,
+                    })
+                    .collect(),
+                resolve_intents: step.import_intent.into_iter().collect(),
+                rotation,
+                require_unreferenced,
+                uses_generic,
+            };
+            match self.store.commit(commit).await {
+                Ok(version) => {
+                    let stored = StoredOrg {
+                        org: org.clone(),
+                        byok: next.byok(),
+                        version,
+                        keys,
+                    };
+                    // Before the call returns: a revocation is in force for
+                    // every later content-key call of this process.
+                    self.remember_org_state(&stored);
+                    if wake {
+                        self.rotation_wake.notify_one();
+                    }
+                    for handle in &destroy {
+                        self.discard(handle).await;
+                    }
+                    return Ok((stored, changes));
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(StoreError::Conflict(org.clone()).into())
+    }
+
+    /// The org as stored; an org seen for the first time is enrolled with the
+    /// generic default key as its master.
+    pub(crate) async fn load_or_enrol(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+        loop {
+            if let Some(stored) = self.store.load_org(org).await? {
+                return Ok(stored);
+            }
+            let generic = self.ensure_generic().await?;
+            let now = self.clock.now();
+            let enrolled = Org::new(new_key_id(), generic.check_value.clone(), now);
+            let commit = Commit {
+                org: org.clone(),
+                expected_version: None,
+                byok: enrolled.byok(),
+                audit: enrolled
+                    .keys()
+                    .iter()
+                    .map(|record| {
+                        self.event(
+                            SERVICE_ACTOR,
+                            Some(record.id.0.clone()),
+                            "enrol: the generic default key is the master key",
+                            now,
+                        )
+                    })
+                    .collect(),
+                keys: enrolled
+                    .keys()
+                    .iter()
+                    .map(|record| StoredKey {
+                        record: record.clone(),
+                        handle: generic.handle.clone(),
+                        aws: None,
+                    })
+                    .collect(),
+                add_intents: Vec::new(),
+                resolve_intents: Vec::new(),
+                rotation: None,
+                require_unreferenced: Vec::new(),
+                uses_generic: Some(generic.handle),
+            };
+            match self.store.commit(commit).await {
+                // Another writer enrolled it first: load theirs. Or the
+                // generic key was renewed since it was read: read it again.
+                Ok(_) | Err(StoreError::Conflict(_) | StoreError::GenericKeyChanged) => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+}
