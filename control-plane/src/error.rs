@@ -223,3 +223,20 @@ fn internal() -> Status {
 }
 
 pub use cmk_runtime::error_chain as chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task that panicked is the service's fault: the caller must not be
+    /// told to retry.
+    #[tokio::test]
+    async fn a_panicked_task_is_internal() {
+        let panicked = tokio::spawn(async { panic!("a bug") })
+            .await
+            .expect_err("the task panicked");
+        let status = ServiceError::from(Internal::TaskFailed(panicked)).to_status();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("a bug"), "{status:?}");
+    }
+}
