@@ -39,6 +39,8 @@ pub struct Metrics {
     pub rewrap_failures: Counter,
     /// Rotation jobs this process is working now (holding their lease).
     pub rotations_active: Gauge,
+    /// Refused calls naming an org that does not exist: logged, never written.
+    pub refusals_unknown_org: Counter,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,7 @@ impl Default for Metrics {
             keks_rewrapped: Counter::default(),
             rewrap_failures: Counter::default(),
             rotations_active: Gauge::default(),
+            refusals_unknown_org: Counter::default(),
         }
     }
 }
@@ -83,6 +86,11 @@ impl Metrics {
             "cmk_rotation_jobs_active",
             "Rotation jobs this process is working (holding their lease)",
             metrics.rotations_active.clone(),
+        );
+        registry.register(
+            "cmk_refusals_unknown_org",
+            "Refused calls naming an organisation that does not exist (logged, not audited)",
+            metrics.refusals_unknown_org.clone(),
         );
         metrics
     }

@@ -9,7 +9,7 @@ use cmk_control_plane_domain::{
     audit::{self, ChainedEvent},
 };
 use cmk_control_plane_store::{NewAuditEvent, Store, StoreError};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::KeyService;
 use crate::{
@@ -105,9 +105,7 @@ impl KeyService {
             action: action.to_owned(),
             result: refusal(err),
         };
-        if let Err(err) = self.store.append_audit(org, vec![event]).await {
-            warn!(error = %chain(&err), %org, action, "cannot audit a refused call");
-        }
+        self.record_refused(org, event).await;
     }
 
     /// Audits and returns a refusal found before the operation started.
@@ -144,14 +142,33 @@ impl KeyService {
             action: action.to_owned(),
             result: outcome,
         };
-        match self.store.append_audit(caller.org(), vec![event]).await {
-            // A read that cannot be audited is not served.
-            Err(err) if result.is_ok() => Err(err.into()),
-            Err(err) => {
-                warn!(error = %chain(&err), org = %caller.org(), action, "cannot audit a refused call");
-                result
+        if result.is_err() {
+            self.record_refused(caller.org(), event).await;
+            return result;
+        }
+        // A read that cannot be audited is not served.
+        self.store.append_audit(caller.org(), vec![event]).await?;
+        result
+    }
+
+    /// Appends a refusal to the org's log, if the org exists: a stranger's
+    /// calls naming made-up orgs must not grow the database nor take the
+    /// write lock, so those go to the process log and a counter only. (An
+    /// org enrolled while its refusal is recorded may miss that one row.)
+    async fn record_refused(&self, org: &OrgId, event: NewAuditEvent) {
+        let action = event.action.clone();
+        let recorded = match self.store.load_org(org).await {
+            Ok(Some(_)) => self.store.append_audit(org, vec![event]).await,
+            Ok(None) => {
+                self.metrics.refusals_unknown_org.inc();
+                info!(%org, actor = %event.actor, action = %event.action, result = %event.result,
+                      "refused a call for an organisation that does not exist");
+                return;
             }
-            Ok(()) => result,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = recorded {
+            warn!(error = %chain(&err), %org, action, "cannot audit a refused call");
         }
     }
 }
@@ -189,8 +206,84 @@ fn refusal(err: &ServiceError) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::Arc;
+
+    use cmk_control_plane_domain::Policy;
+    use cmk_control_plane_store::{Commit, SqliteStore};
+
     use super::*;
+    use crate::{authz::Denied, clock::SystemClock, hsm::HsmClient, service::ServiceOptions};
+
+    /// A stranger naming made-up orgs cannot grow the database: the refusal
+    /// is counted and logged, and only an existing org's log records it.
+    #[tokio::test]
+    async fn refusals_are_audited_only_in_orgs_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(dir.path().join("m.db").to_str().unwrap())
+                .await
+                .unwrap(),
+        );
+        // Refusals never reach the HSM daemon.
+        let nowhere = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let service = KeyService::new(
+            store.clone(),
+            HsmClient::over(nowhere),
+            Arc::new(SystemClock),
+            Policy::default(),
+            ServiceOptions::default(),
+        );
+        let denied = |org: &OrgId| {
+            ServiceError::from(Denied::NotGranted {
+                identity: "stranger".into(),
+                org: org.clone(),
+                needed: "admin",
+            })
+        };
+        let made_up = OrgId::parse("made-up").unwrap();
+        service
+            .record_refusal("stranger", &made_up, "list keys", None, &denied(&made_up))
+            .await;
+        assert_eq!(
+            store.load_org(&made_up).await.unwrap(),
+            None,
+            "not enrolled"
+        );
+        assert!(
+            store
+                .audit_events(&made_up, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(service.metrics.refusals_unknown_org.get(), 1);
+
+        let acme = OrgId::parse("acme").unwrap();
+        store
+            .commit(Commit {
+                org: acme.clone(),
+                expected_version: None,
+                byok: false,
+                keys: Vec::new(),
+                audit: Vec::new(),
+                add_intents: Vec::new(),
+                resolve_intents: Vec::new(),
+                rotation: None,
+                require_unreferenced: Vec::new(),
+                uses_generic: None,
+            })
+            .await
+            .unwrap();
+        service
+            .record_refusal("stranger", &acme, "list keys", None, &denied(&acme))
+            .await;
+        let events = store.audit_events(&acme, 0, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(events[0].event.result.starts_with("PermissionDenied"));
+        assert_eq!(service.metrics.refusals_unknown_org.get(), 1);
+    }
 
     #[test]
     fn an_audit_page_holds_the_default_when_unsized_and_never_more_than_the_largest() {
