@@ -129,7 +129,7 @@ pub async fn serve(
     let poll = maintenance_interval.min(lease_ttl / 2);
     let rotations = tokio::spawn(rotate(service.clone(), poll));
 
-    info!(%addr, hsm = %hsm.endpoint, "listening");
+    info!(listener = "grpc", %addr, hsm = %hsm.endpoint, "listening");
     let timeouts = Timeouts {
         request: limits.request_timeout,
         handshake: limits.handshake_timeout,

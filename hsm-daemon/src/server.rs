@@ -110,7 +110,13 @@ pub async fn serve(
 
     let addr = listener.local_addr().map_err(server::StartError::Io)?;
     let public = keys.import_public_key();
-    info!(%addr, import_key_id = %public.key_id, import_key_bits = public.bits, "listening");
+    info!(
+        listener = "grpc",
+        %addr,
+        import_key_id = %public.key_id,
+        import_key_bits = public.bits,
+        "listening"
+    );
     let timeouts = Timeouts {
         request: limits.request_timeout,
         handshake: limits.handshake_timeout,

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
             println!("{}", cmk_quickstart::init_summary(&layout));
             ExitCode::SUCCESS
         }
-        _ => runtime.block_on(up(&layout)),
+        _ => runtime.block_on(up(layout)),
     }
 }
 
@@ -152,32 +152,42 @@ async fn serve(process: Process, config: &Path) -> ExitCode {
 
 /// The supervisor: start the daemon, then the control plane, print what to try,
 /// and stop both (control plane first) on Ctrl-C or when either dies.
-async fn up(layout: &Layout) -> ExitCode {
+///
+/// A port given as 0 is picked by the system: once a process has logged the
+/// address it bound, the configuration files are written again with it, so
+/// that the control plane finds the daemon and `cmkctl` the control plane.
+async fn up(mut layout: Layout) -> ExitCode {
     let mut running = Vec::new();
-    for (process, config, addr) in [
-        (Process::HsmDaemon, layout.hsm_config(), layout.hsm_listen),
-        (
-            Process::ControlPlane,
-            layout.control_plane_config(),
-            layout.listen,
-        ),
-    ] {
-        let child = match start(layout, process, &config, addr).await {
-            Ok(child) => child,
-            Err(err) => {
-                eprintln!("cmk-quickstart: {} did not start: {err}", process.name());
-                eprint!("{}", log_tail(layout, process));
-                stop_all(running).await;
-                return ExitCode::FAILURE;
+    for process in [Process::HsmDaemon, Process::ControlPlane] {
+        let started = match start(&layout, process).await {
+            Ok((child, addr)) => {
+                running.push(Running::new(process, child));
+                let configured = match process {
+                    Process::HsmDaemon => &mut layout.hsm_listen,
+                    Process::ControlPlane => &mut layout.listen,
+                };
+                let changed = *configured != addr;
+                *configured = addr;
+                if changed {
+                    prepare(&layout).map_err(|e| error_chain(&e))
+                } else {
+                    Ok(())
+                }
             }
+            Err(err) => Err(format!("{} did not start: {err}", process.name())),
         };
-        running.push(Running::new(process, child));
+        if let Err(err) = started {
+            eprintln!("cmk-quickstart: {err}");
+            eprint!("{}", log_tail(&layout, process));
+            stop_all(running).await;
+            return ExitCode::FAILURE;
+        }
     }
     let pids: Vec<_> = running
         .iter()
         .map(|running| running.child.id().unwrap_or_default())
         .collect();
-    println!("{}", cmk_quickstart::banner(layout, pids[0], pids[1]));
+    println!("{}", cmk_quickstart::banner(&layout, pids[0], pids[1]));
 
     let exited = {
         let [hsm, cp] = running.as_mut_slice() else {
@@ -194,7 +204,7 @@ async fn up(layout: &Layout) -> ExitCode {
         Some((process, status)) => {
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             eprintln!("cmk-quickstart: {} exited ({status})", process.name());
-            eprint!("{}", log_tail(layout, process));
+            eprint!("{}", log_tail(&layout, process));
             ExitCode::FAILURE
         }
     };
@@ -222,12 +232,14 @@ impl Running {
     }
 }
 
-async fn start(
-    layout: &Layout,
-    process: Process,
-    config: &Path,
-    addr: SocketAddr,
-) -> Result<Child, String> {
+/// Starts `process` on its configuration file and waits until it answers;
+/// returns it and its address: the configured one, or with port 0 the one it
+/// logs once bound.
+async fn start(layout: &Layout, process: Process) -> Result<(Child, SocketAddr), String> {
+    let (config, configured) = match process {
+        Process::HsmDaemon => (layout.hsm_config(), layout.hsm_listen),
+        Process::ControlPlane => (layout.control_plane_config(), layout.listen),
+    };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let log_path = log_path(layout, process);
     let log = fs::OpenOptions::new()
@@ -235,12 +247,17 @@ async fn start(
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    // Earlier runs' lines stay in the log.
+    let logged_from = log
+        .metadata()
+        .map_err(|e| format!("{}: {e}", log_path.display()))?
+        .len();
     let log_err = log
         .try_clone()
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let mut child = Command::new(exe)
         .args(["serve", process.name(), "--config"])
-        .arg(config)
+        .arg(&config)
         .stdin(Stdio::piped())
         .stdout(log)
         .stderr(log_err)
@@ -257,18 +274,41 @@ async fn start(
         ca: layout.pki("ca.crt"),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut addr = (configured.port() != 0).then_some(configured);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited at start-up ({status})"));
         }
-        if cmk_quickstart::healthy(addr, &files).await {
-            return Ok(child);
+        if addr.is_none() {
+            let text = fs::read(&log_path).unwrap_or_default();
+            let text =
+                String::from_utf8_lossy(text.get(logged_from as usize..).unwrap_or_default());
+            addr = text.lines().find_map(bound_addr);
+        }
+        if let Some(addr) = addr
+            && cmk_quickstart::healthy(addr, &files).await
+        {
+            return Ok((child, addr));
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("no health answer on {addr} within 30 s"));
+            return Err(match addr {
+                Some(addr) => format!("no health answer on {addr} within 30 s"),
+                None => "did not log its address within 30 s".into(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The address in a child's log line for its main port, bound: the servers
+/// log one line per listener with `listener` and `addr`, here in the text
+/// format `serve` sets.
+fn bound_addr(line: &str) -> Option<SocketAddr> {
+    let mut words = line.split_whitespace();
+    if !words.clone().any(|word| word == "listener=\"grpc\"") {
+        return None;
+    }
+    words.find_map(|word| word.strip_prefix("addr=")?.parse().ok())
 }
 
 /// Stops the children in reverse order of start: closing a child's standard

@@ -100,7 +100,11 @@ pub async fn serve_metrics(
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .with_state(registry);
-    tracing::info!(addr = %local, "metrics (plaintext HTTP, GET /metrics)");
+    tracing::info!(
+        listener = "metrics",
+        addr = %local,
+        "metrics (plaintext HTTP, GET /metrics)"
+    );
     let task = tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, app).await {
             tracing::error!(%err, "the metrics listener stopped");

@@ -355,7 +355,11 @@ async fn health_probes(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tracing::info!(addr = %local, "health probes (plaintext, gRPC health only)");
+    tracing::info!(
+        listener = "health",
+        addr = %local,
+        "health probes (plaintext, gRPC health only)"
+    );
     let task = tokio::spawn(async move {
         let served = Server::builder()
             .add_routes(health)

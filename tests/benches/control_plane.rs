@@ -27,7 +27,8 @@
 //! content-key part), `CMK_BENCH_IN_FLIGHT` (64), `CMK_BENCH_CONNECTIONS`
 //! (HTTP/2 connections the calls share, 1), `CMK_BENCH_KEKS` (KEK counts to
 //! rotate, default `100000,1000000`; empty skips the rotation part). The
-//! children's logs go to files in the temporary directory (`CMK_LOG` applies);
+//! children's logs go to files in the temporary directory (`CMK_LOG` applies, but
+//! must keep the `info` line where each one reports its address);
 //! `CMK_BENCH_KEEP=1` keeps it.
 //!
 //! Timings are printed, never asserted.
@@ -63,7 +64,8 @@ use cmk_proto::{
 };
 use cmk_secret::SecretBytes;
 use cmk_tests::{
-    CONTROL_PLANE, Pki, control_plane, control_plane_command, free_port, wait_healthy,
+    ANY_PORT, CONTROL_PLANE, Pki, control_plane, control_plane_command, logged_in_file,
+    wait_healthy,
 };
 use cmk_tls::TlsFiles;
 use tonic::transport::Channel;
@@ -255,12 +257,12 @@ struct Service {
 }
 
 impl Service {
-    /// Starts `command` (stderr to `log`) and waits until `addr` answers the
-    /// health check for `client`.
+    /// Starts `command` (stderr to `log`; its listen port 0), learns its
+    /// address from the line it logs when bound, and waits until that answers
+    /// the health check for `client`.
     async fn start(
         name: &'static str,
         mut command: Command,
-        addr: SocketAddr,
         log: PathBuf,
         client: &TlsFiles,
     ) -> Self {
@@ -269,6 +271,8 @@ impl Service {
             .append(true)
             .open(&log)
             .unwrap();
+        // Earlier runs' lines stay in the file.
+        let from = stderr.metadata().unwrap().len() as usize;
         let child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -278,10 +282,15 @@ impl Service {
         let mut server = Self {
             name,
             child,
-            addr,
+            addr: ANY_PORT,
             log,
         };
-        let healthy = tokio::time::timeout(Duration::from_secs(30), wait_healthy(addr, client));
+        match logged_in_file(&server.log, from, &mut server.child, "grpc").await {
+            Ok(addr) => server.addr = addr,
+            Err(err) => server.fail(&err),
+        }
+        let healthy =
+            tokio::time::timeout(Duration::from_secs(30), wait_healthy(server.addr, client));
         if healthy.await.is_err() || server.child.try_wait().unwrap().is_some() {
             server.fail("did not become healthy");
         }
@@ -328,11 +337,10 @@ impl Drop for Service {
 }
 
 async fn start_daemon(binaries: &Binaries, pki: &Pki, dir: &Path) -> Service {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let mut command = Command::new(&binaries.hsm_daemon);
     command
         .arg("--listen")
-        .arg(addr.to_string())
+        .arg(ANY_PORT.to_string())
         .arg("--keystore-dir")
         .arg(dir.join("keystore"))
         .arg("--root-key-file")
@@ -350,7 +358,6 @@ async fn start_daemon(binaries: &Binaries, pki: &Pki, dir: &Path) -> Service {
     Service::start(
         "hsm-daemon",
         command,
-        addr,
         log,
         &pki.client_files("control-plane"),
     )
@@ -364,13 +371,11 @@ async fn start_control_plane(
     hsm: SocketAddr,
     dir: &Path,
 ) -> Service {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let command = control_plane_command(&binaries.control_plane, pki, hsm, dir, addr);
+    let command = control_plane_command(&binaries.control_plane, pki, hsm, dir, ANY_PORT);
     let log = dir.join("control-plane.log");
     Service::start(
         "control-plane",
         command,
-        addr,
         log,
         &pki.client_files("admin-acme"),
     )
@@ -383,20 +388,12 @@ fn database(dir: &Path) -> PathBuf {
 
 /// This executable again, as the echo server.
 async fn start_echo(pki: &Pki, dir: &Path) -> Service {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
-        .env(ECHO_LISTEN, addr.to_string())
+        .env(ECHO_LISTEN, ANY_PORT.to_string())
         .env(ECHO_PKI, pki.dir.path());
     let log = dir.join("echo.log");
-    Service::start(
-        "echo",
-        command,
-        addr,
-        log,
-        &pki.client_files("service-acme"),
-    )
-    .await
+    Service::start("echo", command, log, &pki.client_files("service-acme")).await
 }
 
 /// Peak and current resident memory of `pid`, bytes (`VmHWM`, `VmRSS`).
@@ -449,6 +446,12 @@ fn echo_server(listen: SocketAddr, pki: &Path) {
         )
         .unwrap();
         let listener = cmk_tls::bind(listen).await.unwrap();
+        // As the binaries log it (their text format), for the benchmark to
+        // learn the port.
+        eprintln!(
+            "listening listener=\"grpc\" addr={}",
+            listener.local_addr().unwrap()
+        );
         let incoming = cmk_tls::incoming(listener, tls, HANDSHAKE_TIMEOUT);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServiceServer<Echo>>().await;

@@ -274,13 +274,125 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on loopback (bound and released; the caller binds it next).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Loopback with port 0: a server given this binds a port the system picks,
+/// and logs it (see [`Listeners`]).
+pub const ANY_PORT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    0,
+));
+
+/// The address in a server's log line for its listener `listener` (`grpc`,
+/// `health` or `metrics`): each binary logs one such line, with `listener`
+/// and `addr` fields, as it binds each port. Reads both log formats.
+pub fn logged_addr(line: &str, listener: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = json.get("fields")?;
+        if fields.get("listener")?.as_str()? != listener {
+            return None;
+        }
+        return fields.get("addr")?.as_str()?.parse().ok();
+    }
+    let mut words = line.split_whitespace();
+    let tag = format!("listener={listener:?}");
+    if !words.clone().any(|word| word == tag) {
+        return None;
+    }
+    words.find_map(|word| word.strip_prefix("addr=")?.parse().ok())
+}
+
+/// Waits (up to 60 s) until the log file `path`, after its first `from`
+/// bytes, has the line of `child`'s listener `listener` (see [`logged_addr`]);
+/// the error says why not: the child ended first, or time ran out.
+pub async fn logged_in_file(
+    path: &Path,
+    from: usize,
+    child: &mut Child,
+    listener: &str,
+) -> Result<SocketAddr, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read(path).unwrap_or_default();
+        let log = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
+        if let Some(addr) = log.lines().find_map(|line| logged_addr(line, listener)) {
+            return Ok(addr);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!(
+                "exited ({status}) before logging its {listener} listener"
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("logged no {listener} listener within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The log (stderr) of a child server, read on a thread: each line goes on
+/// to this test's stderr, so that a failure shows it, and the addresses the
+/// server logs as it binds its listeners are kept for [`Listeners::addr`].
+pub struct Listeners {
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Listeners {
+    /// Follows `log` until it closes (the process has ended).
+    pub fn follow(log: impl std::io::Read + Send + 'static) -> Self {
+        use std::io::BufRead;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(log).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                if line.contains("listener") {
+                    // The test may have stopped listening; the log goes on.
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        Self {
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Where the server's listener `listener` is bound, once logged; panics
+    /// after 60 s or when the process ends first.
+    pub async fn addr(&mut self, listener: &str) -> SocketAddr {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(addr) = self.seen.iter().find_map(|l| logged_addr(l, listener)) {
+                return addr;
+            }
+            match self.lines.try_recv() {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no {listener} listener logged within 60 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    panic!("the server ended before logging its {listener} listener")
+                }
+            }
+        }
+    }
+}
+
+/// Starts `command` (a server) with its stderr followed by [`Listeners`].
+pub fn spawn_server(command: &mut Command) -> (Child, Listeners) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listeners = Listeners::follow(child.stderr.take().unwrap());
+    (child, listeners)
 }
 
 /// The `hsm-daemon` binary as a child process.
@@ -290,39 +402,46 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts the real binary on `port` and waits for its health check to pass.
-    pub async fn start(pki: &Pki, keystore: &Path, port: u16) -> Self {
-        Self::start_with(pki, keystore, port, &[]).await
+    /// Starts the real binary on `listen` ([`ANY_PORT`], or the address a
+    /// killed daemon had, so that a control plane finds it again) and waits
+    /// for its health check to pass.
+    pub async fn start(pki: &Pki, keystore: &Path, listen: SocketAddr) -> Self {
+        Self::start_with(pki, keystore, listen, &[]).await
     }
 
     /// As [`DaemonProcess::start`], with `env` as extra environment (`CMK_HSM_*`
     /// settings, the AWS SDK's variables).
-    pub async fn start_with(pki: &Pki, keystore: &Path, port: u16, env: &[(&str, &str)]) -> Self {
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(binary("hsm-daemon"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--keystore-dir")
-            .arg(keystore)
-            .arg("--root-key-file")
-            .arg(pki.path("root.key"))
-            .arg("--allowed-client")
-            .arg(CONTROL_PLANE)
-            .arg("--tls-cert")
-            .arg(pki.path("server.crt"))
-            .arg("--tls-key")
-            .arg(pki.path("server.key"))
-            .arg("--tls-client-ca")
-            .arg(pki.path("ca.crt"))
-            .env_remove("CMK_HSM_ROOT_KEY")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let process = Self { child, addr };
-        wait_healthy(addr, &pki.client_files("control-plane")).await;
+    pub async fn start_with(
+        pki: &Pki,
+        keystore: &Path,
+        listen: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let (child, mut listeners) = spawn_server(
+            Command::new(binary("hsm-daemon"))
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--keystore-dir")
+                .arg(keystore)
+                .arg("--root-key-file")
+                .arg(pki.path("root.key"))
+                .arg("--allowed-client")
+                .arg(CONTROL_PLANE)
+                .arg("--tls-cert")
+                .arg(pki.path("server.crt"))
+                .arg("--tls-key")
+                .arg(pki.path("server.key"))
+                .arg("--tls-client-ca")
+                .arg(pki.path("ca.crt"))
+                .env_remove("CMK_HSM_ROOT_KEY")
+                .envs(env.iter().copied()),
+        );
+        let mut process = Self {
+            child,
+            addr: listen,
+        };
+        process.addr = listeners.addr("grpc").await;
+        wait_healthy(process.addr, &pki.client_files("control-plane")).await;
         process
     }
 
@@ -397,19 +516,19 @@ pub struct ControlPlaneProcess {
 }
 
 impl ControlPlaneProcess {
-    /// Starts the real binary on `port` against the HSM daemon at `hsm`, with
-    /// its SQLite file and policy (the tests' [`control_plane::POLICY`]) in
-    /// `data`, and `env` as extra `CMK_CP_*` settings; waits for its health
-    /// check to pass.
+    /// Starts the real binary on `listen` ([`ANY_PORT`], or the address a
+    /// killed one had) against the HSM daemon at `hsm`, with its SQLite file
+    /// and policy (the tests' [`control_plane::POLICY`]) in `data`, and `env`
+    /// as extra `CMK_CP_*` settings; waits for its health check to pass.
     pub async fn start(
         pki: &Pki,
         hsm: SocketAddr,
         data: &Path,
-        port: u16,
+        listen: SocketAddr,
         env: &[(&str, &str)],
     ) -> Self {
         let database = format!("sqlite://{}", data.join("cmk.db").display());
-        Self::start_on(pki, hsm, data, &database, port, env).await
+        Self::start_on(pki, hsm, data, &database, listen, env).await
     }
 
     /// As [`ControlPlaneProcess::start`], on the store at the URL `database`.
@@ -418,20 +537,20 @@ impl ControlPlaneProcess {
         hsm: SocketAddr,
         data: &Path,
         database: &str,
-        port: u16,
+        listen: SocketAddr,
         env: &[(&str, &str)],
     ) -> Self {
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let program = binary("control-plane");
-        let child = control_plane_command_on(&program, pki, hsm, data, database, addr)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let process = Self { child, addr };
-        wait_healthy(addr, &pki.client_files("admin-acme")).await;
+        let (child, mut listeners) = spawn_server(
+            control_plane_command_on(&program, pki, hsm, data, database, listen)
+                .envs(env.iter().copied()),
+        );
+        let mut process = Self {
+            child,
+            addr: listen,
+        };
+        process.addr = listeners.addr("grpc").await;
+        wait_healthy(process.addr, &pki.client_files("admin-acme")).await;
         process
     }
 

@@ -10,7 +10,7 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
-use crate::{binary, free_port, wait_healthy};
+use crate::{ANY_PORT, binary, logged_addr, logged_in_file, wait_healthy};
 
 /// The two processes, started from the quickstart's configuration files.
 pub struct Setup {
@@ -31,37 +31,57 @@ impl Setup {
     }
 
     /// [`Setup::start`], with extra flags for the HSM daemon and the control plane.
+    ///
+    /// Each process listens on a port the system picks, which the test learns
+    /// from its log: the daemon first, so that the control plane's
+    /// configuration names the daemon's real address, then the control plane,
+    /// so that `cmkctl`'s configuration and a restarted control plane use its
+    /// real address.
     pub async fn start_with(hsm_args: &[&str], control_plane_args: &[&str]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let dev = tmp.path().join("dev");
-        let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let hsm_listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let init = Command::new(binary("cmk-quickstart"))
-            .arg("init")
-            .arg("--dir")
-            .arg(&dev)
-            .args(["--listen", &listen.to_string()])
-            .args(["--hsm-listen", &hsm_listen.to_string()])
-            .output()
-            .unwrap();
-        assert!(init.status.success(), "{init:?}");
-        let mut children = Vec::new();
-        for (program, config, args) in [
-            ("hsm-daemon", "hsm-daemon.toml", hsm_args),
-            ("control-plane", "control-plane.toml", control_plane_args),
-        ] {
-            children.push(spawn(&dev, &[], program, config, args));
-        }
-        let setup = Self {
+        init(&dev, ANY_PORT, ANY_PORT);
+        let hsm = spawn(&dev, &[], "hsm-daemon", "hsm-daemon.toml", hsm_args);
+        let mut setup = Self {
             dev,
-            listen,
-            children,
+            listen: ANY_PORT,
+            children: vec![hsm],
             control_plane_args: control_plane_args.iter().map(|a| a.to_string()).collect(),
             _tmp: tmp,
         };
+        let hsm_listen = setup.wait_logged(0, "hsm-daemon").await;
+        init(&setup.dev, ANY_PORT, hsm_listen);
+        setup.children.push(spawn(
+            &setup.dev,
+            &[],
+            "control-plane",
+            "control-plane.toml",
+            control_plane_args,
+        ));
+        setup.listen = setup.wait_logged(1, "control-plane").await;
+        init(&setup.dev, setup.listen, hsm_listen);
         wait_healthy(hsm_listen, &setup.files("control-plane-client")).await;
-        wait_healthy(listen, &setup.files("admin")).await;
+        wait_healthy(setup.listen, &setup.files("admin")).await;
         setup
+    }
+
+    /// Where `program`'s listener `listener` (`grpc`, `health`, `metrics`)
+    /// is bound, as its log says. Its plaintext listeners are logged before
+    /// its main port, so all are known once [`Setup::start_with`] returns.
+    pub fn addr(&self, program: &str, listener: &str) -> SocketAddr {
+        let log = self.log(program);
+        log.lines()
+            .find_map(|line| logged_addr(line, listener))
+            .unwrap_or_else(|| panic!("{program} logged no {listener} listener:\n{log}"))
+    }
+
+    /// Waits until `program`, the child at `index`, has logged its main
+    /// port, and returns it.
+    async fn wait_logged(&mut self, index: usize, program: &str) -> SocketAddr {
+        let path = self.log_path(program);
+        logged_in_file(&path, 0, &mut self.children[index], "grpc")
+            .await
+            .unwrap_or_else(|e| panic!("{program} {e}:\n{}", self.log(program)))
     }
 
     /// The TLS files of the quickstart identity `stem` (`admin`, `service`, …).
@@ -88,13 +108,18 @@ impl Setup {
             "control-plane.toml",
             &args,
         );
+        // Its configuration names the port it had, which the test holds on to.
+        assert_eq!(self.wait_logged(1, "control-plane").await, self.listen);
         wait_healthy(self.listen, &self.files("admin")).await;
     }
 
     /// The log (stderr) of `program` since its last start.
     pub fn log(&self, program: &str) -> String {
-        std::fs::read_to_string(self.dev.join("logs").join(format!("{program}.err")))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.log_path(program)).unwrap_or_default()
+    }
+
+    fn log_path(&self, program: &str) -> PathBuf {
+        self.dev.join("logs").join(format!("{program}.err.log"))
     }
 
     /// A shell in a fresh working directory beside the quickstart directory,
@@ -122,6 +147,20 @@ impl Drop for Setup {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `cmk-quickstart init` on `dev` for these addresses: makes what is
+/// missing and (re)writes the configuration files.
+fn init(dev: &Path, listen: SocketAddr, hsm_listen: SocketAddr) {
+    let init = Command::new(binary("cmk-quickstart"))
+        .arg("init")
+        .arg("--dir")
+        .arg(dev)
+        .args(["--listen", &listen.to_string()])
+        .args(["--hsm-listen", &hsm_listen.to_string()])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
 }
 
 /// Starts `program` on its quickstart configuration file, through `wrapper`

@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -27,12 +28,11 @@ use cmk_hsm_aws_kms::{
 };
 use cmk_proto::control::v1::{self as pb, KeyState, RotationState};
 use cmk_tests::{
-    ControlPlaneProcess, DaemonProcess, Pki,
+    ANY_PORT, ControlPlaneProcess, DaemonProcess, Pki,
     control_plane::{
         Admin, Content, ContentKey, admin_at, assert_all_decrypt, audit_log, content_at,
         create_keks, generate_data_keys, set_byok, upload_new_key, wait_for_rotation,
     },
-    free_port,
 };
 use tonic::Code;
 
@@ -49,7 +49,6 @@ struct Setup {
     keystore: tempfile::TempDir,
     // The control plane's database, kept until the end of the test.
     data: tempfile::TempDir,
-    hsm_port: u16,
     daemon: DaemonProcess,
     control_plane: ControlPlaneProcess,
 }
@@ -62,13 +61,12 @@ impl Setup {
         let pki = Pki::new();
         let keystore = tempfile::tempdir().unwrap();
         let data = tempfile::tempdir().unwrap();
-        let hsm_port = free_port();
-        let daemon = start_daemon(&pki, keystore.path(), hsm_port, &endpoint, regions).await;
+        let daemon = start_daemon(&pki, keystore.path(), ANY_PORT, &endpoint, regions).await;
         let control_plane = ControlPlaneProcess::start(
             &pki,
             daemon.addr,
             data.path(),
-            free_port(),
+            ANY_PORT,
             &[
                 ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
                 ("CMK_CP_KEK_CACHE_TTL_SECS", "1"),
@@ -80,7 +78,6 @@ impl Setup {
             endpoint,
             keystore,
             data,
-            hsm_port,
             daemon,
             control_plane,
         }
@@ -94,13 +91,15 @@ impl Setup {
         content_at(&self.pki, self.control_plane.addr, "service-acme").await
     }
 
-    /// Restarts the daemon on its port and keystore with other region overrides.
+    /// Restarts the daemon on its address (where the control plane calls it)
+    /// and keystore with other region overrides.
     async fn restart_daemon(&mut self, regions: &str) {
+        let addr = self.daemon.addr;
         self.daemon.kill();
         self.daemon = start_daemon(
             &self.pki,
             self.keystore.path(),
-            self.hsm_port,
+            addr,
             &self.endpoint,
             regions,
         )
@@ -111,14 +110,14 @@ impl Setup {
 async fn start_daemon(
     pki: &Pki,
     keystore: &Path,
-    port: u16,
+    listen: SocketAddr,
     endpoint: &str,
     regions: &str,
 ) -> DaemonProcess {
     DaemonProcess::start_with(
         pki,
         keystore,
-        port,
+        listen,
         &[
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -619,7 +618,7 @@ async fn a_removed_aws_key_added_again_opens_everything_it_protected() {
         &setup.pki,
         setup.daemon.addr,
         setup.data.path(),
-        free_port(),
+        ANY_PORT,
         &[
             ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
             ("LD_PRELOAD", FAKETIME_LIBRARY),

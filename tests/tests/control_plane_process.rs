@@ -3,35 +3,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    net::SocketAddr,
-    process::{Command, Stdio},
-};
+use std::process::Command;
 
 use cmk_proto::control::v1::{self as pb, key_admin_service_client::KeyAdminServiceClient};
-use cmk_tests::{DaemonProcess, Pki, binary, control_plane_command, free_port, wait_healthy};
+use cmk_tests::{
+    ANY_PORT, DaemonProcess, Pki, binary, control_plane_command, spawn_server, wait_healthy,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binary_serves_the_admin_api_and_stops_on_sigterm() {
     let pki = Pki::new();
     let keystore = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let daemon = DaemonProcess::start(&pki, keystore.path(), free_port()).await;
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let mut child = Killed(
-        control_plane_command(
-            &binary("control-plane"),
-            &pki,
-            daemon.addr,
-            data.path(),
-            addr,
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap(),
-    );
+    let daemon = DaemonProcess::start(&pki, keystore.path(), ANY_PORT).await;
+    let (child, mut listeners) = spawn_server(&mut control_plane_command(
+        &binary("control-plane"),
+        &pki,
+        daemon.addr,
+        data.path(),
+        ANY_PORT,
+    ));
+    let mut child = Killed(child);
+    let addr = listeners.addr("grpc").await;
     wait_healthy(addr, &pki.client_files("admin-acme")).await;
 
     let listing = KeyAdminServiceClient::new(pki.channel(addr, "admin-acme").await.unwrap())

@@ -10,7 +10,7 @@ use cmk_proto::{
     control::v1::{ListKeysRequest, key_admin_service_client::KeyAdminServiceClient},
     hsm::v1::{GetImportPublicKeyRequest, hsm_service_client::HsmServiceClient},
 };
-use cmk_tests::{free_port, walkthrough::Setup};
+use cmk_tests::{ANY_PORT, walkthrough::Setup};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -26,13 +26,10 @@ async fn plaintext(addr: SocketAddr) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_probes_answer_in_plaintext_and_serve_nothing_else() {
-    let hsm_probe: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let cp_probe: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let _setup = Setup::start_with(
-        &["--health-listen", &hsm_probe.to_string()],
-        &["--health-listen", &cp_probe.to_string()],
-    )
-    .await;
+    let any = ANY_PORT.to_string();
+    let setup = Setup::start_with(&["--health-listen", &any], &["--health-listen", &any]).await;
+    let hsm_probe = setup.addr("hsm-daemon", "health");
+    let cp_probe = setup.addr("control-plane", "health");
     for (probe, service) in [
         (hsm_probe, "cmk.hsm.v1.HsmService"),
         (cp_probe, "cmk.control.v1.KeyAdminService"),

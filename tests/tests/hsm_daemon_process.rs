@@ -16,7 +16,7 @@ use cmk_hsm_custody::{ImportPublicKey, contract};
 use cmk_proto::hsm::v1::{
     GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest, import_request::Source,
 };
-use cmk_tests::{DaemonProcess, Pki, binary, free_port};
+use cmk_tests::{ANY_PORT, DaemonProcess, Pki, binary};
 
 /// Decrypts a Wrap ciphertext with the raw key, per the documented v1 format:
 /// proves the daemon wraps with exactly the key that was imported.
@@ -45,7 +45,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
     let mut public: Option<ImportPublicKey> = None;
 
     for round in 0..3 {
-        let mut daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+        let mut daemon = DaemonProcess::start(&pki, store.path(), ANY_PORT).await;
         let mut client = pki.hsm_client(daemon.addr).await;
         let this = cmk_tests::import_public_key(
             client
@@ -103,7 +103,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
         );
     }
 
-    let daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+    let daemon = DaemonProcess::start(&pki, store.path(), ANY_PORT).await;
     let mut client = pki.hsm_client(daemon.addr).await;
     let acked = acked.lock().unwrap().clone();
     for (handle, cmk) in &acked {
@@ -171,7 +171,7 @@ fn refuses_to_start_without_a_root_key_and_names_every_bad_setting() {
 async fn reflection_serves_grpcio_v1alpha_and_tonic_v1() {
     let pki = Pki::new();
     let store = tempfile::tempdir().unwrap();
-    let daemon = DaemonProcess::start(&pki, store.path(), free_port()).await;
+    let daemon = DaemonProcess::start(&pki, store.path(), ANY_PORT).await;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/reflection_client.py");
     let out = Command::new("python3")

@@ -15,7 +15,7 @@ use cmk_proto::control::v1::{
     self as pb, content_key_service_client::ContentKeyServiceClient,
     key_admin_service_client::KeyAdminServiceClient,
 };
-use cmk_tests::{channel, free_port, walkthrough::Setup};
+use cmk_tests::{ANY_PORT, channel, walkthrough::Setup};
 use tonic::{Code, Request};
 
 const ORG: &str = "acme";
@@ -54,14 +54,14 @@ fn with_id<T>(message: T, id: &str) -> Request<T> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn both_processes_expose_metrics_and_log_json_lines_with_request_ids() {
-    let hsm_metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let cp_metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let (hsm_flag, cp_flag) = (hsm_metrics.to_string(), cp_metrics.to_string());
+    let any = ANY_PORT.to_string();
     let setup = Setup::start_with(
-        &["--metrics-listen", &hsm_flag, "--log-format", "json"],
-        &["--metrics-listen", &cp_flag, "--log-format", "json"],
+        &["--metrics-listen", &any, "--log-format", "json"],
+        &["--metrics-listen", &any, "--log-format", "json"],
     )
     .await;
+    let hsm_metrics = setup.addr("hsm-daemon", "metrics");
+    let cp_metrics = setup.addr("control-plane", "metrics");
     let files = |stem: &str| cmk_tls::TlsFiles {
         cert: setup.dev.join(format!("pki/{stem}.crt")),
         key: setup.dev.join(format!("pki/{stem}.key")),

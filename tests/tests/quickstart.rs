@@ -16,7 +16,7 @@ use cmk_proto::{
     control::v1::{ListKeysRequest, key_admin_service_client::KeyAdminServiceClient},
     hsm::v1::{GetImportPublicKeyRequest, hsm_service_client::HsmServiceClient},
 };
-use cmk_tests::{binary, channel, free_port, wait_healthy};
+use cmk_tests::{ANY_PORT, binary, channel, wait_healthy};
 use cmk_tls::TlsFiles;
 
 struct Quickstart {
@@ -24,15 +24,19 @@ struct Quickstart {
     banner: String,
     hsm_pid: u32,
     control_plane_pid: u32,
+    /// Where the control plane and the daemon listen, as the banner says.
+    listen: SocketAddr,
+    hsm_listen: SocketAddr,
 }
 
-/// Starts `cmk-quickstart` and reads its banner (it prints once both answer).
-fn start(dir: &Path, listen: SocketAddr, hsm_listen: SocketAddr) -> Quickstart {
+/// Starts `cmk-quickstart` with both processes on ports the system picks,
+/// and reads its banner (it prints once both answer).
+fn start(dir: &Path) -> Quickstart {
     let mut child = Command::new(binary("cmk-quickstart"))
         .arg("--dir")
         .arg(dir)
-        .args(["--listen", &listen.to_string()])
-        .args(["--hsm-listen", &hsm_listen.to_string()])
+        .args(["--listen", &ANY_PORT.to_string()])
+        .args(["--hsm-listen", &ANY_PORT.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -54,18 +58,25 @@ fn start(dir: &Path, listen: SocketAddr, hsm_listen: SocketAddr) -> Quickstart {
         banner.push_str(&line);
         banner.push('\n');
     }
-    let pid_of = |name: &str| -> u32 {
+    // `  hsm-daemon     127.0.0.1:7443  pid 123  log …`
+    let words_of = |name: &str| -> Vec<String> {
         let line = banner
             .lines()
             .find(|l| l.trim_start().starts_with(name))
             .unwrap();
-        let words: Vec<_> = line.split_whitespace().collect();
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    let pid_of = |name: &str| -> u32 {
+        let words = words_of(name);
         let at = words.iter().position(|w| *w == "pid").unwrap();
         words[at + 1].parse().unwrap()
     };
+    let addr_of = |name: &str| -> SocketAddr { words_of(name)[1].parse().unwrap() };
     Quickstart {
         hsm_pid: pid_of("hsm-daemon"),
         control_plane_pid: pid_of("control-plane"),
+        listen: addr_of("control-plane"),
+        hsm_listen: addr_of("hsm-daemon"),
         banner,
         child,
     }
@@ -139,12 +150,21 @@ async fn identity_of_the_setup(
 async fn quickstart_comes_up_reuses_its_directory_and_stops_both_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("dev");
-    let listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let hsm_listen: SocketAddr = ([127, 0, 0, 1], free_port()).into();
 
     // First run: Ctrl-C (SIGINT to the supervisor alone, as a terminal's would
     // also reach the children) stops both, cleanly.
-    let mut first = start(&dir, listen, hsm_listen);
+    let mut first = start(&dir);
+    let (listen, hsm_listen) = (first.listen, first.hsm_listen);
+    assert_ne!(listen.port(), 0);
+    assert_ne!(hsm_listen.port(), 0);
+    // Written again with the ports the processes got.
+    for (file, expected) in [
+        ("cmkctl.toml", format!("https://{listen}")),
+        ("control-plane.toml", format!("https://{hsm_listen}")),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains(&expected), "{file} lacks {expected}:\n{text}");
+    }
     let config = dir.join("cmkctl.toml");
     for expected in [
         format!("export CMKCTL_CONFIG={}", config.display()),
@@ -177,9 +197,9 @@ async fn quickstart_comes_up_reuses_its_directory_and_stops_both_processes() {
 
     // Second run: the same CA, root key, keystore and database.
     let ca = std::fs::read(dir.join("pki/ca.crt")).unwrap();
-    let mut second = start(&dir, listen, hsm_listen);
+    let mut second = start(&dir);
     assert_eq!(
-        identity_of_the_setup(&dir, listen, hsm_listen).await,
+        identity_of_the_setup(&dir, second.listen, second.hsm_listen).await,
         setup,
         "the second run reuses the keys"
     );

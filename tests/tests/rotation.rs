@@ -16,13 +16,12 @@ use cmk_control_plane_store::testdb::TestDb;
 use cmk_hsm_daemon::Limits;
 use cmk_proto::control::v1::{self as pb, KeyState, RotationState};
 use cmk_tests::{
-    ControlPlaneProcess, DaemonProcess, Pki,
+    ANY_PORT, ControlPlaneProcess, DaemonProcess, Pki,
     control_plane::{
         Admin, Content, ContentKey, Deployment, admin_at, assert_all_decrypt, audit_log,
         content_at, create_keks, generate_data_keys, preview_revocation, seed_keks, set_byok,
         state_of, upload_new_key, wait_for_rotation,
     },
-    free_port,
 };
 
 const ORG: &str = "acme";
@@ -576,17 +575,18 @@ async fn a_rotation_survives_sigkill_of_both_processes() {
     .unwrap();
     let data = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let (hsm_port, cp_port) = (free_port(), free_port());
     let env = [
         ("CMK_CP_ROTATION_BATCH", "20"),
         ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
     ];
-    let start_hsm = || DaemonProcess::start(&pki, keystore.path(), hsm_port);
-    let mut hsm = start_hsm().await;
-    let start_cp = |hsm: std::net::SocketAddr| {
-        ControlPlaneProcess::start(&pki, hsm, data.path(), cp_port, &env)
+    // Each process is restarted on the address it had, where the other (and
+    // the test) calls it.
+    let start_hsm = |listen| DaemonProcess::start(&pki, keystore.path(), listen);
+    let mut hsm = start_hsm(ANY_PORT).await;
+    let start_cp = |hsm: std::net::SocketAddr, listen| {
+        ControlPlaneProcess::start(&pki, hsm, data.path(), listen, &env)
     };
-    let mut cp = start_cp(hsm.addr).await;
+    let mut cp = start_cp(hsm.addr, ANY_PORT).await;
     let mut admin = admin_at(&pki, cp.addr, "admin-acme").await;
     let svc = content_at(&pki, cp.addr, "service-acme").await;
     let parts = Parts {
@@ -608,8 +608,8 @@ async fn a_rotation_survives_sigkill_of_both_processes() {
     println!("killed both at {} of {}: {rows:?}", job.done, job.total);
     assert_eq!(rows.iter().map(|(_, n)| n).sum::<u64>(), KEKS as u64);
     assert!(rows.iter().all(|(k, _)| k == &old || k == &new), "{rows:?}");
-    hsm = start_hsm().await;
-    cp = start_cp(hsm.addr).await;
+    hsm = start_hsm(hsm.addr).await;
+    cp = start_cp(hsm.addr, cp.addr).await;
     let mut admin = admin_at(&pki, cp.addr, "admin-acme").await;
     let svc = content_at(&pki, cp.addr, "service-acme").await;
     assert_all_decrypt(&svc, ORG, &samples[..20]).await;
@@ -622,14 +622,14 @@ async fn a_rotation_survives_sigkill_of_both_processes() {
     let stalled = rotation(&mut admin).await;
     assert_eq!(stalled.state(), RotationState::Running);
     assert!(stalled.done < stalled.total);
-    hsm = start_hsm().await;
+    hsm = start_hsm(hsm.addr).await;
 
     // 3. The control plane alone.
     let at = stalled.done;
     let job = wait_for_rotation(&mut admin, ORG, PATIENCE, |j| j.done > at).await;
     cp.kill();
     assert!(job.done < job.total, "caught part-way: {job:?}");
-    cp = start_cp(hsm.addr).await;
+    cp = start_cp(hsm.addr, cp.addr).await;
     let mut admin = admin_at(&pki, cp.addr, "admin-acme").await;
     let svc = content_at(&pki, cp.addr, "service-acme").await;
 
@@ -689,14 +689,13 @@ async fn a_replica_killed_mid_rotation_is_taken_over_by_the_other() {
     .unwrap();
     let data = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let hsm = DaemonProcess::start(&pki, keystore.path(), free_port()).await;
+    let hsm = DaemonProcess::start(&pki, keystore.path(), ANY_PORT).await;
     let env = [
         ("CMK_CP_ROTATION_BATCH", "20"),
         ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
         ("CMK_CP_LEASE_TTL_SECS", "3"),
     ];
-    let start =
-        || ControlPlaneProcess::start_on(&pki, hsm.addr, data.path(), &url, free_port(), &env);
+    let start = || ControlPlaneProcess::start_on(&pki, hsm.addr, data.path(), &url, ANY_PORT, &env);
     let (a, b) = (start().await, start().await);
     let mut admin_a = admin_at(&pki, a.addr, "admin-acme").await;
     let mut admin_b = admin_at(&pki, b.addr, "admin-acme").await;
