@@ -108,38 +108,71 @@ pub enum ChainError {
 /// Checks one org's chain, rows in seq order from the first. Returns the head
 /// hash (to compare with one exported earlier).
 pub fn verify(org: &str, rows: &[ChainedEvent]) -> Result<[u8; 32], ChainError> {
-    let mut prev = GENESIS;
-    for (expected, row) in (1u64..).zip(rows) {
+    let mut verifier = Verifier::new(org);
+    for row in rows {
+        verifier.check(row)?;
+    }
+    Ok(verifier.head())
+}
+
+/// Checks a chain one row at a time, so that a chain of any length is
+/// verified in the memory of one page of rows.
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    org: String,
+    next_seq: u64,
+    prev: [u8; 32],
+}
+
+impl Verifier {
+    /// A verifier of `org`'s chain, expecting its first row.
+    pub fn new(org: &str) -> Self {
+        Self {
+            org: org.to_owned(),
+            next_seq: 1,
+            prev: GENESIS,
+        }
+    }
+
+    /// Checks the next row of the chain.
+    pub fn check(&mut self, row: &ChainedEvent) -> Result<(), ChainError> {
+        let org = &self.org;
         let seq = row.event.seq;
-        if row.event.org != org {
+        if &row.event.org != org {
             return Err(ChainError::ForeignRow {
-                org: org.into(),
+                org: org.clone(),
                 seq,
                 other: row.event.org.clone(),
             });
         }
-        if seq != expected {
+        if seq != self.next_seq {
             return Err(ChainError::Gap {
-                org: org.into(),
-                expected,
+                org: org.clone(),
+                expected: self.next_seq,
                 found: seq,
             });
         }
-        if row.prev_hash != prev {
+        if row.prev_hash != self.prev {
             return Err(ChainError::Link {
-                org: org.into(),
+                org: org.clone(),
                 seq,
             });
         }
         if hash(&row.prev_hash, &row.event) != row.hash {
             return Err(ChainError::Altered {
-                org: org.into(),
+                org: org.clone(),
                 seq,
             });
         }
-        prev = row.hash;
+        self.prev = row.hash;
+        self.next_seq = seq.saturating_add(1);
+        Ok(())
     }
-    Ok(prev)
+
+    /// The hash of the last row checked (all zero before the first).
+    pub fn head(&self) -> [u8; 32] {
+        self.prev
+    }
 }
 
 /// Lower-case hex of a chain hash, as stored and shown.

@@ -173,29 +173,39 @@ impl KeyService {
     }
 }
 
-/// Reads the whole audit chain of `org` and checks it.
+/// Reads the whole audit chain of `org` and checks it, a page at a time:
+/// memory stays one page, however long the chain. After a break, the rest is
+/// still read, to count the events and name the newest hash.
 pub async fn check_audit_chain(store: &dyn Store, org: &OrgId) -> Result<AuditCheck, StoreError> {
-    let mut rows = Vec::new();
+    check_audit_chain_in_pages(store, org, MAX_AUDIT_PAGE).await
+}
+
+async fn check_audit_chain_in_pages(
+    store: &dyn Store,
+    org: &OrgId,
+    page_size: u32,
+) -> Result<AuditCheck, StoreError> {
+    let mut verifier = audit::Verifier::new(org.as_str());
+    let mut problem = None;
+    let mut events = 0u64;
+    let mut after = 0;
+    let mut head = audit::GENESIS;
     loop {
-        let after = rows.last().map_or(0, |r: &ChainedEvent| r.event.seq);
-        let page = store.audit_events(org, after, MAX_AUDIT_PAGE).await?;
-        if page.is_empty() {
-            break;
+        let page = store.audit_events(org, after, page_size).await?;
+        let Some(last) = page.last() else { break };
+        (after, head) = (last.event.seq, last.hash);
+        events += page.len() as u64;
+        for row in &page {
+            if problem.is_some() {
+                break;
+            }
+            problem = verifier.check(row).err();
         }
-        rows.extend(page);
     }
-    let events = rows.len() as u64;
-    Ok(match audit::verify(org.as_str(), &rows) {
-        Ok(head) => AuditCheck {
-            events,
-            head,
-            problem: None,
-        },
-        Err(problem) => AuditCheck {
-            events,
-            head: rows.last().map_or(audit::GENESIS, |r| r.hash),
-            problem: Some(problem),
-        },
+    Ok(AuditCheck {
+        events,
+        head,
+        problem,
     })
 }
 
@@ -211,7 +221,7 @@ mod tests {
     use std::sync::Arc;
 
     use cmk_control_plane_domain::Policy;
-    use cmk_control_plane_store::{Commit, SqliteStore};
+    use cmk_control_plane_store::{AuditStore, Commit, SqliteStore};
 
     use super::*;
     use crate::{authz::Denied, clock::SystemClock, hsm::HsmClient, service::ServiceOptions};
@@ -283,6 +293,36 @@ mod tests {
         assert_eq!(events.len(), 1, "{events:?}");
         assert!(events[0].event.result.starts_with("PermissionDenied"));
         assert_eq!(service.metrics.refusals_unknown_org.get(), 1);
+    }
+
+    /// A chain many pages long is checked page by page, to the same head.
+    #[tokio::test]
+    async fn a_long_chain_is_verified_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("m.db").to_str().unwrap())
+            .await
+            .unwrap();
+        let org = OrgId::parse("acme").unwrap();
+        for n in 0..25 {
+            let event = NewAuditEvent {
+                time: cmk_control_plane_domain::Timestamp(n),
+                actor: "admin".into(),
+                key: None,
+                action: format!("read {n}"),
+                result: "ok".into(),
+            };
+            store.append_audit(&org, vec![event]).await.unwrap();
+        }
+        let rows = store.audit_events(&org, 0, 100).await.unwrap();
+        let whole = audit::verify(org.as_str(), &rows).unwrap();
+        for page_size in [1, 7, 25, 1000] {
+            let check = check_audit_chain_in_pages(&store, &org, page_size)
+                .await
+                .unwrap();
+            assert_eq!(check.events, 25, "pages of {page_size}");
+            assert_eq!(check.head, whole, "pages of {page_size}");
+            assert_eq!(check.problem, None, "pages of {page_size}");
+        }
     }
 
     #[test]
