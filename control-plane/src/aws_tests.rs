@@ -423,6 +423,39 @@ async fn arns_are_bounded_before_anything_reaches_the_hsm() {
     );
 }
 
+/// An org cannot make the service use another org's key in AWS KMS: the
+/// second registration is refused and nothing of it is kept.
+#[tokio::test]
+async fn a_key_arn_of_another_org_is_refused() {
+    let s = setup().await;
+    s.add("a", true).await.unwrap();
+    let held = s.daemon.aws_handles();
+    let globex = Caller::for_tests("admin", &OrgId::parse("globex").unwrap());
+    s.service.set_byok(&globex, true).await.unwrap();
+    let key = AddAwsKey::new(arn("a"), String::new(), String::new(), true).unwrap();
+    let refused = s
+        .service
+        .add_aws_key(&globex, key)
+        .await
+        .unwrap_err()
+        .to_status();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("registered by another organisation"),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.message().contains("acme"),
+        "the owner is not named"
+    );
+    assert_eq!(s.daemon.aws_handles(), held, "its reference was discarded");
+    assert!(s.service.store.open_intents().await.unwrap().is_empty());
+    let listed = s.service.list(&globex).await.unwrap();
+    assert!(listed.keys.iter().all(|k| k.aws.is_none()), "{listed:?}");
+}
+
 #[tokio::test]
 async fn the_daemons_refusal_reaches_the_admin_and_nothing_is_kept() {
     let s = setup().await;

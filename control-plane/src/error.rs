@@ -190,6 +190,7 @@ impl ServiceError {
             Self::Store(StoreError::Unavailable(_)) => {
                 return Status::unavailable("the metadata store is unavailable; retry later");
             }
+            Self::Store(StoreError::KeyArnTaken) => Code::AlreadyExists,
             // Lost a race the caller can simply run again.
             Self::Store(
                 StoreError::Conflict(_) | StoreError::IntentLost | StoreError::GenericKeyChanged,

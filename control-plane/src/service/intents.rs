@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use cmk_control_plane_domain::OrgId;
-use cmk_control_plane_store::{Intent, IntentKind};
+use cmk_control_plane_store::{Intent, IntentKind, StoreError};
 use tracing::{info, warn};
 
 use super::KeyService;
@@ -89,7 +89,12 @@ impl KeyService {
                 self.discard(handle).await;
                 Ok(value)
             }
-            Err(err @ (ServiceError::Lifecycle(_) | ServiceError::InvalidArgument(_))) => {
+            // Refused before anything was committed: the material goes.
+            Err(
+                err @ (ServiceError::Lifecycle(_)
+                | ServiceError::InvalidArgument(_)
+                | ServiceError::Store(StoreError::KeyArnTaken)),
+            ) => {
                 self.discard(handle).await;
                 Err(IntakeError::Service(err))
             }

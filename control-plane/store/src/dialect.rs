@@ -50,6 +50,10 @@ pub trait Dialect: Database<Row: Columns> {
     /// Keeps every other writer of `org` out until the transaction ends.
     async fn lock_org(conn: &mut Self::Connection, org: &OrgId) -> Result<(), StoreError>;
 
+    /// Keeps every other transaction that registers the AWS key `arn` out
+    /// until this one ends, so that two orgs cannot both take it.
+    async fn lock_key_arn(conn: &mut Self::Connection, arn: &str) -> Result<(), StoreError>;
+
     /// As [`Tx::insert_audit`](crate::ops::Tx::insert_audit).
     async fn insert_audit(
         conn: &mut Self::Connection,

@@ -338,6 +338,12 @@ pub enum StoreError {
     /// The generic default key was renewed since the caller read it.
     #[error("the generic default key was renewed meanwhile; read it again")]
     GenericKeyChanged,
+    /// The AWS KMS key is another organisation's: a key serves one org.
+    #[error(
+        "this AWS KMS key is registered by another organisation; a key in AWS KMS can serve \
+         only one organisation"
+    )]
+    KeyArnTaken,
 }
 
 /// A column of a table, as corruption names it.

@@ -5,7 +5,9 @@
 //! operations here rely on that transaction keeping every other writer of
 //! the org out between their first statement and their commit.
 
-use cmk_control_plane_domain::{KeyId, OrgId, ResourceId, Timestamp, audit::ChainedEvent};
+use cmk_control_plane_domain::{
+    KeyId, KeyState, OrgId, ResourceId, Timestamp, audit::ChainedEvent,
+};
 
 use crate::{
     Commit, Corruption, GenericKey, Intent, IntentKind, NewAuditEvent, Rewrap, RotationChange,
@@ -53,6 +55,10 @@ pub(crate) trait Tx: Send + Sized {
     async fn keys(&mut self, org: &OrgId) -> Result<Vec<StoredKey>, StoreError>;
     /// Inserts the key at the end of the org's order, or updates it in place.
     async fn upsert_key(&mut self, org: &OrgId, key: &StoredKey) -> Result<(), StoreError>;
+    /// Whether an org other than `org` holds a key with AWS key ARN `arn`
+    /// that is not removed (or removed but still needed); locks the ARN
+    /// against other registrations until the transaction ends.
+    async fn key_arn_taken(&mut self, org: &OrgId, arn: &str) -> Result<bool, StoreError>;
 
     /// The org's newest audit event.
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<ChainedEvent>, StoreError>;
@@ -226,6 +232,16 @@ pub(crate) async fn commit(mut tx: impl Tx, commit: Commit) -> Result<u64, Store
     // a reference after this.
     if tx.wraps_any_kek(&org, &require_unreferenced).await? {
         return Err(StoreError::Conflict(org));
+    }
+    // An AWS key serves one org: another org's use of it would make the
+    // service encrypt and decrypt for that org under this org's key.
+    for key in &keys {
+        if let Some(aws) = &key.aws
+            && key.record.state != KeyState::Removed
+            && tx.key_arn_taken(&org, &aws.key_arn).await?
+        {
+            return Err(StoreError::KeyArnTaken);
+        }
     }
     for key in &keys {
         tx.upsert_key(&org, key).await?;

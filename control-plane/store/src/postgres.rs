@@ -77,6 +77,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// id): an arbitrary constant, "cmko", that keeps these locks apart from any
 /// other advisory lock taken in the database, such as sqlx's migration lock.
 const ORG_LOCK_CLASS: i32 = 0x636d_6b6f;
+/// The advisory-lock class of AWS key ARNs ("cmka").
+const KEY_ARN_LOCK_CLASS: i32 = 0x636d_6b61;
 
 /// How long a statement waits for a lock — an org's writer lock, a row —
 /// before failing (reported as [`StoreError::Unavailable`]).
@@ -210,6 +212,16 @@ impl Dialect for Postgres {
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
             .bind(ORG_LOCK_CLASS)
             .bind(org.as_str())
+            .execute(conn)
+            .await
+            .map_err(db::<Postgres>)?;
+        Ok(())
+    }
+
+    async fn lock_key_arn(conn: &mut PgConnection, arn: &str) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+            .bind(KEY_ARN_LOCK_CLASS)
+            .bind(arn)
             .execute(conn)
             .await
             .map_err(db::<Postgres>)?;

@@ -837,6 +837,21 @@ impl<D: Dialect> Tx for SqlTx<D> {
         D::rewrite_keks(&mut self.0, org, from, to, rewraps).await
     }
 
+    async fn key_arn_taken(&mut self, org: &OrgId, arn: &str) -> Result<bool, StoreError> {
+        D::lock_key_arn(&mut self.0, arn).await?;
+        self.fetch_flag(
+            Stmt::new(
+                "SELECT EXISTS (SELECT 1 FROM keys WHERE aws_key_arn = $1 AND org <> $2 \
+                                AND (state <> $3 OR needed)) AS value",
+            )
+            .text(arn)
+            .text(org.as_str())
+            .text(codec::REMOVED),
+            "keys",
+        )
+        .await
+    }
+
     async fn wraps_any_kek(&mut self, org: &OrgId, keys: &[KeyId]) -> Result<bool, StoreError> {
         D::wraps_any_kek(&mut self.0, org, keys).await
     }

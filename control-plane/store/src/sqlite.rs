@@ -162,6 +162,11 @@ impl Dialect for Sqlite {
         Ok(())
     }
 
+    /// `BEGIN IMMEDIATE` already keeps every other writer out.
+    async fn lock_key_arn(_conn: &mut SqliteConnection, _arn: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn insert_audit(
         conn: &mut SqliteConnection,
         events: &[ChainedEvent],

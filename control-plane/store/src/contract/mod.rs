@@ -57,9 +57,9 @@ pub use keks::{
 };
 pub use leases::{leases_have_one_holder_until_released_or_expired, racing_for_a_lease_one_wins};
 pub use orgs::{
-    a_failed_commit_writes_nothing, aws_keys_not_removed_are_listed_with_their_org,
-    create_and_load_round_trip_every_field, orgs_with_expired_keys_are_found,
-    racing_creates_and_commits_from_one_version_one_wins,
+    a_failed_commit_writes_nothing, an_aws_key_serves_one_org,
+    aws_keys_not_removed_are_listed_with_their_org, create_and_load_round_trip_every_field,
+    orgs_with_expired_keys_are_found, racing_creates_and_commits_from_one_version_one_wins,
     stale_versions_conflict_and_write_nothing, unknown_org_loads_as_none,
 };
 pub use reopening::{
@@ -71,6 +71,7 @@ pub use reopening::{
 pub async fn all(store: &dyn Store) {
     unknown_org_loads_as_none(store).await;
     create_and_load_round_trip_every_field(store).await;
+    an_aws_key_serves_one_org(store).await;
     stale_versions_conflict_and_write_nothing(store).await;
     a_failed_commit_writes_nothing(store).await;
     audit_chains_across_commits_and_appends(store).await;
@@ -122,10 +123,12 @@ pub fn key(id: &str, handle: String) -> StoredKey {
 /// A pending key in AWS KMS whose ARNs name `id`, with a backup key and a
 /// role when `full`.
 pub fn aws_key(id: &str, handle: String, full: bool) -> StoredKey {
+    // Named by the handle, so that no two tests' orgs share an AWS key.
+    let key_arn = format!("arn:aws:kms:eu-west-1:111122223333:key/{handle}");
     let mut key = key(id, handle);
     key.record.source = KeySource::AwsKms;
     key.aws = Some(AwsArns {
-        key_arn: format!("arn:aws:kms:eu-west-1:111122223333:key/{id}"),
+        key_arn,
         backup_key_arn: full.then(|| format!("arn:aws:kms:eu-central-1:111122223333:key/{id}")),
         role_arn: full.then(|| "arn:aws:iam::111122223333:role/cmk-ünïcode".to_owned()),
     });

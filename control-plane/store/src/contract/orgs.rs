@@ -470,3 +470,59 @@ fn one_winner<T: std::fmt::Debug>(
     assert_eq!(won.len(), 1, "{what}: exactly one wins: {won:?}");
     won.pop().expect("one winner")
 }
+
+/// An AWS key serves one org: another org registering the same key ARN is
+/// refused, whatever else its commit holds, unless the first org removed it
+/// and no longer needs it.
+pub async fn an_aws_key_serves_one_org(store: &dyn Store) {
+    const CHECK: u32 = 31;
+    let (first, second) = (org_id("arn-first"), org_id("arn-second"));
+    let shared = aws_key("k-1", handle(CHECK, 1), false);
+    let mut mine = commit(&first, None, vec![shared.clone()], Vec::new());
+    mine.byok = true;
+    assert_eq!(store.commit(mine).await.expect("first org"), 1);
+
+    // The same ARN under another handle, in a commit of the second org.
+    let mut theirs = aws_key("k-9", handle(CHECK, 2), false);
+    theirs.aws = shared.aws.clone();
+    let taken = store
+        .commit(commit(
+            &second,
+            None,
+            vec![theirs.clone()],
+            vec![event("add")],
+        ))
+        .await;
+    assert!(matches!(taken, Err(StoreError::KeyArnTaken)), "{taken:?}");
+    assert_eq!(
+        store.load_org(&second).await.expect("load"),
+        None,
+        "nothing written"
+    );
+    assert!(chain_of(store, &second).await.is_empty());
+
+    // Removed while still needed, it is still the first org's.
+    let mut lost = shared.clone();
+    lost.record.state = KeyState::Lost;
+    store
+        .commit(commit(&first, Some(1), vec![lost.clone()], Vec::new()))
+        .await
+        .expect("lost");
+    assert!(matches!(
+        store
+            .commit(commit(&second, None, vec![theirs.clone()], Vec::new()))
+            .await,
+        Err(StoreError::KeyArnTaken)
+    ));
+    // Removed for good, it is free.
+    let mut removed = lost;
+    removed.record.state = KeyState::Removed;
+    store
+        .commit(commit(&first, Some(2), vec![removed], Vec::new()))
+        .await
+        .expect("removed");
+    store
+        .commit(commit(&second, None, vec![theirs], Vec::new()))
+        .await
+        .expect("free once the first org removed it");
+}
