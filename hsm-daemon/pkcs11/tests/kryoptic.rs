@@ -28,7 +28,7 @@ use std::{
 use cmk_hsm_custody::{
     Custody, CustodyError, ImportError, ImportKey, ImportKeyBits, KeyOrigin, contract,
 };
-use cmk_hsm_pkcs11::{Pkcs11Custody, Pkcs11Settings, TokenSelector, token};
+use cmk_hsm_pkcs11::{Pkcs11Custody, Pkcs11Settings, TokenSelector};
 use cmk_secret::SecretBytes;
 use cryptoki::{
     context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -149,21 +149,6 @@ fn run(program: &str, args: &[&str], cwd: &Path) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{program} cannot run ({e}): scripts/test.sh installs it"));
     assert!(out.status.success(), "{program} {args:?}: {out:?}");
     out.stdout
-}
-
-/// pkcs11-tool's listing cut into one block per object.
-fn blocks(listing: &str) -> Vec<String> {
-    let mut blocks: Vec<String> = Vec::new();
-    for line in listing.lines() {
-        if !line.starts_with(' ') && !line.is_empty() {
-            blocks.push(String::new());
-        }
-        if let Some(block) = blocks.last_mut() {
-            block.push_str(line);
-            block.push('\n');
-        }
-    }
-    blocks
 }
 
 on_kryoptic! {
@@ -312,44 +297,13 @@ on_kryoptic! {
         custody.generate(&destroyed).await.unwrap();
         custody.destroy(&destroyed).await.unwrap();
 
-        let listing = Command::new("pkcs11-tool")
-            .arg("--module")
-            .arg(module())
-            .args(["--token-label", LABEL, "--login", "--pin", PIN, "--list-objects"])
-            .output()
-            .expect("pkcs11-tool is missing: apt-get install opensc");
-        assert!(listing.status.success(), "{listing:?}");
-        let text = String::from_utf8_lossy(&listing.stdout);
-        let objects = blocks(&text);
-        let of_kind = |kind: &'static str| -> Vec<&String> {
-            objects.iter().filter(|b| b.starts_with(kind)).collect()
-        };
-        let secret_keys = of_kind("Secret Key Object");
-        assert_eq!(secret_keys.len(), 2, "two live keys in:\n{text}");
-        let private_keys = of_kind("Private Key Object");
-        assert_eq!(private_keys.len(), 1, "one import key in:\n{text}");
-        for block in secret_keys.iter().chain(&private_keys) {
-            let access = block
-                .lines()
-                .find(|l| l.trim_start().starts_with("Access:"))
-                .unwrap_or_else(|| panic!("no access line in:\n{block}"));
-            assert!(access.contains("sensitive"), "{block}");
-            assert!(access.contains("never extractable"), "{block}");
-            assert!(
-                !access.replace("never extractable", "").contains("extractable"),
-                "extractable key:\n{block}"
-            );
-        }
-        for live in [handle, generated] {
-            assert!(
-                secret_keys.iter().any(|b| b.contains(&live.to_string())),
-                "{live} not listed by its label:\n{text}"
-            );
-        }
-        let tombstones = of_kind("Data object");
-        assert_eq!(tombstones.len(), 1, "{text}");
-        assert!(tombstones[0].contains(&destroyed.to_string()));
-        assert!(tombstones[0].contains(token::TOMBSTONE_APPLICATION));
+        common::assert_token_as_operators_see_it(
+            &module(),
+            LABEL,
+            PIN,
+            &[handle, generated],
+            &[destroyed],
+        );
 
         // The token's files, after the backend and pkcs11-tool wrote them.
         drop(custody);

@@ -115,21 +115,6 @@ fn inspector() -> Session {
     session
 }
 
-/// pkcs11-tool's listing cut into one block per object.
-fn blocks(listing: &str) -> Vec<String> {
-    let mut blocks: Vec<String> = Vec::new();
-    for line in listing.lines() {
-        if !line.starts_with(' ') && !line.is_empty() {
-            blocks.push(String::new());
-        }
-        if let Some(block) = blocks.last_mut() {
-            block.push_str(line);
-            block.push('\n');
-        }
-    }
-    blocks
-}
-
 fn tombstone_value(session: &Session, handle: &KeyHandle) -> Option<Vec<u8>> {
     let found = session
         .find_objects(&[
@@ -307,43 +292,13 @@ on_softhsm! {
         }
         custody.destroy(&handles[0]).await.unwrap();
 
-        let listing = Command::new("pkcs11-tool")
-            .args(["--module", MODULE, "--token-label", LABEL])
-            .args(["--login", "--pin", PIN, "--list-objects"])
-            .output()
-            .expect("pkcs11-tool is missing: apt-get install opensc");
-        assert!(listing.status.success(), "{listing:?}");
-        let text = String::from_utf8_lossy(&listing.stdout);
-        let objects = blocks(&text);
-        let of_kind = |kind: &'static str| -> Vec<&String> {
-            objects.iter().filter(|b| b.starts_with(kind)).collect()
-        };
-        let secret_keys = of_kind("Secret Key Object");
-        assert_eq!(secret_keys.len(), 2, "two live keys in:\n{text}");
-        let private_keys = of_kind("Private Key Object");
-        assert_eq!(private_keys.len(), 1, "one import key in:\n{text}");
-        for block in secret_keys.iter().chain(&private_keys) {
-            let access = block
-                .lines()
-                .find(|l| l.trim_start().starts_with("Access:"))
-                .unwrap_or_else(|| panic!("no access line in:\n{block}"));
-            assert!(access.contains("sensitive"), "{block}");
-            assert!(access.contains("never extractable"), "{block}");
-            assert!(
-                !access.replace("never extractable", "").contains("extractable"),
-                "extractable key:\n{block}"
-            );
-        }
-        for handle in &handles[1..] {
-            assert!(
-                secret_keys.iter().any(|b| b.contains(&handle.to_string())),
-                "{handle} not listed by its label"
-            );
-        }
-        let tombstones = of_kind("Data object");
-        assert_eq!(tombstones.len(), 1, "{text}");
-        assert!(tombstones[0].contains(&handles[0].to_string()));
-        assert!(tombstones[0].contains(token::TOMBSTONE_APPLICATION));
+        common::assert_token_as_operators_see_it(
+            Path::new(MODULE),
+            LABEL,
+            PIN,
+            &handles[1..],
+            &handles[..1],
+        );
     }
 }
 

@@ -56,3 +56,83 @@ pub fn on_fresh_token<F, Fut>(
 pub fn token_dir() -> Option<std::path::PathBuf> {
     std::env::var_os(CHILD).map(Into::into)
 }
+
+/// Reads the token as an operator would, with pkcs11-tool, and asserts that
+/// every secret and private key is sensitive and never extractable, that
+/// `live` are listed by their labels, and that each of `destroyed` left one
+/// tombstone.
+pub fn assert_token_as_operators_see_it(
+    module: &Path,
+    label: &str,
+    pin: &str,
+    live: &[cmk_hsm_custody::KeyHandle],
+    destroyed: &[cmk_hsm_custody::KeyHandle],
+) {
+    let listing = Command::new("pkcs11-tool")
+        .arg("--module")
+        .arg(module)
+        .args([
+            "--token-label",
+            label,
+            "--login",
+            "--pin",
+            pin,
+            "--list-objects",
+        ])
+        .output()
+        .expect("pkcs11-tool is missing: apt-get install opensc");
+    assert!(listing.status.success(), "{listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let objects = blocks(&text);
+    let of_kind = |kind: &'static str| -> Vec<&String> {
+        objects.iter().filter(|b| b.starts_with(kind)).collect()
+    };
+    let secret_keys = of_kind("Secret Key Object");
+    assert_eq!(secret_keys.len(), live.len(), "the live keys in:\n{text}");
+    let private_keys = of_kind("Private Key Object");
+    assert_eq!(private_keys.len(), 1, "one import key in:\n{text}");
+    for block in secret_keys.iter().chain(&private_keys) {
+        let access = block
+            .lines()
+            .find(|l| l.trim_start().starts_with("Access:"))
+            .unwrap_or_else(|| panic!("no access line in:\n{block}"));
+        assert!(access.contains("sensitive"), "{block}");
+        assert!(access.contains("never extractable"), "{block}");
+        assert!(
+            !access
+                .replace("never extractable", "")
+                .contains("extractable"),
+            "extractable key:\n{block}"
+        );
+    }
+    for handle in live {
+        assert!(
+            secret_keys.iter().any(|b| b.contains(&handle.to_string())),
+            "{handle} not listed by its label:\n{text}"
+        );
+    }
+    let tombstones = of_kind("Data object");
+    assert_eq!(tombstones.len(), destroyed.len(), "{text}");
+    for handle in destroyed {
+        assert!(
+            tombstones.iter().any(|b| b.contains(&handle.to_string())
+                && b.contains(cmk_hsm_pkcs11::token::TOMBSTONE_APPLICATION)),
+            "no tombstone of {handle} in:\n{text}"
+        );
+    }
+}
+
+/// pkcs11-tool's listing, one block per object.
+fn blocks(listing: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = Vec::new();
+    for line in listing.lines() {
+        if !line.starts_with(' ') && !line.is_empty() {
+            blocks.push(String::new());
+        }
+        if let Some(block) = blocks.last_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    blocks
+}
