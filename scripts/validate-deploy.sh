@@ -12,10 +12,15 @@
 #     path in each process's TOML configuration is a file mounted from the
 #     right Secret or ConfigMap, every configuration key exists in the
 #     process's config.rs, the mutual-TLS identities and names agree
-#     (allowed_clients, hsm_server_name, the policy), probes use the health
-#     port, the security settings, the NetworkPolicies, and the overlay's store
-#     (SQLite: one replica, Recreate, a volume; PostgreSQL: a Secret, two or
-#     more replicas, a PodDisruptionBudget, anti-affinity).
+#     (allowed_clients, hsm_server_name, the policy), every hsm_endpoints
+#     entry reaches the HSM daemon (a Service, or a pod's name through the
+#     headless Service) and is on its certificate, probes use the health port,
+#     the security settings (init containers too), the NetworkPolicies, the
+#     overlay's store (SQLite: one replica, Recreate, a volume; PostgreSQL: a
+#     Secret, two or more replicas, a PodDisruptionBudget, anti-affinity) and
+#     the HSM daemon's custody (software keystore: one replica, a volume
+#     claim; PKCS#11: the module on a mounted volume, the PIN from a Secret,
+#     and with several replicas a PodDisruptionBudget and anti-affinity).
 #
 # Installs what it needs when missing (Debian: python3-venv via apt; the rest
 # from PyPI into a virtual environment under ~/.cache/cmk-validate-deploy, or
@@ -87,7 +92,8 @@ import yaml
 CRD_KINDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
 
 # Secrets the operator creates (not cert-manager): name -> keys.
-OPERATOR_SECRETS = {"cmk-hsm-root-key": {"root.key"}, "cmk-control-plane-database": {"url"}}
+OPERATOR_SECRETS = {"cmk-hsm-root-key": {"root.key"}, "cmk-hsm-pkcs11-pin": {"pin"},
+                    "cmk-control-plane-database": {"url"}}
 # Keys every cert-manager Secret holds.
 CERT_KEYS = {"tls.crt", "tls.key", "ca.crt"}
 # Configuration keys the manifests use before the services have them.
@@ -145,14 +151,47 @@ def split(rendered, core_out):
         print(f"    {d['apiVersion']:<28} {kn(d):<52} {where}")
 
 def config_fields(path):
-    """Keys and environment variables of RawSettings in a config.rs."""
+    """Keys and environment variables of RawSettings in a config.rs, and the
+    secrets read only from the environment (`const …_ENV: &str = "…"`)."""
     src = open(path).read()
     body = src[src.index("pub struct RawSettings {"):]
     body = body[:body.index("\n}\n")]
-    return set(re.findall(r"pub (\w+): ", body)), set(re.findall(r'env = "(\w+)"', body))
+    return set(re.findall(r"pub (\w+): ", body)), \
+        set(re.findall(r'env = "(\w+)"', body)) | set(re.findall(r'_ENV: &str = "(\w+)";', src))
+
+def rust_const(path, name):
+    """The value of `const NAME: usize = N;` in a Rust source file."""
+    return int(re.search(rf"const {name}: usize = (\d+);", open(path).read()).group(1))
 
 def matches(selector, labels):
     return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+def hardened(cname, c, psc):
+    """The security settings and resources every container needs, init containers too."""
+    sc = c.get("securityContext") or {}
+    if not (sc.get("runAsNonRoot") is True and sc.get("runAsUser", psc.get("runAsUser")) == USER
+            and sc.get("readOnlyRootFilesystem") is True and sc.get("allowPrivilegeEscalation") is False
+            and (sc.get("capabilities") or {}).get("drop") == ["ALL"]
+            and (sc.get("seccompProfile") or {}).get("type", "RuntimeDefault") == "RuntimeDefault"):
+        fail(f"{cname}: securityContext must be non-root {USER}, read-only root, no privilege escalation, drop ALL")
+    res = c.get("resources") or {}
+    for part in ("requests", "limits"):
+        if set((res.get(part) or {})) != {"cpu", "memory"}:
+            fail(f"{cname}: resources.{part} needs cpu and memory")
+
+def spread(name, pod, labels, docs):
+    """Several replicas: never two on one node, one always up through voluntary disruptions."""
+    aff = (pod.get("affinity") or {}).get("podAntiAffinity") or {}
+    terms = (aff.get("requiredDuringSchedulingIgnoredDuringExecution") or []) + \
+        [t.get("podAffinityTerm") or {} for t in aff.get("preferredDuringSchedulingIgnoredDuringExecution") or []]
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and (t.get("labelSelector") or {}).get("matchLabels")
+               and matches(t["labelSelector"]["matchLabels"], labels) for t in terms):
+        fail(f"{name}: replicas need pod anti-affinity on kubernetes.io/hostname against each other")
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"
+            and matches(d["spec"]["selector"].get("matchLabels"), labels)]
+    if not pdbs or pdbs[0]["spec"].get("minAvailable") != 1:
+        fail(f"{name}: needs a PodDisruptionBudget with minAvailable 1")
 
 def check(rendered, overlay):
     docs = load(rendered)
@@ -277,18 +316,15 @@ def check(rendered, overlay):
                     fail(f"{name}: volume {v['name']}: no PersistentVolumeClaim {v['persistentVolumeClaim']['claimName']}")
             elif "emptyDir" not in v:
                 fail(f"{name}: volume {v['name']}: unexpected volume type")
+        inits = pod.get("initContainers") or []
+        for c in inits:
+            hardened(f"{name} init container {c['name']}", c, psc)
+            for m in c.get("volumeMounts") or []:
+                if m["name"] not in volumes and m["name"] not in claims:
+                    fail(f"{name} init container {c['name']}: mount {m['name']} has no volume")
         for c in pod["containers"]:
             cname = f"{name} container {c['name']}"
-            sc = c.get("securityContext") or {}
-            if not (sc.get("runAsNonRoot") is True and sc.get("runAsUser", psc.get("runAsUser")) == USER
-                    and sc.get("readOnlyRootFilesystem") is True and sc.get("allowPrivilegeEscalation") is False
-                    and (sc.get("capabilities") or {}).get("drop") == ["ALL"]
-                    and (sc.get("seccompProfile") or {}).get("type", "RuntimeDefault") == "RuntimeDefault"):
-                fail(f"{cname}: securityContext must be non-root {USER}, read-only root, no privilege escalation, drop ALL")
-            res = c.get("resources") or {}
-            for part in ("requests", "limits"):
-                if set((res.get(part) or {})) != {"cpu", "memory"}:
-                    fail(f"{cname}: resources.{part} needs cpu and memory")
+            hardened(cname, c, psc)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 p = c.get(probe) or {}
                 if (p.get("grpc") or {}).get("port") != HEALTH_PORT or p.get("grpc", {}).get("service"):
@@ -302,14 +338,20 @@ def check(rendered, overlay):
             if "/tmp" not in mounts:
                 fail(f"{cname}: no writable /tmp (the root filesystem is read-only)")
 
-            def source(path):
-                """(volume, file name) that a path in the container comes from."""
+            def mount_of(path):
+                """The volume mount a path in the container lies on, if any."""
                 for mp in sorted(mounts, key=len, reverse=True):
                     if path == mp or path.startswith(mp + "/"):
-                        m = mounts[mp]
-                        rel = path[len(mp) + 1:]
-                        return volumes.get(m["name"], {"name": m["name"], "claim": True}), rel
-                return None, None
+                        return mounts[mp]
+                return None
+
+            def source(path):
+                """(volume, file name) that a path in the container comes from."""
+                m = mount_of(path)
+                if m is None:
+                    return None, None
+                rel = path[len(m["mountPath"].rstrip("/")) + 1:]
+                return volumes.get(m["name"], {"name": m["name"], "claim": True}), rel
 
             def expect_file(key, path, want=None):
                 vol, rel = source(path)
@@ -353,11 +395,21 @@ def check(rendered, overlay):
                     print(f"    note: {cname}: {k} is not in {process}'s config.rs yet (pending)")
                 elif k not in fields:
                     fail(f"{cname}: configuration key {k} is unknown to {process}")
-            env = {}
-            for e in c.get("env") or []:
-                env[e["name"]] = e
+            env = {e["name"]: e for e in c.get("env") or []}
+
+            def setting(key):
+                """A configuration value: the environment's, which wins, else the file's."""
+                e = env.get(prefix + key.upper())
+                return e["value"] if e and "value" in e else cfg.get(key)
+
+            custody = (setting("custody") or "software") if process == "hsm-daemon" else None
+            for e in env.values():
                 key = e["name"][len(prefix):].lower() if e["name"].startswith(prefix) else None
-                if e["name"] not in envs and not (key in PENDING_KEYS):
+                # A vendor's PKCS#11 module may read variables of its own (the
+                # path of its configuration, say); the daemon's are checked.
+                if key is None and custody == "pkcs11":
+                    print(f"    note: {cname}: {e['name']} is left to the PKCS#11 module")
+                elif e["name"] not in envs and not (key in PENDING_KEYS):
                     fail(f"{cname}: environment variable {e['name']} is not read by {process}")
                 ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                 if ref and ref.get("key") not in OPERATOR_SECRETS.get(ref.get("name"), set()):
@@ -381,15 +433,64 @@ def check(rendered, overlay):
                 pcm = expect_file("policy_file", cfg["policy_file"])
                 if isinstance(pcm, dict):
                     cfg["_policy"] = tomllib.loads(pcm["data"][os.path.basename(cfg["policy_file"])])
-            if "root_key_file" in cfg:
-                vol, _ = source(cfg["root_key_file"])
-                expect_file("root_key_file", cfg["root_key_file"], "cmk-hsm-root-key")
-                if vol and vol.get("secret", {}).get("defaultMode") != 0o400:
-                    fail(f"{cname}: root key Secret must be mounted with mode 0400")
-            if "keystore_dir" in cfg:
-                vol, _ = source(cfg["keystore_dir"])
+            # The HSM daemon's custody.
+            if custody == "software":
+                if spec.get("replicas") != 1:
+                    fail(f"{name}: the software keystore needs exactly 1 replica (one keystore on one volume)")
+                if "root_key_file" in cfg:
+                    vol, _ = source(cfg["root_key_file"])
+                    expect_file("root_key_file", cfg["root_key_file"], "cmk-hsm-root-key")
+                    if vol and vol.get("secret", {}).get("defaultMode") != 0o400:
+                        fail(f"{cname}: root key Secret must be mounted with mode 0400")
+                vol, _ = source(setting("keystore_dir") or "")
                 if not vol or not vol.get("claim"):
-                    fail(f"{cname}: keystore_dir {cfg['keystore_dir']} is not on a volume claim")
+                    fail(f"{cname}: keystore_dir {setting('keystore_dir')} is not on a volume claim")
+            elif custody == "pkcs11":
+                # Nothing on local disk: the daemon refuses these settings, and a
+                # leftover claim or root key Secret would only hold pods back.
+                for k in ("keystore_dir", "root_key_file"):
+                    if k in cfg or prefix + k.upper() in env:
+                        fail(f"{cname}: {k} is an error with custody = \"pkcs11\"")
+                if prefix + "ROOT_KEY" in env:
+                    fail(f"{cname}: {prefix}ROOT_KEY is an error with custody = \"pkcs11\"")
+                if spec.get("volumeClaimTemplates"):
+                    fail(f"{name}: custody pkcs11 keeps nothing on local disk: remove the volume claim templates")
+                if any(v.get("secret", {}).get("secretName") == "cmk-hsm-root-key" for v in volumes.values()):
+                    fail(f"{name}: custody pkcs11 has no root key: remove the cmk-hsm-root-key volume")
+                module = setting("pkcs11_module")
+                vol = source(module)[0] if module else None
+                if not module:
+                    fail(f"{cname}: custody pkcs11 needs pkcs11_module")
+                elif vol is None:
+                    fail(f"{cname}: pkcs11_module {module} is not on a mounted volume")
+                elif "emptyDir" in vol:
+                    if not mount_of(module).get("readOnly"):
+                        fail(f"{cname}: pkcs11_module {module}: mount {vol['name']} read-only, the daemon only loads it")
+                    if not any(m["name"] == vol["name"] and not m.get("readOnly")
+                               for i in inits for m in i.get("volumeMounts") or []):
+                        fail(f"{cname}: pkcs11_module {module}: no init container fills emptyDir {vol['name']}")
+                if (setting("pkcs11_token_label") is None) == (setting("pkcs11_slot") is None):
+                    fail(f"{cname}: custody pkcs11 needs one of pkcs11_token_label and pkcs11_slot")
+                pin_file, pin_env = setting("pkcs11_pin_file"), env.get(prefix + "PKCS11_PIN")
+                if pin_file and pin_env:
+                    fail(f"{cname}: the PIN from both pkcs11_pin_file and {prefix}PKCS11_PIN")
+                elif pin_file:
+                    vol, rel = source(pin_file)
+                    if expect_file("pkcs11_pin_file", pin_file) not in OPERATOR_SECRETS:
+                        fail(f"{cname}: pkcs11_pin_file {pin_file} is not a file of a Secret the operator creates")
+                    elif vol:
+                        items = {i["path"]: i for i in vol["secret"].get("items") or []}
+                        mode = (items.get(rel) or {}).get("mode", vol["secret"].get("defaultMode", 0o644))
+                        if mode not in (0o440, 0o400):
+                            fail(f"{cname}: PIN Secret must be mounted with mode 0440 or 0400, not {mode:o}")
+                elif not pin_env or "secretKeyRef" not in (pin_env.get("valueFrom") or {}):
+                    fail(f"{cname}: custody pkcs11 needs pkcs11_pin_file (or {prefix}PKCS11_PIN from a Secret)")
+                if spec.get("replicas", 1) > 1:
+                    spread(name, pod, labels, docs)
+            elif custody is not None:
+                fail(f"{cname}: custody {custody!r} is not software or pkcs11")
+            if custody:
+                print(f"    {name}: {spec.get('replicas')} replica(s), custody {custody}")
             # The store.
             database = cfg.get("database")
             dbenv = env.get(prefix + "DATABASE")
@@ -406,18 +507,18 @@ def check(rendered, overlay):
                 elif dbenv and "valueFrom" in dbenv:
                     if spec.get("replicas", 1) < 2:
                         fail(f"{name}: PostgreSQL overlay should run 2 or more replicas")
-                    aff = (pod.get("affinity") or {}).get("podAntiAffinity") or {}
-                    if not aff:
-                        fail(f"{name}: replicas need pod anti-affinity")
-                    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"
-                            and matches(d["spec"]["selector"].get("matchLabels"), labels)]
-                    if not pdbs or pdbs[0]["spec"].get("minAvailable") != 1:
-                        fail(f"{name}: needs a PodDisruptionBudget with minAvailable 1")
+                    spread(name, pod, labels, docs)
                     store = "PostgreSQL (Secret)"
                 else:
                     fail(f"{cname}: no database: set CMK_CP_DATABASE in the overlay")
                     store = "?"
                 print(f"    {name}: {spec.get('replicas')} replica(s), store {store}")
+                # The environment's comma-separated list wins over the file's.
+                hsm_env = env.get(prefix + "HSM_ENDPOINTS")
+                if hsm_env and "value" not in hsm_env:
+                    fail(f"{cname}: {hsm_env['name']} must be written out in the manifest to be checked")
+                cfg["_hsm_endpoints"] = [e.strip() for e in hsm_env["value"].split(",")] \
+                    if hsm_env and "value" in hsm_env else cfg.get("hsm_endpoints", [])
             configs[process] = (w, cfg, tls)
 
     # --- identities and names across the two processes ------------------
@@ -426,8 +527,8 @@ def check(rendered, overlay):
     else:
         hw, hcfg, htls = configs["hsm-daemon"]
         cw, ccfg, ctls = configs["control-plane"]
-        if hw["kind"] != "StatefulSet" or hw["spec"].get("replicas") != 1:
-            fail("the HSM daemon must be a StatefulSet of 1 replica")
+        if hw["kind"] != "StatefulSet":
+            fail("the HSM daemon must be a StatefulSet")
         if ("Service", hw["spec"]["serviceName"]) not in by or \
                 by[("Service", hw["spec"]["serviceName"])]["spec"].get("clusterIP") != "None":
             fail("the HSM daemon's StatefulSet needs a headless governing Service")
@@ -449,18 +550,57 @@ def check(rendered, overlay):
         for a in hcfg.get("allowed_clients", []):
             if a not in uris:
                 fail(f"allowed_clients entry {a} is no Certificate's URI SAN")
-        m = re.match(r"^https://([^:/]+):(\d+)$", ccfg.get("hsm_endpoint", ""))
-        if not m:
-            fail(f"hsm_endpoint {ccfg.get('hsm_endpoint')!r} is not https://host:port")
-        else:
+        # Each entry of hsm_endpoints: https://<service>:port, or a pod's stable
+        # name through the headless governing Service,
+        # https://<statefulset>-<ordinal>.<headless>:port, either with
+        # .cmk, .cmk.svc or .cmk.svc.cluster.local after it.
+        endpoints = ccfg["_hsm_endpoints"]
+        hlabels = hw["spec"]["template"]["metadata"]["labels"]
+        replicas = hw["spec"].get("replicas", 1)
+        limit = rust_const("control-plane/src/config.rs", "MAX_HSM_ENDPOINTS")
+        if not endpoints:
+            fail("hsm_endpoints is empty: the control plane would call https://127.0.0.1:7443")
+        if len(endpoints) > limit:
+            fail(f"hsm_endpoints: {len(endpoints)} entries, the control plane takes at most {limit}")
+        daemons = {}
+        for ep in endpoints:
+            m = re.match(r"^https://([a-z0-9.-]+):(\d+)$", ep)
+            if not m:
+                fail(f"hsm_endpoints: {ep!r} is not https://host:port")
+                continue
             host, port = m.group(1), int(m.group(2))
-            svc = by.get(("Service", host.split(".")[0]))
-            hlabels = hw["spec"]["template"]["metadata"]["labels"]
+            parts = re.sub(r"\.cmk(\.svc(\.cluster\.local)?)?$", "", host).split(".")
+            svc = by.get(("Service", parts[-1])) if len(parts) <= 2 else None
             if not svc or not matches(svc["spec"]["selector"], hlabels) or \
                     port not in [p["port"] for p in svc["spec"]["ports"]]:
-                fail(f"hsm_endpoint {ccfg['hsm_endpoint']}: no Service {host} selecting the HSM daemon on {port}")
-            if server and ccfg.get("hsm_server_name") not in server["spec"].get("dnsNames", []):
-                fail(f"hsm_server_name {ccfg.get('hsm_server_name')} is not a DNS name of the HSM daemon's certificate")
+                fail(f"hsm_endpoints: {ep}: no Service {parts[-1]} selecting the HSM daemon on {port}")
+                continue
+            if len(parts) == 1:
+                daemon = f"Service/{parts[0]}"
+            else:
+                pm = re.match(rf"^{re.escape(hw['metadata']['name'])}-(\d+)$", parts[0])
+                if parts[1] != hw["spec"]["serviceName"] or svc["spec"].get("clusterIP") != "None":
+                    fail(f"hsm_endpoints: {ep}: {parts[1]} is not the StatefulSet's headless governing Service")
+                    continue
+                if not pm or int(pm.group(1)) >= replicas:
+                    fail(f"hsm_endpoints: {ep}: {parts[0]} is no pod of StatefulSet/{hw['metadata']['name']} "
+                         f"({replicas} replica(s))")
+                    continue
+                daemon = parts[0]
+            if (daemon, port) in daemons:
+                fail(f"hsm_endpoints: {ep} and {daemons[(daemon, port)]} reach the same {daemon}")
+            daemons[(daemon, port)] = ep
+            if server and host not in server["spec"].get("dnsNames", []):
+                fail(f"hsm_endpoints: {host} is not a DNS name of the HSM daemon's certificate")
+        # Several daemons: a pod that no entry names would get no calls.
+        if daemons and not any(d.startswith("Service/") for d, _ in daemons):
+            for i in range(replicas):
+                if not any(d == f"{hw['metadata']['name']}-{i}" for d, _ in daemons):
+                    fail(f"hsm_endpoints: no entry reaches pod {hw['metadata']['name']}-{i}")
+        if server and ccfg.get("hsm_server_name") not in server["spec"].get("dnsNames", []):
+            fail(f"hsm_server_name {ccfg.get('hsm_server_name')} is not a DNS name of the HSM daemon's certificate")
+        print(f"    control plane -> HSM daemon{'s' if len(endpoints) > 1 else ''} {', '.join(endpoints)}"
+              f" (verified as {ccfg.get('hsm_server_name')})")
         grants = {g["identity"] for g in (ccfg.get("_policy") or {}).get("grant", [])}
         for name, c in certs.items():
             if name.startswith("cmk-admin-"):

@@ -19,6 +19,9 @@ use serde::Deserialize;
 
 use crate::authz::AuthzPolicy;
 
+/// Most HSM daemons one control plane may balance over.
+const MAX_HSM_ENDPOINTS: usize = 16;
+
 /// Settings as read: every field optional, nothing checked yet.
 #[derive(Debug, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -43,8 +46,15 @@ pub struct RawSettings {
     #[arg(long, env = "CMK_CP_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
     /// The HSM daemon, as https://host:port [default: https://127.0.0.1:7443].
-    #[arg(long, env = "CMK_CP_HSM_ENDPOINT")]
-    pub hsm_endpoint: Option<String>,
+    /// Several daemons serving one custody (one PKCS#11 token): repeat the
+    /// flag or separate them with commas; calls take turns and fail over.
+    #[arg(
+        long = "hsm-endpoint",
+        env = "CMK_CP_HSM_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub hsm_endpoints: Vec<String>,
     /// Name the HSM daemon's certificate must carry [default: localhost].
     #[arg(long, env = "CMK_CP_HSM_SERVER_NAME")]
     pub hsm_server_name: Option<String>,
@@ -133,7 +143,7 @@ impl RawSettings {
             tls_cert,
             tls_key,
             tls_client_ca,
-            hsm_endpoint,
+            hsm_endpoints,
             hsm_server_name,
             hsm_tls_cert,
             hsm_tls_key,
@@ -160,7 +170,11 @@ impl RawSettings {
             tls_cert: tls_cert.or(self.tls_cert),
             tls_key: tls_key.or(self.tls_key),
             tls_client_ca: tls_client_ca.or(self.tls_client_ca),
-            hsm_endpoint: hsm_endpoint.or(self.hsm_endpoint),
+            hsm_endpoints: if hsm_endpoints.is_empty() {
+                self.hsm_endpoints
+            } else {
+                hsm_endpoints
+            },
             hsm_server_name: hsm_server_name.or(self.hsm_server_name),
             hsm_tls_cert: hsm_tls_cert.or(self.hsm_tls_cert),
             hsm_tls_key: hsm_tls_key.or(self.hsm_tls_key),
@@ -221,13 +235,26 @@ impl RawSettings {
             &mut errors,
         );
 
-        let hsm_endpoint = self
-            .hsm_endpoint
-            .unwrap_or_else(|| "https://127.0.0.1:7443".into());
-        if !hsm_endpoint.starts_with("https://") {
+        let mut hsm_endpoints: Vec<String> = Vec::new();
+        for endpoint in self.hsm_endpoints.iter().map(|e| e.trim()) {
+            if !endpoint.starts_with("https://") {
+                errors.push(format!(
+                    "hsm_endpoints: {endpoint:?} must be an https:// URL (the HSM daemon speaks only mutual TLS)"
+                ));
+            } else if hsm_endpoints.iter().any(|e| e == endpoint) {
+                errors.push(format!("hsm_endpoints: {endpoint:?} is listed twice"));
+            } else {
+                hsm_endpoints.push(endpoint.to_owned());
+            }
+        }
+        if hsm_endpoints.len() > MAX_HSM_ENDPOINTS {
             errors.push(format!(
-                "hsm_endpoint: {hsm_endpoint:?} must be an https:// URL (the HSM daemon speaks only mutual TLS)"
+                "hsm_endpoints: at most {MAX_HSM_ENDPOINTS} daemons, not {}",
+                hsm_endpoints.len()
             ));
+        }
+        if self.hsm_endpoints.is_empty() {
+            hsm_endpoints.push("https://127.0.0.1:7443".into());
         }
         let hsm_server_name = self.hsm_server_name.unwrap_or_else(|| "localhost".into());
 
@@ -332,7 +359,7 @@ impl RawSettings {
                 metrics_listen,
                 tls,
                 hsm: HsmSettings {
-                    endpoint: hsm_endpoint,
+                    endpoints: hsm_endpoints,
                     server_name: hsm_server_name,
                     tls: hsm_tls,
                 },
@@ -414,8 +441,9 @@ pub struct StoreSettings {
 /// How to reach the HSM daemon.
 #[derive(Clone, Debug)]
 pub struct HsmSettings {
-    /// `https://host:port`.
-    pub endpoint: String,
+    /// Each daemon's `https://host:port`: one, or several serving one
+    /// custody.
+    pub endpoints: Vec<String>,
     /// Name its certificate must carry.
     pub server_name: String,
     /// The control plane's client certificate and key, and the daemon's CA.
@@ -457,7 +485,7 @@ mod tests {
             raw.database.as_deref(),
             Some("sqlite:///var/lib/cmk-cp/cmk.db")
         );
-        assert_eq!(raw.hsm_endpoint.as_deref(), Some("https://cmk-hsm:7443"));
+        assert_eq!(raw.hsm_endpoints, ["https://cmk-hsm:7443"]);
         assert_eq!(raw.rotation_period_days, Some(365));
         assert_eq!(raw.rotation_batch, Some(1000));
         let policy =
@@ -491,6 +519,50 @@ mod tests {
                 "{expected} in {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn hsm_endpoints_are_https_distinct_and_default_to_the_local_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "").unwrap();
+            Some(path)
+        };
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, "").unwrap();
+        let raw = |endpoints: &[&str]| RawSettings {
+            tls_cert: file("c"),
+            tls_key: file("k"),
+            tls_client_ca: file("ca"),
+            hsm_tls_cert: file("hc"),
+            hsm_tls_key: file("hk"),
+            hsm_tls_ca: file("hca"),
+            policy_file: Some(policy.clone()),
+            database: Some("sqlite:///var/lib/cmk/cmk.db".into()),
+            hsm_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            ..RawSettings::default()
+        };
+        let endpoints = |list: &[&str]| raw(list).validate().unwrap().hsm.endpoints;
+        assert_eq!(endpoints(&[]), ["https://127.0.0.1:7443"]);
+        assert_eq!(
+            endpoints(&["https://hsm-0.cmk-hsm:7443", " https://hsm-1.cmk-hsm:7443"]),
+            ["https://hsm-0.cmk-hsm:7443", "https://hsm-1.cmk-hsm:7443"]
+        );
+        let ConfigError(problems) = raw(&["https://a:1", "http://b:1", "https://a:1"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "hsm_endpoints: \"http://b:1\" must be an https:// URL (the HSM daemon speaks only mutual TLS)",
+                "hsm_endpoints: \"https://a:1\" is listed twice",
+            ]
+        );
+        let many: Vec<String> = (0..17).map(|i| format!("https://hsm-{i}:7443")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let ConfigError(problems) = raw(&many).validate().unwrap_err();
+        assert_eq!(problems, ["hsm_endpoints: at most 16 daemons, not 17"]);
     }
 
     #[test]

@@ -4,6 +4,10 @@
 use std::{
     fmt,
     future::Future,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,6 +20,10 @@ use cmk_secret::SecretBytes;
 use cmk_tls::TlsFiles;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use tracing::{info, warn};
 
 use crate::metrics::{HsmCall, Metrics};
 
@@ -152,15 +160,136 @@ pub struct Unwrapped {
     pub handle: String,
 }
 
-/// A mutual-TLS client of `cmk.hsm.v1.HsmService`. Cheap to clone; clones share
-/// one HTTP/2 connection.
+/// A mutual-TLS client of `cmk.hsm.v1.HsmService`, over one daemon or
+/// several that serve one custody (daemons on one PKCS#11 token). Cheap to
+/// clone; clones share the connections.
+///
+/// With several daemons, calls take turns over the ones in service. A daemon
+/// that cannot be reached, or answers `UNAVAILABLE`, is taken out of service
+/// until a health check every [`PROBE_INTERVAL`] finds it up again (calls
+/// still go to it when no daemon is in service), and every call but Import
+/// is retried at once on the next daemon: they are safe to repeat (a Wrap's
+/// ciphertext differs, a Destroy of a destroyed key says so). An Import is
+/// not repeated, since the daemon that failed may still have stored the key:
+/// its caller's intent record covers that, and the admin retries.
 #[derive(Clone, Debug)]
 pub struct HsmClient {
-    /// The newest connection: [`HsmClient::follow`] replaces it when the TLS
-    /// files change; calls already made finish on the one they started on.
-    inner: watch::Receiver<HsmServiceClient<Channel>>,
+    /// The newest connection to each daemon, in the order of `daemons`:
+    /// [`HsmClient::follow`] replaces them when the TLS files change; calls
+    /// already made finish on the ones they started on.
+    connections: watch::Receiver<Connections>,
+    daemons: Arc<Daemons>,
     /// Every call's latency.
     calls: LatencyHistograms<HsmCall>,
+}
+
+type Connections = Arc<[Channel]>;
+
+/// How often daemons out of service are checked, and how long a check may
+/// take.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a failed call may be sent again, to another daemon.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Repeating it is harmless.
+    Safe,
+    /// The daemon may have acted on it: report the failure.
+    Never,
+}
+
+/// The daemons and whether each is in service.
+#[derive(Debug)]
+struct Daemons {
+    endpoints: Vec<String>,
+    out_of_service: Vec<AtomicBool>,
+    /// Where the next call starts its turn.
+    next: AtomicUsize,
+}
+
+impl Daemons {
+    fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            out_of_service: endpoints.iter().map(|_| AtomicBool::new(false)).collect(),
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn in_service(&self, i: usize) -> bool {
+        !self.out_of_service[i].load(Ordering::Relaxed)
+    }
+
+    /// The order in which a call tries the daemons: those in service from
+    /// the next in turn, then the others.
+    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.endpoints.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let turn = move || (0..n).map(move |k| (first + k) % n);
+        turn()
+            .filter(|&i| self.in_service(i))
+            .chain(turn().filter(|&i| !self.in_service(i)))
+    }
+
+    fn back(&self, i: usize) {
+        if self.out_of_service[i].swap(false, Ordering::Relaxed) {
+            info!(endpoint = %self.endpoints[i], "HSM daemon back in service");
+        }
+    }
+
+    fn failed(&self, i: usize, method: &str, status: &tonic::Status) {
+        // Logged once per outage; with one daemon there is nowhere else to go.
+        if !self.out_of_service[i].swap(true, Ordering::Relaxed) && self.endpoints.len() > 1 {
+            warn!(
+                endpoint = %self.endpoints[i],
+                method,
+                code = ?status.code(),
+                error = status.message(),
+                "HSM daemon out of service until a health check passes; calls go to the others"
+            );
+        }
+    }
+}
+
+/// Checks the daemons out of service every [`PROBE_INTERVAL`] and puts back
+/// those whose health check passes, until the client is dropped.
+fn probe(daemons: Weak<Daemons>, connections: watch::Receiver<Connections>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(daemons) = daemons.upgrade() else {
+                return;
+            };
+            let channels = connections.borrow().clone();
+            for (i, channel) in channels.iter().enumerate() {
+                if daemons.in_service(i) {
+                    continue;
+                }
+                let mut health = HealthClient::new(channel.clone());
+                let check = health.check(HealthCheckRequest {
+                    service: String::new(),
+                });
+                if let Ok(Ok(answer)) = tokio::time::timeout(PROBE_TIMEOUT, check).await
+                    && answer.into_inner().status() == ServingStatus::Serving
+                {
+                    daemons.back(i);
+                }
+            }
+        }
+    });
+}
+
+/// Whether `status` says that the daemon could not be reached or could not
+/// serve anything (its token out of reach), rather than refusing this
+/// request: then another daemon may serve it.
+fn unreachable(status: &tonic::Status) -> bool {
+    // A status with a source was made on this side from a failed connection
+    // (a reset stream, a connection closed mid-call); one the daemon sent has
+    // none.
+    status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
 impl HsmClient {
@@ -177,43 +306,48 @@ impl HsmClient {
         Ok(Self::over(channel))
     }
 
-    /// As [`HsmClient::connect`], but connects on first use and reconnects after
-    /// a failure, so that a daemon that is down makes calls fail (`UNAVAILABLE`)
-    /// rather than the caller's start-up.
-    pub fn connect_lazy(
-        endpoint: &str,
-        server_name: &str,
-        tls: &TlsFiles,
-    ) -> Result<Self, HsmError> {
-        Ok(Self::over(
-            Self::endpoint(endpoint, server_name, tls)?.connect_lazy(),
-        ))
-    }
-
-    /// As [`HsmClient::connect_lazy`], and re-reads the TLS files every
+    /// A client of the daemons at `endpoints` (each `https://host:port`, all
+    /// serving one custody; at least one), verifying each daemon's
+    /// certificate for `server_name` and presenting the control plane's own.
+    /// It connects on first use and reconnects after a failure, so that a
+    /// daemon that is down makes calls go elsewhere or fail (`UNAVAILABLE`)
+    /// rather than the caller's start-up; and it re-reads the TLS files every
     /// `interval`: when they change (a renewed client certificate), later
-    /// calls go over a new connection that presents the new certificate,
+    /// calls go over new connections that present the new certificate,
     /// without a restart and without failing a call. Files that cannot be
-    /// used are refused with a warning, and the current connection stays.
+    /// used are refused with a warning, and the current connections stay.
     pub fn follow(
-        endpoint: &str,
+        endpoints: &[String],
         server_name: &str,
         tls: TlsFiles,
         interval: Duration,
     ) -> Result<Self, HsmError> {
+        if endpoints.is_empty() {
+            return Err(HsmError::Protocol("no HSM daemon endpoint"));
+        }
         // Built once here so that a malformed endpoint fails the start with
         // its own error rather than as a TLS one.
-        Self::endpoint(endpoint, server_name, &tls)?;
-        let (endpoint, server_name) = (endpoint.to_owned(), server_name.to_owned());
-        let inner = cmk_tls::watch_files(tls, interval, move |tls| {
-            let endpoint = Endpoint::from_shared(endpoint.clone())
-                .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?
-                .tls_config(cmk_tls::client_config(tls, &server_name)?)
-                .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?;
-            Ok(Self::service(Self::tuned(endpoint).connect_lazy()))
+        for endpoint in endpoints {
+            Self::endpoint(endpoint, server_name, &tls)?;
+        }
+        let (targets, server_name) = (endpoints.to_vec(), server_name.to_owned());
+        let connections = cmk_tls::watch_files(tls, interval, move |tls| {
+            let config = cmk_tls::client_config(tls, &server_name)?;
+            targets
+                .iter()
+                .map(|endpoint| {
+                    let endpoint = Endpoint::from_shared(endpoint.clone())
+                        .and_then(|e| e.tls_config(config.clone()))
+                        .map_err(|e| cmk_tls::TlsError::Client(e.to_string()))?;
+                    Ok(Self::tuned(endpoint).connect_lazy())
+                })
+                .collect::<Result<Connections, _>>()
         })?;
+        let daemons = Arc::new(Daemons::new(endpoints.to_vec()));
+        probe(Arc::downgrade(&daemons), connections.clone());
         Ok(Self {
-            inner,
+            connections,
+            daemons,
             calls: latency_histograms(),
         })
     }
@@ -233,9 +367,10 @@ impl HsmClient {
 
     pub(crate) fn over(channel: Channel) -> Self {
         // No sender: this connection is the only one.
-        let (_, inner) = watch::channel(Self::service(channel));
+        let (_, connections) = watch::channel(Connections::from([channel]));
         Self {
-            inner,
+            connections,
+            daemons: Arc::new(Daemons::new(vec!["(channel)".into()])),
             calls: latency_histograms(),
         }
     }
@@ -247,14 +382,40 @@ impl HsmClient {
         self
     }
 
-    /// Runs `call`, the RPC `method`, and records its latency and outcome.
-    async fn timed<T>(
+    /// Runs the RPC `method` (`call`, on a connection) on the daemons in
+    /// turn until one serves it (see [`HsmClient`]), and records its latency
+    /// and outcome.
+    async fn call<T, F, Fut>(
         &self,
         method: &'static str,
-        call: impl Future<Output = Result<T, HsmError>>,
-    ) -> Result<T, HsmError> {
+        retry: Retry,
+        call: F,
+    ) -> Result<T, HsmError>
+    where
+        F: Fn(HsmServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
         let start = Instant::now();
-        let result = call.await;
+        let connections = self.connections.borrow().clone();
+        let mut result = Err(HsmError::Protocol("no HSM daemon endpoint"));
+        for i in self.daemons.order() {
+            match call(Self::service(connections[i].clone())).await {
+                Err(status) if unreachable(&status) => {
+                    self.daemons.failed(i, method, &status);
+                    result = Err(status.into());
+                    if retry == Retry::Never {
+                        break;
+                    }
+                }
+                // An answer, or a refusal of the request itself that every
+                // daemon would give.
+                answer => {
+                    self.daemons.back(i);
+                    result = answer.map_err(HsmError::from);
+                    break;
+                }
+            }
+        }
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.calls
             .get_or_create(&HsmCall { method, outcome })
@@ -268,11 +429,6 @@ impl HsmClient {
             .max_encoding_message_size(64 << 20)
     }
 
-    /// The current connection.
-    fn client(&self) -> HsmServiceClient<Channel> {
-        self.inner.borrow().clone()
-    }
-
     /// The RSA import public key (PEM) and its key id.
     pub async fn import_public_key(&self) -> Result<ImportPublicKey, HsmError> {
         let pb::GetImportPublicKeyResponse {
@@ -281,9 +437,8 @@ impl HsmClient {
             algorithm,
             modulus_bits,
         } = self
-            .timed("GetImportPublicKey", async {
-                Ok(self
-                    .client()
+            .call("GetImportPublicKey", Retry::Safe, |mut daemon| async move {
+                Ok(daemon
                     .get_import_public_key(pb::GetImportPublicKeyRequest {})
                     .await?
                     .into_inner())
@@ -390,8 +545,9 @@ impl HsmClient {
             key_check_value,
             origin,
         } = self
-            .timed("Import", async {
-                Ok(self.client().import(request).await?.into_inner())
+            .call("Import", Retry::Never, |mut daemon| {
+                let request = request.clone();
+                async move { Ok(daemon.import(request).await?.into_inner()) }
             })
             .await?;
         // The caller has recorded `handle`; a key stored under any other name
@@ -416,8 +572,9 @@ impl HsmClient {
         associated_data: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
         let request = wrap_request(handle, plaintext, associated_data);
-        self.timed("Wrap", async {
-            Ok(self.client().wrap(request).await?.into_inner().ciphertext)
+        self.call("Wrap", Retry::Safe, |mut daemon| {
+            let request = request.clone();
+            async move { Ok(daemon.wrap(request).await?.into_inner().ciphertext) }
         })
         .await
     }
@@ -436,8 +593,9 @@ impl HsmClient {
             plaintext,
             key_handle,
         } = self
-            .timed("Unwrap", async {
-                Ok(self.client().unwrap(request).await?.into_inner())
+            .call("Unwrap", Retry::Safe, |mut daemon| {
+                let request = request.clone();
+                async move { Ok(daemon.unwrap(request).await?.into_inner()) }
             })
             .await?;
         Ok(Unwrapped {
@@ -458,13 +616,9 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .timed("BatchWrap", async {
-                Ok(self
-                    .client()
-                    .batch_wrap(request)
-                    .await?
-                    .into_inner()
-                    .results)
+            .call("BatchWrap", Retry::Safe, |mut daemon| {
+                let request = request.clone();
+                async move { Ok(daemon.batch_wrap(request).await?.into_inner().results) }
             })
             .await?;
         batch_results(results, items.len(), |r| match r.result? {
@@ -488,13 +642,9 @@ impl HsmClient {
                 .collect(),
         };
         let results = self
-            .timed("BatchUnwrap", async {
-                Ok(self
-                    .client()
-                    .batch_unwrap(request)
-                    .await?
-                    .into_inner()
-                    .results)
+            .call("BatchUnwrap", Retry::Safe, |mut daemon| {
+                let request = request.clone();
+                async move { Ok(daemon.batch_unwrap(request).await?.into_inner().results) }
             })
             .await?;
         batch_results(results, items.len(), |r| match r.result? {
@@ -511,13 +661,15 @@ impl HsmClient {
         let request = pb::DestroyRequest {
             key_handle: handle.to_owned(),
         };
-        self.timed("Destroy", async {
-            Ok(self
-                .client()
-                .destroy(request)
-                .await?
-                .into_inner()
-                .already_destroyed)
+        self.call("Destroy", Retry::Safe, |mut daemon| {
+            let request = request.clone();
+            async move {
+                Ok(daemon
+                    .destroy(request)
+                    .await?
+                    .into_inner()
+                    .already_destroyed)
+            }
         })
         .await
     }
@@ -567,6 +719,54 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, random_handle());
+    }
+
+    #[test]
+    fn calls_take_turns_over_the_daemons_in_service_and_fall_back_on_the_others() {
+        let daemons = Daemons::new(vec!["a".into(), "b".into(), "c".into()]);
+        let order = || daemons.order().collect::<Vec<_>>();
+        assert_eq!(order(), [0, 1, 2]);
+        assert_eq!(order(), [1, 2, 0]);
+        assert_eq!(order(), [2, 0, 1]);
+        daemons.failed(1, "Wrap", &tonic::Status::unavailable("down"));
+        assert_eq!(order(), [0, 2, 1]);
+        assert_eq!(order(), [2, 0, 1]);
+        assert_eq!(order(), [2, 0, 1]);
+        daemons.failed(0, "Wrap", &tonic::Status::unavailable("down"));
+        daemons.failed(2, "Wrap", &tonic::Status::unavailable("down"));
+        // None in service: all are tried, still in turn.
+        assert_eq!(order(), [0, 1, 2]);
+        daemons.back(1);
+        assert_eq!(order(), [1, 2, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_out_of_reach_is_told_from_a_refusal() {
+        // Nothing listens on port 1: the connection is refused.
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let Err(refused) = HsmClient::service(channel)
+            .destroy(pb::DestroyRequest::default())
+            .await
+        else {
+            panic!("nothing listens on port 1, yet Destroy succeeded");
+        };
+        assert!(unreachable(&refused), "{refused:?}");
+        assert!(unreachable(&tonic::Status::unavailable(
+            "token out of reach"
+        )));
+        for code in [
+            tonic::Code::NotFound,
+            tonic::Code::InvalidArgument,
+            tonic::Code::FailedPrecondition,
+            tonic::Code::AlreadyExists,
+            tonic::Code::Internal,
+            tonic::Code::Unknown,
+        ] {
+            assert!(
+                !unreachable(&tonic::Status::new(code, "refused")),
+                "{code:?}"
+            );
+        }
     }
 
     fn refusal(code: tonic::Code, state: Option<pb::ProviderKeyState>) -> HsmError {

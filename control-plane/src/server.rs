@@ -84,7 +84,7 @@ pub async fn serve(
     // reports UNAVAILABLE for key operations while the HSM daemon is down.
     // Follows its TLS files as the server's certificate does.
     let hsm_client = HsmClient::follow(
-        &hsm.endpoint,
+        &hsm.endpoints,
         &hsm.server_name,
         hsm.tls.clone(),
         cmk_tls::RELOAD_INTERVAL,
@@ -129,7 +129,7 @@ pub async fn serve(
     let poll = maintenance_interval.min(lease_ttl / 2);
     let rotations = tokio::spawn(rotate(service.clone(), poll));
 
-    info!(listener = "grpc", %addr, hsm = %hsm.endpoint, "listening");
+    info!(listener = "grpc", %addr, hsm = %hsm.endpoints.join(","), "listening");
     let timeouts = Timeouts {
         request: limits.request_timeout,
         handshake: limits.handshake_timeout,

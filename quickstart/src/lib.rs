@@ -301,7 +301,7 @@ fn control_plane_toml(layout: &Layout) -> String {
          tls_cert = {cert}\n\
          tls_key = {key}\n\
          tls_client_ca = {ca}\n\
-         hsm_endpoint = {hsm}\n\
+         hsm_endpoints = [{hsm}]\n\
          hsm_server_name = \"localhost\"\n\
          hsm_tls_cert = {hsm_cert}\n\
          hsm_tls_key = {hsm_key}\n\

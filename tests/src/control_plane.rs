@@ -126,7 +126,7 @@ impl Deployment {
             tls_cert: Some(pki.path("server.crt")),
             tls_key: Some(pki.path("server.key")),
             tls_client_ca: Some(pki.path("ca.crt")),
-            hsm_endpoint: Some(format!("https://{}", self.hsm.daemon.addr)),
+            hsm_endpoints: vec![format!("https://{}", self.hsm.daemon.addr)],
             hsm_server_name: Some("localhost".into()),
             hsm_tls_cert: Some(pki.path("control-plane.crt")),
             hsm_tls_key: Some(pki.path("control-plane.key")),

@@ -395,10 +395,93 @@ pub fn spawn_server(command: &mut Command) -> (Child, Listeners) {
     (child, listeners)
 }
 
+/// A fresh token of the Kryoptic soft token (the module `scripts/kryoptic.sh`
+/// builds, named by `CMK_TEST_KRYOPTIC_MODULE`), for daemons started with
+/// [`DaemonProcess::start_on_token`] and [`Token::env`]. Kryoptic does
+/// RSA-OAEP with SHA-256, so keys can be uploaded to it.
+pub struct Token {
+    pub module: PathBuf,
+    pub label: String,
+    pub pin_file: PathBuf,
+    /// The token store (`KRYOPTIC_CONF`).
+    pub store: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Token {
+    /// Initialises a token in a temporary directory; fails the test, with how
+    /// to build it, when the module is missing.
+    pub fn kryoptic() -> Self {
+        let module = std::env::var_os("CMK_TEST_KRYOPTIC_MODULE")
+            .map(PathBuf::from)
+            .filter(|m| m.is_file())
+            .expect(
+                "CMK_TEST_KRYOPTIC_MODULE names no file: build Kryoptic with \
+                 `bash scripts/kryoptic.sh` and set the variable to what it prints \
+                 (scripts/test.sh does both)",
+            );
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("token.sql");
+        let (label, pin) = ("cmk-e2e", "cmk-e2e-user-pin");
+        let init = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(&module)
+            .args([
+                "--init-token",
+                "--label",
+                label,
+                "--so-pin",
+                "cmk-e2e-so-pin",
+            ])
+            .args(["--init-pin", "--pin", pin])
+            .env("KRYOPTIC_CONF", &store)
+            .output()
+            .expect("pkcs11-tool is missing: apt-get install opensc");
+        assert!(init.status.success(), "pkcs11-tool --init-token: {init:?}");
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, pin).unwrap();
+        std::fs::set_permissions(
+            &pin_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        Self {
+            module,
+            label: label.into(),
+            pin_file,
+            store,
+            _dir: dir,
+        }
+    }
+
+    /// The environment a daemon on this token needs.
+    pub fn env(&self) -> [(&str, &str); 1] {
+        [("KRYOPTIC_CONF", self.store.to_str().unwrap())]
+    }
+}
+
+/// `GET /metrics` at `addr`: the status line and the body.
+pub fn scrape_metrics(addr: SocketAddr) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
 /// The `hsm-daemon` binary as a child process.
 pub struct DaemonProcess {
     pub child: Child,
+    /// Its gRPC listener.
     pub addr: SocketAddr,
+    /// Its Prometheus metrics listener.
+    pub metrics: SocketAddr,
 }
 
 impl DaemonProcess {
@@ -417,14 +500,45 @@ impl DaemonProcess {
         listen: SocketAddr,
         env: &[(&str, &str)],
     ) -> Self {
+        let mut command = Command::new(binary("hsm-daemon"));
+        command
+            .arg("--keystore-dir")
+            .arg(keystore)
+            .arg("--root-key-file")
+            .arg(pki.path("root.key"))
+            .env_remove("CMK_HSM_ROOT_KEY")
+            .envs(env.iter().copied());
+        Self::spawn(pki, listen, command).await
+    }
+
+    /// As [`DaemonProcess::start`], with `custody = "pkcs11"` on the token
+    /// `token`, and `env` as extra environment (the module's own variable,
+    /// such as `KRYOPTIC_CONF`, naming the token store).
+    pub async fn start_on_token(
+        pki: &Pki,
+        token: &Token,
+        listen: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new(binary("hsm-daemon"));
+        command
+            .args(["--custody", "pkcs11", "--pkcs11-module"])
+            .arg(&token.module)
+            .arg("--pkcs11-token-label")
+            .arg(&token.label)
+            .arg("--pkcs11-pin-file")
+            .arg(&token.pin_file)
+            .envs(env.iter().copied());
+        Self::spawn(pki, listen, command).await
+    }
+
+    /// Starts `command` (the daemon with its custody settings) with the test
+    /// PKI on `listen`.
+    async fn spawn(pki: &Pki, listen: SocketAddr, mut command: Command) -> Self {
         let (child, mut listeners) = spawn_server(
-            Command::new(binary("hsm-daemon"))
+            command
                 .arg("--listen")
                 .arg(listen.to_string())
-                .arg("--keystore-dir")
-                .arg(keystore)
-                .arg("--root-key-file")
-                .arg(pki.path("root.key"))
                 .arg("--allowed-client")
                 .arg(CONTROL_PLANE)
                 .arg("--tls-cert")
@@ -433,16 +547,27 @@ impl DaemonProcess {
                 .arg(pki.path("server.key"))
                 .arg("--tls-client-ca")
                 .arg(pki.path("ca.crt"))
-                .env_remove("CMK_HSM_ROOT_KEY")
-                .envs(env.iter().copied()),
+                .arg("--metrics-listen")
+                .arg(ANY_PORT.to_string()),
         );
-        let mut process = Self {
+        let addr = listeners.addr("grpc").await;
+        let metrics = listeners.addr("metrics").await;
+        wait_healthy(addr, &pki.client_files("control-plane")).await;
+        Self {
             child,
-            addr: listen,
-        };
-        process.addr = listeners.addr("grpc").await;
-        wait_healthy(process.addr, &pki.client_files("control-plane")).await;
-        process
+            addr,
+            metrics,
+        }
+    }
+
+    /// HsmService requests this daemon has answered, by its metrics.
+    pub fn hsm_requests_served(&self) -> u64 {
+        scrape_metrics(self.metrics)
+            .1
+            .lines()
+            .filter(|l| l.starts_with("cmk_grpc_requests_total{") && l.contains("HsmService/"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -470,14 +595,15 @@ pub fn control_plane_command(
     addr: SocketAddr,
 ) -> Command {
     let database = format!("sqlite://{}", data.join("cmk.db").display());
-    control_plane_command_on(program, pki, hsm, data, &database, addr)
+    control_plane_command_on(program, pki, &[hsm], data, &database, addr)
 }
 
-/// As [`control_plane_command`], on the store at the URL `database`.
+/// As [`control_plane_command`], on the store at the URL `database`, with
+/// the HSM daemons at `hsms` (one, or several on one token).
 pub fn control_plane_command_on(
     program: &Path,
     pki: &Pki,
-    hsm: SocketAddr,
+    hsms: &[SocketAddr],
     data: &Path,
     database: &str,
     addr: SocketAddr,
@@ -493,9 +619,11 @@ pub fn control_plane_command_on(
         .arg("--tls-key")
         .arg(pki.path("server.key"))
         .arg("--tls-client-ca")
-        .arg(pki.path("ca.crt"))
-        .arg("--hsm-endpoint")
-        .arg(format!("https://{hsm}"))
+        .arg(pki.path("ca.crt"));
+    for hsm in hsms {
+        command.arg("--hsm-endpoint").arg(format!("https://{hsm}"));
+    }
+    command
         .arg("--hsm-tls-cert")
         .arg(pki.path("control-plane.crt"))
         .arg("--hsm-tls-key")
@@ -540,9 +668,21 @@ impl ControlPlaneProcess {
         listen: SocketAddr,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_over(pki, &[hsm], data, database, listen, env).await
+    }
+
+    /// As [`ControlPlaneProcess::start_on`], with the HSM daemons at `hsms`.
+    pub async fn start_over(
+        pki: &Pki,
+        hsms: &[SocketAddr],
+        data: &Path,
+        database: &str,
+        listen: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
         let program = binary("control-plane");
         let (child, mut listeners) = spawn_server(
-            control_plane_command_on(&program, pki, hsm, data, database, listen)
+            control_plane_command_on(&program, pki, hsms, data, database, listen)
                 .envs(env.iter().copied()),
         );
         let mut process = Self {

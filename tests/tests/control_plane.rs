@@ -630,7 +630,7 @@ async fn an_import_repair_abandoned_is_refused_not_kept() {
     let through = relay_addr.clone();
     let mut d = Deployment::start_with(cmk_hsm_daemon::Limits::default(), move |raw| {
         if let Some(relay) = through.get() {
-            raw.hsm_endpoint = Some(format!("https://{relay}"));
+            raw.hsm_endpoints = vec![format!("https://{relay}")];
         }
     })
     .await;

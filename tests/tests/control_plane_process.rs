@@ -105,7 +105,7 @@ fn a_bad_configuration_is_refused_with_every_problem_named() {
         "hsm_tls_key: required",
         "policy_file: required",
         "listen: invalid socket address",
-        "hsm_endpoint: \"http://127.0.0.1:7443\" must be an https:// URL",
+        "hsm_endpoints: \"http://127.0.0.1:7443\" must be an https:// URL",
         "database: \"mysql://db\" is neither a sqlite:// nor a postgres:// URL",
     ] {
         assert!(stderr.contains(expected), "{expected:?} in {stderr}");

@@ -6,33 +6,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-};
-
 use cmk_proto::control::v1::{
     self as pb, content_key_service_client::ContentKeyServiceClient,
     key_admin_service_client::KeyAdminServiceClient,
 };
-use cmk_tests::{ANY_PORT, channel, walkthrough::Setup};
+use cmk_tests::{ANY_PORT, channel, scrape_metrics as scrape, walkthrough::Setup};
 use tonic::{Code, Request};
 
 const ORG: &str = "acme";
-
-/// `GET /metrics` at `addr`: the status line and the body.
-fn scrape(addr: SocketAddr) -> (String, String) {
-    let mut tcp = TcpStream::connect(addr).unwrap();
-    write!(
-        tcp,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
 
 /// The value of the series `series` (name and labels, exactly as exposed).
 fn value(metrics: &str, series: &str) -> f64 {

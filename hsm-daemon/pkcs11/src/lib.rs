@@ -24,8 +24,9 @@
 //! a session object, checked (length, check value, fingerprint), and only
 //! then copied to a token object under its handle with `C_CopyObject`, so a
 //! refused key leaves nothing on the token. The check that a handle is unused
-//! and the copy happen under one lock of this process; two daemons on one
-//! token do not yet coordinate theirs.
+//! and the copy happen under one lock of this process, and a copy that finds
+//! another daemon's under the same handle is withdrawn, so several daemons
+//! can serve one token (see `Inner::admit_new`).
 //!
 //! See [`pool`] for sessions, timeouts and reconnection, and `docs/pkcs11.md`
 //! for configuration and what each token can do.
@@ -50,7 +51,7 @@ use cmk_hsm_custody::{
 use cmk_secret::SecretBytes;
 use cryptoki::{error::RvError, object::ObjectHandle};
 use futures_util::{StreamExt, stream};
-use tracing::info;
+use tracing::{info, warn};
 
 pub use settings::{Pkcs11Settings, TokenSelector, pin_from_text, read_pin_file};
 
@@ -207,12 +208,35 @@ impl Inner {
     }
 
     /// Stores the checked session key `temp` under the new `handle`.
+    ///
+    /// The lock orders this process's admissions; another daemon on the
+    /// token may admit the same handle between the check and the copy (a
+    /// retried import sent to both), and the token has no atomic "create if
+    /// absent". So the copy is checked afterwards: a daemon that then sees
+    /// any key under the handle but its own withdraws its copy. Whichever
+    /// copies last sees the other's and withdraws, so at most one admission
+    /// succeeds, and two keys under one handle never serve.
     fn admit_new(&self, lease: &Lease, handle: &KeyHandle, temp: &TempKey<'_>) -> Result<(), Fail> {
+        let session = &lease.session;
         let _handles = self.lock_handles();
-        token::check_unused(&lease.session, handle)?;
-        let object = token::admit(&lease.session, temp, handle)?;
-        self.objects().insert(*handle, (lease.generation, object));
-        Ok(())
+        token::check_unused(session, handle)?;
+        let object = token::admit(session, temp, handle)?;
+        match token::state(session, handle)? {
+            HandleState::Live(objects) if objects == [object] => {
+                self.objects().insert(*handle, (lease.generation, object));
+                Ok(())
+            }
+            raced => {
+                session
+                    .destroy_object(object)
+                    .map_err(ck("C_DestroyObject"))?;
+                warn!(%handle, "another daemon on the token admitted the same handle at once; this copy withdrawn");
+                Err(token::in_use(
+                    handle,
+                    matches!(raced, HandleState::Destroyed { .. }),
+                ))
+            }
+        }
     }
 
     fn destroy(&self, lease: &Lease, handle: &KeyHandle) -> Result<Destroyed, Fail> {
@@ -224,9 +248,7 @@ impl Inner {
             HandleState::Destroyed { leftovers, .. } => {
                 // A destroy interrupted between tombstone and removal: finish it.
                 for object in leftovers {
-                    session
-                        .destroy_object(object)
-                        .map_err(ck("C_DestroyObject"))?;
+                    token::destroy_key(session, object)?;
                 }
                 Ok(Destroyed::Already)
             }
@@ -237,9 +259,7 @@ impl Inner {
                 let fingerprint = token::fingerprint(session, objects[0])?;
                 token::write_tombstone(session, handle, &fingerprint)?;
                 for object in objects {
-                    session
-                        .destroy_object(object)
-                        .map_err(ck("C_DestroyObject"))?;
+                    token::destroy_key(session, object)?;
                 }
                 Ok(Destroyed::Now)
             }
@@ -281,9 +301,7 @@ impl Inner {
                     return Err(CustodyError::NotTheDestroyedKey(*handle).into());
                 }
                 for object in leftovers {
-                    session
-                        .destroy_object(object)
-                        .map_err(ck("C_DestroyObject"))?;
+                    token::destroy_key(session, object)?;
                 }
                 // The key object first: a crash before the tombstone goes
                 // leaves the key destroyed and the recovery unacknowledged.

@@ -158,6 +158,16 @@ fn read_tombstone(
     }
 }
 
+/// Destroys the key object `object`. One that is gone already was destroyed
+/// by another daemon on the token at the same moment, which is what this
+/// call wanted.
+pub(crate) fn destroy_key(session: &Session, object: ObjectHandle) -> Result<(), Fail> {
+    match session.destroy_object(object) {
+        Err(Error::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => Ok(()),
+        other => other.map_err(token("C_DestroyObject")),
+    }
+}
+
 /// Stores the tombstone of `handle`, holding `fingerprint`.
 pub(crate) fn write_tombstone(
     session: &Session,
