@@ -1,7 +1,6 @@
 //! The daemon's one translation from errors to gRPC status codes: [`to_status`].
 
-use cmk_hsm_aws_kms::{AwsError, AwsKmsError, ProviderState};
-use cmk_hsm_custody::CustodyError;
+use cmk_hsm_custody::{CustodyError, ProviderError, ProviderErrorKind, ProviderState};
 use cmk_proto::{hsm::v1 as pb, status_details::provider_key_unusable};
 use tonic::{Code, Status};
 use tracing::error;
@@ -9,19 +8,17 @@ use tracing::error;
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The custody backend refused or failed.
+    /// A custody backend (the keystore, a PKCS#11 token, AWS KMS) refused or
+    /// failed.
     #[error(transparent)]
     Custody(#[from] CustodyError),
-    /// The AWS KMS backend refused or failed.
-    #[error(transparent)]
-    AwsKms(#[from] AwsKmsError),
     /// A request field is missing or out of bounds.
     #[error("{0}")]
     InvalidArgument(String),
     /// The caller is not on the allow-list.
     #[error("{0}")]
     NotAllowed(String),
-    /// The custody backend answered a batch with fewer results than items.
+    /// A custody backend answered a batch with fewer results than items.
     #[error("the backend returned too few batch results")]
     BatchResults,
 }
@@ -39,7 +36,6 @@ pub fn to_status(err: ServiceError) -> Status {
         ServiceError::InvalidArgument(message) => Status::invalid_argument(message),
         ServiceError::NotAllowed(message) => Status::permission_denied(message),
         ServiceError::Custody(custody) => custody_status(custody),
-        ServiceError::AwsKms(aws) => aws_kms_status(aws),
         err @ ServiceError::BatchResults => internal(&err),
     }
 }
@@ -57,8 +53,9 @@ fn custody_status(err: CustodyError) -> Status {
         CustodyError::Unavailable(_) => Code::Unavailable,
         CustodyError::Unsupported(_) => Code::Unimplemented,
         CustodyError::DeviceCannot(_) => Code::FailedPrecondition,
-        // The daemon sends every reference to its own backend, so reaching
-        // custody with one is a bug of the daemon's, not the caller's.
+        CustodyError::Provider(provider) => return provider_status(provider),
+        // The daemon sends every handle to the backend that holds it, so
+        // reaching another with one is a bug of the daemon's, not the caller's.
         CustodyError::ExternalKey(_)
         | CustodyError::Storage { .. }
         | CustodyError::Corrupt { .. }
@@ -68,34 +65,28 @@ fn custody_status(err: CustodyError) -> Status {
     Status::new(code, err.to_string())
 }
 
-fn aws_kms_status(err: AwsKmsError) -> Status {
-    let code = match err {
-        AwsKmsError::Keystore(custody) => return custody_status(custody),
-        AwsKmsError::Arn(_) | AwsKmsError::Ciphertext(_) => Code::InvalidArgument,
-        AwsKmsError::ProviderKeyState { state, .. } => {
+/// The status of a key provider's (AWS KMS's) refusal or failure, in its own
+/// words: they are no secret.
+fn provider_status(err: &ProviderError) -> Status {
+    let code = match err.kind() {
+        ProviderErrorKind::Unavailable => Code::Unavailable,
+        ProviderErrorKind::Authentication | ProviderErrorKind::InvalidInput => {
+            Code::InvalidArgument
+        }
+        ProviderErrorKind::Refused => Code::FailedPrecondition,
+        ProviderErrorKind::KeyState(state) => {
             let code = Code::FailedPrecondition;
             let message = err.to_string();
             let details = provider_key_unusable(code, &message, wire_state(state));
             return Status::with_details(code, message, details);
         }
-        AwsKmsError::UnreadableReference(_) => return internal(&err),
-        AwsKmsError::Aws(ref aws) => match aws {
-            AwsError::Unavailable { .. } | AwsError::Failover { .. } => Code::Unavailable,
-            AwsError::InvalidCiphertext { .. }
-            | AwsError::PlaintextSize(_)
-            | AwsError::Context(_) => Code::InvalidArgument,
-            AwsError::AccessDenied { .. }
-            | AwsError::KeyDisabled { .. }
-            | AwsError::NotFound { .. }
-            | AwsError::Unsuitable { .. }
-            | AwsError::Credentials { .. } => Code::FailedPrecondition,
-            // AWS's own words are no secret: the caller gets them, and the
-            // operator the whole chain.
-            AwsError::Other { .. } => {
-                error!(error = %chain(&err), "AWS KMS call failed");
-                Code::Internal
-            }
-        },
+        // The caller gets the provider's words, and the operator the whole
+        // chain.
+        ProviderErrorKind::Other => {
+            error!(error = %chain(err), "key provider call failed");
+            Code::Internal
+        }
+        ProviderErrorKind::Internal => return internal(err),
     };
     Status::new(code, err.to_string())
 }
@@ -121,17 +112,32 @@ pub use cmk_runtime::error_chain as chain;
 
 #[cfg(test)]
 mod tests {
-    use cmk_hsm_aws_kms::KeyArn;
+    use cmk_hsm_aws_kms::{
+        AwsDetail, AwsError, AwsKmsError, ContextError, KeyArn, WrappedByAws, WrappedError,
+    };
+    use cmk_hsm_custody::KeyHandle;
     use cmk_proto::status_details::provider_key_state;
 
     use super::*;
 
+    fn arn() -> KeyArn {
+        KeyArn::parse("arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab")
+            .expect("valid")
+    }
+
+    fn detail() -> AwsDetail {
+        AwsDetail {
+            code: "SomeException".into(),
+            message: "AWS's words".into(),
+        }
+    }
+
+    fn wrapped_error() -> WrappedError {
+        WrappedByAws::from_bytes(&[]).expect_err("empty")
+    }
+
     #[test]
     fn a_provider_refusal_carries_its_state_in_the_status_details() {
-        let key = KeyArn::parse(
-            "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-        )
-        .expect("valid");
         for (state, wire) in [
             (ProviderState::Disabled, pb::ProviderKeyState::Disabled),
             (
@@ -149,20 +155,146 @@ mod tests {
             (ProviderState::NotFound, pb::ProviderKeyState::NotFound),
         ] {
             let status = to_status(
-                AwsKmsError::ProviderKeyState {
-                    key: key.clone(),
-                    state,
-                }
-                .into(),
+                CustodyError::from(AwsKmsError::ProviderKeyState { key: arn(), state }).into(),
             );
             assert_eq!(status.code(), Code::FailedPrecondition);
             assert!(status.message().contains(&state.to_string()), "{status:?}");
             assert_eq!(provider_key_state(&status), Some(wire));
         }
-        let other = to_status(
-            CustodyError::Unrecoverable(cmk_hsm_custody::KeyHandle::from_bytes([0; 16])).into(),
-        );
+        let other = to_status(CustodyError::Unrecoverable(KeyHandle::from_bytes([0; 16])).into());
         assert_eq!(other.code(), Code::FailedPrecondition);
         assert_eq!(provider_key_state(&other), None);
+    }
+
+    /// Every error of the AWS KMS backend reaches the caller, through
+    /// custody's generic form, with the code it had when the daemon mapped
+    /// the backend's own error, and in the backend's own words (or the
+    /// generic internal message).
+    #[test]
+    fn aws_errors_keep_their_codes_and_words() {
+        let internal = "internal error in the HSM daemon; see its log";
+        let unavailable = || AwsError::Unavailable {
+            key: arn(),
+            detail: detail(),
+            source: None,
+        };
+        let cases: Vec<(AwsKmsError, Code, bool)> = vec![
+            (
+                CustodyError::UnknownKey(KeyHandle::from_bytes([1; 16])).into(),
+                Code::NotFound,
+                true,
+            ),
+            (
+                KeyArn::parse("alias/x").expect_err("an alias").into(),
+                Code::InvalidArgument,
+                true,
+            ),
+            (wrapped_error().into(), Code::InvalidArgument, true),
+            (
+                AwsKmsError::UnreadableReference(KeyHandle::from_bytes([2; 16])),
+                Code::Internal,
+                false,
+            ),
+            (unavailable().into(), Code::Unavailable, true),
+            (
+                AwsError::Failover {
+                    primary: Box::new(unavailable()),
+                    backup: Box::new(unavailable()),
+                }
+                .into(),
+                Code::Unavailable,
+                true,
+            ),
+            (
+                AwsError::InvalidCiphertext {
+                    key: arn(),
+                    detail: detail(),
+                }
+                .into(),
+                Code::InvalidArgument,
+                true,
+            ),
+            (
+                AwsError::PlaintextSize(5000).into(),
+                Code::InvalidArgument,
+                true,
+            ),
+            (
+                AwsError::Context(ContextError::EmptyKey).into(),
+                Code::InvalidArgument,
+                true,
+            ),
+            (
+                AwsError::AccessDenied {
+                    key: arn(),
+                    detail: detail(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+                true,
+            ),
+            (
+                AwsError::KeyDisabled {
+                    key: arn(),
+                    detail: detail(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+                true,
+            ),
+            (
+                AwsError::NotFound {
+                    key: arn(),
+                    detail: detail(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+                true,
+            ),
+            (
+                AwsError::Unsuitable {
+                    key: arn(),
+                    reason: "not symmetric".into(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+                true,
+            ),
+            (
+                AwsError::Credentials {
+                    key: arn(),
+                    detail: detail(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+                true,
+            ),
+            (
+                AwsError::Other {
+                    operation: "Decrypt",
+                    key: arn(),
+                    detail: detail(),
+                    source: None,
+                }
+                .into(),
+                Code::Internal,
+                true,
+            ),
+            (
+                AwsKmsError::ProviderKeyState {
+                    key: arn(),
+                    state: ProviderState::Disabled,
+                },
+                Code::FailedPrecondition,
+                true,
+            ),
+        ];
+        for (err, code, own_words) in cases {
+            let words = err.to_string();
+            let status = to_status(CustodyError::from(err).into());
+            assert_eq!(status.code(), code, "{words}");
+            let message = if own_words { words.as_str() } else { internal };
+            assert_eq!(status.message(), message);
+        }
     }
 }

@@ -1,40 +1,40 @@
 //! The daemon's keys: its custody backend and, beside it, the AWS KMS backend,
 //! composed behind one set of operations on typed requests.
 //!
-//! This is where the decisions between the two live. A handle that names a
-//! reference to a key in AWS KMS (the keystore says so) goes to the AWS
-//! backend, every other handle to custody; a ciphertext goes by its envelope
-//! version, and a version that does not match the kind of key its handle
-//! names is refused as altered. A PKCS#11 token keeps no references, so with
-//! it there is no AWS backend and adding an AWS key is unsupported.
+//! Both are [`Custody`] backends, and this is where the decision between them
+//! lives: a handle that names a reference to a key in AWS KMS (the AWS backend
+//! [holds](AwsKeys::holds) it) goes to the AWS backend, every other handle to
+//! custody; a ciphertext goes by its envelope version. Each backend refuses a
+//! ciphertext whose version does not match the kind of key its handle names
+//! as altered. Only taking a key in differs by backend: custody takes CMKs
+//! ([`MaterialCustody`]), the AWS backend key references. A PKCS#11 token
+//! keeps no references, so with it there is no AWS backend and adding an AWS
+//! key is unsupported.
 
 use std::sync::Arc;
 
-use cmk_hsm_aws_kms::{AwsKeyRef, AwsKeys};
+use cmk_hsm_aws_kms::AwsKeys;
 use cmk_hsm_custody::{
-    Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, KeyHandle, KeyInfo, UnwrapItem,
-    Unwrapped, WrapItem,
+    Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, KeyHandle, KeyInfo,
+    MaterialCustody, UnwrapItem, Unwrapped, WrapItem,
     envelope::{self, Sealed},
 };
-use futures_util::{StreamExt, future, stream};
+use futures_util::future;
 
 use crate::{
     error::ServiceError,
     request::{Admission, Import, Source},
 };
 
-/// AWS KMS items of a batch in flight at once: each is a network round trip.
-const AWS_BATCH_CONCURRENCY: usize = 16;
-
 /// Custody, and the AWS KMS backend when custody keeps references.
 pub struct Keys {
-    custody: Arc<dyn Custody>,
+    custody: Arc<dyn MaterialCustody>,
     aws: Option<AwsKeys>,
 }
 
 impl Keys {
     /// Keys held by `custody`, and by AWS KMS through `aws` when given.
-    pub fn new(custody: Arc<dyn Custody>, aws: Option<AwsKeys>) -> Self {
+    pub fn new(custody: Arc<dyn MaterialCustody>, aws: Option<AwsKeys>) -> Self {
         Self { custody, aws }
     }
 
@@ -82,7 +82,9 @@ impl Keys {
                 "a generated key cannot be recovered: its material never left custody".into(),
             )),
             (Source::AwsKms(key), admission) => {
-                let aws = self.aws()?;
+                let aws = self.aws.as_ref().ok_or(CustodyError::Unsupported(
+                    "this custody backend does not hold references to AWS KMS keys",
+                ))?;
                 Ok(match admission {
                     Admission::New => aws.add(&handle, key).await?,
                     Admission::Recover => aws.recover(&handle, key).await?,
@@ -98,13 +100,8 @@ impl Keys {
             plaintext,
             associated_data,
         } = item;
-        match self.aws_key(handle).await? {
-            Some((aws, key)) => Ok(aws.wrap(handle, &key, plaintext, associated_data).await?),
-            None => Ok(self
-                .custody
-                .wrap(handle, plaintext, associated_data)
-                .await?),
-        }
+        let backend = self.backend(self.holder(handle).await);
+        Ok(backend.wrap(handle, plaintext, associated_data).await?)
     }
 
     /// Unwraps one item with the key its ciphertext names.
@@ -113,24 +110,12 @@ impl Keys {
             ciphertext,
             associated_data,
         } = item;
-        match (&self.aws, envelope::read(ciphertext)) {
-            (Some(aws), Ok(Sealed::Aws { handle, body })) => match aws.key(&handle).await? {
-                Some(key) => Ok(Unwrapped {
-                    plaintext: aws.unwrap(&handle, &key, body, associated_data).await?,
-                    handle,
-                }),
-                // A version 2 ciphertext naming a key custody holds: altered.
-                None => Err(CustodyError::Authentication.into()),
-            },
-            // Custody reads the envelope itself, and refuses a version 1
-            // ciphertext that names a reference as altered.
-            _ => Ok(self.custody.unwrap(ciphertext, associated_data).await?),
-        }
+        let backend = self.backend(self.opener(ciphertext));
+        Ok(backend.unwrap(ciphertext, associated_data).await?)
     }
 
     /// Wraps many items; each succeeds or fails on its own, results in order.
-    /// Items under keys custody holds go to it in one batch, the others to
-    /// AWS KMS alongside.
+    /// Each backend gets its items in one batch, both at once.
     pub async fn wrap_batch(
         &self,
         items: Vec<Result<WrapItem, ServiceError>>,
@@ -138,152 +123,131 @@ impl Keys {
         let mut routed = Vec::with_capacity(items.len());
         for item in items {
             routed.push(match item {
-                Err(err) => Route::Failed(err),
-                Ok(item) => match self.aws_key(&item.handle).await {
-                    Err(err) => Route::Failed(err),
-                    Ok(Some((_, key))) => Route::Aws(item, key),
-                    Ok(None) => Route::Custody(item),
-                },
+                Err(err) => Err(err),
+                Ok(item) => Ok((self.holder(&item.handle).await, item)),
             });
         }
-        self.run_batch(
-            routed,
-            |items| self.custody.wrap_batch(items),
-            |(item, key)| async move {
-                match &self.aws {
-                    Some(aws) => Ok(aws
-                        .wrap(&item.handle, &key, &item.plaintext, &item.associated_data)
-                        .await?),
-                    None => Err(self.aws_unsupported()),
-                }
-            },
-        )
-        .await
+        self.run_batch(routed, |backend, items| backend.wrap_batch(items))
+            .await
     }
 
-    /// Unwraps many items, routed as [`Keys::wrap_batch`] routes them.
+    /// Unwraps many items, each sent to the backend its envelope version
+    /// names.
     pub async fn unwrap_batch(
         &self,
         items: Vec<Result<UnwrapItem, ServiceError>>,
     ) -> Result<Vec<Result<Unwrapped, ServiceError>>, ServiceError> {
         let routed = items
             .into_iter()
-            .map(|item| match item {
-                Err(err) => Route::Failed(err),
-                Ok(item) => match (&self.aws, envelope::read(&item.ciphertext)) {
-                    (Some(_), Ok(Sealed::Aws { .. })) => Route::Aws(item, ()),
-                    _ => Route::Custody(item),
-                },
-            })
+            .map(|item| item.map(|item| (self.opener(&item.ciphertext), item)))
             .collect();
-        self.run_batch(
-            routed,
-            |items| self.custody.unwrap_batch(items),
-            |(item, ())| async move { self.unwrap(&item).await },
-        )
-        .await
+        self.run_batch(routed, |backend, items| backend.unwrap_batch(items))
+            .await
     }
 
-    /// Destroys the key or forgets the reference `handle` names (the
-    /// keystore holds both).
+    /// Destroys the key or forgets the reference `handle` names.
     pub async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, ServiceError> {
-        Ok(self.custody.destroy(handle).await?)
+        let backend = self.backend(self.holder(handle).await);
+        Ok(backend.destroy(handle).await?)
     }
 
-    fn aws(&self) -> Result<&AwsKeys, ServiceError> {
-        self.aws.as_ref().ok_or_else(|| self.aws_unsupported())
+    /// Which backend holds the key `handle` names. Custody answers for every
+    /// handle the AWS backend does not hold: its own keys, and unknown and
+    /// destroyed handles (the keystore keeps both kinds in one namespace).
+    async fn holder(&self, handle: &KeyHandle) -> Holder {
+        match &self.aws {
+            Some(aws) if aws.holds(handle).await => Holder::Aws,
+            _ => Holder::Custody,
+        }
     }
 
-    fn aws_unsupported(&self) -> ServiceError {
-        CustodyError::Unsupported("this custody backend does not hold references to AWS KMS keys")
-            .into()
+    /// Which backend makes ciphertexts of the envelope version `ciphertext`
+    /// has; custody reads (and refuses) everything else itself.
+    fn opener(&self, ciphertext: &[u8]) -> Holder {
+        match (&self.aws, envelope::read(ciphertext)) {
+            (Some(_), Ok(Sealed::Aws { .. })) => Holder::Aws,
+            _ => Holder::Custody,
+        }
     }
 
-    /// The AWS backend and the key `handle` refers to, when it names one.
-    async fn aws_key(
-        &self,
-        handle: &KeyHandle,
-    ) -> Result<Option<(&AwsKeys, AwsKeyRef)>, ServiceError> {
-        let Some(aws) = &self.aws else {
-            return Ok(None);
-        };
-        Ok(aws.key(handle).await?.map(|key| (aws, key)))
+    fn backend(&self, holder: Holder) -> &dyn Custody {
+        match (holder, &self.aws) {
+            (Holder::Aws, Some(aws)) => aws,
+            // Routing names AWS only when there is an AWS backend.
+            _ => self.custody.as_ref(),
+        }
     }
 
-    /// Runs one routed batch: custody's items in one call, AWS KMS's
-    /// concurrently beside it, and the results merged back in order. Fails
-    /// as a whole only when custody answers with the wrong number of results.
-    async fn run_batch<Item, Extra, Out, CustodyFut, AwsFut>(
-        &self,
-        routed: Vec<Route<Item, Extra>>,
-        custody: impl FnOnce(Vec<Item>) -> CustodyFut,
-        aws: impl Fn((Item, Extra)) -> AwsFut,
+    /// Runs one routed batch: each backend's items in one `call`, both at
+    /// once, and the results merged back in order. Fails as a whole only when
+    /// a backend answers with too few results.
+    async fn run_batch<'a, Item, Out, Fut>(
+        &'a self,
+        routed: Vec<Result<(Holder, Item), ServiceError>>,
+        call: impl Fn(&'a dyn Custody, Vec<Item>) -> Fut,
     ) -> Result<Vec<Result<Out, ServiceError>>, ServiceError>
     where
-        CustodyFut: Future<Output = Vec<Result<Out, CustodyError>>>,
-        AwsFut: Future<Output = Result<Out, ServiceError>>,
+        Fut: Future<Output = Vec<Result<Out, CustodyError>>>,
     {
         let mut slots = Vec::with_capacity(routed.len());
         let (mut to_custody, mut to_aws) = (Vec::new(), Vec::new());
         for route in routed {
             slots.push(match route {
-                Route::Failed(err) => Slot::Done(Err(err)),
-                Route::Custody(item) => {
-                    to_custody.push(item);
-                    Slot::Custody
-                }
-                Route::Aws(item, extra) => {
-                    to_aws.push((item, extra));
-                    Slot::Aws
+                Err(err) => Slot::Done(Err(err)),
+                Ok((holder, item)) => {
+                    match holder {
+                        Holder::Custody => to_custody.push(item),
+                        Holder::Aws => to_aws.push(item),
+                    }
+                    Slot::From(holder)
                 }
             });
         }
-        let expected = to_custody.len();
-        let aws_results = stream::iter(to_aws)
-            .map(aws)
-            .buffered(AWS_BATCH_CONCURRENCY)
-            .collect::<Vec<_>>();
-        let custody_results = async {
-            if to_custody.is_empty() {
-                Vec::new()
-            } else {
-                custody(to_custody).await
+        let run = |holder: Holder, items: Vec<Item>| {
+            let expected = items.len();
+            let results = (!items.is_empty()).then(|| call(self.backend(holder), items));
+            async move {
+                let results = match results {
+                    Some(results) => results.await,
+                    None => Vec::new(),
+                };
+                if results.len() < expected {
+                    return Err(ServiceError::BatchResults);
+                }
+                Ok(results.into_iter())
             }
         };
-        let (custody_results, aws_results) = future::join(custody_results, aws_results).await;
-        if custody_results.len() < expected {
-            return Err(ServiceError::BatchResults);
-        }
-        let mut from_custody = custody_results.into_iter();
-        let mut from_aws = aws_results.into_iter();
+        let (from_custody, from_aws) =
+            future::join(run(Holder::Custody, to_custody), run(Holder::Aws, to_aws)).await;
+        let (mut from_custody, mut from_aws) = (from_custody?, from_aws?);
         slots
             .into_iter()
-            .map(|slot| match slot {
-                Slot::Done(result) => Ok(result),
-                Slot::Custody => from_custody
-                    .next()
-                    .map(|result| result.map_err(ServiceError::from))
-                    .ok_or(ServiceError::BatchResults),
-                // `buffered` yields one result per item it was given.
-                Slot::Aws => from_aws.next().ok_or(ServiceError::BatchResults),
+            .map(|slot| {
+                let next = match slot {
+                    Slot::Done(result) => return Ok(result),
+                    Slot::From(Holder::Custody) => from_custody.next(),
+                    Slot::From(Holder::Aws) => from_aws.next(),
+                };
+                next.map(|result| result.map_err(ServiceError::from))
+                    .ok_or(ServiceError::BatchResults)
             })
             .collect()
     }
 }
 
-/// Where one batch item goes.
-enum Route<Item, Extra> {
-    /// It failed validation or routing.
-    Failed(ServiceError),
-    /// To custody, in one batch call.
-    Custody(Item),
-    /// To AWS KMS, with what routing learnt.
-    Aws(Item, Extra),
+/// One of the daemon's two backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holder {
+    /// The custody backend: the software keystore or a PKCS#11 token.
+    Custody,
+    /// The AWS KMS backend.
+    Aws,
 }
 
 /// Where one batch item's result comes from.
 enum Slot<Out> {
+    /// It failed validation.
     Done(Result<Out, ServiceError>),
-    Custody,
-    Aws,
+    /// That backend's batch.
+    From(Holder),
 }

@@ -139,7 +139,8 @@ fn aws_key_ref(key: pb::AwsKmsKey) -> Result<AwsKeyRef, ServiceError> {
         .then(|| RoleArn::parse(&role_arn))
         .transpose()
         .map_err(|e| invalid("role_arn", e))?;
-    Ok(AwsKeyRef::new(primary, backup, role).map_err(cmk_hsm_aws_kms::AwsKmsError::from)?)
+    AwsKeyRef::new(primary, backup, role)
+        .map_err(|err| ServiceError::InvalidArgument(err.to_string()))
 }
 
 impl TryFrom<Bounded<'_, pb::WrapRequest>> for WrapItem {

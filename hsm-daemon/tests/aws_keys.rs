@@ -12,8 +12,8 @@ use cmk_hsm_aws_kms::{
     AwsError, AwsKeyRef, AwsKeys, AwsKmsError, KeyArn, ProviderState, check_value,
 };
 use cmk_hsm_custody::{
-    CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyInfo, KeyOrigin, RootKey,
-    SoftwareCustody, UnwrapItem, Unwrapped, WrapItem, envelope,
+    CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyInfo, KeyOrigin, ProviderErrorKind,
+    RootKey, SoftwareCustody, UnwrapItem, Unwrapped, WrapItem, envelope,
 };
 use cmk_hsm_daemon::{Admission, Import, ServiceError, Source, keys::Keys};
 use cmk_secret::SecretBytes;
@@ -116,7 +116,19 @@ impl Calls for Keys {
 /// The keystore's refusal, whichever backend passed it on.
 fn keystore(err: &ServiceError) -> Option<&CustodyError> {
     match err {
-        ServiceError::Custody(err) | ServiceError::AwsKms(AwsKmsError::Keystore(err)) => Some(err),
+        ServiceError::Custody(CustodyError::Provider(_)) => None,
+        ServiceError::Custody(err) => Some(err),
+        _ => None,
+    }
+}
+
+/// The AWS KMS backend's own error inside a provider's refusal, and what
+/// custody says it means.
+fn aws(err: &ServiceError) -> Option<(&AwsKmsError, ProviderErrorKind)> {
+    match err {
+        ServiceError::Custody(CustodyError::Provider(provider)) => provider
+            .downcast_ref::<AwsKmsError>()
+            .map(|aws| (aws, provider.kind())),
         _ => None,
     }
 }
@@ -158,8 +170,11 @@ async fn a_reference_wraps_unwraps_and_survives_a_restart_until_forgotten() {
     let err = custody.unwrap_one(&ct, b"org-a/kek-2").await.unwrap_err();
     assert!(
         matches!(
-            err,
-            ServiceError::AwsKms(AwsKmsError::Aws(AwsError::InvalidCiphertext { .. }))
+            aws(&err),
+            Some((
+                AwsKmsError::Aws(AwsError::InvalidCiphertext { .. }),
+                ProviderErrorKind::Authentication
+            ))
         ),
         "{err:?}"
     );
@@ -226,8 +241,11 @@ async fn a_key_that_cannot_be_used_is_not_stored() {
         .unwrap_err();
     assert!(
         matches!(
-            err,
-            ServiceError::AwsKms(AwsKmsError::Aws(AwsError::NotFound { .. }))
+            aws(&err),
+            Some((
+                AwsKmsError::Aws(AwsError::NotFound { .. }),
+                ProviderErrorKind::Refused
+            ))
         ),
         "{err:?}"
     );
@@ -270,11 +288,12 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
         custody.wrap_one(&handle, &kek(), b"aad").await.unwrap_err(),
         custody.unwrap_one(&ct, b"aad").await.unwrap_err(),
     ] {
-        let ServiceError::AwsKms(AwsKmsError::ProviderKeyState { key, state }) = &err else {
+        let Some((AwsKmsError::ProviderKeyState { key, state }, kind)) = aws(&err) else {
             panic!("expected ProviderKeyState, got {err:?}");
         };
         assert_eq!(key, &arn);
         assert_eq!(*state, ProviderState::Disabled);
+        assert_eq!(kind, ProviderErrorKind::KeyState(ProviderState::Disabled));
         assert!(err.to_string().contains("disabled in AWS KMS"), "{err}");
     }
 
@@ -305,11 +324,14 @@ async fn a_key_its_owner_disables_is_refused_naming_the_state_until_enabled() {
     let err = custody.unwrap_one(&ct, b"aad").await.unwrap_err();
     assert!(
         matches!(
-            err,
-            ServiceError::AwsKms(AwsKmsError::ProviderKeyState {
-                state: ProviderState::PendingDeletion,
-                ..
-            })
+            aws(&err),
+            Some((
+                AwsKmsError::ProviderKeyState {
+                    state: ProviderState::PendingDeletion,
+                    ..
+                },
+                ProviderErrorKind::KeyState(ProviderState::PendingDeletion)
+            ))
         ),
         "{err:?}"
     );

@@ -42,7 +42,8 @@ use std::{
 
 use cmk_control_plane::hsm::{Admission, random_handle};
 use cmk_hsm_custody::{
-    Custody, CustodyError, ImportKeyBits, KeyHandle, RootKey, SoftwareCustody, WrapItem, contract,
+    Custody, CustodyError, ImportKeyBits, KeyHandle, MaterialCustody, RootKey, SoftwareCustody,
+    WrapItem, contract,
     envelope::{self, SealingKey},
 };
 use cmk_hsm_daemon::Limits;
@@ -406,7 +407,7 @@ fn row_name(step: &str, backend: &str) -> String {
 }
 
 /// Every step of [`STEPS`] on `custody`, rows named after `backend`.
-async fn measure_backend<C: Custody + Clone>(custody: C, backend: &str) -> Vec<Outcome> {
+async fn measure_backend<C: MaterialCustody + Clone>(custody: C, backend: &str) -> Vec<Outcome> {
     let name = |i: usize| row_name(STEPS[i], backend);
     let public = custody.import_public_key().clone();
     let wrapped: Vec<Vec<u8>> = (0..IMPORTS)

@@ -13,11 +13,11 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
-use cmk_hsm_custody::KeyHandle;
+use cmk_hsm_custody::{CustodyError, KeyHandle, ProviderError, ProviderErrorKind, ProviderState};
 
 use crate::arn::{ArnError, KeyArn, RoleArn};
 use crate::context::ContextError;
-use crate::keys::ProviderState;
+use crate::keys::remedy;
 use crate::wrapped::WrappedError;
 
 /// A boxed underlying error, kept for the log's error chain.
@@ -74,7 +74,7 @@ pub enum AwsKmsError {
     /// is enabled again.
     #[error(
         "AWS KMS key {key} is {state} in AWS KMS, so it cannot be used: {}",
-        state.remedy()
+        remedy(*state)
     )]
     ProviderKeyState {
         /// The primary key of the reference.
@@ -86,6 +86,39 @@ pub enum AwsKmsError {
     /// cannot read, although it authenticated under the root key.
     #[error("the keystore's reference {0} is not one this version of the daemon reads")]
     UnreadableReference(KeyHandle),
+}
+
+/// The one translation into custody's words: the keystore's own refusals as
+/// they are, everything of AWS's as a [`ProviderError`] that keeps this error
+/// and says what it means for the caller.
+impl From<AwsKmsError> for CustodyError {
+    fn from(err: AwsKmsError) -> Self {
+        let kind = match err {
+            AwsKmsError::Keystore(custody) => return custody,
+            AwsKmsError::Arn(_) => ProviderErrorKind::InvalidInput,
+            // A KMS part that does not even parse was altered, as is one KMS
+            // refuses.
+            AwsKmsError::Ciphertext(_) => ProviderErrorKind::Authentication,
+            AwsKmsError::ProviderKeyState { state, .. } => ProviderErrorKind::KeyState(state),
+            AwsKmsError::UnreadableReference(_) => ProviderErrorKind::Internal,
+            AwsKmsError::Aws(ref aws) => match aws {
+                AwsError::Unavailable { .. } | AwsError::Failover { .. } => {
+                    ProviderErrorKind::Unavailable
+                }
+                AwsError::InvalidCiphertext { .. } => ProviderErrorKind::Authentication,
+                AwsError::PlaintextSize(_) | AwsError::Context(_) => {
+                    ProviderErrorKind::InvalidInput
+                }
+                AwsError::AccessDenied { .. }
+                | AwsError::KeyDisabled { .. }
+                | AwsError::NotFound { .. }
+                | AwsError::Unsuitable { .. }
+                | AwsError::Credentials { .. } => ProviderErrorKind::Refused,
+                AwsError::Other { .. } => ProviderErrorKind::Other,
+            },
+        };
+        CustodyError::Provider(ProviderError::new(kind, err))
+    }
 }
 
 /// Why a call through [`crate::AwsKms`] failed.

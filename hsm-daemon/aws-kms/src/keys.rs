@@ -1,6 +1,7 @@
-//! AWS KMS keys in custody: a key reference is admitted after a round trip,
-//! secrets are wrapped under it in envelope version 2, and the owner's key state
-//! is watched through DescribeKey.
+//! AWS KMS keys in custody ([`AwsKeys`], a [`Custody`] backend): a key
+//! reference is admitted after a round trip, secrets are wrapped under it in
+//! envelope version 2, and the owner's key state is watched through
+//! DescribeKey.
 //!
 //! The references themselves are kept by the software keystore
 //! ([`ReferenceStore`]), sealed under its root key like every CMK record: a
@@ -12,8 +13,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cmk_hsm_custody::{KeyCheckValue, KeyHandle, KeyInfo, KeyReference, ReferenceStore, envelope};
+use async_trait::async_trait;
+use cmk_hsm_custody::{
+    Custody, CustodyError, Destroyed, KeyCheckValue, KeyHandle, KeyInfo, KeyReference,
+    ProviderState, ReferenceStore, UnwrapItem, Unwrapped, WrapItem,
+    envelope::{self, Sealed},
+};
 use cmk_secret::SecretBytes;
+use futures_util::{StreamExt, stream};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
@@ -34,77 +41,38 @@ const CHECK_VALUE_LABEL: &[u8] = b"cmk aws-kms key\0";
 /// How long a key's state in AWS KMS is trusted unless configured otherwise.
 pub const DEFAULT_STATE_TTL: Duration = Duration::from_secs(30);
 
+/// Items of a batch in flight at once: each is a network round trip.
+const BATCH_CONCURRENCY: usize = 16;
+
 /// The longest version 2 ciphertext: two KMS blobs of the largest size.
 pub const MAX_CIPHERTEXT_LEN: usize = envelope::HEADER_LEN + 2 + 2 * (2 + MAX_BLOB_LEN);
 
-/// Why a referenced key cannot be used, as DescribeKey reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProviderState {
-    /// Disabled by its owner.
-    Disabled,
-    /// Scheduled for deletion.
-    PendingDeletion,
-    /// Its imported key material is missing or expired.
-    PendingImport,
-    /// Its custom key store is disconnected.
-    Unavailable,
-    /// Deleted, or never in that account and region.
-    NotFound,
-}
-
-impl ProviderState {
-    /// The key's state when it is not usable; `None` when it is (or is in a
-    /// transient state KMS itself will judge).
-    pub fn of(state: &AwsKeyState) -> Option<Self> {
-        match state {
-            AwsKeyState::Enabled | AwsKeyState::Other(_) => None,
-            AwsKeyState::Disabled => Some(Self::Disabled),
-            AwsKeyState::PendingDeletion => Some(Self::PendingDeletion),
-            AwsKeyState::PendingImport => Some(Self::PendingImport),
-            AwsKeyState::Unavailable => Some(Self::Unavailable),
-        }
-    }
-
-    /// A stable lower-case token naming the state. The control plane is
-    /// told the state as `cmk.hsm.v1.ProviderKeyState` instead, which the
-    /// daemon's status mapping chooses.
-    pub fn token(self) -> &'static str {
-        match self {
-            Self::Disabled => "disabled",
-            Self::PendingDeletion => "pending-deletion",
-            Self::PendingImport => "pending-import",
-            Self::Unavailable => "unavailable",
-            Self::NotFound => "not-found",
-        }
-    }
-
-    /// What the key's owner can do about it.
-    pub fn remedy(self) -> &'static str {
-        match self {
-            Self::Disabled => "its owner disabled it; enable it in AWS KMS to use it again",
-            Self::PendingDeletion => {
-                "its owner scheduled its deletion; cancel the deletion and enable it in AWS KMS \
-                 before the waiting period ends, or everything it protects is lost"
-            }
-            Self::PendingImport => "its key material is missing or expired; import it again",
-            Self::Unavailable => "its custom key store is disconnected; reconnect it",
-            Self::NotFound => {
-                "it no longer exists in that account and region, or this service may no longer \
-                 see it"
-            }
-        }
+/// The key's state when it is not usable; `None` when it is (or is in a
+/// transient state KMS itself will judge).
+pub(crate) fn provider_state(state: &AwsKeyState) -> Option<ProviderState> {
+    match state {
+        AwsKeyState::Enabled | AwsKeyState::Other(_) => None,
+        AwsKeyState::Disabled => Some(ProviderState::Disabled),
+        AwsKeyState::PendingDeletion => Some(ProviderState::PendingDeletion),
+        AwsKeyState::PendingImport => Some(ProviderState::PendingImport),
+        AwsKeyState::Unavailable => Some(ProviderState::Unavailable),
     }
 }
 
-impl fmt::Display for ProviderState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Disabled => "disabled",
-            Self::PendingDeletion => "pending deletion",
-            Self::PendingImport => "pending import",
-            Self::Unavailable => "unavailable",
-            Self::NotFound => "not found",
-        })
+/// What the owner of a key in AWS KMS can do about its state.
+pub(crate) fn remedy(state: ProviderState) -> &'static str {
+    match state {
+        ProviderState::Disabled => "its owner disabled it; enable it in AWS KMS to use it again",
+        ProviderState::PendingDeletion => {
+            "its owner scheduled its deletion; cancel the deletion and enable it in AWS KMS \
+             before the waiting period ends, or everything it protects is lost"
+        }
+        ProviderState::PendingImport => "its key material is missing or expired; import it again",
+        ProviderState::Unavailable => "its custom key store is disconnected; reconnect it",
+        ProviderState::NotFound => {
+            "it no longer exists in that account and region, or this service may no longer \
+             see it"
+        }
     }
 }
 
@@ -237,21 +205,21 @@ impl AwsKeys {
     /// Takes a reference to `key` into the keystore under `handle`, once an
     /// Encrypt and Decrypt round trip has shown the key can be used; durable
     /// once this returns `Ok`. The handle is refused as a key's would be
-    /// ([`cmk_hsm_custody::Custody::import`]).
-    pub async fn add(&self, handle: &KeyHandle, key: AwsKeyRef) -> Result<KeyInfo, AwsKmsError> {
+    /// ([`cmk_hsm_custody::MaterialCustody::import`]).
+    pub async fn add(&self, handle: &KeyHandle, key: AwsKeyRef) -> Result<KeyInfo, CustodyError> {
         self.admit(&key).await?;
-        Ok(self.store.add_reference(handle, to_stored(&key)).await?)
+        self.store.add_reference(handle, to_stored(&key)).await
     }
 
     /// Brings the destroyed reference `handle` back, as
-    /// [`cmk_hsm_custody::Custody::recover`] does a key: its primary key ARN
-    /// must be the one given (backup and role may differ), and the key is
-    /// checked as [`AwsKeys::add`] checks it.
+    /// [`cmk_hsm_custody::MaterialCustody::recover`] does a key: its primary
+    /// key ARN must be the one given (backup and role may differ), and the key
+    /// is checked as [`AwsKeys::add`] checks it.
     pub async fn recover(
         &self,
         handle: &KeyHandle,
         key: AwsKeyRef,
-    ) -> Result<KeyInfo, AwsKmsError> {
+    ) -> Result<KeyInfo, CustodyError> {
         // Checked before AWS is asked anything, so that another key's ARN
         // costs no round trips; checked again when the reference is stored.
         self.store
@@ -266,9 +234,17 @@ impl AwsKeys {
         Ok(info)
     }
 
+    /// Whether `handle` names a live reference, so that this backend wraps
+    /// under it. `false` for anything else — a key the keystore holds
+    /// itself, an unknown or destroyed handle, a keystore that cannot be
+    /// read — which the keystore answers for.
+    pub async fn holds(&self, handle: &KeyHandle) -> bool {
+        matches!(self.store.reference(handle).await, Ok(Some(_)))
+    }
+
     /// The key `handle` refers to, or `None` when it names a key the
     /// keystore holds itself; unknown and destroyed handles are errors.
-    pub async fn key(&self, handle: &KeyHandle) -> Result<Option<AwsKeyRef>, AwsKmsError> {
+    async fn key(&self, handle: &KeyHandle) -> Result<Option<AwsKeyRef>, AwsKmsError> {
         match self.store.reference(handle).await? {
             Some(stored) => from_stored(&stored)
                 .map(Some)
@@ -284,37 +260,47 @@ impl AwsKeys {
         Ok(())
     }
 
-    /// Encrypts `plaintext` under `key`, the reference `handle`, into an
-    /// envelope version 2 ciphertext.
-    pub async fn wrap(
+    /// Encrypts `plaintext` under the reference `handle` into an envelope
+    /// version 2 ciphertext.
+    async fn wrap_one(
         &self,
         handle: &KeyHandle,
-        key: &AwsKeyRef,
         plaintext: &SecretBytes,
         associated_data: &[u8],
     ) -> Result<Vec<u8>, AwsKmsError> {
+        let Some(key) = self.key(handle).await? else {
+            return Err(CustodyError::ExternalKey(*handle).into());
+        };
         let context = encryption_context(handle, associated_data)?;
-        self.check_usable(key).await?;
+        self.check_usable(&key).await?;
         let wrapped = self
-            .answered(key, self.kms.encrypt(key, plaintext, &context).await)
+            .answered(&key, self.kms.encrypt(&key, plaintext, &context).await)
             .await?;
         Ok(envelope::wrap_aws(handle, &wrapped.to_bytes()))
     }
 
-    /// Decrypts the body of an envelope version 2 ciphertext made by
-    /// [`AwsKeys::wrap`] under `key`.
-    pub async fn unwrap(
+    /// Decrypts an envelope version 2 ciphertext made by
+    /// [`AwsKeys::wrap_one`].
+    async fn unwrap_one(
         &self,
-        handle: &KeyHandle,
-        key: &AwsKeyRef,
-        body: &[u8],
+        ciphertext: &[u8],
         associated_data: &[u8],
-    ) -> Result<SecretBytes, AwsKmsError> {
+    ) -> Result<Unwrapped, AwsKmsError> {
+        let sealed = envelope::read(ciphertext).map_err(CustodyError::from)?;
+        let handle = sealed.handle();
+        let (Sealed::Aws { body, .. }, Some(key)) = (sealed, self.key(&handle).await?) else {
+            // The version byte does not match the kind of key it names (a
+            // version 1 ciphertext, or one naming a key the keystore holds):
+            // the ciphertext was altered.
+            return Err(CustodyError::Authentication.into());
+        };
         let wrapped = WrappedByAws::from_bytes(body)?;
-        let context = encryption_context(handle, associated_data)?;
-        self.check_usable(key).await?;
-        self.answered(key, self.kms.decrypt(key, &wrapped, &context).await)
-            .await
+        let context = encryption_context(&handle, associated_data)?;
+        self.check_usable(&key).await?;
+        let plaintext = self
+            .answered(&key, self.kms.decrypt(&key, &wrapped, &context).await)
+            .await?;
+        Ok(Unwrapped { plaintext, handle })
     }
 
     /// Refuses a key whose owner disabled it or scheduled its deletion. Moto,
@@ -359,7 +345,7 @@ impl AwsKeys {
             return state;
         }
         let state = match self.kms.key_state(key, role).await {
-            Ok(state) => ProviderState::of(&state),
+            Ok(state) => provider_state(&state),
             Err(AwsError::NotFound { .. }) => Some(ProviderState::NotFound),
             Err(err) => {
                 // Remembered as usable for the TTL as well, so a dead region
@@ -387,6 +373,64 @@ impl AwsKeys {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
+    }
+}
+
+/// AWS KMS as a custody backend for the references the keystore keeps: a
+/// handle that names a key the keystore holds itself is
+/// [`CustodyError::ExternalKey`] here, and a failure of AWS is a
+/// [`CustodyError::Provider`] carrying the [`AwsKmsError`].
+#[async_trait]
+impl Custody for AwsKeys {
+    async fn wrap(
+        &self,
+        handle: &KeyHandle,
+        plaintext: &SecretBytes,
+        associated_data: &[u8],
+    ) -> Result<Vec<u8>, CustodyError> {
+        Ok(self.wrap_one(handle, plaintext, associated_data).await?)
+    }
+
+    async fn unwrap(
+        &self,
+        ciphertext: &[u8],
+        associated_data: &[u8],
+    ) -> Result<Unwrapped, CustodyError> {
+        Ok(self.unwrap_one(ciphertext, associated_data).await?)
+    }
+
+    /// Forgets the reference; the key in AWS is left as it is. Nothing is
+    /// asked of AWS.
+    async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
+        // A destroyed or unknown handle is the keystore's to answer for
+        // (already destroyed, never issued); a live key of its own is not
+        // this backend's to destroy.
+        if let Ok(None) = self.store.reference(handle).await {
+            return Err(CustodyError::ExternalKey(*handle));
+        }
+        self.store.destroy(handle).await
+    }
+
+    /// Items run concurrently: each is a network round trip.
+    async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
+        stream::iter(items)
+            .map(|item| async move {
+                Custody::wrap(self, &item.handle, &item.plaintext, &item.associated_data).await
+            })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    /// Items run concurrently: each is a network round trip.
+    async fn unwrap_batch(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, CustodyError>> {
+        stream::iter(items)
+            .map(|item| async move {
+                Custody::unwrap(self, &item.ciphertext, &item.associated_data).await
+            })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
     }
 }
 
@@ -482,17 +526,14 @@ mod tests {
 
     #[test]
     fn provider_states_have_stable_tokens() {
-        assert_eq!(ProviderState::of(&AwsKeyState::Enabled), None);
+        assert_eq!(provider_state(&AwsKeyState::Enabled), None);
+        assert_eq!(provider_state(&AwsKeyState::Other("Creating".into())), None);
         assert_eq!(
-            ProviderState::of(&AwsKeyState::Other("Creating".into())),
-            None
-        );
-        assert_eq!(
-            ProviderState::of(&AwsKeyState::PendingDeletion).map(ProviderState::token),
+            provider_state(&AwsKeyState::PendingDeletion).map(ProviderState::token),
             Some("pending-deletion")
         );
         assert_eq!(
-            ProviderState::of(&AwsKeyState::Disabled).map(ProviderState::token),
+            provider_state(&AwsKeyState::Disabled).map(ProviderState::token),
             Some("disabled")
         );
     }

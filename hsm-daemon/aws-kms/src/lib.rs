@@ -2,10 +2,21 @@
 //! referenced by key ARN, and secrets are wrapped by KMS Encrypt and unwrapped
 //! by KMS Decrypt under an encryption context that binds what they are for.
 //!
-//! [`AwsKeys`] is the backend: it admits a key reference, keeps it in a
-//! [`cmk_hsm_custody::ReferenceStore`] (the software keystore), and wraps and
-//! unwraps under it. The daemon puts it beside its custody backend and sends it
-//! every handle that names a reference and every version 2 ciphertext.
+//! [`AwsKeys`] is the backend, a [`cmk_hsm_custody::Custody`] of its own: it
+//! wraps, unwraps and destroys (forgets) through that trait like every other
+//! backend. A key enters by reference, not by its material, so it does not
+//! implement [`cmk_hsm_custody::MaterialCustody`]: its inherent
+//! [`AwsKeys::add`] and [`AwsKeys::recover`] admit a key reference after a
+//! round trip and keep it in a [`cmk_hsm_custody::ReferenceStore`] (the
+//! software keystore). The daemon puts it beside its custody backend and sends
+//! it every handle it [holds](AwsKeys::holds) and every version 2 ciphertext.
+//!
+//! Its errors leave it in custody's words: the keystore's refusals as they
+//! are, and everything of AWS's as a [`cmk_hsm_custody::CustodyError::Provider`]
+//! that carries the [`AwsKmsError`] (for the message and the chain) and a
+//! generic [`cmk_hsm_custody::ProviderErrorKind`] (for the status), the one
+//! translation being `From<AwsKmsError> for CustodyError`. What AWS said, and
+//! the state names' remedies, stay here.
 //!
 //! # Design
 //!
@@ -71,10 +82,11 @@ pub use client::{
     AwsCredentials, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, MAX_PLAINTEXT_LEN,
     ROLE_SESSION_NAME,
 };
+pub use cmk_hsm_custody::ProviderState;
 pub use context::{ContextError, EncryptionContext, MAX_CONTEXT_BYTES};
 pub use error::{AwsDetail, AwsError, AwsKmsError, BoxError};
 pub use keys::{
     AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, DEFAULT_STATE_TTL, MAX_CIPHERTEXT_LEN,
-    ProviderState, check_value, encryption_context,
+    check_value, encryption_context,
 };
 pub use wrapped::{MAX_BLOB_LEN, WrappedByAws, WrappedError};

@@ -1,14 +1,18 @@
 //! The behaviour every custody backend must show, written once and run
 //! against each implementation (software keystore, PKCS#11, AWS KMS).
 //!
-//! A check drives a [`Backend`] — wrap, unwrap, destroy and their batches,
+//! A check drives a [`Custody`] — wrap, unwrap, destroy and their batches,
 //! which mean the same for every backend once a key is in — and takes keys in
-//! through a [`KeySource`]: an upload or a generation for a [`Custody`], a key
-//! reference for AWS KMS. Checks of recovery need a [`Recoverable`] source,
-//! one whose caller holds what names the key (the CMK it uploaded, the ARN of
-//! a key in AWS KMS) and can present it again. [`all`] and [`without_import`]
-//! run the checks against a [`Custody`]; [`by_reference`] against a backend
-//! whose keys enter by reference.
+//! through a [`KeySource`]: an upload or a generation for a
+//! [`MaterialCustody`], a key reference for AWS KMS. Checks of recovery need a
+//! [`Recoverable`] source, one whose caller holds what names the key (the CMK
+//! it uploaded, the ARN of a key in AWS KMS) and can present it again. [`all`]
+//! and [`without_import`] run the checks against a [`MaterialCustody`];
+//! [`by_reference`] against a [`Custody`] whose keys enter by reference.
+//!
+//! A backend says its refusals in [`CustodyError`]'s words; a ciphertext that
+//! does not authenticate may also be refused in its provider's
+//! ([`CustodyError::is_authentication`]).
 //!
 //! Each check panics with a message naming what broke. Enabled by the `contract`
 //! feature, which only test builds turn on.
@@ -21,70 +25,8 @@ use rsa::{Oaep, RsaPublicKey, pkcs8::DecodePublicKey, rand_core::OsRng};
 
 use crate::{
     Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, InputError, KeyHandle, KeyInfo,
-    KeyOrigin, UnwrapItem, Unwrapped, WrapItem, envelope, kcv,
+    KeyOrigin, MaterialCustody, UnwrapItem, Unwrapped, WrapItem, envelope, kcv,
 };
-
-/// What the checks do with keys once they are in. Every [`Custody`] is one; a
-/// backend that is not says its refusals in [`CustodyError`]'s words where
-/// they mean the same thing.
-#[async_trait]
-pub trait Backend: Send + Sync {
-    /// As [`Custody::wrap`].
-    async fn wrap(
-        &self,
-        handle: &KeyHandle,
-        plaintext: &SecretBytes,
-        associated_data: &[u8],
-    ) -> Result<Vec<u8>, CustodyError>;
-
-    /// As [`Custody::unwrap`].
-    async fn unwrap(
-        &self,
-        ciphertext: &[u8],
-        associated_data: &[u8],
-    ) -> Result<Unwrapped, CustodyError>;
-
-    /// As [`Custody::destroy`].
-    async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError>;
-
-    /// As [`Custody::wrap_batch`].
-    async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>>;
-
-    /// As [`Custody::unwrap_batch`].
-    async fn unwrap_batch(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, CustodyError>>;
-}
-
-#[async_trait]
-impl<C: Custody + ?Sized> Backend for C {
-    async fn wrap(
-        &self,
-        handle: &KeyHandle,
-        plaintext: &SecretBytes,
-        associated_data: &[u8],
-    ) -> Result<Vec<u8>, CustodyError> {
-        Custody::wrap(self, handle, plaintext, associated_data).await
-    }
-
-    async fn unwrap(
-        &self,
-        ciphertext: &[u8],
-        associated_data: &[u8],
-    ) -> Result<Unwrapped, CustodyError> {
-        Custody::unwrap(self, ciphertext, associated_data).await
-    }
-
-    async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
-        Custody::destroy(self, handle).await
-    }
-
-    async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
-        Custody::wrap_batch(self, items).await
-    }
-
-    async fn unwrap_batch(&self, items: Vec<UnwrapItem>) -> Vec<Result<Unwrapped, CustodyError>> {
-        Custody::unwrap_batch(self, items).await
-    }
-}
 
 /// One way a key enters the backend under test.
 #[async_trait]
@@ -115,7 +57,7 @@ pub trait Recoverable: KeySource {
     ) -> Result<KeyInfo, CustodyError>;
 
     /// Brings the destroyed key `handle` back from `material`, as
-    /// [`Custody::recover`] does.
+    /// [`MaterialCustody::recover`] does.
     async fn recover(
         &self,
         handle: &KeyHandle,
@@ -123,8 +65,9 @@ pub trait Recoverable: KeySource {
     ) -> Result<KeyInfo, CustodyError>;
 }
 
-/// Keys uploaded to a [`Custody`]: random CMKs, wrapped under its import key.
-pub struct Imported<'a>(pub &'a dyn Custody);
+/// Keys uploaded to a [`MaterialCustody`]: random CMKs, wrapped under its
+/// import key.
+pub struct Imported<'a>(pub &'a dyn MaterialCustody);
 
 #[async_trait]
 impl KeySource for Imported<'_> {
@@ -164,8 +107,8 @@ impl Recoverable for Imported<'_> {
     }
 }
 
-/// Keys a [`Custody`] generates.
-pub struct Generated<'a>(pub &'a dyn Custody);
+/// Keys a [`MaterialCustody`] generates.
+pub struct Generated<'a>(pub &'a dyn MaterialCustody);
 
 #[async_trait]
 impl KeySource for Generated<'_> {
@@ -206,7 +149,7 @@ pub fn handle() -> KeyHandle {
 }
 
 /// Runs every check of this module against `custody`.
-pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
+pub async fn all(custody: &dyn MaterialCustody, other_import_key: &ImportPublicKey) {
     let (imported, generated) = (Imported(custody), Generated(custody));
     import_and_round_trip(custody).await;
     round_trip(custody, &generated).await;
@@ -225,7 +168,7 @@ pub async fn all(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
 /// cannot unwrap RSA-OAEP with SHA-256 (SoftHSM2): such a backend must refuse
 /// import outright, which its own tests assert. Not a replacement for [`all`]
 /// on any backend that can import.
-pub async fn without_import(custody: &dyn Custody) {
+pub async fn without_import(custody: &dyn MaterialCustody) {
     let generated = Generated(custody);
     round_trip(custody, &generated).await;
     a_live_handle_is_not_taken_again(custody, &[&generated, &Imported(custody)]).await;
@@ -237,29 +180,33 @@ pub async fn without_import(custody: &dyn Custody) {
 }
 
 /// Every check that means the same for a backend whose keys enter by
-/// reference (AWS KMS) as for one that holds them: `keys` is both the backend
-/// and its one way in, and a key's material is the reference (presenting the
-/// same one again recovers it, another is refused). Left out, because they
+/// reference (AWS KMS) as for one that holds them: `source` is `backend`'s
+/// one way in, and a key's material is the reference (presenting the same
+/// one again recovers it, another is refused). Left out, because they
 /// are about uploaded bytes: [`bad_imports_are_refused`],
 /// [`uploads_that_recover_nothing`], [`a_handle_never_issued_has_nothing_to_recover`]
 /// (whose point is that the handle is checked before an upload is decrypted),
 /// and the check value of [`import_and_round_trip`].
-pub async fn by_reference<K: Backend + Recoverable>(keys: &K) {
-    round_trip(keys, keys).await;
-    one_key_under_two_handles(keys, keys).await;
-    a_live_handle_is_not_taken_again(keys, &[keys]).await;
-    a_destroyed_handle_is_never_reused(keys, &[keys]).await;
-    bad_ciphertexts_are_refused(keys, keys).await;
-    destroy_is_idempotent_and_final(keys, keys).await;
-    a_destroyed_key_comes_back_only_with_its_own_material(keys, keys).await;
-    batches_keep_order_and_isolate_failures(keys, keys).await;
+pub async fn by_reference<B, R>(backend: &B, source: &R)
+where
+    B: Custody + ?Sized,
+    R: Recoverable,
+{
+    round_trip(backend, source).await;
+    one_key_under_two_handles(backend, source).await;
+    a_live_handle_is_not_taken_again(backend, &[source]).await;
+    a_destroyed_handle_is_never_reused(backend, &[source]).await;
+    bad_ciphertexts_are_refused(backend, source).await;
+    destroy_is_idempotent_and_final(backend, source).await;
+    a_destroyed_key_comes_back_only_with_its_own_material(backend, source).await;
+    batches_keep_order_and_isolate_failures(backend, source).await;
 }
 
 /// A key comes in under the handle asked for, with fresh material each time,
 /// and what is wrapped under it, with or without associated data, unwraps.
 pub async fn round_trip<B, S>(backend: &B, source: &S)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     S: KeySource + ?Sized,
 {
     let chosen = handle();
@@ -286,7 +233,7 @@ where
 
 /// An uploaded key's check value is AES-CMAC of a zero block under it, and
 /// it round-trips as any key.
-pub async fn import_and_round_trip(custody: &dyn Custody) {
+pub async fn import_and_round_trip(custody: &dyn MaterialCustody) {
     let imported = Imported(custody);
     let cmk = random(32);
     let info = imported.add_with(&handle(), &cmk).await.expect("import");
@@ -303,7 +250,7 @@ pub async fn import_and_round_trip(custody: &dyn Custody) {
 /// bound into a ciphertext: it cannot be moved to the other handle's name.
 pub async fn one_key_under_two_handles<B, R>(backend: &B, source: &R)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     R: Recoverable + ?Sized,
 {
     let material = source.material().await;
@@ -325,7 +272,7 @@ where
     let mut moved = ct.clone();
     moved[1..17].copy_from_slice(again.handle.as_bytes());
     match backend.unwrap(&moved, b"org/kek").await {
-        Err(CustodyError::Authentication) => {}
+        Err(err) if err.is_authentication() => {}
         other => {
             panic!("a ciphertext moved to another handle: expected Authentication, got {other:?}")
         }
@@ -339,7 +286,7 @@ where
 /// it for a new key, and the key it names is left as it was.
 pub async fn a_live_handle_is_not_taken_again<B>(backend: &B, ways_in: &[&dyn KeySource])
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
 {
     let taken = handle();
     ways_in[0].add(&taken).await.expect("add");
@@ -364,7 +311,7 @@ where
 /// a new key by every one of `ways_in`, and stays destroyed.
 pub async fn a_destroyed_handle_is_never_reused<B>(backend: &B, ways_in: &[&dyn KeySource])
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
 {
     let retired = handle();
     ways_in[0].add(&retired).await.expect("add");
@@ -407,7 +354,7 @@ fn refused_as_in_use(refused: Result<KeyInfo, CustodyError>, taken: KeyHandle, d
 /// own error, and change nothing.
 pub async fn bad_ciphertexts_are_refused<B, S>(backend: &B, source: &S)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     S: KeySource + ?Sized,
 {
     let key = source.add(&handle()).await.expect("add");
@@ -417,21 +364,15 @@ where
         .await
         .expect("wrap");
 
-    assert!(matches!(
-        backend.unwrap(&ct, b"other ctx").await,
-        Err(CustodyError::Authentication)
-    ));
+    assert_fails_authentication(backend.unwrap(&ct, b"other ctx").await, "other ctx");
     let mut tampered = ct.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x80;
-    assert!(matches!(
-        backend.unwrap(&tampered, b"ctx").await,
-        Err(CustodyError::Authentication)
-    ));
-    assert!(matches!(
+    assert_fails_authentication(backend.unwrap(&tampered, b"ctx").await, "tampered");
+    assert_fails_authentication(
         backend.unwrap(&ct[..ct.len() - 1], b"ctx").await,
-        Err(CustodyError::Authentication)
-    ));
+        "truncated by one byte",
+    );
     assert!(matches!(
         backend.unwrap(&ct[..20], b"ctx").await,
         Err(CustodyError::Input(InputError::CiphertextTruncated {
@@ -462,11 +403,20 @@ where
     assert!(out.plaintext.ct_eq(&secret));
 }
 
+/// Asserts that `result` is the refusal of a ciphertext that does not
+/// authenticate ([`CustodyError::is_authentication`]).
+fn assert_fails_authentication(result: Result<Unwrapped, CustodyError>, what: &str) {
+    match result {
+        Err(err) if err.is_authentication() => {}
+        other => panic!("{what}: expected an authentication failure, got {other:?}"),
+    }
+}
+
 /// A destroyed key neither wraps nor unwraps again; destroying it twice is
 /// no error.
 pub async fn destroy_is_idempotent_and_final<B, S>(backend: &B, source: &S)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     S: KeySource + ?Sized,
 {
     let key = source.add(&handle()).await.expect("add");
@@ -499,7 +449,7 @@ where
 /// and what it wrapped opens again; no other material can.
 pub async fn a_destroyed_key_comes_back_only_with_its_own_material<B, R>(backend: &B, source: &R)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     R: Recoverable + ?Sized,
 {
     let material = source.material().await;
@@ -583,7 +533,7 @@ where
 
 /// Uploads that bring nothing back: a malformed one, refused as an import
 /// would be, and any for a generated key, whose material never left custody.
-pub async fn uploads_that_recover_nothing(custody: &dyn Custody) {
+pub async fn uploads_that_recover_nothing(custody: &dyn MaterialCustody) {
     let imported = Imported(custody);
     let destroyed = imported.add(&handle()).await.expect("import");
     custody.destroy(&destroyed.handle).await.expect("destroy");
@@ -604,7 +554,7 @@ pub async fn uploads_that_recover_nothing(custody: &dyn Custody) {
 /// is its own.
 pub async fn batches_keep_order_and_isolate_failures<B, S>(backend: &B, source: &S)
 where
-    B: Backend + ?Sized,
+    B: Custody + ?Sized,
     S: KeySource + ?Sized,
 {
     let key = source.add(&handle()).await.expect("add");
@@ -638,7 +588,7 @@ where
     assert_eq!(unwrapped.len(), expected.len());
     for (result, i) in unwrapped.iter().zip(expected) {
         match (i, result) {
-            (3, Err(CustodyError::Authentication)) => {}
+            (3, Err(err)) if err.is_authentication() => {}
             (3, other) => panic!("item 3 should fail authentication: {other:?}"),
             (_, Ok(out)) => assert!(out.plaintext.ct_eq(&secrets[i]), "item {i} out of order"),
             (_, Err(e)) => panic!("item {i}: {e}"),
@@ -648,7 +598,7 @@ where
 
 /// Recovery of a handle never issued is [`CustodyError::UnknownKey`], and
 /// leaves it unissued.
-pub async fn a_handle_never_issued_has_nothing_to_recover(custody: &dyn Custody) {
+pub async fn a_handle_never_issued_has_nothing_to_recover(custody: &dyn MaterialCustody) {
     let public = custody.import_public_key().clone();
     let unknown = handle();
     assert!(matches!(
@@ -666,7 +616,10 @@ pub async fn a_handle_never_issued_has_nothing_to_recover(custody: &dyn Custody)
     );
 }
 
-pub async fn bad_imports_are_refused(custody: &dyn Custody, other_import_key: &ImportPublicKey) {
+pub async fn bad_imports_are_refused(
+    custody: &dyn MaterialCustody,
+    other_import_key: &ImportPublicKey,
+) {
     let public = custody.import_public_key().clone();
     let modulus = public.bits as usize / 8;
     for len in [31, 33, 16, 64] {

@@ -2,9 +2,12 @@
 //! code in exactly one place; the messages here are written for the admin who
 //! reads them and never contain secret bytes.
 
-use std::io;
+use std::{error::Error as StdError, fmt, io};
 
 use crate::KeyHandle;
+
+/// A boxed error of a backend's own, kept whole for the log's error chain.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// Why a custody operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +84,18 @@ pub enum CustodyError {
         /// The keystore directory.
         dir: String,
     },
-    /// The backend itself could not be reached (an HSM, a cloud KMS).
+    /// The backend itself could not be reached (an HSM).
     #[error("key backend unavailable: {0}")]
     Unavailable(String),
-    /// The handle names a reference to a key held outside this backend (in
-    /// AWS KMS): only the backend of that key wraps and unwraps with it.
-    #[error("key {0} is held outside this keystore: its own backend wraps and unwraps with it")]
+    /// The service that holds the key outside this process (a cloud KMS)
+    /// refused or failed; what that means for the caller is its
+    /// [`ProviderError::kind`], the words are the provider's own.
+    #[error(transparent)]
+    Provider(ProviderError),
+    /// The handle names a key that another backend sharing this one's handle
+    /// namespace holds (the software keystore and AWS KMS share one): only
+    /// that backend wraps and unwraps with it.
+    #[error("key {0} is held by another backend: only that one wraps and unwraps with it")]
     ExternalKey(KeyHandle),
     /// The backend does not hold this kind of key.
     #[error("{0}")]
@@ -182,7 +191,130 @@ pub enum InputError {
     EmptyPlaintext,
 }
 
+/// A refusal or failure of the service that holds a key outside this process
+/// (AWS KMS), in the one form the daemon maps to a status: a generic
+/// [`ProviderErrorKind`], and the provider backend's own error for the words
+/// and the chain. It displays as that error and has its sources.
+#[derive(Debug)]
+pub struct ProviderError {
+    kind: ProviderErrorKind,
+    error: BoxError,
+}
+
+impl ProviderError {
+    /// `error`, of the provider backend's own type, classified as `kind`.
+    pub fn new(kind: ProviderErrorKind, error: impl Into<BoxError>) -> Self {
+        Self {
+            kind,
+            error: error.into(),
+        }
+    }
+
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ProviderErrorKind {
+        self.kind
+    }
+
+    /// The provider backend's own error, when it is an `E`.
+    pub fn downcast_ref<E: StdError + 'static>(&self) -> Option<&E> {
+        self.error.downcast_ref()
+    }
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl StdError for ProviderError {
+    // Transparent: the provider's error is this one, so the chain continues
+    // with its sources rather than repeating it.
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.error.source()
+    }
+}
+
+/// What a provider's refusal or failure means for the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderErrorKind {
+    /// The provider could not be reached in time or failed on its side
+    /// (every replica tried); a later attempt may succeed.
+    Unavailable,
+    /// The provider refused the ciphertext: made under another key or with
+    /// other associated data, or altered. The provider's form of
+    /// [`CustodyError::Authentication`].
+    Authentication,
+    /// A request the provider cannot take as it is (a malformed name, too
+    /// long a plaintext).
+    InvalidInput,
+    /// The provider refuses this service the key: access denied, no
+    /// credentials, a key that is not usable for this, or one gone or
+    /// disabled as the provider answered a call.
+    Refused,
+    /// The key's owner made it unusable at the provider, in this state.
+    KeyState(ProviderState),
+    /// Any other failure of a provider call; its words are no secret.
+    Other,
+    /// A fault of this service's, not the provider's (a stored reference it
+    /// cannot read): the caller learns only that it failed.
+    Internal,
+}
+
+/// Why a key held by a provider cannot be used, as the provider reports its
+/// state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderState {
+    /// Disabled by its owner.
+    Disabled,
+    /// Scheduled for deletion.
+    PendingDeletion,
+    /// Its imported key material is missing or expired.
+    PendingImport,
+    /// The provider's store of it is disconnected.
+    Unavailable,
+    /// Deleted, or never where the reference says.
+    NotFound,
+}
+
+impl ProviderState {
+    /// A stable lower-case token naming the state. The control plane is
+    /// told the state as `cmk.hsm.v1.ProviderKeyState` instead, which the
+    /// daemon's status mapping chooses.
+    pub fn token(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending-deletion",
+            Self::PendingImport => "pending-import",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not-found",
+        }
+    }
+}
+
+impl fmt::Display for ProviderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending deletion",
+            Self::PendingImport => "pending import",
+            Self::Unavailable => "unavailable",
+            Self::NotFound => "not found",
+        })
+    }
+}
+
 impl CustodyError {
+    /// Whether this says a ciphertext does not authenticate, in custody's
+    /// words ([`CustodyError::Authentication`]) or a provider's.
+    pub fn is_authentication(&self) -> bool {
+        match self {
+            Self::Authentication => true,
+            Self::Provider(provider) => provider.kind() == ProviderErrorKind::Authentication,
+            _ => false,
+        }
+    }
+
     /// A storage error, with the path it happened on.
     pub(crate) fn storage(action: &'static str, path: &std::path::Path, source: io::Error) -> Self {
         Self::Storage {

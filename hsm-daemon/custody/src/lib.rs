@@ -1,14 +1,27 @@
-//! Custody of customer master keys (CMKs): the [`Custody`] trait that every backend
-//! of the HSM daemon implements, the types it speaks in, and the software keystore.
+//! Custody of customer master keys (CMKs): the traits the HSM daemon's backends
+//! implement, the types they speak in, and the software keystore.
 //!
-//! A CMK is 32 bytes (AES-256). It enters a backend once — RSA-OAEP-wrapped under
-//! the daemon's import key, or generated inside — and never leaves it: the trait
-//! has no method that returns CMK bytes. What leaves is a [`KeyHandle`] (an opaque
-//! reference), a [`KeyCheckValue`] (a non-secret fingerprint), and ciphertexts.
+//! Two traits, because backends differ in how a key comes in but not in what is
+//! done with it once it is there:
 //!
-//! Keys that stay in AWS KMS are the `cmk-hsm-aws-kms` backend's; the software
-//! keystore keeps sealed references to them beside its own CMKs
-//! ([`ReferenceStore`]), so that one handle namespace covers both.
+//! - [`Custody`]: what every backend does with the keys it holds — wrap, unwrap,
+//!   destroy, and their batches. The software keystore, a PKCS#11 token and AWS
+//!   KMS (`cmk-hsm-aws-kms`) each implement it.
+//! - [`MaterialCustody`]: what only a backend that holds key material does — take
+//!   a CMK in (uploaded RSA-OAEP-wrapped under the daemon's import key, or
+//!   generated inside) and recover a destroyed one from its original bytes. The
+//!   software keystore and a PKCS#11 token. A key in AWS KMS instead enters by
+//!   reference, through that backend's own methods.
+//!
+//! A CMK is 32 bytes (AES-256). It enters a backend once and never leaves it:
+//! neither trait has a method that returns CMK bytes. What leaves is a
+//! [`KeyHandle`] (an opaque reference), a [`KeyCheckValue`] (a non-secret
+//! fingerprint), and ciphertexts.
+//!
+//! The software keystore keeps sealed references to keys in AWS KMS beside its
+//! own CMKs ([`ReferenceStore`]), so that one handle namespace covers both; a
+//! failure of the service that holds such a key reaches the daemon in a generic
+//! form, [`ProviderError`], classified by [`ProviderErrorKind`].
 //!
 //! The ciphertext format of `wrap` is defined once, in [`envelope`], and shared by
 //! every backend that runs AES-256-GCM itself.
@@ -29,7 +42,10 @@ mod software;
 use async_trait::async_trait;
 use cmk_secret::SecretBytes;
 
-pub use error::{CustodyError, ImportError, InputError};
+pub use error::{
+    BoxError, CustodyError, ImportError, InputError, ProviderError, ProviderErrorKind,
+    ProviderState,
+};
 pub use handle::{KeyCheckValue, KeyHandle};
 pub use import_key::{IMPORT_ALGORITHM, ImportKey, ImportKeyBits, ImportPublicKey};
 pub use reference::{KeyReference, ReferenceStore};
@@ -117,45 +133,16 @@ pub struct UnwrapItem {
     pub associated_data: Vec<u8>,
 }
 
-/// A place where CMKs are kept: the software keystore, a PKCS#11 token.
-/// Implementations never return CMK bytes and leave nothing changed when a call
-/// fails.
+/// What every backend does with the keys it holds: the software keystore, a
+/// PKCS#11 token, AWS KMS. Implementations never return CMK bytes and leave
+/// nothing changed when a call fails.
+///
+/// How a key comes in differs: see [`MaterialCustody`] for backends that hold
+/// its material. Several backends may share one handle namespace (the software
+/// keystore and AWS KMS do); asked to use a key that another of them holds,
+/// a backend refuses with [`CustodyError::ExternalKey`].
 #[async_trait]
 pub trait Custody: Send + Sync + 'static {
-    /// The RSA public key customers wrap their CMK under.
-    fn import_public_key(&self) -> &ImportPublicKey;
-
-    /// Takes an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext of a 32-byte CMK into
-    /// custody under `handle`. Once this returns `Ok`, the key survives a crash of
-    /// the process.
-    ///
-    /// The caller chooses the handle so that it can record it before the call and
-    /// find what was stored after a crash. A handle is never reused: one that names
-    /// a live or a destroyed key is refused with [`CustodyError::HandleInUse`], even
-    /// when two calls race for it.
-    async fn import(&self, handle: &KeyHandle, wrapped_key: &[u8])
-    -> Result<KeyInfo, CustodyError>;
-
-    /// Brings a destroyed key back under its own `handle`, from an RSA-OAEP
-    /// ciphertext of its original 32 bytes (as for [`Custody::import`]), so that
-    /// everything it wrapped opens again. Durable once this returns `Ok`.
-    ///
-    /// Destroying a key keeps a full-strength fingerprint of its material (an
-    /// HMAC-SHA-256 under a secret of the backend's, never the 40-bit check
-    /// value); only material with that fingerprint is admitted, anything else
-    /// is [`CustodyError::NotTheDestroyedKey`]. A handle never issued is
-    /// [`CustodyError::UnknownKey`]; a live one is accepted again with its own
-    /// material (a retry) and refused as in use otherwise.
-    async fn recover(
-        &self,
-        handle: &KeyHandle,
-        wrapped_key: &[u8],
-    ) -> Result<KeyInfo, CustodyError>;
-
-    /// Generates a CMK inside the backend under `handle`, durable once this returns
-    /// `Ok`. The handle is refused as in [`Custody::import`].
-    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
-
     /// Encrypts `plaintext` under the CMK `handle`, binding `associated_data`.
     async fn wrap(
         &self,
@@ -171,9 +158,9 @@ pub trait Custody: Send + Sync + 'static {
         associated_data: &[u8],
     ) -> Result<Unwrapped, CustodyError>;
 
-    /// Destroys the CMK irreversibly (for an AWS key reference: forgets it,
-    /// leaving the key in AWS as it is). Destroying it again reports
-    /// [`Destroyed::Already`]; a handle this backend never issued is
+    /// Destroys the CMK irreversibly (for a reference to a key held elsewhere:
+    /// forgets it, leaving the key where it is). Destroying it again reports
+    /// [`Destroyed::Already`]; a handle never issued is
     /// [`CustodyError::UnknownKey`].
     async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError>;
 
@@ -197,4 +184,43 @@ pub trait Custody: Send + Sync + 'static {
         }
         results
     }
+}
+
+/// A backend that holds its keys' material, and so can take a CMK in from its
+/// bytes or make one: the software keystore, a PKCS#11 token.
+#[async_trait]
+pub trait MaterialCustody: Custody {
+    /// The RSA public key customers wrap their CMK under.
+    fn import_public_key(&self) -> &ImportPublicKey;
+
+    /// Takes an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext of a 32-byte CMK into
+    /// custody under `handle`. Once this returns `Ok`, the key survives a crash of
+    /// the process.
+    ///
+    /// The caller chooses the handle so that it can record it before the call and
+    /// find what was stored after a crash. A handle is never reused: one that names
+    /// a live or a destroyed key is refused with [`CustodyError::HandleInUse`], even
+    /// when two calls race for it.
+    async fn import(&self, handle: &KeyHandle, wrapped_key: &[u8])
+    -> Result<KeyInfo, CustodyError>;
+
+    /// Brings a destroyed key back under its own `handle`, from an RSA-OAEP
+    /// ciphertext of its original 32 bytes (as for [`MaterialCustody::import`]),
+    /// so that everything it wrapped opens again. Durable once this returns `Ok`.
+    ///
+    /// Destroying a key keeps a full-strength fingerprint of its material (an
+    /// HMAC-SHA-256 under a secret of the backend's, never the 40-bit check
+    /// value); only material with that fingerprint is admitted, anything else
+    /// is [`CustodyError::NotTheDestroyedKey`]. A handle never issued is
+    /// [`CustodyError::UnknownKey`]; a live one is accepted again with its own
+    /// material (a retry) and refused as in use otherwise.
+    async fn recover(
+        &self,
+        handle: &KeyHandle,
+        wrapped_key: &[u8],
+    ) -> Result<KeyInfo, CustodyError>;
+
+    /// Generates a CMK inside the backend under `handle`, durable once this returns
+    /// `Ok`. The handle is refused as in [`MaterialCustody::import`].
+    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+#[cfg(doc)]
+use crate::MaterialCustody;
 use crate::{Custody, CustodyError, KeyCheckValue, KeyHandle, KeyInfo};
 
 /// A reference to a key held elsewhere, as a keystore keeps it.
@@ -53,12 +55,13 @@ impl KeyReference {
 
 /// A custody backend that also keeps [`KeyReference`]s under its handles:
 /// the software keystore. Storing one follows the rules of
-/// [`Custody::import`] and [`Custody::recover`]; its `wrap` and `unwrap`
-/// refuse a reference with [`CustodyError::ExternalKey`].
+/// [`MaterialCustody::import`] and [`MaterialCustody::recover`]; its `wrap`
+/// and `unwrap` refuse a reference with [`CustodyError::ExternalKey`], and
+/// its `destroy` forgets one.
 #[async_trait]
 pub trait ReferenceStore: Custody {
     /// Stores `reference` under the unused `handle`, durable once this
-    /// returns `Ok`; the handle is refused as in [`Custody::import`].
+    /// returns `Ok`; the handle is refused as in [`MaterialCustody::import`].
     async fn add_reference(
         &self,
         handle: &KeyHandle,
@@ -66,7 +69,7 @@ pub trait ReferenceStore: Custody {
     ) -> Result<KeyInfo, CustodyError>;
 
     /// Whether a reference to `identity` may come back under `handle`, as
-    /// [`Custody::recover`] decides for a key; nothing is stored. Lets a
+    /// [`MaterialCustody::recover`] decides for a key; nothing is stored. Lets a
     /// backend refuse before it contacts the referenced key.
     async fn check_recoverable(
         &self,
@@ -75,7 +78,7 @@ pub trait ReferenceStore: Custody {
     ) -> Result<(), CustodyError>;
 
     /// Brings a destroyed reference back under its own `handle`, as
-    /// [`Custody::recover`] does a key.
+    /// [`MaterialCustody::recover`] does a key.
     async fn recover_reference(
         &self,
         handle: &KeyHandle,

@@ -52,8 +52,8 @@ use tracing::{info, warn};
 
 use crate::{
     CMK_LEN, Custody, CustodyError, Destroyed, ImportKey, ImportKeyBits, ImportPublicKey,
-    KeyHandle, KeyInfo, KeyOrigin, KeyReference, ReferenceStore, UnwrapItem, Unwrapped, WrapItem,
-    atomic,
+    KeyHandle, KeyInfo, KeyOrigin, KeyReference, MaterialCustody, ReferenceStore, UnwrapItem,
+    Unwrapped, WrapItem, atomic,
     envelope::{self, Sealed, SealingKey},
     handle::KeyCheckValue,
     kcv,
@@ -547,7 +547,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl Custody for SoftwareCustody {
+impl MaterialCustody for SoftwareCustody {
     fn import_public_key(&self) -> &ImportPublicKey {
         self.inner.import_key.public()
     }
@@ -594,7 +594,10 @@ impl Custody for SoftwareCustody {
         })
         .await
     }
+}
 
+#[async_trait]
+impl Custody for SoftwareCustody {
     async fn wrap(
         &self,
         handle: &KeyHandle,

@@ -6,7 +6,8 @@
 use std::{fs, os::unix::fs::PermissionsExt, path::Path};
 
 use cmk_hsm_custody::{
-    Custody, CustodyError, ImportKey, ImportKeyBits, RootKey, SoftwareCustody, contract,
+    Custody, CustodyError, ImportKey, ImportKeyBits, MaterialCustody, RootKey, SoftwareCustody,
+    contract,
 };
 use cmk_secret::SecretBytes;
 

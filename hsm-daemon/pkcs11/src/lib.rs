@@ -1,4 +1,5 @@
-//! The PKCS#11 custody backend: every CMK is an AES-256 secret-key object in a
+//! The PKCS#11 custody backend ([`cmk_hsm_custody::Custody`] and
+//! [`cmk_hsm_custody::MaterialCustody`]): every CMK is an AES-256 secret-key object in a
 //! token (an HSM, or a soft token such as SoftHSM2 or Kryoptic) that is
 //! sensitive and never extractable, so this process never holds CMK bytes.
 //!
@@ -45,7 +46,7 @@ use std::{
 use async_trait::async_trait;
 use cmk_hsm_custody::{
     Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, KeyHandle, KeyInfo, KeyOrigin,
-    UnwrapItem, Unwrapped, WrapItem,
+    MaterialCustody, UnwrapItem, Unwrapped, WrapItem,
     envelope::{self, HEADER_LEN, Sealed},
 };
 use cmk_secret::SecretBytes;
@@ -323,7 +324,7 @@ fn constant_time_eq(a: &[u8; token::FINGERPRINT_LEN], b: &[u8; token::FINGERPRIN
 }
 
 #[async_trait]
-impl Custody for Pkcs11Custody {
+impl MaterialCustody for Pkcs11Custody {
     fn import_public_key(&self) -> &ImportPublicKey {
         &self.inner.public
     }
@@ -381,7 +382,10 @@ impl Custody for Pkcs11Custody {
         })
         .await
     }
+}
 
+#[async_trait]
+impl Custody for Pkcs11Custody {
     async fn wrap(
         &self,
         handle: &KeyHandle,

@@ -26,7 +26,8 @@ use std::{
 };
 
 use cmk_hsm_custody::{
-    Custody, CustodyError, ImportError, ImportKey, ImportKeyBits, KeyOrigin, contract,
+    Custody, CustodyError, ImportError, ImportKey, ImportKeyBits, KeyOrigin, MaterialCustody,
+    contract,
 };
 use cmk_hsm_pkcs11::{Pkcs11Custody, Pkcs11Settings, TokenSelector};
 use cmk_secret::SecretBytes;

@@ -17,7 +17,9 @@ use std::{
     time::Duration,
 };
 
-use cmk_hsm_custody::{Custody, CustodyError, Destroyed, ImportError, KeyHandle, contract};
+use cmk_hsm_custody::{
+    Custody, CustodyError, Destroyed, ImportError, KeyHandle, MaterialCustody, contract,
+};
 use cmk_hsm_pkcs11::{Pkcs11Custody, Pkcs11Settings, TokenSelector, token};
 use cmk_secret::SecretBytes;
 use cryptoki::{
