@@ -14,7 +14,7 @@ use cmk_control_plane_domain::Policy;
 use cmk_control_plane_store::{Backend, redact_url};
 pub use cmk_runtime::LogFormat;
 use cmk_runtime::server::ListenAddrs;
-use cmk_tls::TlsFiles;
+use cmk_tls::{IdentityRule, TlsFiles};
 use serde::Deserialize;
 
 use crate::authz::AuthzPolicy;
@@ -45,6 +45,27 @@ pub struct RawSettings {
     /// CA that client (admin, service) certificates must chain to, PEM.
     #[arg(long, env = "CMK_CP_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Certificate revocation list of the client CA, PEM or DER (repeat, or
+    /// comma-separate in the environment); reloaded when it changes. With
+    /// CRLs set, a client certificate they list, or whose CA issued none of
+    /// them, or whose CRL is past its nextUpdate, is refused at the handshake.
+    #[arg(
+        long = "tls-client-crl",
+        env = "CMK_CP_TLS_CLIENT_CRLS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub tls_client_crls: Vec<PathBuf>,
+    /// Name a client whose certificate has no URI SAN by its one DNS SAN,
+    /// else its subject common name; without this, exactly one URI SAN is
+    /// required [default: false].
+    #[arg(
+        long,
+        env = "CMK_CP_ALLOW_COMMON_NAME_IDENTITIES",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_common_name_identities: Option<bool>,
     /// The HSM daemon, as https://host:port [default: https://127.0.0.1:7443].
     /// Several daemons serving one custody (one PKCS#11 token): repeat the
     /// flag or separate them with commas; calls take turns and fail over.
@@ -143,6 +164,8 @@ impl RawSettings {
             tls_cert,
             tls_key,
             tls_client_ca,
+            tls_client_crls,
+            allow_common_name_identities,
             hsm_endpoints,
             hsm_server_name,
             hsm_tls_cert,
@@ -170,6 +193,13 @@ impl RawSettings {
             tls_cert: tls_cert.or(self.tls_cert),
             tls_key: tls_key.or(self.tls_key),
             tls_client_ca: tls_client_ca.or(self.tls_client_ca),
+            tls_client_crls: if tls_client_crls.is_empty() {
+                self.tls_client_crls
+            } else {
+                tls_client_crls
+            },
+            allow_common_name_identities: allow_common_name_identities
+                .or(self.allow_common_name_identities),
             hsm_endpoints: if hsm_endpoints.is_empty() {
                 self.hsm_endpoints
             } else {
@@ -222,6 +252,16 @@ impl RawSettings {
             ca: file("hsm_tls_ca", self.hsm_tls_ca),
         };
         let policy_file = file("policy_file", self.policy_file);
+        let tls_client_crls = self.tls_client_crls;
+        for path in &tls_client_crls {
+            if !path.is_file() {
+                errors.push(format!(
+                    "tls_client_crls: {} is not a readable file",
+                    path.display()
+                ));
+            }
+        }
+        let identities = IdentityRule::new(self.allow_common_name_identities.unwrap_or(false));
 
         let ListenAddrs {
             listen,
@@ -351,6 +391,12 @@ impl RawSettings {
                 .map_err(|e| errors.push(format!("policy_file: {e}")))
                 .ok(),
         };
+        // A grant to a name no certificate can carry would never match.
+        if let Some(authz) = &authz {
+            for problem in authz.unmatchable_grants(identities) {
+                errors.push(format!("policy_file: {}: {problem}", policy_file.display()));
+            }
+        }
 
         match authz {
             Some(authz) if errors.is_empty() => Ok(Settings {
@@ -358,6 +404,8 @@ impl RawSettings {
                 health_listen,
                 metrics_listen,
                 tls,
+                tls_client_crls,
+                identities,
                 hsm: HsmSettings {
                     endpoints: hsm_endpoints,
                     server_name: hsm_server_name,
@@ -392,6 +440,10 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Server certificate, key, and the CA clients must chain to.
     pub tls: TlsFiles,
+    /// Revocation lists of the client CA; none: no revocation check.
+    pub tls_client_crls: Vec<PathBuf>,
+    /// How a client's identity is read from its certificate.
+    pub identities: IdentityRule,
     /// How to reach the HSM daemon.
     pub hsm: HsmSettings,
     /// Metadata store URL.
@@ -604,5 +656,57 @@ mod tests {
                     .to_string()
             ]
         );
+    }
+
+    #[test]
+    fn policy_identities_are_uris_unless_common_names_are_allowed_and_crls_are_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "").unwrap();
+            Some(path)
+        };
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[grant]]\nidentity = \"spiffe://t/alice\"\norg = \"acme\"\nrole = \"admin\"\n\
+             [[grant]]\nidentity = \"legacy-admin\"\norg = \"acme\"\nrole = \"admin\"\n",
+        )
+        .unwrap();
+        let crl = file("client.crl").unwrap();
+        let raw = |allow: Option<bool>, crls: Vec<PathBuf>| RawSettings {
+            tls_cert: file("c"),
+            tls_key: file("k"),
+            tls_client_ca: file("ca"),
+            tls_client_crls: crls,
+            allow_common_name_identities: allow,
+            hsm_tls_cert: file("hc"),
+            hsm_tls_key: file("hk"),
+            hsm_tls_ca: file("hca"),
+            policy_file: Some(policy.clone()),
+            database: Some("sqlite:///var/lib/cmk/cmk.db".into()),
+            ..RawSettings::default()
+        };
+        let ConfigError(problems) = raw(None, vec![dir.path().join("nonexistent.crl")])
+            .validate()
+            .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("tls_client_crls: ")
+                && problems[0].ends_with("nonexistent.crl is not a readable file"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with(&format!(
+                "policy_file: {}: \"legacy-admin\" is not a URI",
+                policy.display()
+            )),
+            "{problems:?}"
+        );
+        let settings = raw(Some(true), vec![crl.clone()]).validate().unwrap();
+        assert_eq!(settings.identities, IdentityRule::new(true));
+        assert_eq!(settings.tls_client_crls, [crl]);
+        let settings = raw(None, vec![]).validate();
+        assert!(settings.is_err(), "legacy-admin needs the opt-in");
     }
 }

@@ -16,7 +16,7 @@ use cmk_hsm_pkcs11::{Pkcs11Settings, TokenSelector};
 pub use cmk_runtime::LogFormat;
 use cmk_runtime::server::ListenAddrs;
 use cmk_secret::SecretBytes;
-use cmk_tls::TlsFiles;
+use cmk_tls::{IdentityRule, TlsFiles};
 use serde::Deserialize;
 
 /// Environment variable that may carry the root key itself (64 hex characters).
@@ -93,6 +93,27 @@ pub struct RawSettings {
     /// CA that client certificates must chain to, PEM.
     #[arg(long, env = "CMK_HSM_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Certificate revocation list of the client CA, PEM or DER (repeat, or
+    /// comma-separate in the environment); reloaded when it changes. With
+    /// CRLs set, a client certificate they list, or whose CA issued none of
+    /// them, or whose CRL is past its nextUpdate, is refused at the handshake.
+    #[arg(
+        long = "tls-client-crl",
+        env = "CMK_HSM_TLS_CLIENT_CRLS",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub tls_client_crls: Vec<PathBuf>,
+    /// Name a client whose certificate has no URI SAN by its one DNS SAN,
+    /// else its subject common name; without this, exactly one URI SAN is
+    /// required [default: false].
+    #[arg(
+        long,
+        env = "CMK_HSM_ALLOW_COMMON_NAME_IDENTITIES",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_common_name_identities: Option<bool>,
     /// Largest accepted gRPC message, bytes [default: 4194304].
     #[arg(long, env = "CMK_HSM_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -162,6 +183,8 @@ impl RawSettings {
             tls_cert,
             tls_key,
             tls_client_ca,
+            tls_client_crls,
+            allow_common_name_identities,
             max_message_bytes,
             max_batch_items,
             max_plaintext_bytes,
@@ -195,6 +218,13 @@ impl RawSettings {
             tls_cert: tls_cert.or(self.tls_cert),
             tls_key: tls_key.or(self.tls_key),
             tls_client_ca: tls_client_ca.or(self.tls_client_ca),
+            tls_client_crls: if tls_client_crls.is_empty() {
+                self.tls_client_crls
+            } else {
+                tls_client_crls
+            },
+            allow_common_name_identities: allow_common_name_identities
+                .or(self.allow_common_name_identities),
             max_message_bytes: max_message_bytes.or(self.max_message_bytes),
             max_batch_items: max_batch_items.or(self.max_batch_items),
             max_plaintext_bytes: max_plaintext_bytes.or(self.max_plaintext_bytes),
@@ -253,6 +283,16 @@ impl RawSettings {
                 errors.push(format!("{name}: {} is not a readable file", path.display()));
             }
         }
+        let tls_client_crls = self.tls_client_crls;
+        for path in &tls_client_crls {
+            if !path.is_file() {
+                errors.push(format!(
+                    "tls_client_crls: {} is not a readable file",
+                    path.display()
+                ));
+            }
+        }
+        let identities = IdentityRule::new(self.allow_common_name_identities.unwrap_or(false));
 
         let ListenAddrs {
             listen,
@@ -287,6 +327,11 @@ impl RawSettings {
                 "allowed_clients: at least one client identity (the control plane's) is required"
                     .into(),
             );
+        }
+        for client in &allowed_clients {
+            if let Err(e) = identities.check_configured(client) {
+                errors.push(format!("allowed_clients: {e}"));
+            }
         }
 
         let mut bounded = |name: &str, value: Option<usize>, default: usize, max: usize| {
@@ -446,7 +491,9 @@ impl RawSettings {
                 custody,
                 import_key_bits,
                 allowed_clients,
+                identities,
                 tls,
+                tls_client_crls,
                 limits,
                 log_format,
                 aws,
@@ -641,8 +688,12 @@ pub struct Settings {
     pub import_key_bits: ImportKeyBits,
     /// Client identities (see `cmk_tls::PeerIdentity`) allowed to call.
     pub allowed_clients: BTreeSet<String>,
+    /// How a client's identity is read from its certificate.
+    pub identities: IdentityRule,
     /// Server certificate, key, and the CA clients must chain to.
     pub tls: TlsFiles,
+    /// Revocation lists of the client CA; none: no revocation check.
+    pub tls_client_crls: Vec<PathBuf>,
     /// Bounds on every request.
     pub limits: Limits,
     /// How log lines are written.
@@ -738,6 +789,8 @@ mod tests {
             max_batch_items: Some(0),
             log_format: Some("xml".into()),
             tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_client_crls: vec!["/nonexistent/client.crl".into()],
+            allowed_clients: vec!["control-plane".into()],
             aws_endpoint: Some("ftp://kms".into()),
             aws_region_endpoints: vec!["eu-west-1".into(), "EU=http://x".into()],
             aws_key_state_ttl_secs: Some(0),
@@ -752,7 +805,8 @@ mod tests {
             "tls_client_ca: required",
             "tls_cert: /nonexistent/cert.pem is not a readable file",
             "import_key_bits: 2048",
-            "allowed_clients:",
+            "tls_client_crls: /nonexistent/client.crl is not a readable file",
+            "allowed_clients: \"control-plane\" is not a URI",
             "max_batch_items: 0",
             "log_format:",
             "root key: none configured; make one with `openssl rand -hex 32",
@@ -892,6 +946,82 @@ mod tests {
         for mode in [0o600, 0o400, 0o640, 0o440] {
             assert_eq!(problem(mode), None, "mode {mode:o}");
         }
+    }
+
+    #[test]
+    fn identities_are_uris_unless_common_names_are_allowed_and_crls_are_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in [
+            "server.crt",
+            "server.key",
+            "ca.crt",
+            "a.crl",
+            "b.crl",
+            "root.key",
+        ] {
+            fs::write(dir.path().join(file), b"").expect("write");
+        }
+        let raw = |allow: Option<bool>| RawSettings {
+            keystore_dir: Some(dir.path().join("keystore")),
+            allowed_clients: vec!["spiffe://cmk.test/control-plane".into(), "legacy".into()],
+            tls_cert: Some(dir.path().join("server.crt")),
+            tls_key: Some(dir.path().join("server.key")),
+            tls_client_ca: Some(dir.path().join("ca.crt")),
+            tls_client_crls: vec![dir.path().join("a.crl"), dir.path().join("b.crl")],
+            allow_common_name_identities: allow,
+            ..RawSettings::default()
+        };
+        let root_key = || Some(SecretBytes::copy_from(HEX.as_bytes()));
+        for allow in [None, Some(false)] {
+            let ConfigError(problems) = raw(allow).validate(root_key()).expect_err("legacy");
+            assert_eq!(
+                problems,
+                ["allowed_clients: \"legacy\" is not a URI (such as \
+                  spiffe://cmk.example/control-plane); identities from a DNS SAN or common \
+                  name match only with allow_common_name_identities = true"]
+            );
+        }
+        let settings = raw(Some(true)).validate(root_key()).expect("valid");
+        assert_eq!(settings.identities, IdentityRule::new(true));
+        assert_eq!(
+            settings.tls_client_crls,
+            [dir.path().join("a.crl"), dir.path().join("b.crl")]
+        );
+    }
+
+    #[test]
+    fn the_tls_flags_parse() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            raw: RawSettings,
+        }
+        let parse = |args: &[&str]| {
+            <Flags as clap::Parser>::try_parse_from(
+                std::iter::once("hsm-daemon").chain(args.iter().copied()),
+            )
+            .map(|flags| flags.raw)
+        };
+        let raw = parse(&[
+            "--tls-client-crl",
+            "a.crl",
+            "--tls-client-crl",
+            "b.crl",
+            "--allow-common-name-identities",
+        ])
+        .expect("flags");
+        assert_eq!(
+            raw.tls_client_crls,
+            [PathBuf::from("a.crl"), "b.crl".into()]
+        );
+        assert_eq!(raw.allow_common_name_identities, Some(true));
+        let raw = parse(&["--allow-common-name-identities=false"]).expect("flags");
+        assert_eq!(raw.allow_common_name_identities, Some(false));
+        let Err(err) = parse(&["--allow-common-name-identities=yes"]) else {
+            panic!("not a bool");
+        };
+        let err = err.to_string();
+        assert!(err.contains("--allow-common-name-identities"), "{err}");
     }
 
     #[test]

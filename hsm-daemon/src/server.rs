@@ -8,6 +8,7 @@ use cmk_hsm_custody::{CustodyError, SoftwareCustody};
 use cmk_hsm_pkcs11::Pkcs11Custody;
 use cmk_proto::hsm::v1::hsm_service_server::HsmServiceServer;
 use cmk_runtime::server::{self, GrpcServer, Timeouts};
+use cmk_tls::ServerFiles;
 use tokio::net::TcpListener;
 use tonic::service::InterceptorLayer;
 use tracing::info;
@@ -88,12 +89,23 @@ pub async fn serve(
         custody,
         import_key_bits,
         allowed_clients,
+        identities,
         tls,
+        tls_client_crls,
         limits,
         log_format: _,
         aws,
     } = settings;
-    let tls = server::watch_tls(tls)?;
+    // Loaded first, so that bad TLS files are reported before the keystore
+    // is opened; followed like the certificates, CRLs included.
+    let tls = cmk_tls::watch_server(
+        ServerFiles {
+            tls,
+            client_crls: tls_client_crls,
+        },
+        cmk_tls::RELOAD_INTERVAL,
+    )
+    .map_err(server::StartError::from)?;
     // Opening may generate the RSA import key, which takes a moment.
     let keys = tokio::task::spawn_blocking(move || open_keys(custody, import_key_bits, aws))
         .await
@@ -122,7 +134,8 @@ pub async fn serve(
         handshake: limits.handshake_timeout,
     };
     // Every caller, whatever it asks for, must be on the allow-list.
-    let allow_list = InterceptorLayer::new(authz::allow_list(Arc::new(allowed_clients)));
+    let allow_list =
+        InterceptorLayer::new(authz::allow_list(Arc::new(allowed_clients), identities));
     grpc.serve(listener, tls, timeouts, shutdown, allow_list)
         .await?;
     info!("stopped");

@@ -6,11 +6,17 @@
 
 #![forbid(unsafe_code)]
 
-use std::{fmt, fs, io, path::Path};
+use std::{
+    fmt, fs, io,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime},
+};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
 /// Why a certificate could not be made or written.
@@ -37,6 +43,8 @@ pub struct CertifiedKey {
     pub cert_pem: String,
     /// The private key (PKCS#8), PEM. Never printed by `Debug`.
     pub key_pem: String,
+    /// The certificate's serial number: what a CRL names it by.
+    serial: u64,
 }
 
 impl fmt::Debug for CertifiedKey {
@@ -44,6 +52,7 @@ impl fmt::Debug for CertifiedKey {
         f.debug_struct("CertifiedKey")
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"<redacted>")
+            .field("serial", &self.serial)
             .finish()
     }
 }
@@ -56,10 +65,31 @@ impl CertifiedKey {
     }
 }
 
-/// A self-signed certificate authority that issues server and client certificates.
+/// A certificate revocation list, PEM and DER.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crl {
+    /// The CRL, PEM (`-----BEGIN X509 CRL-----`).
+    pub pem: String,
+    /// The same CRL, DER.
+    pub der: Vec<u8>,
+}
+
+impl Crl {
+    /// Writes the PEM form to `path`.
+    pub fn write(&self, path: &Path) -> Result<(), PkiError> {
+        write_file(path, &self.pem, 0o644)
+    }
+}
+
+/// A self-signed certificate authority that issues server and client
+/// certificates, and CRLs revoking them.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_pem: String,
+    /// The serial number of the last certificate issued, and of the last CRL:
+    /// unique within this CA, which is all a CRL needs.
+    issued: AtomicU64,
+    crls: AtomicU64,
 }
 
 impl fmt::Debug for Ca {
@@ -82,6 +112,8 @@ impl Ca {
         Ok(Self {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
+            issued: AtomicU64::new(0),
+            crls: AtomicU64::new(0),
         })
     }
 
@@ -117,10 +149,74 @@ impl Ca {
 
     /// A client certificate with no SAN at all, only the common name `name`.
     pub fn client_with_common_name(&self, name: &str) -> Result<CertifiedKey, PkiError> {
+        self.client_with_names(name, &[], &[])
+    }
+
+    /// A client certificate with the common name `common_name` and exactly
+    /// the URI SANs `uris` and DNS SANs `dns_names`, in that order: for
+    /// certificates whose identity is ambiguous or missing.
+    pub fn client_with_names(
+        &self,
+        common_name: &str,
+        uris: &[&str],
+        dns_names: &[&str],
+    ) -> Result<CertifiedKey, PkiError> {
         let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(name);
+        params.distinguished_name = distinguished_name(common_name);
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into()?));
+        }
+        for dns in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*dns).try_into()?));
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params)
+    }
+
+    /// A CRL of this CA revoking `revoked` (certificates it issued), issued
+    /// a minute ago and due for renewal in a day.
+    pub fn crl(&self, revoked: &[&CertifiedKey]) -> Result<Crl, PkiError> {
+        let now = SystemTime::now();
+        self.crl_between(
+            revoked,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(86_400),
+        )
+    }
+
+    /// A CRL of this CA revoking `revoked`, with the given thisUpdate and
+    /// nextUpdate times (a nextUpdate in the past makes an expired CRL).
+    pub fn crl_between(
+        &self,
+        revoked: &[&CertifiedKey],
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> Result<Crl, PkiError> {
+        let params = CertificateRevocationListParams {
+            this_update: this_update.into(),
+            next_update: next_update.into(),
+            crl_number: SerialNumber::from(self.crls.fetch_add(1, Ordering::Relaxed) + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|cert| RevokedCertParams {
+                    serial_number: SerialNumber::from(cert.serial),
+                    revocation_time: this_update.into(),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        Ok(Crl {
+            pem: crl.pem()?,
+            der: crl.der().to_vec(),
+        })
     }
 
     /// Writes the CA certificate to `path`.
@@ -134,11 +230,14 @@ impl Ca {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.use_authority_key_identifier_extension = true;
+        let serial = self.issued.fetch_add(1, Ordering::Relaxed) + 1;
+        params.serial_number = Some(SerialNumber::from(serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         })
     }
 }
@@ -163,4 +262,34 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .open(path)
         .map_err(err)?;
     io::Write::write_all(&mut file, contents.as_bytes()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_get_distinct_serials_and_crls_name_them() {
+        let ca = Ca::new("test CA").expect("CA");
+        let a = ca.client("spiffe://cmk.test/a").expect("cert");
+        let b = ca.client("spiffe://cmk.test/a").expect("cert");
+        assert_ne!(a.serial, b.serial);
+
+        let crl = ca.crl(&[&a]).expect("CRL");
+        assert!(
+            crl.pem.starts_with("-----BEGIN X509 CRL-----"),
+            "{}",
+            crl.pem
+        );
+        assert!(!crl.der.is_empty());
+        assert_ne!(ca.crl(&[&a]).expect("CRL"), crl, "a new CRL number");
+
+        let now = SystemTime::now();
+        assert!(
+            ca.crl_between(&[], now, now - Duration::from_secs(1))
+                .is_err(),
+            "nextUpdate before thisUpdate"
+        );
+        assert!(!format!("{a:?}").contains("PRIVATE KEY"));
+    }
 }

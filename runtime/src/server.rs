@@ -123,16 +123,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// The server's TLS configuration, reloaded when its files change.
 pub type TlsConfig = tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>;
 
-/// Loads the server's certificate, key and client CA, and follows the files
-/// every [`cmk_tls::RELOAD_INTERVAL`]. Done first, so that bad TLS files are
-/// reported before anything slower is opened.
-pub fn watch_tls(files: cmk_tls::TlsFiles) -> Result<TlsConfig, StartError> {
-    Ok(cmk_tls::watch_server_config(
-        files,
-        cmk_tls::RELOAD_INTERVAL,
-    )?)
-}
-
 /// How long a server waits on its callers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
