@@ -1,6 +1,7 @@
 //! What the control plane measures beside the gRPC requests it serves (which
 //! `cmk_runtime::metrics::GrpcMetrics` counts and times): its calls to the
-//! HSM daemon, its KEK cache, and the rotation jobs it works. Every label
+//! HSM daemon, its KEK cache, the rotation jobs it works, and the reloads of
+//! its authorisation policy. Every label
 //! takes a fixed set of values; none names an org, a key or a caller.
 
 use cmk_runtime::metrics::{LatencyHistograms, latency_histograms};
@@ -26,6 +27,15 @@ pub struct CacheLookup {
     pub result: &'static str,
 }
 
+/// One look at the authorisation policy file that found it changed (or a
+/// SIGHUP).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyReload {
+    /// `applied`, or `refused` (it did not parse or check; the previous
+    /// policy stays in force).
+    pub outcome: &'static str,
+}
+
 /// The control plane's own metrics. Clones share the same series.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -41,6 +51,10 @@ pub struct Metrics {
     pub rotations_active: Gauge,
     /// Refused calls naming an org that does not exist: logged, never written.
     pub refusals_unknown_org: Counter,
+    /// Reloads of the authorisation policy file, by outcome.
+    pub policy_reloads: Family<PolicyReload, Counter>,
+    /// Identities holding a grant in the policy in force.
+    pub authz_identities: Gauge,
 }
 
 impl Default for Metrics {
@@ -52,6 +66,8 @@ impl Default for Metrics {
             rewrap_failures: Counter::default(),
             rotations_active: Gauge::default(),
             refusals_unknown_org: Counter::default(),
+            policy_reloads: Family::default(),
+            authz_identities: Gauge::default(),
         }
     }
 }
@@ -92,6 +108,16 @@ impl Metrics {
             "Refused calls naming an organisation that does not exist (logged, not audited)",
             metrics.refusals_unknown_org.clone(),
         );
+        registry.register(
+            "cmk_authz_policy_reloads",
+            "Reloads of the authorisation policy file: applied, or refused (the previous policy stays)",
+            metrics.policy_reloads.clone(),
+        );
+        registry.register(
+            "cmk_authz_policy_identities",
+            "Identities holding a grant in the authorisation policy in force",
+            metrics.authz_identities.clone(),
+        );
         metrics
     }
 
@@ -99,6 +125,14 @@ impl Metrics {
     pub fn cache_lookup(&self, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         self.kek_cache.get_or_create(&CacheLookup { result }).inc();
+    }
+
+    /// Counts a reload of the authorisation policy, applied or refused.
+    pub fn policy_reload(&self, applied: bool) {
+        let outcome = if applied { "applied" } else { "refused" };
+        self.policy_reloads
+            .get_or_create(&PolicyReload { outcome })
+            .inc();
     }
 }
 

@@ -9,10 +9,13 @@ use cmk_proto::control::v1::{
     key_admin_service_server::KeyAdminServiceServer,
 };
 use cmk_runtime::server::{self, GrpcServer, Timeouts};
+use cmk_tls::ServerFiles;
 use tokio::net::TcpListener;
+use tonic::{Request, service::InterceptorLayer};
 use tracing::{info, warn};
 
 use crate::{
+    authz::{LivePolicy, POLICY_POLL_INTERVAL},
     clock::{Clock, SystemClock},
     config::Settings,
     error::chain,
@@ -63,6 +66,8 @@ pub async fn serve(
         health_listen,
         metrics_listen,
         tls,
+        tls_client_crls,
+        identities,
         hsm,
         database,
         store,
@@ -73,7 +78,16 @@ pub async fn serve(
         limits,
         log_format: _,
     } = settings;
-    let tls = server::watch_tls(tls)?;
+    // Loaded first, so that bad TLS files are reported before the store is
+    // opened; followed like the certificates, CRLs included.
+    let tls = cmk_tls::watch_server(
+        ServerFiles {
+            tls,
+            client_crls: tls_client_crls,
+        },
+        cmk_tls::RELOAD_INTERVAL,
+    )
+    .map_err(server::StartError::from)?;
     let pg = PgStoreOptions {
         max_connections: store.max_connections,
         ..PgStoreOptions::default()
@@ -101,12 +115,25 @@ pub async fn serve(
     };
     let mut grpc = GrpcServer::new()?;
     let metrics = Metrics::register(grpc.registry());
+    // Follows the policy file: re-read on SIGHUP and every poll interval,
+    // and held to the identity rule start-up checked it against.
+    let authz = LivePolicy::follow(
+        authz,
+        POLICY_POLL_INTERVAL,
+        metrics.clone(),
+        move |policy| {
+            let problems = policy.unmatchable_grants(identities);
+            match problems.is_empty() {
+                true => Ok(()),
+                false => Err(problems.join("; ")),
+            }
+        },
+    );
     let service = Arc::new(
         KeyService::new(store, hsm_client, clock, lifecycle, options).with_metrics(metrics),
     );
     info!(replica = service.replica(), %database, "metadata store open");
 
-    let authz = Arc::new(authz);
     // Requests are bounded by the configured limit; responses by what the
     // service returns (a page of up to 1000 audit events is ~200 KiB).
     let max_response = RESPONSE_LIMIT.max(limits.max_message_bytes);
@@ -134,15 +161,16 @@ pub async fn serve(
         request: limits.request_timeout,
         handshake: limits.handshake_timeout,
     };
-    // No layer of its own: each method checks the permission it needs.
+    // Every caller's identity is read from its certificate, by the rule
+    // both servers share, before any service sees the request; a certificate
+    // that names none is refused here. Each method then checks the
+    // permission it needs for that identity.
+    let identify = InterceptorLayer::new(move |mut request: Request<()>| {
+        identities.admit(&mut request)?;
+        Ok(request)
+    });
     let served = grpc
-        .serve(
-            listener,
-            tls,
-            timeouts,
-            shutdown,
-            tower_layer::Identity::new(),
-        )
+        .serve(listener, tls, timeouts, shutdown, identify)
         .await;
     timers.abort();
     rotations.abort();

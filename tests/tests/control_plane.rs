@@ -483,13 +483,8 @@ async fn tampering_with_the_audit_log_is_detected() {
     let mut d = Deployment::start().await;
     byok_on(&d).await;
     list(&d).await;
-    d.client("admin-globex")
-        .await
-        .list_keys(pb::ListKeysRequest {
-            org_id: "globex".into(),
-        })
-        .await
-        .unwrap();
+    // A write enrols globex (a read would not).
+    control_plane::set_byok(&mut d.client("admin-globex").await, "globex", true).await;
     d.stop_control_plane().await;
 
     let url = format!("sqlite://{}", d.database().display());

@@ -43,9 +43,13 @@ async fn every_illegal_transition_is_failed_precondition_and_changes_nothing() {
     let work = tempfile::tempdir().unwrap();
     let mut admin = Observer::new(&d, "admin-acme", ACME).await;
 
-    // BYOK off: the first listing enrols acme with the generic default key.
+    // BYOK off: acme shows the generic default key. A read does not enrol
+    // it (nor would a refusal); a write does, here turning BYOK off, which
+    // it already is.
     let first = admin.keys().await;
     assert!(!first.byok_enabled);
+    cmk_tests::control_plane::set_byok(&mut admin.client, ACME, false).await;
+    assert_eq!(admin.keys().await.active_key_id, first.active_key_id);
     let generic = first.active_key_id.clone();
     assert_eq!(first.keys[0].source(), KeySource::GenericDefault);
     refused(

@@ -11,7 +11,7 @@ use super::{
     response,
 };
 use crate::{
-    authz::{AuthzPolicy, Permission},
+    authz::{LivePolicy, Permission},
     service::{AddAwsKey, AuditPage, KeyOp, KeyService, UploadKey, admin::byok_action},
 };
 
@@ -21,8 +21,8 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    /// The adapter.
-    pub fn new(service: Arc<KeyService>, authz: Arc<AuthzPolicy>) -> Self {
+    /// The adapter, authorising each call by the policy in force then.
+    pub fn new(service: Arc<KeyService>, authz: impl Into<LivePolicy>) -> Self {
         Self {
             edge: Edge::new(service, authz, Refusals::Audited),
         }

@@ -11,7 +11,7 @@ use super::{
     response,
 };
 use crate::{
-    authz::{AuthzPolicy, Permission},
+    authz::{LivePolicy, Permission},
     service::KeyService,
 };
 
@@ -23,8 +23,8 @@ pub struct ContentKeyApi {
 }
 
 impl ContentKeyApi {
-    /// The adapter.
-    pub fn new(service: Arc<KeyService>, authz: Arc<AuthzPolicy>) -> Self {
+    /// The adapter, authorising each call by the policy in force then.
+    pub fn new(service: Arc<KeyService>, authz: impl Into<LivePolicy>) -> Self {
         Self {
             edge: Edge::new(service, authz, Refusals::AuthorisationAudited),
         }

@@ -15,7 +15,7 @@ use cmk_tls::PeerIdentity;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    authz::{AuthzPolicy, Caller, Permission},
+    authz::{Caller, LivePolicy, Permission},
     error::ServiceError,
     service::KeyService,
 };
@@ -42,22 +42,23 @@ pub(crate) enum Refusals {
 }
 
 /// What every RPC of one API shares: the service, the authorisation
-/// policy, and which refusals it audits.
+/// policy in force (read again by every request), and which refusals it
+/// audits.
 pub(crate) struct Edge {
     service: Arc<KeyService>,
-    authz: Arc<AuthzPolicy>,
+    authz: LivePolicy,
     refusals: Refusals,
 }
 
 impl Edge {
     pub(crate) fn new(
         service: Arc<KeyService>,
-        authz: Arc<AuthzPolicy>,
+        authz: impl Into<LivePolicy>,
         refusals: Refusals,
     ) -> Self {
         Self {
             service,
-            authz,
+            authz: authz.into(),
             refusals,
         }
     }

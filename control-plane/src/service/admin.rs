@@ -446,18 +446,20 @@ impl KeyService {
         .await
     }
 
-    /// One key of the org.
+    /// One key of the org. Like every read, it stores nothing for an org
+    /// not enrolled yet, and sees it as enrolment would store it.
     pub async fn get(&self, caller: &Caller, key: &KeyId) -> Result<KeyView, ServiceError> {
         self.audited(caller, "get key", Some(key), true, async {
-            self.key_view(&self.load_or_enrol(caller.org()).await?, key)
+            self.key_view(&self.load_or_fresh(caller.org()).await?, key)
         })
         .await
     }
 
-    /// Every listed key of the org.
+    /// Every listed key of the org (of an org not enrolled yet: the generic
+    /// default key, BYOK off).
     pub async fn list(&self, caller: &Caller) -> Result<OrgView, ServiceError> {
         self.audited(caller, "list keys", None, true, async {
-            Ok(self.view(&self.load_or_enrol(caller.org()).await?))
+            Ok(self.view(&self.load_or_fresh(caller.org()).await?))
         })
         .await
     }
@@ -470,7 +472,7 @@ impl KeyService {
     ) -> Result<RevocationPreview, ServiceError> {
         self.audited(caller, "preview revocation", Some(key), true, async {
             let org = caller.org();
-            let stored = self.load_or_enrol(org).await?;
+            let stored = self.load_or_fresh(org).await?;
             let found = stored
                 .keys
                 .iter()

@@ -1,13 +1,23 @@
 //! The change path: a plan computed from the org as stored, the domain's
 //! transition, and one commit of the outcome with its audit events, custody
 //! intents and rotation job.
+//!
+//! An org is enrolled (stored, with the generic default key as its master) by
+//! its first change. Reads never enrol: before that first change they see the
+//! org as its enrolment would store it ([`KeyService::load_or_fresh`]), under
+//! the same key id, so that what a read shows stays true once the org is
+//! enrolled.
 
-use cmk_control_plane_domain::{Change, Command, Effect, KeyId, KeyState, Org, OrgId, Outcome};
+use aws_lc_rs::digest;
+use cmk_control_plane_domain::{
+    Change, Command, Effect, KeyId, KeyState, Org, OrgId, Outcome, Timestamp,
+};
 use cmk_control_plane_store::{
-    AwsArns, Commit, Intent, IntentKind, RotationChange, StoreError, StoredKey, StoredOrg,
+    AwsArns, Commit, GenericKey, Intent, IntentKind, RotationChange, StoreError, StoredKey,
+    StoredOrg,
 };
 
-use super::{CONFLICT_RETRIES, KeyService, SERVICE_ACTOR, new_key_id};
+use super::{CONFLICT_RETRIES, KeyService, SERVICE_ACTOR};
 use crate::error::{Internal, ServiceError};
 
 /// One change to an org, computed from the org as stored.
@@ -63,7 +73,20 @@ impl KeyService {
         plan: impl Fn(&StoredOrg) -> Result<Step, ServiceError>,
     ) -> Result<(StoredOrg, Vec<Change>), ServiceError> {
         for _ in 0..CONFLICT_RETRIES {
-            let stored = self.load_or_enrol(org).await?;
+            let stored = match self.store.load_org(org).await? {
+                Some(stored) => stored,
+                None => {
+                    // Tried first on the org as enrolment would store it, so
+                    // that a write the domain refuses enrols nothing.
+                    let fresh = self.load_or_fresh(org).await?;
+                    if let Some(command) = plan(&fresh)?.command {
+                        fresh
+                            .domain()
+                            .handle(command, self.clock.now(), &self.policy)?;
+                    }
+                    self.load_or_enrol(org).await?
+                }
+            };
             let now = self.clock.now();
             let step = plan(&stored)?;
             let current = stored.domain();
@@ -205,7 +228,8 @@ impl KeyService {
     }
 
     /// The org as stored; an org seen for the first time is enrolled with the
-    /// generic default key as its master.
+    /// generic default key as its master. For changes and the content-key
+    /// path; admin reads use [`KeyService::load_or_fresh`].
     pub(crate) async fn load_or_enrol(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
         loop {
             if let Some(stored) = self.store.load_org(org).await? {
@@ -213,32 +237,24 @@ impl KeyService {
             }
             let generic = self.ensure_generic().await?;
             let now = self.clock.now();
-            let enrolled = Org::new(new_key_id(), generic.check_value.clone(), now);
+            let enrolled = enrolment(org, &generic, now);
             let commit = Commit {
                 org: org.clone(),
                 expected_version: None,
-                byok: enrolled.byok(),
+                byok: enrolled.byok,
                 audit: enrolled
-                    .keys()
+                    .keys
                     .iter()
-                    .map(|record| {
+                    .map(|key| {
                         self.event(
                             SERVICE_ACTOR,
-                            Some(record.id.0.clone()),
+                            Some(key.record.id.0.clone()),
                             "enrol: the generic default key is the master key",
                             now,
                         )
                     })
                     .collect(),
-                keys: enrolled
-                    .keys()
-                    .iter()
-                    .map(|record| StoredKey {
-                        record: record.clone(),
-                        handle: generic.handle.clone(),
-                        aws: None,
-                    })
-                    .collect(),
+                keys: enrolled.keys,
                 add_intents: Vec::new(),
                 resolve_intents: Vec::new(),
                 rotation: None,
@@ -253,4 +269,57 @@ impl KeyService {
             }
         }
     }
+
+    /// The org as stored, or, for an org not enrolled yet, the org as its
+    /// enrolment would store it now: for reads, which never store an org.
+    /// (A deployment's very first call may have the HSM daemon generate the
+    /// generic default key, which every org shares; nothing of the org is
+    /// written.)
+    pub(crate) async fn load_or_fresh(&self, org: &OrgId) -> Result<StoredOrg, ServiceError> {
+        if let Some(stored) = self.store.load_org(org).await? {
+            return Ok(stored);
+        }
+        let generic = self.ensure_generic().await?;
+        Ok(enrolment(org, &generic, self.clock.now()))
+    }
+}
+
+/// What enrolling `org` at `now` stores: BYOK off, and `generic` as the
+/// master key, under [`enrolment_key_id`].
+fn enrolment(org: &OrgId, generic: &GenericKey, now: Timestamp) -> StoredOrg {
+    let fresh = Org::new(
+        enrolment_key_id(org, generic),
+        generic.check_value.clone(),
+        now,
+    );
+    StoredOrg {
+        org: org.clone(),
+        byok: fresh.byok(),
+        // Not a version any commit makes: the enrolment's commit expects none.
+        version: 0,
+        keys: fresh
+            .keys()
+            .iter()
+            .map(|record| StoredKey {
+                record: record.clone(),
+                handle: generic.handle.clone(),
+                aws: None,
+            })
+            .collect(),
+    }
+}
+
+/// The id of the generic default key in `org` as enrolled: derived from the
+/// org and the generic key (its check value and creation time, never its
+/// handle), so that a read before enrolment names the key as enrolment will.
+/// Shaped like every other key id.
+fn enrolment_key_id(org: &OrgId, generic: &GenericKey) -> KeyId {
+    let mut hash = digest::Context::new(&digest::SHA256);
+    hash.update(b"cmk enrolment key id\0");
+    hash.update(org.as_str().as_bytes());
+    hash.update(b"\0");
+    hash.update(generic.check_value.as_bytes());
+    hash.update(b"\0");
+    hash.update(&generic.created_at.0.to_be_bytes());
+    KeyId(format!("key-{}", &hex::encode(hash.finish())[..16]))
 }

@@ -1,6 +1,8 @@
 //! The org's audit log as the service writes and reads it: a read is audited
 //! when it succeeds, every refusal when it is made (a successful change is
-//! audited inside its own commit, see [`super::apply`]).
+//! audited inside its own commit, see [`super::apply`]). Only an enrolled org
+//! has a log: a read or a refusal naming an org not enrolled yet writes
+//! nothing, and goes to the process log instead.
 
 use std::future::Future;
 
@@ -120,7 +122,8 @@ impl KeyService {
     }
 
     /// Runs `op`, and audits its refusal, or its success if it is a read
-    /// (a successful change is audited inside its own commit).
+    /// (a successful change is audited inside its own commit), in the org's
+    /// log if the org is enrolled.
     pub(crate) async fn audited<T>(
         &self,
         caller: &Caller,
@@ -147,7 +150,13 @@ impl KeyService {
             return result;
         }
         // A read that cannot be audited is not served.
-        self.store.append_audit(caller.org(), vec![event]).await?;
+        match self.append_if_enrolled(caller.org(), event).await? {
+            Recorded::InLog => {}
+            Recorded::NotEnrolled(event) => {
+                info!(org = %caller.org(), actor = %event.actor, action = %event.action,
+                      "served a read of an organisation not enrolled yet (it has no audit log before its first change)");
+            }
+        }
         result
     }
 
@@ -157,20 +166,40 @@ impl KeyService {
     /// org enrolled while its refusal is recorded may miss that one row.)
     async fn record_refused(&self, org: &OrgId, event: NewAuditEvent) {
         let action = event.action.clone();
-        let recorded = match self.store.load_org(org).await {
-            Ok(Some(_)) => self.store.append_audit(org, vec![event]).await,
-            Ok(None) => {
+        match self.append_if_enrolled(org, event).await {
+            Ok(Recorded::InLog) => {}
+            Ok(Recorded::NotEnrolled(event)) => {
                 self.metrics.refusals_unknown_org.inc();
                 info!(%org, actor = %event.actor, action = %event.action, result = %event.result,
                       "refused a call for an organisation that does not exist");
-                return;
             }
-            Err(err) => Err(err),
-        };
-        if let Err(err) = recorded {
-            warn!(error = %chain(&err), %org, action, "cannot audit a refused call");
+            Err(err) => {
+                warn!(error = %chain(&err), %org, action, "cannot audit a refused call");
+            }
         }
     }
+
+    /// Appends `event` to the org's log if the org is enrolled; never
+    /// creates the log of an org that is not.
+    async fn append_if_enrolled(
+        &self,
+        org: &OrgId,
+        event: NewAuditEvent,
+    ) -> Result<Recorded, StoreError> {
+        if self.store.load_org(org).await?.is_none() {
+            return Ok(Recorded::NotEnrolled(event));
+        }
+        self.store.append_audit(org, vec![event]).await?;
+        Ok(Recorded::InLog)
+    }
+}
+
+/// Where an audit event went.
+enum Recorded {
+    /// Into the org's log.
+    InLog,
+    /// Nowhere: the org is not enrolled (the event, for the process log).
+    NotEnrolled(NewAuditEvent),
 }
 
 /// Reads the whole audit chain of `org` and checks it, a page at a time:
@@ -220,11 +249,188 @@ fn refusal(err: &ServiceError) -> String {
 mod tests {
     use std::sync::Arc;
 
-    use cmk_control_plane_domain::Policy;
-    use cmk_control_plane_store::{AuditStore, Commit, SqliteStore};
+    use cmk_control_plane_domain::{KekId, KeySource, KeyState, Policy, Timestamp};
+    use cmk_control_plane_store::{
+        AuditStore, Commit, GenericKey, Intent, IntentKind, SqliteStore,
+    };
 
     use super::*;
     use crate::{authz::Denied, clock::SystemClock, hsm::HsmClient, service::ServiceOptions};
+
+    /// A service over a fresh SQLite store whose generic default key is
+    /// already generated, with no HSM daemon: nothing here may reach one.
+    async fn service_without_hsm() -> (KeyService, Arc<dyn Store>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(dir.path().join("m.db").to_str().unwrap())
+                .await
+                .unwrap(),
+        );
+        // As custody intake does it: the intent first, resolved by the put.
+        store
+            .record_intent(Intent {
+                handle: "generic-1".into(),
+                kind: IntentKind::Import,
+                org: None,
+                created_at: Timestamp(1_700_000_000),
+            })
+            .await
+            .unwrap();
+        store
+            .put_generic_key(GenericKey {
+                handle: "generic-1".into(),
+                check_value: "0123456789".into(),
+                created_at: Timestamp(1_700_000_000),
+            })
+            .await
+            .unwrap();
+        let nowhere = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let service = KeyService::new(
+            store.clone(),
+            HsmClient::over(nowhere),
+            Arc::new(SystemClock),
+            Policy::default(),
+            ServiceOptions::default(),
+        );
+        (service, store, dir)
+    }
+
+    /// Reads of an org not enrolled yet answer as the org would be, and store
+    /// nothing: no org, no audit row.
+    #[tokio::test]
+    async fn reads_of_an_org_not_enrolled_store_nothing() {
+        let (service, store, _dir) = service_without_hsm().await;
+        let org = OrgId::parse("newcomer").unwrap();
+        let reader = Caller::for_tests("spiffe://t/reader", &org);
+
+        let listing = service.list(&reader).await.unwrap();
+        assert!(!listing.byok);
+        assert_eq!(listing.keys.len(), 1, "{listing:?}");
+        let generic = &listing.keys[0].record;
+        assert_eq!(generic.source, KeySource::GenericDefault);
+        assert_eq!(generic.state, KeyState::Active);
+        assert_eq!(generic.check_value, "0123456789");
+        assert_eq!(
+            listing.active.as_ref().map(|k| &k.record.id),
+            Some(&generic.id)
+        );
+        assert_eq!(
+            service.list(&reader).await.unwrap().keys[0].record.id,
+            generic.id,
+            "the same id at every read"
+        );
+        let got = service.get(&reader, &generic.id).await.unwrap();
+        assert_eq!(got.key.record.id, generic.id);
+        let unknown = KeyId("key-0000000000000000".into());
+        assert!(matches!(
+            service.get(&reader, &unknown).await,
+            Err(ServiceError::Lifecycle(_))
+        ));
+        let preview = service
+            .preview_revocation(&reader, &generic.id)
+            .await
+            .unwrap();
+        assert_eq!(preview.keks_wrapped_by_key, 0);
+        assert!(
+            service
+                .audit_events(&reader, AuditPage::new(0, 0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(service.verify_audit(&reader).await.unwrap().events, 0);
+        assert!(matches!(
+            service.rotation(&reader).await,
+            Err(ServiceError::NoRotation)
+        ));
+
+        assert_eq!(store.load_org(&org).await.unwrap(), None, "not enrolled");
+        assert!(store.audit_events(&org, 0, 10).await.unwrap().is_empty());
+        assert!(store.audited_orgs().await.unwrap().is_empty());
+    }
+
+    /// A change enrols the org, under the key id reads showed before; from
+    /// then on reads are audited.
+    #[tokio::test]
+    async fn a_change_enrols_the_org_as_reads_showed_it() {
+        let (service, store, _dir) = service_without_hsm().await;
+        let org = OrgId::parse("newcomer").unwrap();
+        let admin = Caller::for_tests("spiffe://t/admin", &org);
+        let shown = service.list(&admin).await.unwrap().keys[0]
+            .record
+            .id
+            .clone();
+
+        let view = service.set_byok(&admin, true).await.unwrap();
+        assert!(view.byok);
+        let stored = store.load_org(&org).await.unwrap().expect("enrolled");
+        assert_eq!(stored.keys.len(), 1);
+        assert_eq!(stored.keys[0].record.id, shown, "the id reads showed");
+        assert_eq!(stored.keys[0].handle, "generic-1");
+        let actions = |events: Vec<audit::ChainedEvent>| {
+            events
+                .into_iter()
+                .map(|e| e.event.action)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            actions(store.audit_events(&org, 0, 10).await.unwrap()),
+            [
+                "enrol: the generic default key is the master key",
+                "byok on"
+            ]
+        );
+
+        service.list(&admin).await.unwrap();
+        assert_eq!(
+            actions(store.audit_events(&org, 0, 10).await.unwrap())
+                .last()
+                .map(String::as_str),
+            Some("list keys")
+        );
+        // Another org enrolled on the same generic key gets another id.
+        let other = Caller::for_tests("spiffe://t/admin", &OrgId::parse("other").unwrap());
+        assert_ne!(service.list(&other).await.unwrap().keys[0].record.id, shown);
+    }
+
+    /// A change the domain refuses, and content calls that find no KEK, on
+    /// an org not enrolled yet store nothing either.
+    #[tokio::test]
+    async fn refused_changes_and_content_reads_do_not_enrol() {
+        use crate::service::{ContentContext, KeyOp};
+        let (service, store, _dir) = service_without_hsm().await;
+        let org = OrgId::parse("newcomer").unwrap();
+        let admin = Caller::for_tests("spiffe://t/admin", &org);
+        let service_caller = Caller::for_tests("spiffe://t/service", &org);
+
+        let unknown = KeyId("key-0000000000000000".into());
+        assert!(matches!(
+            service.change(&admin, KeyOp::Activate, &unknown).await,
+            Err(ServiceError::Lifecycle(_))
+        ));
+        let generic = service.list(&admin).await.unwrap().keys[0]
+            .record
+            .id
+            .clone();
+        // The generic default key cannot be revoked.
+        assert!(
+            service
+                .change(&admin, KeyOp::Revoke, &generic)
+                .await
+                .is_err()
+        );
+        let kek = KekId::from_random([7; 16]);
+        let context = ContentContext::new(b"doc-1".to_vec()).unwrap();
+        assert!(matches!(
+            service
+                .generate_data_key(&service_caller, &kek, &context)
+                .await,
+            Err(ServiceError::UnknownKek(_))
+        ));
+
+        assert_eq!(store.load_org(&org).await.unwrap(), None, "not enrolled");
+        assert!(store.audited_orgs().await.unwrap().is_empty());
+    }
 
     /// A stranger naming made-up orgs cannot grow the database: the refusal
     /// is counted and logged, and only an existing org's log records it.

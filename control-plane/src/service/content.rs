@@ -83,6 +83,14 @@ pub(crate) struct OrgState {
     pub(crate) provider_blocked: HashSet<KeyId>,
 }
 
+impl OrgState {
+    /// Whether the org is stored; one that is not was read as enrolment
+    /// would store it, at version 0, which no commit makes.
+    pub(crate) fn enrolled(&self) -> bool {
+        self.version > 0
+    }
+}
+
 /// A KEK as the internal service sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KekView {
@@ -119,6 +127,10 @@ impl KeyService {
     ) -> Result<KekView, ServiceError> {
         let org = caller.org();
         let mut state = self.org_state(org).await?;
+        if !state.enrolled() {
+            // The first KEK is the first write: the org is enrolled now.
+            state = self.remember_org_state(&self.load_or_enrol(org).await?);
+        }
         for _ in 0..KEK_CONFLICT_RETRIES {
             let (master, handle) = state.master.clone()?;
             let id = KekId::from_random(random_bytes());
@@ -308,7 +320,8 @@ impl KeyService {
     }
 
     async fn reload_org_state(&self, org: &OrgId) -> Result<Arc<OrgState>, ServiceError> {
-        let stored = self.load_or_enrol(org).await?;
+        // Reading never enrols: an org not stored yet has no KEK to use.
+        let stored = self.load_or_fresh(org).await?;
         Ok(self.remember_org_state(&stored))
     }
 
