@@ -76,6 +76,7 @@ pub async fn serve(
         keys,
         maintenance_interval,
         limits,
+        connections,
         log_format: _,
     } = settings;
     // Loaded first, so that bad TLS files are reported before the store is
@@ -170,7 +171,7 @@ pub async fn serve(
         Ok(request)
     });
     let served = grpc
-        .serve(listener, tls, timeouts, shutdown, identify)
+        .serve(listener, tls, timeouts, connections, shutdown, identify)
         .await;
     timers.abort();
     rotations.abort();

@@ -14,7 +14,7 @@ use std::{
 use cmk_hsm_custody::{ImportKeyBits, RootKey};
 use cmk_hsm_pkcs11::{Pkcs11Settings, TokenSelector};
 pub use cmk_runtime::LogFormat;
-use cmk_runtime::server::ListenAddrs;
+use cmk_runtime::server::{ConnectionLimits, ListenAddrs, RawConnectionLimits};
 use cmk_secret::SecretBytes;
 use cmk_tls::{IdentityRule, TlsFiles};
 use serde::Deserialize;
@@ -132,6 +132,28 @@ pub struct RawSettings {
     /// Seconds a request may take [default: 30].
     #[arg(long, env = "CMK_HSM_REQUEST_TIMEOUT_SECS")]
     pub request_timeout_secs: Option<u64>,
+    /// Connections open at once, TLS handshakes included; one beyond is
+    /// closed when accepted [default: 4096].
+    #[arg(long, env = "CMK_HSM_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
+    /// TLS handshakes doing their cryptography at once [default: 64].
+    #[arg(long, env = "CMK_HSM_MAX_HANDSHAKES")]
+    pub max_handshakes: Option<u64>,
+    /// HTTP/2 streams (calls in flight) per connection [default: 128].
+    #[arg(long, env = "CMK_HSM_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u64>,
+    /// Requests in flight over all connections; one beyond is answered
+    /// RESOURCE_EXHAUSTED [default: 2048].
+    #[arg(long, env = "CMK_HSM_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<u64>,
+    /// Seconds between HTTP/2 keepalive pings; a peer silent as long again
+    /// is dropped [default: 60].
+    #[arg(long, env = "CMK_HSM_KEEPALIVE_SECS")]
+    pub keepalive_secs: Option<u64>,
+    /// Seconds after which a connection is asked to close and reconnect
+    /// [default: 3600].
+    #[arg(long, env = "CMK_HSM_MAX_CONNECTION_AGE_SECS")]
+    pub max_connection_age_secs: Option<u64>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "CMK_HSM_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -191,6 +213,12 @@ impl RawSettings {
             max_associated_data_bytes,
             handshake_timeout_secs,
             request_timeout_secs,
+            max_connections,
+            max_handshakes,
+            max_concurrent_streams,
+            max_in_flight,
+            keepalive_secs,
+            max_connection_age_secs,
             log_format,
             aws_endpoint,
             aws_region_endpoints,
@@ -231,6 +259,12 @@ impl RawSettings {
             max_associated_data_bytes: max_associated_data_bytes.or(self.max_associated_data_bytes),
             handshake_timeout_secs: handshake_timeout_secs.or(self.handshake_timeout_secs),
             request_timeout_secs: request_timeout_secs.or(self.request_timeout_secs),
+            max_connections: max_connections.or(self.max_connections),
+            max_handshakes: max_handshakes.or(self.max_handshakes),
+            max_concurrent_streams: max_concurrent_streams.or(self.max_concurrent_streams),
+            max_in_flight: max_in_flight.or(self.max_in_flight),
+            keepalive_secs: keepalive_secs.or(self.keepalive_secs),
+            max_connection_age_secs: max_connection_age_secs.or(self.max_connection_age_secs),
             log_format: log_format.or(self.log_format),
             aws_endpoint: aws_endpoint.or(self.aws_endpoint),
             aws_region_endpoints: if aws_region_endpoints.is_empty() {
@@ -483,6 +517,17 @@ impl RawSettings {
             }
         };
 
+        let connections = ConnectionLimits::validate(
+            RawConnectionLimits {
+                max_connections: self.max_connections,
+                max_handshakes: self.max_handshakes,
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_in_flight: self.max_in_flight,
+                keepalive_secs: self.keepalive_secs,
+                max_connection_age_secs: self.max_connection_age_secs,
+            },
+            &mut errors,
+        );
         match custody {
             Some(custody) if errors.is_empty() => Ok(Settings {
                 listen,
@@ -495,6 +540,7 @@ impl RawSettings {
                 tls,
                 tls_client_crls,
                 limits,
+                connections,
                 log_format,
                 aws,
             }),
@@ -696,6 +742,8 @@ pub struct Settings {
     pub tls_client_crls: Vec<PathBuf>,
     /// Bounds on every request.
     pub limits: Limits,
+    /// Connections, handshakes, streams and requests in flight.
+    pub connections: ConnectionLimits,
     /// How log lines are written.
     pub log_format: LogFormat,
     /// How AWS KMS is reached for the keys it holds references to.

@@ -93,6 +93,7 @@ pub async fn serve(
         tls,
         tls_client_crls,
         limits,
+        connections,
         log_format: _,
         aws,
     } = settings;
@@ -136,7 +137,7 @@ pub async fn serve(
     // Every caller, whatever it asks for, must be on the allow-list.
     let allow_list =
         InterceptorLayer::new(authz::allow_list(Arc::new(allowed_clients), identities));
-    grpc.serve(listener, tls, timeouts, shutdown, allow_list)
+    grpc.serve(listener, tls, timeouts, connections, shutdown, allow_list)
         .await?;
     info!("stopped");
     Ok(())

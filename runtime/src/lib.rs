@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod in_flight;
 pub mod malformed;
 pub mod metrics;
 pub mod request;

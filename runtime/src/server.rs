@@ -27,6 +27,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
+    in_flight::{InFlight, InFlightLayer},
     malformed::{MalformedRequestLayer, MalformedRequestService},
     metrics::{DescriptorSetError, GrpcMetrics, GrpcMetricsService, MetricsServer, serve_metrics},
 };
@@ -131,6 +132,97 @@ pub struct Timeouts {
     pub request: Duration,
     /// The longest a TLS handshake may take.
     pub handshake: Duration,
+}
+
+/// What a server lets callers hold before and after they are authenticated:
+/// connections, handshakes, streams and requests in flight, and how long an
+/// idle or old connection lives. Every bound refuses what is beyond it
+/// (closed at accept, `REFUSED_STREAM`, `RESOURCE_EXHAUSTED`) rather than
+/// queue it without limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once, handshakes included.
+    pub max_connections: usize,
+    /// Handshakes doing cryptography at once (a connection takes one only
+    /// once its ClientHello has arrived).
+    pub max_handshakes: usize,
+    /// HTTP/2 streams, so calls in flight, per connection.
+    pub max_concurrent_streams: u32,
+    /// Requests in flight over all connections.
+    pub max_in_flight: usize,
+    /// HTTP/2 keepalive: a ping this often, and a peer that does not answer
+    /// within as long again is dropped.
+    pub keepalive: Duration,
+    /// A connection older than this is asked to close (HTTP/2 GOAWAY) and
+    /// gets the request timeout to finish its calls: a certificate revoked or
+    /// a CA rotated reaches connections opened before within this bound.
+    pub max_connection_age: Duration,
+}
+
+/// [`ConnectionLimits`] as configured: `None` takes the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // Each is the field of ConnectionLimits it names.
+pub struct RawConnectionLimits {
+    pub max_connections: Option<u64>,
+    pub max_handshakes: Option<u64>,
+    pub max_concurrent_streams: Option<u64>,
+    pub max_in_flight: Option<u64>,
+    pub keepalive_secs: Option<u64>,
+    pub max_connection_age_secs: Option<u64>,
+}
+
+impl ConnectionLimits {
+    /// The limits `raw` sets, each out of its range reported in `errors`
+    /// by its setting's name.
+    pub fn validate(raw: RawConnectionLimits, errors: &mut Vec<String>) -> Self {
+        let mut bounded = |name: &str, value: Option<u64>, default: u64, max: u64| {
+            let v = value.unwrap_or(default);
+            if v == 0 || v > max {
+                errors.push(format!("{name}: {v} is out of range 1..={max}"));
+            }
+            v
+        };
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Self {
+            max_connections: size(bounded(
+                "max_connections",
+                raw.max_connections,
+                4096,
+                1_000_000,
+            )),
+            max_handshakes: size(bounded("max_handshakes", raw.max_handshakes, 64, 4096)),
+            max_concurrent_streams: u32::try_from(bounded(
+                "max_concurrent_streams",
+                raw.max_concurrent_streams,
+                128,
+                10_000,
+            ))
+            .unwrap_or(u32::MAX),
+            max_in_flight: size(bounded("max_in_flight", raw.max_in_flight, 2048, 1_000_000)),
+            keepalive: Duration::from_secs(bounded("keepalive_secs", raw.keepalive_secs, 60, 3600)),
+            max_connection_age: Duration::from_secs(bounded(
+                "max_connection_age_secs",
+                raw.max_connection_age_secs,
+                3600,
+                7 * 86_400,
+            )),
+        }
+    }
+
+    /// The accept side of these limits, with `handshake_timeout`.
+    pub fn accept(&self, handshake_timeout: Duration) -> cmk_tls::AcceptLimits {
+        cmk_tls::AcceptLimits {
+            handshake_timeout,
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+        }
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self::validate(RawConnectionLimits::default(), &mut Vec::new())
+    }
 }
 
 /// A cmk gRPC server being assembled: its metrics registry and its own
@@ -244,7 +336,8 @@ pub struct Started {
 
 /// The service a server's layers make of its routes, given the binary's own
 /// `L` innermost.
-type Layered<L> = GrpcMetricsService<MalformedRequestService<<L as Layer<Routes>>::Service>>;
+type Layered<L> =
+    GrpcMetricsService<MalformedRequestService<<L as Layer<InFlight<Routes>>>::Service>>;
 
 impl Started {
     /// Serves the routes over mutual TLS on `listener` until `shutdown`
@@ -256,17 +349,21 @@ impl Started {
     /// latencies; outermost, so that requests refused inside are counted and
     /// logged too), then the malformed-request layer (inside the metrics, so
     /// that they count the codes sent), then `layer`, the binary's own (an
-    /// allow-list, say; `tower_layer::Identity` for none).
+    /// allow-list, say; `tower_layer::Identity` for none), then the bound on
+    /// requests in flight: a caller refused by `layer` never takes one of its
+    /// permits, so strangers cannot use up the capacity of those allowed.
+    /// Connections are held to `limits` from the TCP accept on.
     pub async fn serve<L, ResBody>(
         self,
         listener: TcpListener,
         tls: TlsConfig,
         timeouts: Timeouts,
+        limits: ConnectionLimits,
         shutdown: impl Future<Output = ()> + Send + 'static,
         layer: L,
     ) -> Result<(), StartError>
     where
-        L: Layer<Routes> + Clone,
+        L: Layer<InFlight<Routes>> + Clone,
         Layered<L>: Service<http::Request<Body>, Response = http::Response<ResBody>>
             + Clone
             + Send
@@ -276,12 +373,18 @@ impl Started {
         ResBody: http_body::Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<StdError>,
     {
-        let incoming = cmk_tls::incoming(listener, tls, timeouts.handshake);
+        let incoming = cmk_tls::incoming(listener, tls, limits.accept(timeouts.handshake));
         let router = Server::builder()
             .timeout(timeouts.request)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive))
+            .http2_keepalive_timeout(Some(limits.keepalive))
+            .max_connection_age(limits.max_connection_age)
+            .max_connection_age_grace(timeouts.request)
             .layer(self.metrics.layer())
             .layer(MalformedRequestLayer)
             .layer(layer)
+            .layer(InFlightLayer::new(limits.max_in_flight))
             .add_routes(self.routes);
         serve_with_grace(shutdown, timeouts.request, |signal| {
             router.serve_with_incoming_shutdown(incoming, signal)
@@ -378,6 +481,38 @@ impl Drop for HealthProbes {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_limits_default_and_name_every_bad_one() {
+        let defaults = ConnectionLimits::default();
+        assert_eq!(defaults.max_connections, 4096);
+        assert_eq!(defaults.max_handshakes, 64);
+        assert_eq!(defaults.max_concurrent_streams, 128);
+        assert_eq!(defaults.max_in_flight, 2048);
+        assert_eq!(defaults.keepalive, Duration::from_secs(60));
+        assert_eq!(defaults.max_connection_age, Duration::from_secs(3600));
+        let mut errors = Vec::new();
+        let raw = RawConnectionLimits {
+            max_connections: Some(0),
+            max_handshakes: Some(5000),
+            max_concurrent_streams: Some(10_001),
+            max_in_flight: Some(0),
+            keepalive_secs: Some(3601),
+            max_connection_age_secs: Some(0),
+        };
+        ConnectionLimits::validate(raw, &mut errors);
+        assert_eq!(
+            errors,
+            [
+                "max_connections: 0 is out of range 1..=1000000",
+                "max_handshakes: 5000 is out of range 1..=4096",
+                "max_concurrent_streams: 10001 is out of range 1..=10000",
+                "max_in_flight: 0 is out of range 1..=1000000",
+                "keepalive_secs: 3601 is out of range 1..=3600",
+                "max_connection_age_secs: 0 is out of range 1..=604800",
+            ]
+        );
+    }
 
     #[test]
     fn listen_addresses_default_and_name_every_bad_one() {

@@ -452,7 +452,11 @@ fn echo_server(listen: SocketAddr, pki: &Path) {
             "listening listener=\"grpc\" addr={}",
             listener.local_addr().unwrap()
         );
-        let incoming = cmk_tls::incoming(listener, tls, HANDSHAKE_TIMEOUT);
+        let incoming = cmk_tls::incoming(
+            listener,
+            tls,
+            cmk_tls::AcceptLimits::with_timeout(HANDSHAKE_TIMEOUT),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServiceServer<Echo>>().await;
         let echo = EchoServiceServer::new(Echo)

@@ -46,7 +46,7 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
 
@@ -302,16 +302,110 @@ pub fn client_config(
         .domain_name(server_name))
 }
 
+/// What a server accepts before it knows who is calling: the bounds that
+/// keep strangers from growing its tasks and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// The longest a TLS handshake may take, from the TCP accept.
+    pub handshake_timeout: Duration,
+    /// Most connections open at once, those in their handshake included; a
+    /// connection beyond is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Most handshakes doing their cryptography at once. A connection takes
+    /// one only once its ClientHello has arrived, so idle or slow clients
+    /// hold a connection slot (until `handshake_timeout`) but never this.
+    pub max_handshakes: usize,
+}
+
+impl AcceptLimits {
+    /// Limits with `handshake_timeout` and generous bounds, for tests and
+    /// benchmarks.
+    pub const fn with_timeout(handshake_timeout: Duration) -> Self {
+        Self {
+            handshake_timeout,
+            max_connections: 4096,
+            max_handshakes: 256,
+        }
+    }
+}
+
+/// A TLS connection holding its slot among [`AcceptLimits::max_connections`]
+/// until it closes.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TlsStream<TcpStream>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Connection {
+    // The TLS stream's own, so that `Request::peer_certs` finds the
+    // client's certificate as it would without the slot.
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
 /// Accepts TCP connections on `listener` and yields those whose TLS handshake
-/// completed within `handshake_timeout`. Failed handshakes are logged and dropped.
+/// completed within `limits.handshake_timeout`, holding each to
+/// [`AcceptLimits`]. Failed and refused connections are logged and dropped.
 ///
 /// The stream ends when the returned stream is dropped (the server shut down).
 pub fn incoming(
     listener: TcpListener,
     config: tokio::sync::watch::Receiver<Arc<ServerConfig>>,
-    handshake_timeout: Duration,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    limits: AcceptLimits,
+) -> ReceiverStream<Result<Connection, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -327,19 +421,43 @@ pub fn incoming(
                 },
                 () = tx.closed() => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Closed at once: the client learns now, and holds nothing.
+                debug!(%peer, max = limits.max_connections, "connection refused: too many open");
+                continue;
+            };
             // gRPC writes small frames; without this, Nagle's algorithm holds a
             // response's tail until the peer's delayed ACK, about 40 ms later.
             if let Err(err) = tcp.set_nodelay(true) {
                 debug!(%peer, %err, "cannot set TCP_NODELAY");
             }
-            // The newest configuration, for this handshake only.
-            let acceptor = TlsAcceptor::from(config.borrow().clone());
-            let tx = tx.clone();
+            let (tx, config, handshakes) = (tx.clone(), config.clone(), handshakes.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                let handshake = async {
+                    // The ClientHello is read without a handshake permit, so
+                    // that clients that send nothing hold none.
+                    let start = tokio_rustls::LazyConfigAcceptor::new(
+                        rustls::server::Acceptor::default(),
+                        tcp,
+                    )
+                    .await?;
+                    let _permit = handshakes
+                        .acquire()
+                        .await
+                        .map_err(|_| io::Error::other("server stopping"))?;
+                    // The newest configuration, for this handshake only.
+                    let config = config.borrow().clone();
+                    start.into_stream(config).await
+                };
+                match tokio::time::timeout(limits.handshake_timeout, handshake).await {
                     Ok(Ok(stream)) => {
                         // The receiver is gone only when the server stopped.
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx
+                            .send(Ok(Connection {
+                                stream,
+                                _slot: slot,
+                            }))
+                            .await;
                     }
                     // A certificate of the client CA that is refused (revoked,
                     // expired, its CRL out of date) is worth the operator's

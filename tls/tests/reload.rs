@@ -80,7 +80,11 @@ async fn rotated_files_serve_new_connections_and_spare_open_ones() {
     let config = cmk_tls::watch_server_config(files.clone(), INTERVAL).unwrap();
     let listener = cmk_tls::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut incoming = cmk_tls::incoming(listener, config, Duration::from_secs(5));
+    let mut incoming = cmk_tls::incoming(
+        listener,
+        config,
+        cmk_tls::AcceptLimits::with_timeout(Duration::from_secs(5)),
+    );
     tokio::spawn(async move {
         while let Some(Ok(mut stream)) = incoming.next().await {
             tokio::spawn(async move {

@@ -59,7 +59,11 @@ async fn echo_server(files: ServerFiles) -> std::net::SocketAddr {
     let config = cmk_tls::watch_server(files, INTERVAL).unwrap();
     let listener = cmk_tls::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut incoming = cmk_tls::incoming(listener, config, Duration::from_secs(5));
+    let mut incoming = cmk_tls::incoming(
+        listener,
+        config,
+        cmk_tls::AcceptLimits::with_timeout(Duration::from_secs(5)),
+    );
     tokio::spawn(async move {
         while let Some(Ok(mut stream)) = incoming.next().await {
             tokio::spawn(async move {
