@@ -264,7 +264,9 @@ def check(rendered, overlay):
             ca = certs.get(by_secret.get((s["ca"] or {}).get("secretName")))
             if not ca or not ca["spec"].get("isCA"):
                 fail(f"Issuer/{name}: spec.ca.secretName is not the Secret of a CA Certificate (isCA: true)")
-    # The CA chain: every leaf from one CA issuer, that CA from a self-signed issuer.
+    # The CA chains: every leaf from a CA issuer, each CA from a self-signed
+    # issuer; the link to the HSM daemon has a CA of its own (checked with
+    # the workloads below).
     ca_issuers = {n for n, i in issuers.items() if "ca" in i["spec"]}
     for name, c in certs.items():
         ref = c["spec"].get("issuerRef", {}).get("name")
@@ -272,9 +274,9 @@ def check(rendered, overlay):
             if "selfSigned" not in issuers.get(ref, {}).get("spec", {}):
                 fail(f"Certificate/{name}: the CA should come from the self-signed bootstrap Issuer")
         elif ref not in ca_issuers:
-            fail(f"Certificate/{name}: not issued by the CA Issuer")
-    if len(ca_issuers) != 1:
-        fail(f"expected exactly one CA Issuer, found {sorted(ca_issuers)}")
+            fail(f"Certificate/{name}: not issued by a CA Issuer")
+    if len(ca_issuers) != 2:
+        fail(f"expected two CA Issuers (clients, and the HSM link), found {sorted(ca_issuers)}")
 
     def cert_of(secret):
         return certs.get(by_secret.get(secret))
@@ -541,6 +543,20 @@ def check(rendered, overlay):
             fail("the control plane's tls_cert is not a server-auth Certificate")
         if not client or "client auth" not in client["spec"].get("usages", []):
             fail("the control plane's hsm_tls_cert is not a client-auth Certificate")
+        # The HSM link's CA issues the daemon's server certificate and the
+        # control plane's client certificate towards it, and nothing else:
+        # the daemon trusts it alone, so no other client can reach it.
+        link = server["spec"]["issuerRef"]["name"] if server else None
+        if client and client["spec"]["issuerRef"]["name"] != link:
+            fail("the control plane's hsm_tls_cert and the HSM daemon's tls_cert come from different CAs")
+        for cname_, c in certs.items():
+            if c is not server and c is not client and not c["spec"].get("isCA") \
+                    and c["spec"]["issuerRef"]["name"] == link:
+                fail(f"Certificate/{cname_}: issued by the HSM link's CA ({link}), which only the daemon and the control plane's client certificate may use")
+        if cp_server and cp_server["spec"]["issuerRef"]["name"] == link:
+            fail("the control plane's server certificate must not come from the HSM link's CA")
+        if link:
+            print(f"    HSM link CA: {link} (the daemon's server certificate and the control plane's client certificate only)")
         else:
             ident = (client["spec"].get("uris") or client["spec"].get("dnsNames") or [client["spec"].get("commonName")])[0]
             if ident not in hcfg.get("allowed_clients", []):
