@@ -155,6 +155,21 @@ pub enum Command {
         A key disabled or scheduled for deletion in AWS is shown as revoked by provider \
         until it is enabled there again.")]
     AddAwsKey(AddAwsKeyArgs),
+    /// What your AWS admin needs to create a role the service may assume
+    #[command(
+        long_about = "What your AWS admin needs to create a role the service may assume.\n\n\
+        Prints the service's AWS principal, your organisation's external id (random, made on \
+        first request, never changed; the service sends it on every AssumeRole of your \
+        roles), the role's trust policy (only that principal, only with that external id) \
+        and its permissions policy (Encrypt and Decrypt only under an encryption context \
+        naming your organisation, cmk:org; DescribeKey and GetKeyRotationStatus) for your \
+        keys already added and the ones named with --key-arn."
+    )]
+    AwsSetup {
+        /// A key the role is for, about to be added (repeatable, at most 16)
+        #[arg(long = "key-arn", value_name = "ARN")]
+        key_arns: Vec<String>,
+    },
     /// Make a pending key the master key (the previous one starts rotating)
     Activate(KeyId),
     /// Remove a pending key

@@ -11,7 +11,7 @@ use std::{
 use base64::Engine;
 use cmk_proto::control::v1::{
     AddAwsKeyRequest, CreateKekRequest, CreateKekResponse, DecryptRequest, DecryptResponse,
-    GenerateDataKeyRequest, GenerateDataKeyResponse, GetImportPublicKeyRequest,
+    GenerateDataKeyRequest, GenerateDataKeyResponse, GetAwsSetupRequest, GetImportPublicKeyRequest,
     GetImportPublicKeyResponse, GetRotationRequest, KeyRequest, KeyResponse,
     ListAuditEventsRequest, ListAuditEventsResponse, ListKeysRequest, SetByokRequest,
     UploadKeyRequest, VerifyAuditLogRequest,
@@ -28,9 +28,9 @@ use crate::{
     config::Merged,
     error::Error,
     output::{
-        self, AuditEventView, AuditListView, ByokView, DataKeyView, DecryptView, KekView,
-        KeyResponseView, ListView, PreviewView, PublicKeyView, Render, RevokeView, RotationView,
-        VerifyView, WrapView, print,
+        self, AuditEventView, AuditListView, AwsSetupView, ByokView, DataKeyView, DecryptView,
+        KekView, KeyResponseView, ListView, PreviewView, PublicKeyView, Render, RevokeView,
+        RotationView, VerifyView, WrapView, print,
     },
     watch,
     wrap::{self, KeySource},
@@ -127,6 +127,11 @@ async fn remote(client: &Client, command: Command, format: OutputFormat) -> Resu
             };
             let response = client.call(client.admin().add_aws_key(request)).await?;
             print(format, &KeyResponseView::from(response))
+        }
+        Command::AwsSetup { key_arns } => {
+            let request = GetAwsSetupRequest { org_id, key_arns };
+            let response = client.call(client.admin().get_aws_setup(request)).await?;
+            print(format, &AwsSetupView::from(response))
         }
         Command::Activate(KeyId { key_id }) => {
             key_call(client, KeyCall::Activate, key_id, format).await

@@ -16,8 +16,9 @@ use std::{
 };
 
 use cmk_proto::control::v1::{
-    AuditEvent, AwsKey, Key, KeyResponse, KeySource, KeyState, ListKeysResponse,
-    PreviewRevocationResponse, Rotation, RotationState, SetByokResponse, VerifyAuditLogResponse,
+    AuditEvent, AwsKey, GetAwsSetupResponse, Key, KeyResponse, KeySource, KeyState,
+    ListKeysResponse, PreviewRevocationResponse, Rotation, RotationState, SetByokResponse,
+    VerifyAuditLogResponse,
 };
 use serde::{Serialize, Serializer};
 
@@ -450,6 +451,61 @@ impl ListView {
         } else {
             "revoked"
         }
+    }
+}
+
+/// What an org's AWS admin needs to create the role.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AwsSetupView {
+    /// The principal the role's trust policy names.
+    pub service_principal_arn: String,
+    /// The external id the trust policy requires.
+    pub external_id: String,
+    /// The role's trust policy.
+    pub trust_policy: serde_json::Value,
+    /// The role's permissions policy.
+    pub permissions_policy: serde_json::Value,
+    /// The keys the permissions policy names.
+    pub key_arns: Vec<String>,
+}
+
+impl From<GetAwsSetupResponse> for AwsSetupView {
+    fn from(response: GetAwsSetupResponse) -> Self {
+        let GetAwsSetupResponse {
+            service_principal_arn,
+            external_id,
+            trust_policy_json,
+            permissions_policy_json,
+            key_arns,
+        } = response;
+        // Shown as sent should a policy not parse; the service writes JSON.
+        let parsed =
+            |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        AwsSetupView {
+            service_principal_arn,
+            external_id,
+            trust_policy: parsed(trust_policy_json),
+            permissions_policy: parsed(permissions_policy_json),
+            key_arns,
+        }
+    }
+}
+
+impl Render for AwsSetupView {
+    fn table(&self) -> String {
+        let policy =
+            |value: &serde_json::Value| serde_json::to_string_pretty(value).unwrap_or_default();
+        let mut out = fields(&[
+            ("service principal", self.service_principal_arn.clone()),
+            ("external id", self.external_id.clone()),
+            ("keys", self.key_arns.join(", ")),
+        ]);
+        out.push_str("\ntrust policy (the role's trust relationship):\n");
+        out.push_str(&policy(&self.trust_policy));
+        out.push_str("\n\npermissions policy (attach to the role):\n");
+        out.push_str(&policy(&self.permissions_policy));
+        out.push('\n');
+        out
     }
 }
 

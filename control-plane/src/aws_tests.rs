@@ -27,7 +27,10 @@ use crate::{
     error::ServiceError,
     grpc::{Edge, Refusals},
     hsm::HsmClient,
-    service::{AddAwsKey, AuditPage, ContentContext, KeyOp, KeyService, KeyView, ServiceOptions},
+    service::{
+        AddAwsKey, AuditPage, AwsSetupRequest, ContentContext, KeyOp, KeyService, KeyView,
+        ServiceOptions,
+    },
 };
 
 /// What the fake daemon holds under a handle.
@@ -49,6 +52,8 @@ struct Daemon {
     aws_down: AtomicBool,
     imports: AtomicUsize,
     wraps: AtomicUsize,
+    /// The org and the external id of every AWS key import, in order.
+    aws_imports: Mutex<Vec<(String, String)>>,
 }
 
 #[derive(Clone)]
@@ -141,7 +146,10 @@ impl HsmService for FakeHsm {
         let daemon = &self.0;
         daemon.imports.fetch_add(1, Ordering::SeqCst);
         let pb::ImportRequest {
-            source, key_handle, ..
+            source,
+            key_handle,
+            org,
+            ..
         } = request.into_inner();
         let (held, check_value, origin) = match source {
             Some(Source::Generate(_)) => (
@@ -149,7 +157,16 @@ impl HsmService for FakeHsm {
                 "GEN0000000".to_owned(),
                 pb::KeyOrigin::Generated,
             ),
-            Some(Source::AwsKmsKey(pb::AwsKmsKey { key_arn, .. })) => {
+            Some(Source::AwsKmsKey(pb::AwsKmsKey {
+                key_arn,
+                external_id,
+                ..
+            })) => {
+                daemon
+                    .aws_imports
+                    .lock()
+                    .unwrap()
+                    .push((org.clone(), external_id));
                 if !key_arn.starts_with("arn:aws:kms:") {
                     return Err(Status::invalid_argument(format!(
                         "key_arn {key_arn:?} is not a KMS key ARN"
@@ -254,7 +271,14 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
+/// The HSM daemon's AWS principal in these tests.
+const PRINCIPAL: &str = "arn:aws:iam::999988887777:role/cmk-hsm-daemon";
+
 async fn setup() -> Setup {
+    setup_with(Some(PRINCIPAL)).await
+}
+
+async fn setup_with(principal: Option<&str>) -> Setup {
     let daemon = Arc::new(Daemon::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -272,13 +296,16 @@ async fn setup() -> Setup {
             .await
             .unwrap(),
     );
-    let service = Arc::new(KeyService::new(
-        store,
-        HsmClient::over(channel),
-        Arc::new(SystemClock),
-        Policy::default(),
-        ServiceOptions::default(),
-    ));
+    let service = Arc::new(
+        KeyService::new(
+            store,
+            HsmClient::over(channel),
+            Arc::new(SystemClock),
+            Policy::default(),
+            ServiceOptions::default(),
+        )
+        .with_aws_principal(principal.map(str::to_owned)),
+    );
     let admin = Caller::for_tests("admin", &OrgId::parse("acme").unwrap());
     service.set_byok(&admin, true).await.unwrap();
     Setup {
@@ -768,7 +795,12 @@ async fn unavailable_says_what_the_daemon_cannot_reach_but_not_how_a_connection_
     // Nothing listens on port 9 of this host.
     let nowhere = HsmClient::over(Endpoint::from_static("http://127.0.0.1:9").connect_lazy());
     let err = nowhere
-        .wrap(&"0".repeat(32), &crate::envelope::new_content_key(), b"")
+        .wrap(
+            &OrgId::parse("acme").unwrap(),
+            &"0".repeat(32),
+            &crate::envelope::new_content_key(),
+            b"",
+        )
         .await
         .unwrap_err();
     let status = ServiceError::from(err).to_status();
@@ -777,4 +809,102 @@ async fn unavailable_says_what_the_daemon_cannot_reach_but_not_how_a_connection_
         status.message(),
         "the HSM daemon is unavailable; retry later"
     );
+}
+
+/// Every org's roles are assumed with the org's own external id: random,
+/// the same for every key of the org and in its AWS setup, another for
+/// another org, and none sent for a key without a role.
+#[tokio::test]
+async fn each_org_assumes_its_roles_with_its_own_external_id() {
+    let s = setup().await;
+    let role = "arn:aws:iam::111122223333:role/cmk-keys".to_owned();
+    s.service
+        .add_aws_key(
+            &s.admin,
+            AddAwsKey::new(arn("a"), String::new(), role.clone(), true).unwrap(),
+        )
+        .await
+        .unwrap();
+    s.service
+        .add_aws_key(
+            &s.admin,
+            AddAwsKey::new(arn("b"), String::new(), role.clone(), true).unwrap(),
+        )
+        .await
+        .unwrap();
+    s.service
+        .add_aws_key(
+            &s.admin,
+            AddAwsKey::new(arn("c"), String::new(), String::new(), true).unwrap(),
+        )
+        .await
+        .unwrap();
+    let globex = Caller::for_tests("admin", &OrgId::parse("globex").unwrap());
+    s.service.set_byok(&globex, true).await.unwrap();
+    s.service
+        .add_aws_key(
+            &globex,
+            AddAwsKey::new(arn("g"), String::new(), role.clone(), true).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let imports = s.daemon.aws_imports.lock().unwrap().clone();
+    let orgs: Vec<&str> = imports.iter().map(|(org, _)| org.as_str()).collect();
+    assert_eq!(orgs, ["acme", "acme", "acme", "globex"]);
+    let acme_id = &imports[0].1;
+    assert!(
+        acme_id.starts_with("cmk-") && acme_id.len() == 36,
+        "{acme_id:?}"
+    );
+    assert_eq!(&imports[1].1, acme_id, "stable for the org");
+    assert_eq!(imports[2].1, "", "no role, no external id");
+    assert_ne!(&imports[3].1, acme_id, "each org has its own");
+
+    let setup = s
+        .service
+        .aws_setup(&s.admin, AwsSetupRequest::new(vec![arn("next")]).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(&setup.external_id, acme_id);
+    assert_eq!(setup.service_principal_arn, PRINCIPAL);
+    assert_eq!(setup.key_arns, [arn("a"), arn("b"), arn("c"), arn("next")]);
+    assert!(setup.trust_policy_json.contains(acme_id.as_str()));
+    assert!(
+        setup
+            .permissions_policy_json
+            .contains(r#""kms:EncryptionContext:cmk:org": "acme""#)
+    );
+    let globex_setup = s
+        .service
+        .aws_setup(&globex, AwsSetupRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(globex_setup.external_id, imports[3].1);
+    assert_eq!(globex_setup.key_arns, [arn("g")]);
+
+    // An org with no AWS key names the keys it is about to add.
+    let initech = Caller::for_tests("admin", &OrgId::parse("initech").unwrap());
+    let empty = s
+        .service
+        .aws_setup(&initech, AwsSetupRequest::default())
+        .await
+        .unwrap_err()
+        .to_status();
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+}
+
+/// Without the daemon's principal configured there is no trust policy to
+/// give: the admin is told what is missing.
+#[tokio::test]
+async fn aws_setup_needs_the_daemons_principal() {
+    let s = setup_with(None).await;
+    let status = s
+        .service
+        .aws_setup(&s.admin, AwsSetupRequest::new(vec![arn("a")]).unwrap())
+        .await
+        .unwrap_err()
+        .to_status();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("aws_principal_arn"), "{status:?}");
 }

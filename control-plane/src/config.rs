@@ -88,6 +88,10 @@ pub struct RawSettings {
     /// CA the HSM daemon's certificate must chain to, PEM.
     #[arg(long, env = "CMK_CP_HSM_TLS_CA")]
     pub hsm_tls_ca: Option<PathBuf>,
+    /// The HSM daemon's AWS principal (its IAM role ARN, e.g. its IRSA role),
+    /// which an org's role must trust; shown to org admins by GetAwsSetup.
+    #[arg(long, env = "CMK_CP_AWS_PRINCIPAL_ARN")]
+    pub aws_principal_arn: Option<String>,
     /// Metadata store: sqlite://path/to/cmk.db, or
     /// postgres://user@host/db (libpq parameters, e.g. sslmode=verify-full).
     #[arg(long, env = "CMK_CP_DATABASE")]
@@ -193,6 +197,7 @@ impl RawSettings {
             hsm_tls_cert,
             hsm_tls_key,
             hsm_tls_ca,
+            aws_principal_arn,
             database,
             database_max_connections,
             lease_ttl_secs,
@@ -237,6 +242,7 @@ impl RawSettings {
             hsm_tls_cert: hsm_tls_cert.or(self.hsm_tls_cert),
             hsm_tls_key: hsm_tls_key.or(self.hsm_tls_key),
             hsm_tls_ca: hsm_tls_ca.or(self.hsm_tls_ca),
+            aws_principal_arn: aws_principal_arn.or(self.aws_principal_arn),
             database: database.or(self.database),
             database_max_connections: database_max_connections.or(self.database_max_connections),
             lease_ttl_secs: lease_ttl_secs.or(self.lease_ttl_secs),
@@ -331,6 +337,10 @@ impl RawSettings {
             hsm_endpoints.push("https://127.0.0.1:7443".into());
         }
         let hsm_server_name = self.hsm_server_name.unwrap_or_else(|| "localhost".into());
+        let aws_principal_arn = self.aws_principal_arn.filter(|arn| !arn.is_empty());
+        if let Some(problem) = aws_principal_arn.as_deref().and_then(principal_problem) {
+            errors.push(format!("aws_principal_arn: {problem}"));
+        }
 
         let database = self.database.unwrap_or_default();
         if Backend::of(&database).is_none() {
@@ -456,6 +466,7 @@ impl RawSettings {
                     server_name: hsm_server_name,
                     tls: hsm_tls,
                 },
+                aws_principal_arn,
                 database: Database(database),
                 store,
                 authz,
@@ -492,6 +503,8 @@ pub struct Settings {
     pub identities: IdentityRule,
     /// How to reach the HSM daemon.
     pub hsm: HsmSettings,
+    /// The HSM daemon's AWS principal, shown to orgs setting up a role.
+    pub aws_principal_arn: Option<String>,
     /// Metadata store URL.
     pub database: Database,
     /// How the store is used.
@@ -510,6 +523,31 @@ pub struct Settings {
     pub connections: ConnectionLimits,
     /// How log lines are written.
     pub log_format: LogFormat,
+}
+
+/// What is wrong with an IAM principal ARN
+/// (`arn:<partition>:iam::<account>:role/…`, `user/…` or `root`), if anything.
+fn principal_problem(arn: &str) -> Option<String> {
+    let fields: Vec<&str> = arn.splitn(6, ':').collect();
+    let well_formed = arn.len() <= 2048
+        && fields.len() == 6
+        && fields[0] == "arn"
+        && fields[2] == "iam"
+        && fields[3].is_empty()
+        && fields[4].len() == 12
+        && fields[4].bytes().all(|b| b.is_ascii_digit())
+        && (fields[5] == "root"
+            || fields[5].starts_with("role/")
+            || fields[5].starts_with("user/"))
+        && arn
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-:/".contains(&b));
+    (!well_formed).then(|| {
+        format!(
+            "{arn:?} is not an IAM principal ARN \
+             (arn:<partition>:iam::<account>:role/<name>, user/<name> or root)"
+        )
+    })
 }
 
 /// The metadata store's URL. Its `Debug` and `Display` hide a password

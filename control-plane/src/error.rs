@@ -45,6 +45,9 @@ pub enum ServiceError {
         /// The org's key whose material is gone.
         key: KeyId,
     },
+    /// The call needs a setting the operator has not made.
+    #[error("{0}")]
+    NotConfigured(&'static str),
     /// A fault inside the control plane or its data: never the caller's
     /// doing, so the caller learns only that it failed.
     #[error(transparent)]
@@ -117,7 +120,7 @@ impl ServiceError {
                 | LifecycleError::ByokOff,
             ) => Code::FailedPrecondition,
             Self::UnknownKek(_) | Self::NoRotation => Code::NotFound,
-            Self::KeyMaterialGone { .. } => Code::FailedPrecondition,
+            Self::KeyMaterialGone { .. } | Self::NotConfigured(_) => Code::FailedPrecondition,
             Self::Envelope(
                 EnvelopeError::Empty
                 | EnvelopeError::UnsupportedVersion(_)

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use cmk_control_plane_domain::OrgId;
 use cmk_control_plane_store::AwsArns;
 use cmk_proto::hsm::v1::{
     self as pb, hsm_service_client::HsmServiceClient, import_request, unwrap_result, wrap_result,
@@ -460,15 +461,18 @@ impl HsmClient {
     /// destroy means nothing is stored under the handle at that moment; an import
     /// the daemon is still processing can land afterwards.
     /// A non-empty `import_key_id` names the public key the caller wrapped
-    /// under; the daemon refuses the call if it is not its own.
+    /// under; the daemon refuses the call if it is not its own. The key serves
+    /// `org` alone: the daemon refuses every later call naming another org.
     pub async fn import(
         &self,
+        org: &OrgId,
         handle: &str,
         admission: Admission,
         wrapped_key: Vec<u8>,
         import_key_id: String,
     ) -> Result<ImportedKey, HsmError> {
         self.import_source(
+            Some(org),
             handle,
             admission,
             import_request::Source::WrappedKey(wrapped_key),
@@ -479,12 +483,20 @@ impl HsmClient {
     }
 
     /// Has the daemon generate a CMK under `handle`, on the terms of
-    /// [`HsmClient::import`].
-    pub async fn generate(&self, handle: &str) -> Result<ImportedKey, HsmError> {
+    /// [`HsmClient::import`], serving `org`, or every org when `None` (the
+    /// generic default key).
+    pub async fn generate(
+        &self,
+        org: Option<&OrgId>,
+        handle: &str,
+    ) -> Result<ImportedKey, HsmError> {
         self.import_source(
+            org,
             handle,
             Admission::New,
-            import_request::Source::Generate(pb::Generate {}),
+            import_request::Source::Generate(pb::Generate {
+                shared: org.is_none(),
+            }),
             String::new(),
         )
         .await
@@ -497,12 +509,15 @@ impl HsmClient {
     /// `INVALID_ARGUMENT`, a key it cannot use with `FAILED_PRECONDITION`
     /// and AWS's reason, AWS out of reach with `UNAVAILABLE`. The check value
     /// is a fingerprint of the key ARN, so adding one key twice gives the
-    /// same value.
+    /// same value. The role, if any, is assumed with `external_id`, the
+    /// org's own.
     pub async fn add_aws_key(
         &self,
+        org: &OrgId,
         handle: &str,
         admission: Admission,
         arns: &AwsArns,
+        external_id: Option<&str>,
     ) -> Result<ImportedKey, HsmError> {
         let AwsArns {
             key_arn,
@@ -513,9 +528,13 @@ impl HsmClient {
             key_arn: key_arn.clone(),
             backup_key_arn: backup_key_arn.clone().unwrap_or_default(),
             role_arn: role_arn.clone().unwrap_or_default(),
+            external_id: external_id
+                .filter(|_| role_arn.is_some())
+                .unwrap_or_default()
+                .to_owned(),
         });
         let (key, origin) = self
-            .import_source(handle, admission, source, String::new())
+            .import_source(Some(org), handle, admission, source, String::new())
             .await?;
         // Key material stored under the handle would be wrapped under as if it
         // were the admin's AWS key.
@@ -529,6 +548,7 @@ impl HsmClient {
 
     async fn import_source(
         &self,
+        org: Option<&OrgId>,
         handle: &str,
         admission: Admission,
         source: import_request::Source,
@@ -539,6 +559,7 @@ impl HsmClient {
             import_key_id,
             key_handle: handle.to_owned(),
             recover: admission == Admission::Recover,
+            org: org.map(|org| org.as_str().to_owned()).unwrap_or_default(),
         };
         let pb::ImportResponse {
             key_handle,
@@ -564,14 +585,16 @@ impl HsmClient {
         Ok((key, origin))
     }
 
-    /// Wraps `plaintext` under the CMK `handle`.
+    /// Wraps `plaintext` under the CMK `handle` for `org`: the daemon refuses
+    /// a key that does not serve it.
     pub async fn wrap(
         &self,
+        org: &OrgId,
         handle: &str,
         plaintext: &SecretBytes,
         associated_data: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
-        let request = wrap_request(handle, plaintext, associated_data);
+        let request = wrap_request(org, handle, plaintext, associated_data);
         self.call("Wrap", Retry::Safe, |mut daemon| {
             let request = request.clone();
             async move { Ok(daemon.wrap(request).await?.into_inner().ciphertext) }
@@ -579,15 +602,17 @@ impl HsmClient {
         .await
     }
 
-    /// Unwraps a Wrap ciphertext.
+    /// Unwraps a Wrap ciphertext for `org`, as [`HsmClient::wrap`].
     pub async fn unwrap(
         &self,
+        org: &OrgId,
         ciphertext: &[u8],
         associated_data: &[u8],
     ) -> Result<Unwrapped, HsmError> {
         let request = pb::UnwrapRequest {
             ciphertext: ciphertext.to_vec(),
             associated_data: associated_data.to_vec(),
+            org: org.as_str().to_owned(),
         };
         let pb::UnwrapResponse {
             plaintext,
@@ -604,15 +629,17 @@ impl HsmClient {
         })
     }
 
-    /// Wraps many secrets in one call; each item succeeds or fails on its own.
+    /// Wraps many secrets of `org` in one call; each item succeeds or fails
+    /// on its own.
     pub async fn wrap_batch(
         &self,
+        org: &OrgId,
         items: &[(&str, &SecretBytes, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, tonic::Status>>, HsmError> {
         let request = pb::BatchWrapRequest {
             items: items
                 .iter()
-                .map(|(handle, plaintext, aad)| wrap_request(handle, plaintext, aad))
+                .map(|(handle, plaintext, aad)| wrap_request(org, handle, plaintext, aad))
                 .collect(),
         };
         let results = self
@@ -627,9 +654,11 @@ impl HsmClient {
         })
     }
 
-    /// Unwraps many ciphertexts in one call; each item succeeds or fails on its own.
+    /// Unwraps many ciphertexts of `org` in one call; each item succeeds or
+    /// fails on its own.
     pub async fn unwrap_batch(
         &self,
+        org: &OrgId,
         items: &[(&[u8], &[u8])],
     ) -> Result<Vec<Result<Unwrapped, tonic::Status>>, HsmError> {
         let request = pb::BatchUnwrapRequest {
@@ -638,6 +667,7 @@ impl HsmClient {
                 .map(|(ciphertext, aad)| pb::UnwrapRequest {
                     ciphertext: ciphertext.to_vec(),
                     associated_data: aad.to_vec(),
+                    org: org.as_str().to_owned(),
                 })
                 .collect(),
         };
@@ -656,10 +686,12 @@ impl HsmClient {
         })
     }
 
-    /// Destroys a CMK; `Ok(true)` when an earlier call had already destroyed it.
-    pub async fn destroy(&self, handle: &str) -> Result<bool, HsmError> {
+    /// Destroys a CMK of `org` (`None` for the shared generic default key);
+    /// `Ok(true)` when an earlier call had already destroyed it.
+    pub async fn destroy(&self, org: Option<&OrgId>, handle: &str) -> Result<bool, HsmError> {
         let request = pb::DestroyRequest {
             key_handle: handle.to_owned(),
+            org: org.map(|org| org.as_str().to_owned()).unwrap_or_default(),
         };
         self.call("Destroy", Retry::Safe, |mut daemon| {
             let request = request.clone();
@@ -675,12 +707,18 @@ impl HsmClient {
     }
 }
 
-fn wrap_request(handle: &str, plaintext: &SecretBytes, associated_data: &[u8]) -> pb::WrapRequest {
+fn wrap_request(
+    org: &OrgId,
+    handle: &str,
+    plaintext: &SecretBytes,
+    associated_data: &[u8],
+) -> pb::WrapRequest {
     pb::WrapRequest {
         key_handle: handle.to_owned(),
         // The request owns this copy until it is encoded; prost cannot zeroize it.
         plaintext: plaintext.expose().to_vec(),
         associated_data: associated_data.to_vec(),
+        org: org.as_str().to_owned(),
     }
 }
 

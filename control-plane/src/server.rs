@@ -69,6 +69,7 @@ pub async fn serve(
         tls_client_crls,
         identities,
         hsm,
+        aws_principal_arn,
         database,
         store,
         authz,
@@ -131,7 +132,9 @@ pub async fn serve(
         },
     );
     let service = Arc::new(
-        KeyService::new(store, hsm_client, clock, lifecycle, options).with_metrics(metrics),
+        KeyService::new(store, hsm_client, clock, lifecycle, options)
+            .with_metrics(metrics)
+            .with_aws_principal(aws_principal_arn),
     );
     info!(replica = service.replica(), %database, "metadata store open");
 

@@ -18,6 +18,14 @@ pub enum ServiceError {
     /// The caller is not on the allow-list.
     #[error("{0}")]
     NotAllowed(String),
+    /// The call names another org than the one the key serves.
+    #[error("key {handle} does not serve org {org}")]
+    OtherOrg {
+        /// The key.
+        handle: cmk_hsm_custody::KeyHandle,
+        /// The org the call named.
+        org: cmk_hsm_custody::OrgName,
+    },
     /// A custody backend answered a batch with fewer results than items.
     #[error("the backend returned too few batch results")]
     BatchResults,
@@ -35,6 +43,7 @@ pub fn to_status(err: ServiceError) -> Status {
     match err {
         ServiceError::InvalidArgument(message) => Status::invalid_argument(message),
         ServiceError::NotAllowed(message) => Status::permission_denied(message),
+        err @ ServiceError::OtherOrg { .. } => Status::permission_denied(err.to_string()),
         ServiceError::Custody(custody) => custody_status(custody),
         err @ ServiceError::BatchResults => internal(&err),
     }
@@ -49,7 +58,7 @@ fn custody_status(err: CustodyError) -> Status {
         CustodyError::HandleInUse { .. } | CustodyError::NotTheDestroyedKey(_) => {
             Code::AlreadyExists
         }
-        CustodyError::Unrecoverable(_) => Code::FailedPrecondition,
+        CustodyError::Unrecoverable(_) | CustodyError::Unbound(_) => Code::FailedPrecondition,
         CustodyError::Unavailable(_) => Code::Unavailable,
         CustodyError::Unsupported(_) => Code::Unimplemented,
         CustodyError::DeviceCannot(_) => Code::FailedPrecondition,

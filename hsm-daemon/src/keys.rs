@@ -10,6 +10,11 @@
 //! ([`MaterialCustody`]), the AWS backend key references. A PKCS#11 token
 //! keeps no references, so with it there is no AWS backend and adding an AWS
 //! key is unsupported.
+//!
+//! Every key is bound to the org it serves when it comes in (or to every org,
+//! for the generic default key), and every wrap, unwrap and destroy names an
+//! org: a key that does not serve it is refused with
+//! [`ServiceError::OtherOrg`] before it is used, and the refusal is logged.
 
 use std::sync::Arc;
 
@@ -19,11 +24,13 @@ use cmk_hsm_custody::{
     MaterialCustody, UnwrapItem, Unwrapped, WrapItem,
     envelope::{self, Sealed},
 };
+use cmk_hsm_custody::{KeyScope, OrgName};
 use futures_util::future;
+use tracing::warn;
 
 use crate::{
     error::ServiceError,
-    request::{Admission, Import, Source},
+    request::{Admission, Destroy, ForOrg, Import, Source},
 };
 
 /// Custody, and the AWS KMS backend when custody keeps references.
@@ -48,6 +55,7 @@ impl Keys {
         let Import {
             handle,
             admission,
+            scope,
             source,
         } = request;
         let handle = match handle {
@@ -72,11 +80,15 @@ impl Keys {
                     .into());
                 }
                 Ok(match admission {
-                    Admission::New => self.custody.import(&handle, &wrapped_key).await?,
-                    Admission::Recover => self.custody.recover(&handle, &wrapped_key).await?,
+                    Admission::New => self.custody.import(&handle, &scope, &wrapped_key).await?,
+                    Admission::Recover => {
+                        self.custody.recover(&handle, &scope, &wrapped_key).await?
+                    }
                 })
             }
-            (Source::Generate, Admission::New) => Ok(self.custody.generate(&handle).await?),
+            (Source::Generate, Admission::New) => {
+                Ok(self.custody.generate(&handle, &scope).await?)
+            }
             // The typed request refuses this; kept exhaustive rather than trusted.
             (Source::Generate, Admission::Recover) => Err(ServiceError::InvalidArgument(
                 "a generated key cannot be recovered: its material never left custody".into(),
@@ -85,32 +97,55 @@ impl Keys {
                 let aws = self.aws.as_ref().ok_or(CustodyError::Unsupported(
                     "this custody backend does not hold references to AWS KMS keys",
                 ))?;
+                // The typed request gives every key but a generated one an org.
+                let KeyScope::Org(org) = scope else {
+                    return Err(ServiceError::InvalidArgument(
+                        "a key in AWS KMS serves one org: org is required".into(),
+                    ));
+                };
                 Ok(match admission {
-                    Admission::New => aws.add(&handle, key).await?,
-                    Admission::Recover => aws.recover(&handle, key).await?,
+                    Admission::New => aws.add(&handle, &org, key).await?,
+                    Admission::Recover => aws.recover(&handle, &org, key).await?,
                 })
             }
         }
     }
 
-    /// Wraps one item under the key it names.
-    pub async fn wrap(&self, item: &WrapItem) -> Result<Vec<u8>, ServiceError> {
-        let WrapItem {
-            handle,
-            plaintext,
-            associated_data,
-        } = item;
-        let backend = self.backend(self.holder(handle).await);
+    /// Wraps one item under the key it names, if that key serves the org.
+    pub async fn wrap(&self, request: &ForOrg<WrapItem>) -> Result<Vec<u8>, ServiceError> {
+        let ForOrg {
+            org,
+            item:
+                WrapItem {
+                    handle,
+                    plaintext,
+                    associated_data,
+                },
+        } = request;
+        let holder = self.holder(handle).await;
+        self.check_scope(holder, handle, org).await?;
+        let backend = self.backend(holder);
         Ok(backend.wrap(handle, plaintext, associated_data).await?)
     }
 
-    /// Unwraps one item with the key its ciphertext names.
-    pub async fn unwrap(&self, item: &UnwrapItem) -> Result<Unwrapped, ServiceError> {
-        let UnwrapItem {
-            ciphertext,
-            associated_data,
-        } = item;
-        let backend = self.backend(self.opener(ciphertext));
+    /// Unwraps one item with the key its ciphertext names, if that key
+    /// serves the org.
+    pub async fn unwrap(&self, request: &ForOrg<UnwrapItem>) -> Result<Unwrapped, ServiceError> {
+        let ForOrg {
+            org,
+            item:
+                UnwrapItem {
+                    ciphertext,
+                    associated_data,
+                },
+        } = request;
+        let holder = self.opener(ciphertext);
+        // A ciphertext too malformed to name a key is refused by the backend,
+        // in its words.
+        if let Ok(sealed) = envelope::read(ciphertext) {
+            self.check_scope(holder, &sealed.handle(), org).await?;
+        }
+        let backend = self.backend(holder);
         Ok(backend.unwrap(ciphertext, associated_data).await?)
     }
 
@@ -118,13 +153,19 @@ impl Keys {
     /// Each backend gets its items in one batch, both at once.
     pub async fn wrap_batch(
         &self,
-        items: Vec<Result<WrapItem, ServiceError>>,
+        items: Vec<Result<ForOrg<WrapItem>, ServiceError>>,
     ) -> Result<Vec<Result<Vec<u8>, ServiceError>>, ServiceError> {
         let mut routed = Vec::with_capacity(items.len());
         for item in items {
             routed.push(match item {
                 Err(err) => Err(err),
-                Ok(item) => Ok((self.holder(&item.handle).await, item)),
+                Ok(ForOrg { org, item }) => {
+                    let holder = self.holder(&item.handle).await;
+                    match self.check_scope(holder, &item.handle, &org).await {
+                        Ok(()) => Ok((holder, item)),
+                        Err(err) => Err(err),
+                    }
+                }
             });
         }
         self.run_batch(routed, |backend, items| backend.wrap_batch(items))
@@ -135,20 +176,84 @@ impl Keys {
     /// names.
     pub async fn unwrap_batch(
         &self,
-        items: Vec<Result<UnwrapItem, ServiceError>>,
+        items: Vec<Result<ForOrg<UnwrapItem>, ServiceError>>,
     ) -> Result<Vec<Result<Unwrapped, ServiceError>>, ServiceError> {
-        let routed = items
-            .into_iter()
-            .map(|item| item.map(|item| (self.opener(&item.ciphertext), item)))
-            .collect();
+        let mut routed = Vec::with_capacity(items.len());
+        for item in items {
+            routed.push(match item {
+                Err(err) => Err(err),
+                Ok(ForOrg { org, item }) => {
+                    let holder = self.opener(&item.ciphertext);
+                    let checked = match envelope::read(&item.ciphertext) {
+                        Ok(sealed) => self.check_scope(holder, &sealed.handle(), &org).await,
+                        Err(_) => Ok(()),
+                    };
+                    checked.map(|()| (holder, item))
+                }
+            });
+        }
         self.run_batch(routed, |backend, items| backend.unwrap_batch(items))
             .await
     }
 
-    /// Destroys the key or forgets the reference `handle` names.
-    pub async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, ServiceError> {
-        let backend = self.backend(self.holder(handle).await);
+    /// Destroys the key or forgets the reference the request names, if it
+    /// serves the org the request names; a shared key only by a request that
+    /// names none (no one org may destroy what every org uses).
+    pub async fn destroy(&self, request: &Destroy) -> Result<Destroyed, ServiceError> {
+        let Destroy { org, handle } = request;
+        let holder = self.holder(handle).await;
+        let scope = match self.backend(holder).scope(handle, org.as_ref()).await {
+            Ok(scope) => Some(scope),
+            // Destroyed already: the backend says so, and nothing changes.
+            Err(CustodyError::DestroyedKey(_)) => None,
+            Err(err) => return Err(err.into()),
+        };
+        match (org, scope) {
+            (_, None) | (None, Some(KeyScope::Shared)) => {}
+            (Some(org), Some(KeyScope::Org(owner))) if owner == *org => {}
+            (Some(org), Some(scope @ KeyScope::Org(_))) => {
+                warn!(%handle, asked_for = %org, serves = %scope,
+                    "refused: the call names another org than the one the key serves");
+                return Err(ServiceError::OtherOrg {
+                    handle: *handle,
+                    org: org.clone(),
+                });
+            }
+            (Some(org), Some(KeyScope::Shared)) => {
+                warn!(%handle, asked_for = %org, "refused: a destroy of a shared key for one org");
+                return Err(ServiceError::InvalidArgument(format!(
+                    "key {handle} is shared by every org: a destroy of it names no org"
+                )));
+            }
+            (None, Some(scope)) => {
+                warn!(%handle, serves = %scope, "refused: a destroy naming no org, of a key that is not shared");
+                return Err(ServiceError::InvalidArgument(format!(
+                    "key {handle} serves {scope}: a destroy of it must name that org"
+                )));
+            }
+        }
+        let backend = self.backend(holder);
         Ok(backend.destroy(handle).await?)
+    }
+
+    /// Refuses a call for `org` on a key that does not serve it, before the
+    /// key is used. A handle the backend cannot find is its error.
+    async fn check_scope(
+        &self,
+        holder: Holder,
+        handle: &KeyHandle,
+        org: &OrgName,
+    ) -> Result<(), ServiceError> {
+        let scope = self.backend(holder).scope(handle, Some(org)).await?;
+        if scope.admits(org) {
+            return Ok(());
+        }
+        warn!(%handle, asked_for = %org, serves = %scope,
+            "refused: the call names another org than the one the key serves");
+        Err(ServiceError::OtherOrg {
+            handle: *handle,
+            org: org.clone(),
+        })
     }
 
     /// Which backend holds the key `handle` names. Custody answers for every

@@ -25,5 +25,5 @@ mod service;
 pub use cli::Cli;
 pub use config::{ConfigError, Limits, LogFormat, RawSettings, Settings};
 pub use error::ServiceError;
-pub use request::{Admission, Import, Source};
+pub use request::{Admission, Destroy, ForOrg, Import, Source};
 pub use server::{StartError, run, serve};

@@ -3,8 +3,10 @@
 //! the INVALID_ARGUMENT message. Messages are destructured without `..`, so a
 //! new field fails the build here until it is handled.
 
-use cmk_hsm_aws_kms::{ArnError, AwsKeyRef, KeyArn, MAX_CIPHERTEXT_LEN, RoleArn};
-use cmk_hsm_custody::{CustodyError, InputError, KeyHandle, UnwrapItem, WrapItem, envelope};
+use cmk_hsm_aws_kms::{ArnError, AwsKeyRef, ExternalId, KeyArn, MAX_CIPHERTEXT_LEN, RoleArn};
+use cmk_hsm_custody::{
+    CustodyError, InputError, KeyHandle, KeyScope, OrgName, UnwrapItem, WrapItem, envelope,
+};
 use cmk_proto::hsm::v1::{self as pb, import_request};
 use cmk_secret::SecretBytes;
 
@@ -21,8 +23,19 @@ pub struct Import {
     pub handle: Option<KeyHandle>,
     /// A new key, or a destroyed key's original material.
     pub admission: Admission,
+    /// Whom the key serves from now on.
+    pub scope: KeyScope,
     /// The material.
     pub source: Source,
+}
+
+/// A request for one organisation: the key it uses must serve that org.
+#[derive(Debug)]
+pub struct ForOrg<T> {
+    /// The organisation the call is for.
+    pub org: OrgName,
+    /// What is asked.
+    pub item: T,
 }
 
 /// Whether material goes under a new handle or back under a destroyed one.
@@ -59,6 +72,7 @@ impl TryFrom<pb::ImportRequest> for Import {
             import_key_id,
             key_handle,
             recover,
+            org,
         } = request;
         let admission = match recover {
             true => Admission::Recover,
@@ -78,12 +92,26 @@ impl TryFrom<pb::ImportRequest> for Import {
                 wrapped_key,
                 import_key_id: checked_import_key_id(import_key_id)?,
             },
-            Some(import_request::Source::Generate(pb::Generate {})) => {
+            Some(import_request::Source::Generate(pb::Generate { shared })) => {
                 if admission == Admission::Recover {
                     return Err(ServiceError::InvalidArgument(
                         "a generated key cannot be recovered: its material never left custody"
                             .into(),
                     ));
+                }
+                if shared {
+                    if !org.is_empty() {
+                        return Err(ServiceError::InvalidArgument(
+                            "a shared key serves every org: org must be empty with generate.shared"
+                                .into(),
+                        ));
+                    }
+                    return Ok(Self {
+                        handle,
+                        admission,
+                        scope: KeyScope::Shared,
+                        source: Source::Generate,
+                    });
                 }
                 Source::Generate
             }
@@ -97,9 +125,20 @@ impl TryFrom<pb::ImportRequest> for Import {
         Ok(Self {
             handle,
             admission,
+            scope: KeyScope::Org(org_field(&org)?),
             source,
         })
     }
+}
+
+/// The `org` field of a request: required, and well-formed.
+fn org_field(org: &str) -> Result<OrgName, ServiceError> {
+    if org.is_empty() {
+        return Err(ServiceError::InvalidArgument(
+            "org is required: the organisation the key serves".into(),
+        ));
+    }
+    Ok(OrgName::parse(org).map_err(CustodyError::from)?)
 }
 
 /// The import key id of a request, checked before it is ever compared, so
@@ -127,6 +166,7 @@ fn aws_key_ref(key: pb::AwsKmsKey) -> Result<AwsKeyRef, ServiceError> {
         key_arn,
         backup_key_arn,
         role_arn,
+        external_id,
     } = key;
     let invalid =
         |field: &str, err: ArnError| ServiceError::InvalidArgument(format!("{field}: {err}"));
@@ -139,11 +179,16 @@ fn aws_key_ref(key: pb::AwsKmsKey) -> Result<AwsKeyRef, ServiceError> {
         .then(|| RoleArn::parse(&role_arn))
         .transpose()
         .map_err(|e| invalid("role_arn", e))?;
+    let external_id = (!external_id.is_empty())
+        .then(|| ExternalId::parse(&external_id))
+        .transpose()
+        .map_err(|e| invalid("external_id", e))?;
     AwsKeyRef::new(primary, backup, role)
+        .and_then(|key| key.with_external_id(external_id))
         .map_err(|err| ServiceError::InvalidArgument(err.to_string()))
 }
 
-impl TryFrom<Bounded<'_, pb::WrapRequest>> for WrapItem {
+impl TryFrom<Bounded<'_, pb::WrapRequest>> for ForOrg<WrapItem> {
     type Error = ServiceError;
 
     fn try_from(
@@ -153,6 +198,7 @@ impl TryFrom<Bounded<'_, pb::WrapRequest>> for WrapItem {
             key_handle,
             plaintext,
             associated_data,
+            org,
         } = request;
         let plaintext = SecretBytes::new(plaintext);
         let handle = key_handle
@@ -167,15 +213,18 @@ impl TryFrom<Bounded<'_, pb::WrapRequest>> for WrapItem {
             associated_data.len(),
             limits.max_associated_data_bytes,
         )?;
-        Ok(WrapItem {
-            handle,
-            plaintext,
-            associated_data,
+        Ok(ForOrg {
+            org: org_field(&org)?,
+            item: WrapItem {
+                handle,
+                plaintext,
+                associated_data,
+            },
         })
     }
 }
 
-impl TryFrom<Bounded<'_, pb::UnwrapRequest>> for UnwrapItem {
+impl TryFrom<Bounded<'_, pb::UnwrapRequest>> for ForOrg<UnwrapItem> {
     type Error = ServiceError;
 
     fn try_from(
@@ -184,6 +233,7 @@ impl TryFrom<Bounded<'_, pb::UnwrapRequest>> for UnwrapItem {
         let pb::UnwrapRequest {
             ciphertext,
             associated_data,
+            org,
         } = request;
         check_len(
             "associated data",
@@ -193,16 +243,19 @@ impl TryFrom<Bounded<'_, pb::UnwrapRequest>> for UnwrapItem {
         // A ciphertext longer than the largest possible Wrap output cannot be ours.
         let max = (envelope::MIN_LEN + limits.max_plaintext_bytes).max(MAX_CIPHERTEXT_LEN);
         check_len("ciphertext", ciphertext.len(), max)?;
-        Ok(UnwrapItem {
-            ciphertext,
-            associated_data,
+        Ok(ForOrg {
+            org: org_field(&org)?,
+            item: UnwrapItem {
+                ciphertext,
+                associated_data,
+            },
         })
     }
 }
 
 /// The items of a batch wrap: the batch is refused as a whole when it is
 /// empty or too long, an item that is malformed fails on its own.
-pub struct BatchWrap(pub Vec<Result<WrapItem, ServiceError>>);
+pub struct BatchWrap(pub Vec<Result<ForOrg<WrapItem>, ServiceError>>);
 
 impl TryFrom<Bounded<'_, pb::BatchWrapRequest>> for BatchWrap {
     type Error = ServiceError;
@@ -215,14 +268,14 @@ impl TryFrom<Bounded<'_, pb::BatchWrapRequest>> for BatchWrap {
         Ok(Self(
             items
                 .into_iter()
-                .map(|item| WrapItem::try_from(Bounded(item, limits)))
+                .map(|item| ForOrg::try_from(Bounded(item, limits)))
                 .collect(),
         ))
     }
 }
 
 /// The items of a batch unwrap, checked as [`BatchWrap`]'s are.
-pub struct BatchUnwrap(pub Vec<Result<UnwrapItem, ServiceError>>);
+pub struct BatchUnwrap(pub Vec<Result<ForOrg<UnwrapItem>, ServiceError>>);
 
 impl TryFrom<Bounded<'_, pb::BatchUnwrapRequest>> for BatchUnwrap {
     type Error = ServiceError;
@@ -235,25 +288,34 @@ impl TryFrom<Bounded<'_, pb::BatchUnwrapRequest>> for BatchUnwrap {
         Ok(Self(
             items
                 .into_iter()
-                .map(|item| UnwrapItem::try_from(Bounded(item, limits)))
+                .map(|item| ForOrg::try_from(Bounded(item, limits)))
                 .collect(),
         ))
     }
 }
 
-/// The key a destroy names.
-pub struct Destroy(pub KeyHandle);
+/// The key a destroy names, and the org it is for: `None` for a shared key
+/// (the generic default key), which serves no org of its own.
+pub struct Destroy {
+    /// The org, unless the key is shared.
+    pub org: Option<OrgName>,
+    /// The key.
+    pub handle: KeyHandle,
+}
 
 impl TryFrom<pb::DestroyRequest> for Destroy {
     type Error = ServiceError;
 
     fn try_from(request: pb::DestroyRequest) -> Result<Self, ServiceError> {
-        let pb::DestroyRequest { key_handle } = request;
-        Ok(Self(
-            key_handle
-                .parse::<KeyHandle>()
-                .map_err(CustodyError::from)?,
-        ))
+        let pb::DestroyRequest { key_handle, org } = request;
+        let handle = key_handle
+            .parse::<KeyHandle>()
+            .map_err(CustodyError::from)?;
+        let org = (!org.is_empty())
+            .then(|| OrgName::parse(&org))
+            .transpose()
+            .map_err(CustodyError::from)?;
+        Ok(Self { org, handle })
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cmk_hsm_aws_kms::{KeyArn, RoleArn};
 use cmk_hsm_custody::{
-    Destroyed, IMPORT_ALGORITHM, KeyInfo, KeyOrigin, UnwrapItem, Unwrapped, WrapItem,
+    Destroyed, IMPORT_ALGORITHM, KeyInfo, KeyOrigin, OrgName, UnwrapItem, Unwrapped, WrapItem,
 };
 use cmk_proto::hsm::v1::{self as pb, hsm_service_server::HsmService, unwrap_result, wrap_result};
 use tonic::{Request, Response, Status};
@@ -18,7 +18,7 @@ use crate::{
     config::Limits,
     error::{ServiceError, to_status},
     keys::Keys,
-    request::{Admission, BatchUnwrap, BatchWrap, Bounded, Destroy, Import, Source},
+    request::{Admission, BatchUnwrap, BatchWrap, Bounded, Destroy, ForOrg, Import, Source},
 };
 
 /// The HSM service over the daemon's keys.
@@ -56,6 +56,7 @@ impl HsmService for HsmApi {
         let caller = caller(&request);
         let import = Import::try_from(request.into_inner())?;
         let recover = import.admission == Admission::Recover;
+        let scope = import.scope.clone();
         if let Source::AwsKms(key) = &import.source {
             info!(%caller, handle = ?import.handle, primary = %key.primary(),
                 backup = ?key.backup().map(KeyArn::as_str),
@@ -67,7 +68,7 @@ impl HsmService for HsmApi {
             check_value,
             origin,
         } = self.keys.import(import).await?;
-        info!(%caller, %handle, %check_value, ?origin, recover, "key taken into custody");
+        info!(%caller, %handle, %check_value, ?origin, %scope, recover, "key taken into custody");
         Ok(Response::new(pb::ImportResponse {
             key_handle: handle.to_string(),
             key_check_value: check_value.to_string(),
@@ -83,7 +84,7 @@ impl HsmService for HsmApi {
         &self,
         request: Request<pb::WrapRequest>,
     ) -> Result<Response<pb::WrapResponse>, Status> {
-        let item = WrapItem::try_from(Bounded(request.into_inner(), &self.limits))?;
+        let item = ForOrg::<WrapItem>::try_from(Bounded(request.into_inner(), &self.limits))?;
         let ciphertext = self.keys.wrap(&item).await?;
         Ok(Response::new(pb::WrapResponse { ciphertext }))
     }
@@ -92,7 +93,7 @@ impl HsmService for HsmApi {
         &self,
         request: Request<pb::UnwrapRequest>,
     ) -> Result<Response<pb::UnwrapResponse>, Status> {
-        let item = UnwrapItem::try_from(Bounded(request.into_inner(), &self.limits))?;
+        let item = ForOrg::<UnwrapItem>::try_from(Bounded(request.into_inner(), &self.limits))?;
         let out = self.keys.unwrap(&item).await?;
         Ok(Response::new(unwrapped(out)))
     }
@@ -143,9 +144,10 @@ impl HsmService for HsmApi {
         request: Request<pb::DestroyRequest>,
     ) -> Result<Response<pb::DestroyResponse>, Status> {
         let caller = caller(&request);
-        let Destroy(handle) = Destroy::try_from(request.into_inner())?;
-        let outcome = self.keys.destroy(&handle).await?;
-        info!(%caller, %handle, ?outcome, "key destroyed");
+        let destroy = Destroy::try_from(request.into_inner())?;
+        let outcome = self.keys.destroy(&destroy).await?;
+        info!(%caller, handle = %destroy.handle, org = ?destroy.org.as_ref().map(OrgName::as_str),
+            ?outcome, "key destroyed");
         Ok(Response::new(pb::DestroyResponse {
             already_destroyed: outcome == Destroyed::Already,
         }))

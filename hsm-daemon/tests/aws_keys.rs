@@ -12,10 +12,10 @@ use cmk_hsm_aws_kms::{
     AwsError, AwsKeyRef, AwsKeys, AwsKmsError, KeyArn, ProviderState, check_value,
 };
 use cmk_hsm_custody::{
-    CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyInfo, KeyOrigin, ProviderErrorKind,
-    RootKey, SoftwareCustody, UnwrapItem, Unwrapped, WrapItem, envelope,
+    CustodyError, Destroyed, ImportKeyBits, KeyHandle, KeyInfo, KeyOrigin, KeyScope, OrgName,
+    ProviderErrorKind, RootKey, SoftwareCustody, UnwrapItem, Unwrapped, WrapItem, envelope,
 };
-use cmk_hsm_daemon::{Admission, Import, ServiceError, Source, keys::Keys};
+use cmk_hsm_daemon::{Admission, Destroy, ForOrg, Import, ServiceError, Source, keys::Keys};
 use cmk_secret::SecretBytes;
 
 use cmk_hsm_aws_kms::emulator::{admin, create_key, emulator, new_key, settings, test_credentials};
@@ -45,6 +45,7 @@ trait Calls {
         key: AwsKeyRef,
     ) -> Result<KeyInfo, ServiceError>;
     async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, ServiceError>;
+    async fn destroy_one(&self, handle: &KeyHandle) -> Result<Destroyed, ServiceError>;
     async fn wrap_one(
         &self,
         handle: &KeyHandle,
@@ -63,6 +64,7 @@ impl Calls for Keys {
         self.import(Import {
             handle: Some(*handle),
             admission: Admission::New,
+            scope: scope(),
             source: Source::AwsKms(key),
         })
         .await
@@ -76,6 +78,7 @@ impl Calls for Keys {
         self.import(Import {
             handle: Some(*handle),
             admission: Admission::Recover,
+            scope: scope(),
             source: Source::AwsKms(key),
         })
         .await
@@ -85,7 +88,16 @@ impl Calls for Keys {
         self.import(Import {
             handle: Some(*handle),
             admission: Admission::New,
+            scope: scope(),
             source: Source::Generate,
+        })
+        .await
+    }
+
+    async fn destroy_one(&self, handle: &KeyHandle) -> Result<Destroyed, ServiceError> {
+        self.destroy(&Destroy {
+            org: Some(org()),
+            handle: *handle,
         })
         .await
     }
@@ -96,18 +108,24 @@ impl Calls for Keys {
         plaintext: &SecretBytes,
         aad: &[u8],
     ) -> Result<Vec<u8>, ServiceError> {
-        self.wrap(&WrapItem {
-            handle: *handle,
-            plaintext: SecretBytes::copy_from(plaintext.expose()),
-            associated_data: aad.to_vec(),
+        self.wrap(&ForOrg {
+            org: org(),
+            item: WrapItem {
+                handle: *handle,
+                plaintext: SecretBytes::copy_from(plaintext.expose()),
+                associated_data: aad.to_vec(),
+            },
         })
         .await
     }
 
     async fn unwrap_one(&self, ciphertext: &[u8], aad: &[u8]) -> Result<Unwrapped, ServiceError> {
-        self.unwrap(&UnwrapItem {
-            ciphertext: ciphertext.to_vec(),
-            associated_data: aad.to_vec(),
+        self.unwrap(&ForOrg {
+            org: org(),
+            item: UnwrapItem {
+                ciphertext: ciphertext.to_vec(),
+                associated_data: aad.to_vec(),
+            },
         })
         .await
     }
@@ -131,6 +149,15 @@ fn aws(err: &ServiceError) -> Option<(&AwsKmsError, ProviderErrorKind)> {
             .map(|aws| (aws, provider.kind())),
         _ => None,
     }
+}
+
+/// The org every key here serves.
+fn org() -> OrgName {
+    OrgName::parse("org-a").unwrap()
+}
+
+fn scope() -> KeyScope {
+    KeyScope::Org(org())
 }
 
 fn reference(primary: &KeyArn, backup: Option<&KeyArn>) -> AwsKeyRef {
@@ -199,8 +226,11 @@ async fn a_reference_wraps_unwraps_and_survives_a_restart_until_forgotten() {
         .expect("after a restart");
     assert!(out.plaintext.ct_eq(&kek()));
 
-    assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Now);
-    assert_eq!(custody.destroy(&handle).await.unwrap(), Destroyed::Already);
+    assert_eq!(custody.destroy_one(&handle).await.unwrap(), Destroyed::Now);
+    assert_eq!(
+        custody.destroy_one(&handle).await.unwrap(),
+        Destroyed::Already
+    );
     let err = custody.unwrap_one(&ct, b"org-a/kek-1").await.unwrap_err();
     assert!(
         matches!(keystore(&err), Some(CustodyError::DestroyedKey(h)) if *h == handle),
@@ -360,7 +390,12 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
         })
         .collect();
     let wrapped: Vec<Vec<u8>> = custody
-        .wrap_batch(items.into_iter().map(Ok).collect())
+        .wrap_batch(
+            items
+                .into_iter()
+                .map(|item| Ok(ForOrg { org: org(), item }))
+                .collect(),
+        )
         .await
         .unwrap()
         .into_iter()
@@ -372,9 +407,12 @@ async fn batches_mix_local_and_aws_keys_and_keep_their_order() {
                 .iter()
                 .enumerate()
                 .map(|(i, ct)| {
-                    Ok(UnwrapItem {
-                        ciphertext: ct.clone(),
-                        associated_data: vec![i as u8],
+                    Ok(ForOrg {
+                        org: org(),
+                        item: UnwrapItem {
+                            ciphertext: ct.clone(),
+                            associated_data: vec![i as u8],
+                        },
                     })
                 })
                 .collect(),
@@ -422,7 +460,7 @@ async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
         .wrap_one(&handle, &kek(), b"org-a/kek-1")
         .await
         .unwrap();
-    custody.destroy(&handle).await.unwrap();
+    custody.destroy_one(&handle).await.unwrap();
 
     let err = custody
         .recover_aws_key(&handle, reference(&other, None))
@@ -443,4 +481,209 @@ async fn a_forgotten_reference_is_recovered_only_for_its_own_key() {
     assert_eq!(recovered.origin, KeyOrigin::AwsKms);
     let out = custody.unwrap_one(&ct, b"org-a/kek-1").await.unwrap();
     assert!(out.plaintext.ct_eq(&kek()));
+}
+
+/// Every key serves the org it came in for: a wrap, unwrap or destroy naming
+/// another org is refused before the key is used (and a batch item alone),
+/// a destroy naming no org is refused for a key that is not shared, and the
+/// shared generic key serves every org.
+#[tokio::test]
+async fn every_call_must_name_the_org_its_key_serves() {
+    let endpoint = emulator().await;
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path(), &endpoint);
+    let arn = new_key(&endpoint, "us-east-1").await;
+    let (aws, local) = (KeyHandle::random().unwrap(), KeyHandle::random().unwrap());
+    custody
+        .add_aws_key(&aws, reference(&arn, None))
+        .await
+        .unwrap();
+    custody.generate(&local).await.unwrap();
+    let stranger = OrgName::parse("org-b").unwrap();
+    let refused = |result: Result<_, ServiceError>, handle: KeyHandle| match result {
+        Err(ServiceError::OtherOrg { handle: h, org }) => {
+            assert_eq!((h, org.as_str()), (handle, "org-b"));
+        }
+        other => panic!("expected OtherOrg, got {:?}", other.map(|_| ())),
+    };
+    for handle in [aws, local] {
+        let ct = custody.wrap_one(&handle, &kek(), b"aad").await.unwrap();
+        let wrap = ForOrg {
+            org: stranger.clone(),
+            item: WrapItem {
+                handle,
+                plaintext: kek(),
+                associated_data: b"aad".to_vec(),
+            },
+        };
+        refused(custody.wrap(&wrap).await.map(drop), handle);
+        let unwrap = || ForOrg {
+            org: stranger.clone(),
+            item: UnwrapItem {
+                ciphertext: ct.clone(),
+                associated_data: b"aad".to_vec(),
+            },
+        };
+        refused(custody.unwrap(&unwrap()).await.map(drop), handle);
+        let batch = custody
+            .unwrap_batch(vec![
+                Ok(unwrap()),
+                Ok(ForOrg {
+                    org: org(),
+                    item: unwrap().item,
+                }),
+            ])
+            .await
+            .unwrap();
+        refused(batch[0].as_ref().map(drop).map_err(clone_err), handle);
+        assert!(batch[1].as_ref().unwrap().plaintext.ct_eq(&kek()));
+        refused(
+            custody
+                .destroy(&Destroy {
+                    org: Some(stranger.clone()),
+                    handle,
+                })
+                .await
+                .map(drop),
+            handle,
+        );
+        let unnamed = custody.destroy(&Destroy { org: None, handle }).await;
+        assert!(
+            matches!(unnamed, Err(ServiceError::InvalidArgument(ref m)) if m.contains("org:org-a")),
+            "{unnamed:?}"
+        );
+        // Nothing was changed by the refusals.
+        let out = custody.unwrap_one(&ct, b"aad").await.unwrap();
+        assert!(out.plaintext.ct_eq(&kek()));
+        assert_eq!(custody.destroy_one(&handle).await.unwrap(), Destroyed::Now);
+    }
+
+    let shared = KeyHandle::random().unwrap();
+    custody
+        .import(Import {
+            handle: Some(shared),
+            admission: Admission::New,
+            scope: KeyScope::Shared,
+            source: Source::Generate,
+        })
+        .await
+        .unwrap();
+    let wrap = ForOrg {
+        org: stranger.clone(),
+        item: WrapItem {
+            handle: shared,
+            plaintext: kek(),
+            associated_data: Vec::new(),
+        },
+    };
+    let ct = custody
+        .wrap(&wrap)
+        .await
+        .expect("a shared key serves org-b");
+    assert!(custody.unwrap_one(&ct, b"").await.is_ok(), "and org-a");
+    let by_one_org = custody
+        .destroy(&Destroy {
+            org: Some(org()),
+            handle: shared,
+        })
+        .await;
+    assert!(
+        matches!(by_one_org, Err(ServiceError::InvalidArgument(ref m)) if m.contains("shared by every org")),
+        "{by_one_org:?}"
+    );
+    assert_eq!(
+        custody
+            .destroy(&Destroy {
+                org: None,
+                handle: shared
+            })
+            .await
+            .unwrap(),
+        Destroyed::Now
+    );
+}
+
+/// The status a refusal becomes, for comparing batch items.
+fn clone_err(err: &ServiceError) -> ServiceError {
+    match err {
+        ServiceError::OtherOrg { handle, org } => ServiceError::OtherOrg {
+            handle: *handle,
+            org: org.clone(),
+        },
+        other => ServiceError::InvalidArgument(other.to_string()),
+    }
+}
+
+/// moto assumes any role without evaluating its trust policy, and encrypts
+/// under any context without a key policy: so what the daemon sends is read
+/// off the wire. Every AssumeRole carries the external id of the org the
+/// reference serves, and every Encrypt and Decrypt names that org in a
+/// `cmk:org` pair of the encryption context.
+#[tokio::test]
+async fn assume_role_carries_the_external_id_and_kms_calls_name_the_org() {
+    use cmk_hsm_aws_kms::{
+        ExternalId, RoleArn, emulator::recording_proxy, emulator::role_credentials,
+    };
+
+    let endpoint = emulator().await;
+    let (proxy, recorded) = recording_proxy(&endpoint).await;
+    let role = RoleArn::parse("arn:aws:iam::111111111111:role/cmk/org-a-keys").unwrap();
+    let arn = create_key(&admin(
+        &endpoint,
+        "us-east-1",
+        role_credentials(&endpoint, &role).await,
+    ))
+    .await;
+    let external_id = ExternalId::parse("cmk-ext-5b0e6f1c2d3a4958").unwrap();
+    let key = AwsKeyRef::new(arn, None, Some(role))
+        .unwrap()
+        .with_external_id(Some(external_id))
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let custody = open(dir.path(), &proxy);
+    let handle = KeyHandle::random().unwrap();
+    custody.add_aws_key(&handle, key).await.unwrap();
+    let ct = custody.wrap_one(&handle, &kek(), b"kek-1").await.unwrap();
+    let out = custody.unwrap_one(&ct, b"kek-1").await.unwrap();
+    assert!(out.plaintext.ct_eq(&kek()));
+
+    let sent = recorded.text();
+    let assume_roles: Vec<&str> = sent
+        .split("POST ")
+        .filter(|request| request.contains("Action=AssumeRole"))
+        .collect();
+    assert!(!assume_roles.is_empty(), "no AssumeRole went out:\n{sent}");
+    for request in &assume_roles {
+        assert!(
+            request.contains("ExternalId=cmk-ext-5b0e6f1c2d3a4958"),
+            "AssumeRole without the org's external id:\n{request}"
+        );
+    }
+    let kms_calls: Vec<&str> = sent
+        .split("POST ")
+        .filter(|request| {
+            request.contains("TrentService.Encrypt") || request.contains("TrentService.Decrypt")
+        })
+        .collect();
+    // The admission's round trip, then the wrap and the unwrap: every one
+    // names the org, so a key policy that requires it admits them all.
+    assert!(kms_calls.len() >= 4, "{sent}");
+    for request in &kms_calls {
+        assert!(
+            request.contains(r#""cmk:org":"org-a""#),
+            "a KMS call without the org's pair:\n{request}"
+        );
+    }
+
+    // The org pair is part of what KMS authenticates: the same ciphertext
+    // relabelled as wrapped without it does not open.
+    let mut unlabelled = ct.clone();
+    let flags = envelope::HEADER_LEN + 1;
+    unlabelled[flags] &= !0b10;
+    let err = custody.unwrap_one(&unlabelled, b"kek-1").await.unwrap_err();
+    assert!(
+        matches!(aws(&err), Some((_, ProviderErrorKind::Authentication))),
+        "{err:?}"
+    );
 }

@@ -24,11 +24,13 @@ impl fmt::Debug for WrapRequest {
             key_handle,
             plaintext,
             associated_data,
+            org,
         } = self;
         f.debug_struct("WrapRequest")
             .field("key_handle", key_handle)
             .field("plaintext", &Redacted(plaintext.len()))
             .field("associated_data", associated_data)
+            .field("org", org)
             .finish()
     }
 }
@@ -86,6 +88,7 @@ mod tests {
             key_handle: "h".into(),
             plaintext: secret.clone(),
             associated_data: b"aad".to_vec(),
+            org: "acme".into(),
         };
         let response = BatchUnwrapResponse {
             results: vec![UnwrapResult {

@@ -1033,7 +1033,7 @@ async fn seed(
                     .zip(&aads)
                     .map(|(kek, aad)| (master.handle.as_str(), kek, aad.as_slice()))
                     .collect();
-                let wrapped = hsm.wrap_batch(&items).await.unwrap();
+                let wrapped = hsm.wrap_batch(&org, &items).await.unwrap();
                 for (i, (id, ciphertext)) in ids.into_iter().zip(wrapped).enumerate() {
                     pending.push(StoredKek {
                         id,

@@ -233,7 +233,11 @@ async fn main() {
         async move {
             let i = next.fetch_add(1, Ordering::Relaxed);
             local
-                .import(&contract::handle(), &wrapped[i % wrapped.len()])
+                .import(
+                    &contract::handle(),
+                    &contract::scope(),
+                    &wrapped[i % wrapped.len()],
+                )
                 .await
                 .unwrap();
         }
@@ -244,6 +248,9 @@ async fn main() {
     let daemon =
         InProcess::start(pki.settings(&store.path().join("daemon"), Limits::default())).await;
     let client = pki.control_plane_client(daemon.addr).await;
+    let org: &cmk_control_plane_domain::OrgId = Box::leak(Box::new(
+        cmk_control_plane_domain::OrgId::parse(cmk_tests::HSM_TEST_ORG).unwrap(),
+    ));
     let remote_public =
         cmk_tests::client_import_public_key(client.import_public_key().await.unwrap());
     let remote_wrapped: Arc<Vec<Vec<u8>>> = Arc::new(
@@ -258,6 +265,7 @@ async fn main() {
             let i = next.fetch_add(1, Ordering::Relaxed);
             client
                 .import(
+                    org,
                     &random_handle(),
                     Admission::New,
                     wrapped[i % wrapped.len()].clone(),
@@ -280,7 +288,10 @@ async fn main() {
         envelope::wrap(&sealing, &handle, &kek, aad).unwrap();
     });
     print_row(&bare_aes, &bare_aes);
-    let key = local.generate(&contract::handle()).await.unwrap();
+    let key = local
+        .generate(&contract::handle(), &contract::scope())
+        .await
+        .unwrap();
     let custody_wrap = async_bench("keystore wrap", 100_000, || {
         let (local, kek) = (&local, &kek);
         async move {
@@ -290,7 +301,7 @@ async fn main() {
     .await;
     print_row(&custody_wrap, &bare_aes);
 
-    let remote_key = client.generate(&random_handle()).await.unwrap();
+    let remote_key = client.generate(Some(org), &random_handle()).await.unwrap();
     let rpc_baseline = async_bench("RPC baseline: GetImportPublicKey over mTLS", 3000, || {
         let client = client.clone();
         async move {
@@ -303,16 +314,19 @@ async fn main() {
     let rpc_wrap = async_bench("Wrap over mTLS", 3000, || {
         let (client, kek, handle) = (client.clone(), kek.clone(), remote_key.handle.clone());
         async move {
-            client.wrap(&handle, &kek, aad).await.unwrap();
+            client.wrap(org, &handle, &kek, aad).await.unwrap();
         }
     })
     .await;
     print_row(&rpc_wrap, &rpc_baseline);
-    let ct = client.wrap(&remote_key.handle, &kek, aad).await.unwrap();
+    let ct = client
+        .wrap(org, &remote_key.handle, &kek, aad)
+        .await
+        .unwrap();
     let rpc_unwrap = async_bench("Unwrap over mTLS", 3000, || {
         let (client, ct) = (client.clone(), ct.clone());
         async move {
-            client.unwrap(&ct, aad).await.unwrap();
+            client.unwrap(org, &ct, aad).await.unwrap();
         }
     })
     .await;
@@ -335,7 +349,7 @@ async fn main() {
         move || {
             let (client, kek, handle) = (client.clone(), kek.clone(), handle.clone());
             async move {
-                client.wrap(&handle, &kek, aad).await.unwrap();
+                client.wrap(org, &handle, &kek, aad).await.unwrap();
             }
         }
     })
@@ -349,7 +363,7 @@ async fn main() {
     let batch = async_bench("BatchWrap, 1000 items per call", 20, || {
         let (client, items) = (&client, &items);
         async move {
-            let results = client.wrap_batch(items).await.unwrap();
+            let results = client.wrap_batch(org, items).await.unwrap();
             assert!(results.iter().all(Result::is_ok));
         }
     })
@@ -414,7 +428,10 @@ async fn measure_backend<C: MaterialCustody + Clone>(custody: C, backend: &str) 
         .map(|_| contract::wrap_for_import(&public, contract::random(32).expose()))
         .collect();
     // A token that cannot import says so on the first call.
-    let import = match custody.import(&contract::handle(), &wrapped[0]).await {
+    let import = match custody
+        .import(&contract::handle(), &contract::scope(), &wrapped[0])
+        .await
+    {
         Ok(_) => {
             let next = AtomicUsize::new(0);
             Ok(async_bench(&name(0), IMPORTS, || {
@@ -422,7 +439,11 @@ async fn measure_backend<C: MaterialCustody + Clone>(custody: C, backend: &str) 
                 async move {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     custody
-                        .import(&contract::handle(), &wrapped[i % wrapped.len()])
+                        .import(
+                            &contract::handle(),
+                            &contract::scope(),
+                            &wrapped[i % wrapped.len()],
+                        )
                         .await
                         .unwrap();
                 }
@@ -438,7 +459,11 @@ async fn measure_backend<C: MaterialCustody + Clone>(custody: C, backend: &str) 
 
     let kek = contract::random(32);
     let aad = b"org-0001/kek-001";
-    let handle = custody.generate(&contract::handle()).await.unwrap().handle;
+    let handle = custody
+        .generate(&contract::handle(), &contract::scope())
+        .await
+        .unwrap()
+        .handle;
     let wrap = async_bench(&name(1), WRAPS, || {
         let (custody, kek) = (&custody, &kek);
         async move {

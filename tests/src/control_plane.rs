@@ -663,7 +663,7 @@ pub async fn seed_keks(
             .iter()
             .map(|(_, kek, aad)| (active.handle.as_str(), kek, aad.as_slice()))
             .collect();
-        let wrapped = client.wrap_batch(&items).await.unwrap();
+        let wrapped = client.wrap_batch(&org, &items).await.unwrap();
         for ((i, (id, _, _)), wrapped) in chunk.iter().zip(keks).zip(wrapped) {
             rows.push((id, format!("{prefix}{i}"), wrapped.unwrap()));
         }

@@ -27,6 +27,9 @@ pub const CONTROL_PLANE: &str = "spiffe://cmk.test/control-plane";
 pub const INTRUDER: &str = "spiffe://cmk.test/some-other-service";
 
 /// A root key for tests, as `openssl rand -hex 32` would write it.
+/// The org the HSM daemon's tests name: every key they add serves it.
+pub const HSM_TEST_ORG: &str = "test-org";
+
 pub const ROOT_KEY_HEX: &str = "6b2f0c1d9e8a7b6c5d4e3f201f2e3d4c5b6a79881726354453627180a9b8c7d6";
 
 /// A CA with server and client certificates written under a temporary directory.
@@ -335,6 +338,24 @@ pub async fn logged_in_file(
 pub struct Listeners {
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
+    log: LogLines,
+}
+
+/// Every line a child server has logged so far.
+#[derive(Clone, Default)]
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl LogLines {
+    /// The lines that contain every one of `words`.
+    pub fn matching(&self, words: &[&str]) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| words.iter().all(|word| line.contains(word)))
+            .cloned()
+            .collect()
+    }
 }
 
 impl Listeners {
@@ -342,10 +363,13 @@ impl Listeners {
     pub fn follow(log: impl std::io::Read + Send + 'static) -> Self {
         use std::io::BufRead;
         let (tx, lines) = std::sync::mpsc::channel();
+        let all = LogLines::default();
+        let kept = all.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(log).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("{line}");
+                kept.0.lock().unwrap().push(line.clone());
                 if line.contains("listener") {
                     // The test may have stopped listening; the log goes on.
                     let _ = tx.send(line);
@@ -355,7 +379,13 @@ impl Listeners {
         Self {
             lines,
             seen: Vec::new(),
+            log: all,
         }
+    }
+
+    /// Every line logged so far, growing as the server logs more.
+    pub fn log(&self) -> LogLines {
+        self.log.clone()
     }
 
     /// Where the server's listener `listener` is bound, once logged; panics
@@ -478,6 +508,8 @@ pub fn scrape_metrics(addr: SocketAddr) -> (String, String) {
 /// The `hsm-daemon` binary as a child process.
 pub struct DaemonProcess {
     pub child: Child,
+    /// Everything it has logged.
+    pub log: LogLines,
     /// Its gRPC listener.
     pub addr: SocketAddr,
     /// Its Prometheus metrics listener.
@@ -555,6 +587,7 @@ impl DaemonProcess {
         wait_healthy(addr, &pki.client_files("control-plane")).await;
         Self {
             child,
+            log: listeners.log(),
             addr,
             metrics,
         }

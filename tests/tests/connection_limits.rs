@@ -115,10 +115,11 @@ async fn requests_beyond_the_in_flight_limit_are_resource_exhausted() {
     let handle = client
         .clone()
         .import(ImportRequest {
-            source: Some(Source::Generate(Generate {})),
+            source: Some(Source::Generate(Generate { shared: false })),
             import_key_id: String::new(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -130,6 +131,7 @@ async fn requests_beyond_the_in_flight_limit_are_resource_exhausted() {
                 key_handle: handle.clone(),
                 plaintext: vec![i as u8; 32],
                 associated_data: b"limits".to_vec(),
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .collect(),
     };

@@ -1057,9 +1057,12 @@ async fn a_master_key_gone_from_the_hsm_is_named_not_internal() {
         .get("handle");
     db.close().await.unwrap();
     let mut hsm = d.hsm.pki.hsm_client(d.hsm.daemon.addr).await;
-    hsm.destroy(cmk_proto::hsm::v1::DestroyRequest { key_handle: handle })
-        .await
-        .unwrap();
+    hsm.destroy(cmk_proto::hsm::v1::DestroyRequest {
+        key_handle: handle,
+        org: ORG.into(),
+    })
+    .await
+    .unwrap();
     // A fresh control plane: no KEK in its cache.
     d.restart().await;
     let mut content = d.content("service-acme").await;
@@ -1140,6 +1143,7 @@ async fn content_keys_wrapped_in_format_1_still_decrypt() {
         .unwrap(cmk_proto::hsm::v1::UnwrapRequest {
             ciphertext: wrapped_kek,
             associated_data: kek_associated_data(&org, &kek_id),
+            org: ORG.into(),
         })
         .await
         .unwrap()

@@ -446,6 +446,7 @@ async fn an_import_that_never_committed_is_destroyed() {
     d.stop_control_plane().await;
     let hsm = d.hsm.pki.control_plane_client(d.hsm.daemon.addr).await;
     let handle = cmk_control_plane::hsm::random_handle();
+    let org = OrgId::parse(ORG).unwrap();
     // What the control plane does before and during an upload, then "crashes".
     let store = SqliteStore::open(&d.database().display().to_string())
         .await
@@ -454,22 +455,24 @@ async fn an_import_that_never_committed_is_destroyed() {
         .record_intent(Intent {
             handle: handle.clone(),
             kind: IntentKind::Import,
-            org: Some(OrgId::parse(ORG).unwrap()),
+            org: Some(org.clone()),
             created_at: Timestamp(d.clock.now().0),
         })
         .await
         .unwrap();
-    hsm.generate(&handle).await.unwrap();
+    hsm.generate(Some(&org), &handle).await.unwrap();
     store.close().await;
 
     let secret = cmk_secret::SecretBytes::new(vec![7; 32]);
     d.start_control_plane().await;
     // Young intents are left alone: the import might still be running.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    hsm.wrap(&handle, &secret, b"").await.expect("still there");
+    hsm.wrap(&org, &handle, &secret, b"")
+        .await
+        .expect("still there");
 
     d.advance(Duration::from_secs(120)).await;
-    let gone = hsm.wrap(&handle, &secret, b"").await.unwrap_err();
+    let gone = hsm.wrap(&org, &handle, &secret, b"").await.unwrap_err();
     assert!(gone.to_string().contains("destroyed"), "{gone}");
     let store = SqliteStore::open(&d.database().display().to_string())
         .await

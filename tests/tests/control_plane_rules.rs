@@ -635,7 +635,7 @@ async fn authorisation_matrix() {
     let admin = Call::Admin;
     let content = Call::Content;
     #[rustfmt::skip]
-    let rpcs: [(Call, Needs, Code); 19] = [
+    let rpcs: [(Call, Needs, Code); 20] = [
         // rpc                                     needs    answers when allowed
         (admin(Rpc::GetImportPublicKey),           Read,    Code::Ok),
         (admin(Rpc::GetKey(key())),                Read,    Code::NotFound),
@@ -647,6 +647,7 @@ async fn authorisation_matrix() {
         (admin(Rpc::SetByok(true)),                Manage,  Code::Ok),
         (admin(Rpc::upload(&junk)),                Manage,  Code::InvalidArgument),
         (admin(Rpc::AddAwsKey),                    Manage,  Code::InvalidArgument),
+        (admin(Rpc::GetAwsSetup),                  Manage,  Code::InvalidArgument),
         (admin(Rpc::ActivateKey(key())),           Manage,  Code::NotFound),
         (admin(Rpc::CancelKey(key())),             Manage,  Code::NotFound),
         (admin(Rpc::RevokeKey(key())),             Manage,  Code::NotFound),
@@ -737,6 +738,8 @@ enum Rpc {
     RestoreKey(String),
     /// With a malformed key ARN: refused before AWS is asked.
     AddAwsKey,
+    /// With a malformed key ARN: refused before anything is written.
+    GetAwsSetup,
     GetRotation,
     PreviewRevocation(String),
 }
@@ -759,6 +762,7 @@ impl Rpc {
             Self::DeleteKey(_) => "DeleteKey",
             Self::RestoreKey(_) => "RestoreKey",
             Self::AddAwsKey => "AddAwsKey",
+            Self::GetAwsSetup => "GetAwsSetup",
             Self::GetRotation => "GetRotation",
             Self::PreviewRevocation(_) => "PreviewRevocation",
         }
@@ -790,7 +794,10 @@ impl Rpc {
             Self::ReactivateKey(_) => "ReactivateKey",
             Self::DeleteKey(_) => "DeleteKey",
             Self::RestoreKey(_) => "RestoreKey",
-            Self::AddAwsKey | Self::GetRotation | Self::PreviewRevocation(_) => self.method(),
+            Self::AddAwsKey
+            | Self::GetAwsSetup
+            | Self::GetRotation
+            | Self::PreviewRevocation(_) => self.method(),
         };
         match self.key_id() {
             "" => rpc.to_owned(),
@@ -816,6 +823,7 @@ impl Rpc {
             Self::DeleteKey(_) => "delete",
             Self::RestoreKey(_) => "restore",
             Self::AddAwsKey => "add aws key",
+            Self::GetAwsSetup => "get aws setup",
             Self::GetRotation => "get rotation",
             Self::PreviewRevocation(_) => "preview revocation",
         }
@@ -839,6 +847,7 @@ impl Rpc {
             | Self::SetByok(_)
             | Self::UploadKey { .. }
             | Self::AddAwsKey
+            | Self::GetAwsSetup
             | Self::GetRotation => "",
         }
     }
@@ -905,6 +914,13 @@ impl Rpc {
                     backup_key_arn: String::new(),
                     role_arn: String::new(),
                     activate_now: false,
+                })
+                .await
+                .map(drop),
+            Self::GetAwsSetup => client
+                .get_aws_setup(pb::GetAwsSetupRequest {
+                    org_id,
+                    key_arns: vec!["not-an-arn".into()],
                 })
                 .await
                 .map(drop),

@@ -34,6 +34,7 @@ async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportRespo
             import_key_id: String::new(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .map(|r| r.into_inner())
@@ -42,10 +43,11 @@ async fn import(client: &mut Client, wrapped: Vec<u8>) -> Result<pb::ImportRespo
 async fn generate(client: &mut Client) -> pb::ImportResponse {
     client
         .import(ImportRequest {
-            source: Some(Source::Generate(pb::Generate {})),
+            source: Some(Source::Generate(pb::Generate { shared: false })),
             import_key_id: String::new(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -63,6 +65,7 @@ async fn wrap(
             key_handle: handle.into(),
             plaintext: plaintext.to_vec(),
             associated_data: aad.to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .map(|r| r.into_inner().ciphertext)
@@ -77,6 +80,7 @@ async fn unwrap(
         .unwrap(UnwrapRequest {
             ciphertext: ciphertext.to_vec(),
             associated_data: aad.to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .map(|r| r.into_inner())
@@ -145,6 +149,7 @@ async fn import_wrap_unwrap_batch_destroy() {
             import_key_id: public.key_id.clone(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -172,6 +177,7 @@ async fn import_wrap_unwrap_batch_destroy() {
             },
             plaintext: vec![i as u8; 32],
             associated_data: format!("kek-{i}").into_bytes(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .collect();
     let wrapped = client
@@ -187,6 +193,7 @@ async fn import_wrap_unwrap_batch_destroy() {
             Some(wrap_result::Result::Ciphertext(ct)) => UnwrapRequest {
                 ciphertext: ct.clone(),
                 associated_data: format!("kek-{i}").into_bytes(),
+                org: cmk_tests::HSM_TEST_ORG.into(),
             },
             other => panic!("item {i}: {other:?}"),
         })
@@ -208,6 +215,7 @@ async fn import_wrap_unwrap_batch_destroy() {
     let destroyed = client
         .destroy(DestroyRequest {
             key_handle: generated.key_handle.clone(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -216,6 +224,7 @@ async fn import_wrap_unwrap_batch_destroy() {
     let again = client
         .destroy(DestroyRequest {
             key_handle: generated.key_handle.clone(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -247,6 +256,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
     client
         .destroy(DestroyRequest {
             key_handle: doomed.key_handle.clone(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap();
@@ -309,6 +319,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                 import_key_id: other.public().key_id.clone(),
                 key_handle: String::new(),
                 recover: false,
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await,
         Code::InvalidArgument,
@@ -321,6 +332,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                 import_key_id: String::new(),
                 key_handle: String::new(),
                 recover: false,
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await,
         Code::InvalidArgument,
@@ -342,6 +354,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                         .into(),
                 backup_key_arn: "arn:aws:kms:eu-west-1:12345:key/x".into(),
                 role_arn: String::new(),
+                external_id: String::new(),
             },
             "backup_key_arn: ARN account \"12345\" is malformed",
         ),
@@ -352,6 +365,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                         .into(),
                 backup_key_arn: String::new(),
                 role_arn: "arn:aws:iam::123456789012:user/me".into(),
+                external_id: String::new(),
             },
             "role_arn: IAM ARN resource \"user/me\" is not a role",
         ),
@@ -363,6 +377,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                     import_key_id: String::new(),
                     key_handle: String::new(),
                     recover: false,
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 })
                 .await,
             Code::InvalidArgument,
@@ -430,6 +445,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
         client
             .destroy(DestroyRequest {
                 key_handle: unknown.into(),
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await,
         Code::NotFound,
@@ -457,6 +473,7 @@ async fn every_bad_input_is_named_and_changes_nothing() {
             key_handle: key.key_handle.clone(),
             plaintext: kek.to_vec(),
             associated_data: vec![],
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .collect();
     assert_status(
@@ -478,14 +495,17 @@ async fn every_bad_input_is_named_and_changes_nothing() {
                 UnwrapRequest {
                     ciphertext: ct.clone(),
                     associated_data: b"ctx".to_vec(),
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 },
                 UnwrapRequest {
                     ciphertext: tampered.clone(),
                     associated_data: b"ctx".to_vec(),
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 },
                 UnwrapRequest {
                     ciphertext: doomed_ct.clone(),
                     associated_data: b"ctx".to_vec(),
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 },
             ],
         })
@@ -520,6 +540,7 @@ async fn the_caller_chooses_the_handle_and_it_is_never_reused() {
         import_key_id: String::new(),
         key_handle: handle.into(),
         recover: false,
+        org: cmk_tests::HSM_TEST_ORG.into(),
     };
     let upload = || {
         Source::WrappedKey(contract::wrap_for_import(
@@ -527,7 +548,7 @@ async fn the_caller_chooses_the_handle_and_it_is_never_reused() {
             contract::random(32).expose(),
         ))
     };
-    let generate = || Source::Generate(pb::Generate {});
+    let generate = || Source::Generate(pb::Generate { shared: false });
 
     let chosen = random_handle();
     let imported = client
@@ -582,6 +603,7 @@ async fn the_caller_chooses_the_handle_and_it_is_never_reused() {
     let destroyed = client
         .destroy(DestroyRequest {
             key_handle: chosen.clone(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -721,10 +743,11 @@ async fn only_allow_listed_identities_with_certificates_from_the_ca_get_in() {
     assert_status(
         intruder
             .import(ImportRequest {
-                source: Some(Source::Generate(pb::Generate {})),
+                source: Some(Source::Generate(pb::Generate { shared: false })),
                 import_key_id: String::new(),
                 key_handle: String::new(),
                 recover: false,
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await,
         Code::PermissionDenied,
@@ -860,19 +883,26 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
         daemon,
     } = Harness::start(Limits::default()).await;
     let client = pki.control_plane_client(daemon.addr).await;
+    let org = cmk_control_plane_domain::OrgId::parse(cmk_tests::HSM_TEST_ORG).unwrap();
 
     let public = cmk_tests::client_import_public_key(client.import_public_key().await.unwrap());
     let wrapped = contract::wrap_for_import(&public, &[0x11; 32]);
     let handle = random_handle();
     let imported = client
-        .import(&handle, Admission::New, wrapped.clone(), String::new())
+        .import(
+            &org,
+            &handle,
+            Admission::New,
+            wrapped.clone(),
+            String::new(),
+        )
         .await
         .unwrap();
     assert_eq!(imported.handle, handle);
-    let generated = client.generate(&random_handle()).await.unwrap();
+    let generated = client.generate(Some(&org), &random_handle()).await.unwrap();
     assert_ne!(imported.check_value, generated.check_value);
     match client
-        .import(&handle, Admission::New, wrapped, String::new())
+        .import(&org, &handle, Admission::New, wrapped, String::new())
         .await
     {
         Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::AlreadyExists),
@@ -881,25 +911,28 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
 
     let kek = SecretBytes::copy_from(&[0x22; 32]);
     let ct = client
-        .wrap(&imported.handle, &kek, b"org/kek")
+        .wrap(&org, &imported.handle, &kek, b"org/kek")
         .await
         .unwrap();
-    let unwrapped = client.unwrap(&ct, b"org/kek").await.unwrap();
+    let unwrapped = client.unwrap(&org, &ct, b"org/kek").await.unwrap();
     assert!(unwrapped.plaintext.ct_eq(&kek));
     assert_eq!(unwrapped.handle, imported.handle);
 
     let wrapped = client
-        .wrap_batch(&[
-            (&imported.handle, &kek, b"a"),
-            ("00112233445566778899aabbccddeeff", &kek, b"b"),
-            (&generated.handle, &kek, b"c"),
-        ])
+        .wrap_batch(
+            &org,
+            &[
+                (&imported.handle, &kek, b"a"),
+                ("00112233445566778899aabbccddeeff", &kek, b"b"),
+                (&generated.handle, &kek, b"c"),
+            ],
+        )
         .await
         .unwrap();
     assert_eq!(wrapped[1].as_ref().unwrap_err().code(), Code::NotFound);
     let (a, c) = (wrapped[0].as_ref().unwrap(), wrapped[2].as_ref().unwrap());
     let unwrapped = client
-        .unwrap_batch(&[(a, b"a"), (c, b"wrong")])
+        .unwrap_batch(&org, &[(a, b"a"), (c, b"wrong")])
         .await
         .unwrap();
     assert!(unwrapped[0].as_ref().unwrap().plaintext.ct_eq(&kek));
@@ -909,9 +942,9 @@ async fn the_control_plane_client_speaks_to_the_daemon() {
         Code::InvalidArgument
     );
 
-    assert!(!client.destroy(&generated.handle).await.unwrap());
-    assert!(client.destroy(&generated.handle).await.unwrap());
-    match client.unwrap(c, b"c").await {
+    assert!(!client.destroy(Some(&org), &generated.handle).await.unwrap());
+    assert!(client.destroy(Some(&org), &generated.handle).await.unwrap());
+    match client.unwrap(&org, c, b"c").await {
         Err(HsmError::Status(status)) => assert_eq!(status.code(), Code::NotFound),
         other => panic!("unwrap under a destroyed key: {other:?}"),
     }

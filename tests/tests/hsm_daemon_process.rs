@@ -14,7 +14,8 @@ use aes_gcm::{
 };
 use cmk_hsm_custody::{ImportPublicKey, contract};
 use cmk_proto::hsm::v1::{
-    GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest, import_request::Source,
+    DestroyRequest, Generate, GetImportPublicKeyRequest, ImportRequest, UnwrapRequest, WrapRequest,
+    import_request::Source,
 };
 use cmk_tests::{ANY_PORT, DaemonProcess, Pki, binary};
 
@@ -72,6 +73,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
                         import_key_id: String::new(),
                         key_handle: String::new(),
                         recover: false,
+                        org: cmk_tests::HSM_TEST_ORG.into(),
                     };
                     match client.import(request).await {
                         Ok(r) => acked
@@ -112,6 +114,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
                 key_handle: handle.clone(),
                 plaintext: b"kek".to_vec(),
                 associated_data: b"a".to_vec(),
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await
             .unwrap_or_else(|e| panic!("acknowledged key {handle} lost: {e}"))
@@ -122,6 +125,7 @@ async fn sigkill_during_a_stream_of_imports_loses_no_acknowledged_key() {
             .unwrap(UnwrapRequest {
                 ciphertext: ct,
                 associated_data: b"a".to_vec(),
+                org: cmk_tests::HSM_TEST_ORG.into(),
             })
             .await
             .unwrap()
@@ -233,4 +237,72 @@ fn tokio_stream_once<T: Send + 'static>(
     item: T,
 ) -> impl tonic::codegen::tokio_stream::Stream<Item = T> {
     tonic::codegen::tokio_stream::iter([item])
+}
+
+/// Over mutual TLS, from the control plane's identity: a key generated for
+/// one org is refused (PERMISSION_DENIED) to a Wrap, Unwrap or Destroy that
+/// names another, the daemon logs each refusal, and the key still serves its
+/// own org afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_refused_to_calls_for_another_org_and_the_refusal_logged() {
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let daemon = DaemonProcess::start(&pki, store.path(), ANY_PORT).await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let handle = client
+        .import(ImportRequest {
+            source: Some(Source::Generate(Generate { shared: false })),
+            import_key_id: String::new(),
+            key_handle: String::new(),
+            recover: false,
+            org: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .key_handle;
+    let wrap = |org: &str| WrapRequest {
+        key_handle: handle.clone(),
+        plaintext: b"kek".to_vec(),
+        associated_data: b"a".to_vec(),
+        org: org.into(),
+    };
+    let ciphertext = client
+        .wrap(wrap("acme"))
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let unwrap = |org: &str| UnwrapRequest {
+        ciphertext: ciphertext.clone(),
+        associated_data: b"a".to_vec(),
+        org: org.into(),
+    };
+
+    let refusals = [
+        client.wrap(wrap("globex")).await.map(drop),
+        client.unwrap(unwrap("globex")).await.map(drop),
+        client
+            .destroy(DestroyRequest {
+                key_handle: handle.clone(),
+                org: "globex".into(),
+            })
+            .await
+            .map(drop),
+    ];
+    for refused in refusals {
+        let status = refused.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            status.message(),
+            format!("key {handle} does not serve org globex")
+        );
+    }
+    let logged = daemon
+        .log
+        .matching(&["refused", &handle, "globex", "org:acme"]);
+    assert_eq!(logged.len(), 3, "one log line per refusal: {logged:#?}");
+
+    let opened = client.unwrap(unwrap("acme")).await.unwrap().into_inner();
+    assert_eq!(opened.plaintext, b"kek", "the refusals changed nothing");
 }

@@ -189,10 +189,11 @@ async fn two_daemons_never_admit_two_keys_under_one_handle() {
             async move {
                 client
                     .import(ImportRequest {
-                        source: Some(Source::Generate(Generate {})),
+                        source: Some(Source::Generate(Generate { shared: false })),
                         import_key_id: String::new(),
                         key_handle: handle,
                         recover: false,
+                        org: cmk_tests::HSM_TEST_ORG.into(),
                     })
                     .await
             }
@@ -222,6 +223,7 @@ async fn two_daemons_never_admit_two_keys_under_one_handle() {
                     key_handle: handle.clone(),
                     plaintext: vec![round; 32],
                     associated_data: b"ha".to_vec(),
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 })
                 .await;
             let ciphertext = match wrapped {
@@ -237,6 +239,7 @@ async fn two_daemons_never_admit_two_keys_under_one_handle() {
                 .unwrap(UnwrapRequest {
                     ciphertext,
                     associated_data: b"ha".to_vec(),
+                    org: cmk_tests::HSM_TEST_ORG.into(),
                 })
                 .await
                 .unwrap()

@@ -99,10 +99,11 @@ async fn on_softhsm() {
 
     let generated = client
         .import(ImportRequest {
-            source: Some(Source::Generate(Generate {})),
+            source: Some(Source::Generate(Generate { shared: false })),
             import_key_id: String::new(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -115,6 +116,7 @@ async fn on_softhsm() {
             key_handle: handle.clone(),
             plaintext: vec![7; 32],
             associated_data: b"org-1/kek-1".to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -124,6 +126,7 @@ async fn on_softhsm() {
         .unwrap(UnwrapRequest {
             ciphertext: ciphertext.clone(),
             associated_data: b"org-1/kek-1".to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -134,6 +137,7 @@ async fn on_softhsm() {
         .unwrap(UnwrapRequest {
             ciphertext: ciphertext.clone(),
             associated_data: b"org-1/kek-2".to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .expect_err("other associated data");
@@ -144,6 +148,7 @@ async fn on_softhsm() {
             key_handle: handle.clone(),
             plaintext: vec![i; 32],
             associated_data: vec![i],
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .collect();
     let wrapped = client
@@ -159,6 +164,7 @@ async fn on_softhsm() {
             Some(wrap_result::Result::Ciphertext(ciphertext)) => UnwrapRequest {
                 ciphertext,
                 associated_data: vec![i as u8],
+                org: cmk_tests::HSM_TEST_ORG.into(),
             },
             other => panic!("item {i}: {other:?}"),
         })
@@ -188,6 +194,7 @@ async fn on_softhsm() {
             import_key_id: String::new(),
             key_handle: String::new(),
             recover: false,
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .expect_err("SoftHSM2 cannot import");
@@ -202,6 +209,7 @@ async fn on_softhsm() {
     let destroyed = client
         .destroy(DestroyRequest {
             key_handle: handle.clone(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .unwrap()
@@ -211,13 +219,17 @@ async fn on_softhsm() {
         .unwrap(UnwrapRequest {
             ciphertext,
             associated_data: b"org-1/kek-1".to_vec(),
+            org: cmk_tests::HSM_TEST_ORG.into(),
         })
         .await
         .expect_err("destroyed");
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     assert!(gone.message().contains("has been destroyed"), "{gone:?}");
     let again = client
-        .destroy(DestroyRequest { key_handle: handle })
+        .destroy(DestroyRequest {
+            key_handle: handle,
+            org: cmk_tests::HSM_TEST_ORG.into(),
+        })
         .await
         .unwrap()
         .into_inner();

@@ -145,6 +145,7 @@ async fn hsm_daemon_blames_the_caller_for_malformed_requests() {
     // A well-formed body through the same raw client reaches the handler.
     let unknown = DestroyRequest {
         key_handle: "0".repeat(32),
+        org: cmk_tests::HSM_TEST_ORG.into(),
     };
     assert_eq!(
         destroy(unknown.encode_to_vec()).await.unwrap_err().code(),
@@ -176,6 +177,7 @@ async fn hsm_daemon_blames_the_caller_for_malformed_requests() {
 
     let oversized = DestroyRequest {
         key_handle: "0".repeat(LIMIT + 1),
+        org: cmk_tests::HSM_TEST_ORG.into(),
     };
     assert_refused(
         destroy(oversized.encode_to_vec()).await,

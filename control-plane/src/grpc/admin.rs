@@ -12,7 +12,9 @@ use super::{
 };
 use crate::{
     authz::{LivePolicy, Permission},
-    service::{AddAwsKey, AuditPage, KeyOp, KeyService, UploadKey, admin::byok_action},
+    service::{
+        AddAwsKey, AuditPage, AwsSetupRequest, KeyOp, KeyService, UploadKey, admin::byok_action,
+    },
 };
 
 /// `KeyAdminService` over a [`KeyService`]. Every refusal is audited.
@@ -128,6 +130,26 @@ impl KeyAdminService for AdminApi {
                         .add_aws_key(&caller, key)
                         .await
                         .map(response::key_response)
+                },
+            )
+            .await
+    }
+
+    async fn get_aws_setup(
+        &self,
+        request: Request<pb::GetAwsSetupRequest>,
+    ) -> Result<Response<pb::GetAwsSetupResponse>, Status> {
+        let service = self.edge.service();
+        self.edge
+            .call(
+                request,
+                Permission::Manage,
+                "get aws setup",
+                |caller, setup: AwsSetupRequest| async move {
+                    service
+                        .aws_setup(&caller, setup)
+                        .await
+                        .map(response::aws_setup)
                 },
             )
             .await

@@ -12,7 +12,7 @@ use cmk_proto::control::v1 as pb;
 
 use crate::{
     error::ServiceError,
-    service::{AddAwsKey, AuditPage, ContentContext, UploadKey},
+    service::{AddAwsKey, AuditPage, AwsSetupRequest, ContentContext, UploadKey},
 };
 
 /// What the edge reads of a request before its caller is authorised.
@@ -42,6 +42,7 @@ scoped!(
     pb::SetByokRequest,
     pb::UploadKeyRequest,
     pb::AddAwsKeyRequest,
+    pb::GetAwsSetupRequest,
     pb::ListKeysRequest,
     pb::ListAuditEventsRequest,
     pb::VerifyAuditLogRequest,
@@ -110,6 +111,18 @@ impl TryFrom<pb::UploadKeyRequest> for UploadKey {
             import_key_id,
         } = message;
         UploadKey::new(wrapped_key, &import_key_id, activate_now)
+    }
+}
+
+impl TryFrom<pb::GetAwsSetupRequest> for AwsSetupRequest {
+    type Error = ServiceError;
+
+    fn try_from(message: pb::GetAwsSetupRequest) -> Result<Self, ServiceError> {
+        let pb::GetAwsSetupRequest {
+            org_id: _,
+            key_arns,
+        } = message;
+        AwsSetupRequest::new(key_arns)
     }
 }
 

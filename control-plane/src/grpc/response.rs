@@ -10,8 +10,8 @@ use cmk_secret::SecretBytes;
 use crate::{
     hsm::ImportPublicKey,
     service::{
-        AuditCheck, AuditPage, DataKey, KekView, KeyDetails, KeyView, OrgView, RevocationPreview,
-        RotationView,
+        AuditCheck, AuditPage, AwsSetup, DataKey, KekView, KeyDetails, KeyView, OrgView,
+        RevocationPreview, RotationView,
     },
 };
 
@@ -27,6 +27,23 @@ pub(crate) fn import_public_key(key: ImportPublicKey) -> pb::GetImportPublicKeyR
         key_id,
         algorithm,
         modulus_bits,
+    }
+}
+
+pub(crate) fn aws_setup(setup: AwsSetup) -> pb::GetAwsSetupResponse {
+    let AwsSetup {
+        service_principal_arn,
+        external_id,
+        trust_policy_json,
+        permissions_policy_json,
+        key_arns,
+    } = setup;
+    pb::GetAwsSetupResponse {
+        service_principal_arn,
+        external_id,
+        trust_policy_json,
+        permissions_policy_json,
+        key_arns,
     }
 }
 

@@ -3,7 +3,7 @@
 //! state changes, and the reads beside them.
 
 use cmk_control_plane_domain::{
-    Action, Command, KeyId, KeySource, KeyState, LifecycleError, transition,
+    Action, Command, KeyId, KeySource, KeyState, LifecycleError, OrgId, transition,
 };
 use cmk_control_plane_store::{AwsArns, StoreError, StoredKey, StoredOrg};
 use tracing::info;
@@ -119,8 +119,12 @@ enum NewKey {
         wrapped_key: Vec<u8>,
         import_key_id: String,
     },
-    /// A key that stays in AWS KMS.
-    Aws(AwsArns),
+    /// A key that stays in AWS KMS, and the org's external id when a role is
+    /// assumed to use it.
+    Aws {
+        arns: AwsArns,
+        external_id: Option<String>,
+    },
 }
 
 /// An admin's change to one existing key.
@@ -279,8 +283,13 @@ impl KeyService {
     ) -> Result<KeyView, ServiceError> {
         self.audited(caller, "add aws key", None, false, async {
             let AddAwsKey { arns, activate_now } = key;
-            self.add_key(caller, "add aws key", NewKey::Aws(arns), activate_now)
-                .await
+            // With no role, the daemon's own identity uses the key.
+            let external_id = match arns.role_arn {
+                Some(_) => Some(self.external_id(caller.org()).await?),
+                None => None,
+            };
+            let new = NewKey::Aws { arns, external_id };
+            self.add_key(caller, "add aws key", new, activate_now).await
         })
         .await
     }
@@ -308,7 +317,7 @@ impl KeyService {
         let handle = random_handle();
         let (source, aws) = match &new {
             NewKey::Wrapped { .. } => (KeySource::Uploaded, None),
-            NewKey::Aws(arns) => (KeySource::AwsKms, Some(arns.clone())),
+            NewKey::Aws { arns, .. } => (KeySource::AwsKms, Some(arns.clone())),
         };
         let id = new_key_id();
         let commit = async |ImportedKey { check_value, .. }| {
@@ -330,7 +339,7 @@ impl KeyService {
                 .await?;
             Ok(Intake::Kept(applied))
         };
-        let call = self.take_in(&handle, Admission::New, new);
+        let call = self.take_in(org, &handle, Admission::New, new);
         let (stored, changes) = self
             .take_into_custody(&handle, Some(org), call, commit)
             .await?;
@@ -360,10 +369,10 @@ impl KeyService {
         let org = caller.org();
         let handle = lost.handle;
         // A destroy of the removal still open would hold the handle's intent.
-        self.discard(&handle).await;
+        self.discard(Some(org), &handle).await;
         let id = lost.record.id;
         let aws = match new {
-            NewKey::Aws(arns) => Some(arns.clone()),
+            NewKey::Aws { arns, .. } => Some(arns.clone()),
             NewKey::Wrapped { .. } => None,
         };
         let commit = async |ImportedKey { check_value, .. }| {
@@ -385,7 +394,7 @@ impl KeyService {
                 .await?;
             Ok(Intake::Kept(stored))
         };
-        let call = self.take_in(&handle, Admission::Recover, new.clone());
+        let call = self.take_in(org, &handle, Admission::Recover, new.clone());
         let stored = match self
             .take_into_custody(&handle, Some(org), call, commit)
             .await
@@ -404,9 +413,11 @@ impl KeyService {
         self.key_view(&stored, &id).map(Some)
     }
 
-    /// The HSM call that takes `new` in under `handle`.
+    /// The HSM call that takes `new` in under `handle`, serving `org`. A
+    /// role of an AWS key is assumed with the org's external id.
     async fn take_in(
         &self,
+        org: &OrgId,
         handle: &str,
         admission: Admission,
         new: NewKey,
@@ -417,10 +428,14 @@ impl KeyService {
                 import_key_id,
             } => {
                 self.hsm
-                    .import(handle, admission, wrapped_key, import_key_id)
+                    .import(org, handle, admission, wrapped_key, import_key_id)
                     .await
             }
-            NewKey::Aws(arns) => self.hsm.add_aws_key(handle, admission, &arns).await,
+            NewKey::Aws { arns, external_id } => {
+                self.hsm
+                    .add_aws_key(org, handle, admission, &arns, external_id.as_deref())
+                    .await
+            }
         }
     }
 
@@ -514,7 +529,7 @@ fn recovery_candidate(stored: &StoredOrg, new: &NewKey) -> Option<StoredKey> {
             k.record.state == KeyState::Lost
                 && match (new, k.record.source, &k.aws) {
                     (NewKey::Wrapped { .. }, KeySource::Uploaded, _) => true,
-                    (NewKey::Aws(arns), KeySource::AwsKms, Some(lost)) => {
+                    (NewKey::Aws { arns, .. }, KeySource::AwsKms, Some(lost)) => {
                         lost.key_arn == arns.key_arn
                     }
                     _ => false,

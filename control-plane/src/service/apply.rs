@@ -216,7 +216,7 @@ impl KeyService {
                         self.rotation_wake.notify_one();
                     }
                     for handle in &destroy {
-                        self.discard(handle).await;
+                        self.discard(Some(org), handle).await;
                     }
                     return Ok((stored, changes));
                 }

@@ -137,7 +137,7 @@ impl KeyService {
             let kek = envelope::new_content_key();
             let wrapped = self
                 .hsm
-                .wrap(&handle, &kek, &envelope::kek_associated_data(org, &id))
+                .wrap(org, &handle, &kek, &envelope::kek_associated_data(org, &id))
                 .await
                 .map_err(|err| material_gone(err, &master))?;
             let now = self.clock.now();
@@ -259,7 +259,11 @@ impl KeyService {
                 })?;
         let unwrapped = self
             .hsm
-            .unwrap(&stored.wrapped, &envelope::kek_associated_data(org, id))
+            .unwrap(
+                org,
+                &stored.wrapped,
+                &envelope::kek_associated_data(org, id),
+            )
             .await
             .map_err(|err| match err {
                 // The HSM's refusal of a stored KEK is not about the caller's

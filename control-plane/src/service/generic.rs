@@ -40,7 +40,7 @@ impl KeyService {
             info!(check_value = %stored.check_value, "generated the generic default key");
             Ok(Intake::Kept(stored))
         };
-        let generate = self.hsm.generate(&handle);
+        let generate = self.hsm.generate(None, &handle);
         Ok(self
             .take_into_custody(&handle, None, generate, commit)
             .await?)
@@ -69,7 +69,7 @@ impl KeyService {
                 .await?
             {
                 info!(check_value = %retired.check_value, "retired generic default key destroyed");
-                self.discard(&retired.handle).await;
+                self.discard(None, &retired.handle).await;
             }
         }
         Ok(())
@@ -101,7 +101,7 @@ impl KeyService {
                   "renewed the generic default key");
             Ok(Intake::Kept(()))
         };
-        let generate = self.hsm.generate(&handle);
+        let generate = self.hsm.generate(None, &handle);
         Ok(self
             .take_into_custody(&handle, None, generate, commit)
             .await?)

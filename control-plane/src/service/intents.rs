@@ -79,14 +79,14 @@ impl KeyService {
         let taken = match call.await {
             Ok(taken) => taken,
             Err(err) => {
-                self.discard(handle).await;
+                self.discard(org, handle).await;
                 return Err(IntakeError::Call(err));
             }
         };
         match commit(taken).await {
             Ok(Intake::Kept(kept)) => Ok(kept),
             Ok(Intake::Unused(value)) => {
-                self.discard(handle).await;
+                self.discard(org, handle).await;
                 Ok(value)
             }
             // Refused before anything was committed: the material goes.
@@ -95,17 +95,18 @@ impl KeyService {
                 | ServiceError::InvalidArgument(_)
                 | ServiceError::Store(StoreError::KeyArnTaken)),
             ) => {
-                self.discard(handle).await;
+                self.discard(org, handle).await;
                 Err(IntakeError::Service(err))
             }
             Err(err) => Err(IntakeError::Service(err)),
         }
     }
 
-    /// Destroys `handle`'s material and resolves its intent; on failure the
-    /// intent stays for [`KeyService::repair`].
-    pub(crate) async fn discard(&self, handle: &str) {
-        match self.hsm.destroy(handle).await {
+    /// Destroys `handle`'s material, `org`'s (or, for `None`, the shared
+    /// generic default key's), and resolves its intent; on failure the intent
+    /// stays for [`KeyService::repair`].
+    pub(crate) async fn discard(&self, org: Option<&OrgId>, handle: &str) {
+        match self.hsm.destroy(org, handle).await {
             Ok(_) => {}
             // Never imported (the call failed before it reached custody).
             Err(HsmError::Status(status)) if status.code() == tonic::Code::NotFound => {}
@@ -139,7 +140,7 @@ impl KeyService {
             }
             if intent.kind == IntentKind::Destroy || abandoned {
                 info!(handle = %intent.handle, kind = ?intent.kind, "repairing an unfinished custody call");
-                self.discard(&intent.handle).await;
+                self.discard(intent.org.as_ref(), &intent.handle).await;
             }
         }
         Ok(())

@@ -53,6 +53,7 @@ impl KeyService {
             let probe = self
                 .hsm
                 .wrap(
+                    &org,
                     &key.handle,
                     &envelope::new_content_key(),
                     PROVIDER_PROBE_AAD,

@@ -45,6 +45,7 @@ use crate::{
 pub mod admin;
 pub mod apply;
 pub mod audit;
+pub mod aws;
 pub mod content;
 pub mod generic;
 pub mod intents;
@@ -55,6 +56,7 @@ pub use admin::{
     AddAwsKey, KeyOp, MAX_ARN_BYTES, MAX_WRAPPED_KEY_BYTES, RevocationPreview, UploadKey,
 };
 pub use audit::{AuditCheck, AuditPage, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE, check_audit_chain};
+pub use aws::{AwsSetup, AwsSetupRequest, MAX_SETUP_KEY_ARNS};
 pub use content::{ContentContext, DataKey, KekView};
 pub use rotation::RotationView;
 
@@ -151,6 +153,8 @@ pub struct KeyService {
     pub(crate) leases: Leases,
     /// What this process measures.
     pub(crate) metrics: Metrics,
+    /// The HSM daemon's AWS principal, which an org's role must trust.
+    pub(crate) aws_principal: Option<String>,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
@@ -176,6 +180,7 @@ impl KeyService {
             rotation_wake: tokio::sync::Notify::new(),
             leases,
             metrics: Metrics::default(),
+            aws_principal: None,
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
@@ -187,6 +192,13 @@ impl KeyService {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.hsm = self.hsm.with_metrics(&metrics);
         self.metrics = metrics;
+        self
+    }
+
+    /// Names `principal` (the HSM daemon's AWS identity) to orgs setting up
+    /// a role for the service.
+    pub fn with_aws_principal(mut self, principal: Option<String>) -> Self {
+        self.aws_principal = principal;
         self
     }
 

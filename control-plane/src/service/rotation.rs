@@ -314,7 +314,7 @@ impl KeyService {
             .zip(&aads)
             .map(|(k, aad)| (k.wrapped.as_slice(), aad.as_slice()))
             .collect();
-        let unwrapped = self.hsm.unwrap_batch(&items).await?;
+        let unwrapped = self.hsm.unwrap_batch(org, &items).await?;
         let mut plain: Vec<(usize, SecretBytes)> = Vec::with_capacity(batch.len());
         for (i, (kek, result)) in batch.iter().zip(unwrapped).enumerate() {
             match result {
@@ -339,7 +339,7 @@ impl KeyService {
             .collect();
         let wrapped = match wrap_items.is_empty() {
             true => Vec::new(),
-            false => self.hsm.wrap_batch(&wrap_items).await?,
+            false => self.hsm.wrap_batch(org, &wrap_items).await?,
         };
         let mut rewraps = Vec::with_capacity(plain.len());
         for ((i, _), result) in plain.iter().zip(wrapped) {

@@ -481,6 +481,17 @@ pub trait OrgStore: Send + Sync {
     /// org's in the order they were added: what the provider health check
     /// asks the HSM daemon about.
     async fn aws_keys(&self) -> Result<Vec<OrgAwsKey>, StoreError>;
+
+    /// The org's external id for AWS: the one stored, or `fresh`, stored now
+    /// when there is none yet (racing callers all get the first one stored).
+    /// Stored apart from the org's state: it neither enrols the org nor
+    /// changes its version.
+    async fn aws_external_id(
+        &self,
+        org: &OrgId,
+        fresh: &str,
+        now: Timestamp,
+    ) -> Result<String, StoreError>;
 }
 
 /// Each org's hash-chained audit log.

@@ -164,6 +164,35 @@ impl<D: Dialect> OrgStore for SqlStore<D> {
         .map(decode_org_key)
         .collect()
     }
+
+    async fn aws_external_id(
+        &self,
+        org: &OrgId,
+        fresh: &str,
+        now: Timestamp,
+    ) -> Result<String, StoreError> {
+        self.execute(
+            Stmt::new(
+                "INSERT INTO aws_external_ids (org, external_id, created_at) \
+                 VALUES ($1, $2, $3) ON CONFLICT (org) DO NOTHING",
+            )
+            .text(org.as_str())
+            .text(fresh)
+            .int(now.0),
+        )
+        .await?;
+        let row = self
+            .fetch_optional(
+                Stmt::new("SELECT external_id FROM aws_external_ids WHERE org = $1")
+                    .text(org.as_str()),
+            )
+            .await?
+            .ok_or(StoreError::Corrupt(Corruption::MissingRow {
+                table: "aws_external_ids",
+                what: "the org's external id, just written,",
+            }))?;
+        Cells::new(&row, "aws_external_ids").string("external_id")
+    }
 }
 
 #[async_trait::async_trait]

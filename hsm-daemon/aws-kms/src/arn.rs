@@ -108,6 +108,12 @@ pub enum ArnError {
     /// The account is not twelve digits.
     #[error("ARN account {0} is malformed: expected a 12-digit AWS account id")]
     Account(String),
+    /// An external id STS would refuse.
+    #[error("external id is malformed: expected 2 to 1224 letters, digits or any of +=,.@:/-_")]
+    ExternalId,
+    /// An external id given without a role to assume with it.
+    #[error("an external id needs a role to assume: give role_arn too")]
+    ExternalIdWithoutRole,
     /// A KMS alias where a key is required.
     #[error(
         "{0} is a KMS alias ARN; give the key ARN (arn:<partition>:kms:<region>:<account>:key/<key-id>) \

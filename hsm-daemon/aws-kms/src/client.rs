@@ -13,6 +13,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_kms::config::{Credentials, IdentityCache};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{EncryptionAlgorithmSpec, KeyMetadata, KeySpec, KeyState, KeyUsageType};
+use cmk_hsm_custody::OrgName;
 use cmk_secret::SecretBytes;
 use tokio::sync::OnceCell;
 
@@ -35,6 +36,66 @@ const CREDENTIALS_REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
 /// The bytes `verify_access` sends through KMS.
 const PROBE_LEN: usize = 32;
 
+/// An IAM role this service assumes to use a customer's key, with the
+/// external id the role's trust policy requires (`sts:ExternalId`): the id is
+/// the customer's org's own, so the service cannot be made to assume one
+/// org's role for another org (the "confused deputy").
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AssumedRole {
+    arn: RoleArn,
+    external_id: Option<ExternalId>,
+}
+
+impl AssumedRole {
+    /// The role's ARN.
+    pub fn arn(&self) -> &RoleArn {
+        &self.arn
+    }
+
+    /// The external id sent with every AssumeRole call.
+    pub fn external_id(&self) -> Option<&ExternalId> {
+        self.external_id.as_ref()
+    }
+}
+
+impl fmt::Display for AssumedRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.arn, f)
+    }
+}
+
+/// The `sts:ExternalId` of an AssumeRole call: 2 to 1224 characters of
+/// letters, digits and `+=,.@:/-_`, as STS accepts. Not a secret (it appears
+/// in CloudTrail); what matters is that each org has its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ExternalId(String);
+
+impl ExternalId {
+    /// The longest external id STS accepts.
+    pub const MAX_LEN: usize = 1224;
+
+    /// Parses an external id.
+    pub fn parse(text: &str) -> Result<Self, ArnError> {
+        let valid = (2..=Self::MAX_LEN).contains(&text.len())
+            && text.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'+' | b'=' | b',' | b'.' | b'@' | b':' | b'/' | b'-' | b'_'
+                    )
+            });
+        match valid {
+            true => Ok(Self(text.to_owned())),
+            false => Err(ArnError::ExternalId),
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// One KMS key with, optionally, a backup key (normally in another region) and an
 /// IAM role to assume for both.
 ///
@@ -43,7 +104,7 @@ const PROBE_LEN: usize = 32;
 pub struct AwsKeyRef {
     primary: KeyArn,
     backup: Option<KeyArn>,
-    role: Option<RoleArn>,
+    role: Option<AssumedRole>,
 }
 
 impl AwsKeyRef {
@@ -79,8 +140,22 @@ impl AwsKeyRef {
         Ok(Self {
             primary,
             backup,
-            role,
+            role: role.map(|arn| AssumedRole {
+                arn,
+                external_id: None,
+            }),
         })
+    }
+
+    /// This reference with `external_id` sent on every AssumeRole of its
+    /// role; an external id without a role is refused.
+    pub fn with_external_id(mut self, external_id: Option<ExternalId>) -> Result<Self, ArnError> {
+        match (&mut self.role, external_id) {
+            (_, None) => {}
+            (Some(role), id) => role.external_id = id,
+            (None, Some(_)) => return Err(ArnError::ExternalIdWithoutRole),
+        }
+        Ok(self)
     }
 
     /// The key every secret is wrapped under and first unwrapped with.
@@ -96,6 +171,16 @@ impl AwsKeyRef {
 
     /// The role assumed for every call on both keys.
     pub fn role(&self) -> Option<&RoleArn> {
+        self.role.as_ref().map(AssumedRole::arn)
+    }
+
+    /// The external id of the role's AssumeRole calls.
+    pub fn external_id(&self) -> Option<&ExternalId> {
+        self.role.as_ref().and_then(AssumedRole::external_id)
+    }
+
+    /// The role with its external id.
+    pub fn assumed_role(&self) -> Option<&AssumedRole> {
         self.role.as_ref()
     }
 }
@@ -202,7 +287,7 @@ pub struct AwsKms {
     base: OnceCell<SdkConfig>,
     /// One client per (region, role): a client is bound to one region, and to
     /// one credentials provider with its cache of assumed-role credentials.
-    clients: Mutex<HashMap<(String, Option<RoleArn>), aws_sdk_kms::Client>>,
+    clients: Mutex<HashMap<(String, Option<AssumedRole>), aws_sdk_kms::Client>>,
 }
 
 impl fmt::Debug for AwsKms {
@@ -302,14 +387,25 @@ impl AwsKms {
 
     /// Checks that the service can use the key (and the backup): DescribeKey
     /// reports a symmetric encrypt/decrypt key that is enabled, and 32 random
-    /// bytes survive an Encrypt and Decrypt round trip.
-    pub async fn verify_access(&self, key: &AwsKeyRef) -> Result<(), AwsError> {
+    /// bytes survive an Encrypt and Decrypt round trip. The round trip's
+    /// encryption context names `org` when given, as every later call will,
+    /// so that a key policy that requires it admits the probe too.
+    pub async fn verify_access(
+        &self,
+        key: &AwsKeyRef,
+        org: Option<&OrgName>,
+    ) -> Result<(), AwsError> {
         let role = key.role.as_ref();
-        let primary = self.verify_one(&key.primary, role);
+        let mut context = EncryptionContext::new("cmk:purpose", "verify-access")?;
+        if let Some(org) = org {
+            context = context.with(crate::CONTEXT_ORG, org.as_str())?;
+        }
+        let primary = self.verify_one(&key.primary, role, &context);
         match &key.backup {
             None => primary.await,
             Some(backup) => {
-                let (primary, backup) = tokio::join!(primary, self.verify_one(backup, role));
+                let (primary, backup) =
+                    tokio::join!(primary, self.verify_one(backup, role, &context));
                 primary.and(backup)
             }
         }
@@ -321,7 +417,7 @@ impl AwsKms {
     pub async fn key_state(
         &self,
         key: &KeyArn,
-        role: Option<&RoleArn>,
+        role: Option<&AssumedRole>,
     ) -> Result<AwsKeyState, AwsError> {
         let metadata = self.describe(key, role).await?;
         Ok(metadata
@@ -329,7 +425,12 @@ impl AwsKms {
             .map_or_else(|| AwsKeyState::Other(String::new()), AwsKeyState::from_sdk))
     }
 
-    async fn verify_one(&self, key: &KeyArn, role: Option<&RoleArn>) -> Result<(), AwsError> {
+    async fn verify_one(
+        &self,
+        key: &KeyArn,
+        role: Option<&AssumedRole>,
+        context: &EncryptionContext,
+    ) -> Result<(), AwsError> {
         let metadata = self.describe(key, role).await?;
         let unsuitable = |reason: String| AwsError::Unsuitable {
             key: key.clone(),
@@ -387,9 +488,8 @@ impl AwsKms {
             },
             source: None,
         })?;
-        let context = EncryptionContext::new("cmk:purpose", "verify-access")?;
-        let blob = self.encrypt_one(key, role, &probe, &context).await?;
-        let back = self.decrypt_one(key, role, &blob, &context).await?;
+        let blob = self.encrypt_one(key, role, &probe, context).await?;
+        let back = self.decrypt_one(key, role, &blob, context).await?;
         if !back.ct_eq(&probe) {
             return Err(unsuitable(
                 "a test Encrypt and Decrypt round trip returned different bytes".into(),
@@ -401,7 +501,7 @@ impl AwsKms {
     async fn encrypt_one(
         &self,
         key: &KeyArn,
-        role: Option<&RoleArn>,
+        role: Option<&AssumedRole>,
         plaintext: &SecretBytes,
         context: &EncryptionContext,
     ) -> Result<Vec<u8>, AwsError> {
@@ -440,7 +540,7 @@ impl AwsKms {
     async fn decrypt_one(
         &self,
         key: &KeyArn,
-        role: Option<&RoleArn>,
+        role: Option<&AssumedRole>,
         blob: &[u8],
         context: &EncryptionContext,
     ) -> Result<SecretBytes, AwsError> {
@@ -476,7 +576,7 @@ impl AwsKms {
     async fn describe(
         &self,
         key: &KeyArn,
-        role: Option<&RoleArn>,
+        role: Option<&AssumedRole>,
     ) -> Result<KeyMetadata, AwsError> {
         let call = Call {
             operation: "DescribeKey",
@@ -523,7 +623,11 @@ impl AwsKms {
             // The provider calls STS on every request for credentials; the
             // client's identity cache above keeps them and renews them before
             // they expire.
-            let provider = AssumeRoleProvider::builder(role.as_str())
+            let mut provider = AssumeRoleProvider::builder(role.arn().as_str());
+            if let Some(external_id) = role.external_id() {
+                provider = provider.external_id(external_id.as_str());
+            }
+            let provider = provider
                 .session_name(ROLE_SESSION_NAME)
                 .region(Region::new(region.to_owned()))
                 .configure(&config)
@@ -542,7 +646,8 @@ impl AwsKms {
 
     fn lock_clients(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, Option<RoleArn>), aws_sdk_kms::Client>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, Option<AssumedRole>), aws_sdk_kms::Client>>
+    {
         // The map is never left half-updated, so a panic elsewhere while it was
         // held does not make it unusable.
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)

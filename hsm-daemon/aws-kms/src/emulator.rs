@@ -147,3 +147,59 @@ pub async fn set_enabled(endpoint: &str, key: &KeyArn, enabled: bool) {
             .expect("DisableKey");
     }
 }
+
+/// Every byte sent to the emulator through a [`recording_proxy`].
+#[derive(Clone, Default)]
+pub struct Recorded(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Recorded {
+    /// What was sent so far, as text (requests are HTTP/1.1 in the clear).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A TCP proxy in front of the emulator that keeps a copy of every request:
+/// for checking what the code under test sends where the emulator accepts
+/// anything (moto does not evaluate a role's trust policy or a key policy).
+/// Returns the proxy's endpoint and the recording.
+pub async fn recording_proxy(endpoint: &str) -> (String, Recorded) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let recorded = Recorded::default();
+    let kept = recorded.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (upstream, kept) = (upstream.clone(), kept.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let requests = async {
+                    let mut buf = vec![0; 16 * 1024];
+                    while let Ok(n) = client_read.read(&mut buf).await {
+                        if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        kept.0.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = server_write.shutdown().await;
+                };
+                let answers = async {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                    let _ = client_write.shutdown().await;
+                };
+                tokio::join!(requests, answers);
+            });
+        }
+    });
+    (format!("http://{address}"), recorded)
+}

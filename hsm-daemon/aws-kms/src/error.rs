@@ -15,7 +15,8 @@ use aws_sdk_sts::operation::assume_role::AssumeRoleError;
 
 use cmk_hsm_custody::{CustodyError, KeyHandle, ProviderError, ProviderErrorKind, ProviderState};
 
-use crate::arn::{ArnError, KeyArn, RoleArn};
+use crate::arn::{ArnError, KeyArn};
+use crate::client::AssumedRole;
 use crate::context::ContextError;
 use crate::keys::remedy;
 use crate::wrapped::WrappedError;
@@ -233,7 +234,7 @@ impl AwsError {
 pub(crate) struct Call<'a> {
     pub operation: &'static str,
     pub key: &'a KeyArn,
-    pub role: Option<&'a RoleArn>,
+    pub role: Option<&'a AssumedRole>,
 }
 
 /// The one translation of an SDK error into an [`AwsError`].

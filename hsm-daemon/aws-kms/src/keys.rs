@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cmk_hsm_custody::{
-    Custody, CustodyError, Destroyed, KeyCheckValue, KeyHandle, KeyInfo, KeyReference,
-    ProviderState, ReferenceStore, UnwrapItem, Unwrapped, WrapItem,
+    Custody, CustodyError, Destroyed, KeyCheckValue, KeyHandle, KeyInfo, KeyReference, KeyScope,
+    OrgName, ProviderState, ReferenceStore, UnwrapItem, Unwrapped, WrapItem,
     envelope::{self, Sealed},
 };
 use cmk_secret::SecretBytes;
@@ -25,10 +25,14 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::{
-    AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsKmsError, AwsSettings, EncryptionContext, KeyArn,
-    MAX_BLOB_LEN, RoleArn, WrappedByAws,
+    AssumedRole, AwsError, AwsKeyRef, AwsKeyState, AwsKms, AwsKmsError, AwsSettings,
+    EncryptionContext, ExternalId, KeyArn, MAX_BLOB_LEN, RoleArn, WrappedByAws,
 };
 
+/// The encryption context pair naming the org the key serves, in the clear
+/// so that the customer's key policy can pin it
+/// (`kms:EncryptionContext:cmk:org`).
+pub const CONTEXT_ORG: &str = "cmk:org";
 /// The encryption context pair naming the key reference.
 pub const CONTEXT_HANDLE: &str = "cmk:key-handle";
 /// The encryption context pair carrying the caller's associated data (hex): for
@@ -93,13 +97,20 @@ pub fn check_value(key: &AwsKeyRef) -> KeyCheckValue {
 /// The encryption context of a secret wrapped under the reference `handle` with
 /// `associated_data`: KMS then refuses to decrypt it for any other reference or
 /// associated data, and CloudTrail shows which reference and which binding
-/// each call was for.
+/// each call was for. With `org`, the org the key serves is a pair of its
+/// own, which a key policy can require.
 pub fn encryption_context(
     handle: &KeyHandle,
+    org: Option<&OrgName>,
     associated_data: &[u8],
 ) -> Result<EncryptionContext, AwsKmsError> {
-    let context =
+    let mut context =
         EncryptionContext::new(CONTEXT_HANDLE, handle.to_string()).map_err(AwsError::from)?;
+    if let Some(org) = org {
+        context = context
+            .with(CONTEXT_ORG, org.as_str())
+            .map_err(AwsError::from)?;
+    }
     // KMS refuses an empty value; no pair and an empty one bind the same thing.
     if associated_data.is_empty() {
         return Ok(context);
@@ -109,19 +120,23 @@ pub fn encryption_context(
         .map_err(AwsError::from)?)
 }
 
-/// The byte form of a key reference inside a sealed keystore record: three
-/// length-prefixed (u16, big-endian) ARNs, primary, backup and role, an empty
-/// one meaning none. The keystore keeps the primary as the reference's
-/// identity and the rest as its detail, in these same bytes.
+/// The byte form of a key reference inside a sealed keystore record: four
+/// length-prefixed (u16, big-endian) fields, the primary, backup and role
+/// ARNs and the role's external id, an empty one meaning none. The keystore
+/// keeps the primary as the reference's identity and the rest as its detail,
+/// in these same bytes. References stored before external ids have the
+/// first three fields only.
 fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
     let fields = [
         key.primary().as_str(),
         key.backup().map_or("", KeyArn::as_str),
         key.role().map_or("", RoleArn::as_str),
+        key.external_id().map_or("", ExternalId::as_str),
     ];
-    let mut out = Vec::with_capacity(6 + fields.iter().map(|f| f.len()).sum::<usize>());
+    let mut out = Vec::with_capacity(8 + fields.iter().map(|f| f.len()).sum::<usize>());
     for field in fields {
-        // ARNs are bounded by MAX_ARN_LEN, far below u16::MAX.
+        // ARNs are bounded by MAX_ARN_LEN and external ids by
+        // ExternalId::MAX_LEN, far below u16::MAX.
         let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(field.as_bytes());
@@ -133,14 +148,14 @@ fn encode_reference(key: &AwsKeyRef) -> Vec<u8> {
 /// a record that authenticated under the root key means a bug or a format from
 /// a newer version.
 fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
-    let mut fields = Vec::with_capacity(3);
-    for _ in 0..3 {
+    let mut fields = Vec::with_capacity(4);
+    while !bytes.is_empty() && fields.len() < 4 {
         let (len, rest) = bytes.split_first_chunk::<2>()?;
         let (field, rest) = rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))?;
         fields.push(std::str::from_utf8(field).ok()?);
         bytes = rest;
     }
-    if !bytes.is_empty() {
+    if !bytes.is_empty() || fields.len() < 3 {
         return None;
     }
     fn optional(text: &str) -> Option<&str> {
@@ -149,15 +164,29 @@ fn decode_reference(mut bytes: &[u8]) -> Option<AwsKeyRef> {
     let primary = KeyArn::parse(fields[0]).ok()?;
     let backup = optional(fields[1]).map(KeyArn::parse).transpose().ok()?;
     let role = optional(fields[2]).map(RoleArn::parse).transpose().ok()?;
-    AwsKeyRef::new(primary, backup, role).ok()
+    let external_id = fields
+        .get(3)
+        .copied()
+        .and_then(optional)
+        .map(ExternalId::parse)
+        .transpose()
+        .ok()?;
+    AwsKeyRef::new(primary, backup, role)
+        .and_then(|key| key.with_external_id(external_id))
+        .ok()
 }
 
-/// What the keystore keeps of `key`.
-fn to_stored(key: &AwsKeyRef) -> KeyReference {
+/// What the keystore keeps of `key`, serving `org`.
+fn to_stored(key: &AwsKeyRef, org: &OrgName) -> KeyReference {
     let bytes = encode_reference(key);
     // The primary's length prefix and text come first (see `encode_reference`).
     let detail = bytes[2 + key.primary().as_str().len()..].to_vec();
-    let stored = KeyReference::new(key.primary().as_str().to_owned(), detail, check_value(key));
+    let stored = KeyReference::new(
+        key.primary().as_str().to_owned(),
+        detail,
+        check_value(key),
+        KeyScope::Org(org.clone()),
+    );
     // An ARN is never empty and is bounded by MAX_ARN_LEN, far below u16::MAX.
     stored.expect("a key ARN is a valid reference identity")
 }
@@ -202,13 +231,18 @@ impl AwsKeys {
         }
     }
 
-    /// Takes a reference to `key` into the keystore under `handle`, once an
-    /// Encrypt and Decrypt round trip has shown the key can be used; durable
-    /// once this returns `Ok`. The handle is refused as a key's would be
-    /// ([`cmk_hsm_custody::MaterialCustody::import`]).
-    pub async fn add(&self, handle: &KeyHandle, key: AwsKeyRef) -> Result<KeyInfo, CustodyError> {
-        self.admit(&key).await?;
-        self.store.add_reference(handle, to_stored(&key)).await
+    /// Takes a reference to `key` into the keystore under `handle`, serving
+    /// `org` alone, once an Encrypt and Decrypt round trip has shown the key
+    /// can be used; durable once this returns `Ok`. The handle is refused as
+    /// a key's would be ([`cmk_hsm_custody::MaterialCustody::import`]).
+    pub async fn add(
+        &self,
+        handle: &KeyHandle,
+        org: &OrgName,
+        key: AwsKeyRef,
+    ) -> Result<KeyInfo, CustodyError> {
+        self.admit(&key, org).await?;
+        self.store.add_reference(handle, to_stored(&key, org)).await
     }
 
     /// Brings the destroyed reference `handle` back, as
@@ -218,6 +252,7 @@ impl AwsKeys {
     pub async fn recover(
         &self,
         handle: &KeyHandle,
+        org: &OrgName,
         key: AwsKeyRef,
     ) -> Result<KeyInfo, CustodyError> {
         // Checked before AWS is asked anything, so that another key's ARN
@@ -225,10 +260,10 @@ impl AwsKeys {
         self.store
             .check_recoverable(handle, key.primary().as_str())
             .await?;
-        self.admit(&key).await?;
+        self.admit(&key, org).await?;
         let info = self
             .store
-            .recover_reference(handle, to_stored(&key))
+            .recover_reference(handle, to_stored(&key, org))
             .await?;
         info!(%handle, check_value = %info.check_value, "destroyed AWS KMS key reference recovered");
         Ok(info)
@@ -242,20 +277,28 @@ impl AwsKeys {
         matches!(self.store.reference(handle).await, Ok(Some(_)))
     }
 
-    /// The key `handle` refers to, or `None` when it names a key the
-    /// keystore holds itself; unknown and destroyed handles are errors.
-    async fn key(&self, handle: &KeyHandle) -> Result<Option<AwsKeyRef>, AwsKmsError> {
+    /// The key `handle` refers to and the org it serves (`None` for a
+    /// reference stored before keys were bound and not used since), or
+    /// `None` when it names a key the keystore holds itself; unknown and
+    /// destroyed handles are errors.
+    async fn key(
+        &self,
+        handle: &KeyHandle,
+    ) -> Result<Option<(AwsKeyRef, Option<OrgName>)>, AwsKmsError> {
         match self.store.reference(handle).await? {
-            Some(stored) => from_stored(&stored)
-                .map(Some)
-                .ok_or(AwsKmsError::UnreadableReference(*handle)),
+            Some(stored) => {
+                let org = stored.scope().and_then(KeyScope::org).cloned();
+                from_stored(&stored)
+                    .map(|key| Some((key, org)))
+                    .ok_or(AwsKmsError::UnreadableReference(*handle))
+            }
             None => Ok(None),
         }
     }
 
     /// Checks that the service can use `key` (and its backup).
-    async fn admit(&self, key: &AwsKeyRef) -> Result<(), AwsKmsError> {
-        self.kms.verify_access(key).await?;
+    async fn admit(&self, key: &AwsKeyRef, org: &OrgName) -> Result<(), AwsKmsError> {
+        self.kms.verify_access(key, Some(org)).await?;
         self.remember(key.primary(), None);
         Ok(())
     }
@@ -268,14 +311,15 @@ impl AwsKeys {
         plaintext: &SecretBytes,
         associated_data: &[u8],
     ) -> Result<Vec<u8>, AwsKmsError> {
-        let Some(key) = self.key(handle).await? else {
+        let Some((key, org)) = self.key(handle).await? else {
             return Err(CustodyError::ExternalKey(*handle).into());
         };
-        let context = encryption_context(handle, associated_data)?;
+        let context = encryption_context(handle, org.as_ref(), associated_data)?;
         self.check_usable(&key).await?;
         let wrapped = self
             .answered(&key, self.kms.encrypt(&key, plaintext, &context).await)
-            .await?;
+            .await?
+            .with_org_in_context(org.is_some());
         Ok(envelope::wrap_aws(handle, &wrapped.to_bytes()))
     }
 
@@ -288,14 +332,17 @@ impl AwsKeys {
     ) -> Result<Unwrapped, AwsKmsError> {
         let sealed = envelope::read(ciphertext).map_err(CustodyError::from)?;
         let handle = sealed.handle();
-        let (Sealed::Aws { body, .. }, Some(key)) = (sealed, self.key(&handle).await?) else {
+        let (Sealed::Aws { body, .. }, Some((key, org))) = (sealed, self.key(&handle).await?)
+        else {
             // The version byte does not match the kind of key it names (a
             // version 1 ciphertext, or one naming a key the keystore holds):
             // the ciphertext was altered.
             return Err(CustodyError::Authentication.into());
         };
         let wrapped = WrappedByAws::from_bytes(body)?;
-        let context = encryption_context(&handle, associated_data)?;
+        // Ciphertexts made before the reference was bound have no org pair.
+        let org = org.filter(|_| wrapped.org_in_context());
+        let context = encryption_context(&handle, org.as_ref(), associated_data)?;
         self.check_usable(&key).await?;
         let plaintext = self
             .answered(&key, self.kms.decrypt(&key, &wrapped, &context).await)
@@ -307,7 +354,7 @@ impl AwsKeys {
     /// like a KMS replica lagging behind, still encrypts with a disabled key:
     /// DescribeKey is what says whether the owner wants it used.
     async fn check_usable(&self, key: &AwsKeyRef) -> Result<(), AwsKmsError> {
-        match self.state(key.primary(), key.role()).await {
+        match self.state(key.primary(), key.assumed_role()).await {
             Some(state) => Err(AwsKmsError::ProviderKeyState {
                 key: key.primary().clone(),
                 state,
@@ -333,7 +380,7 @@ impl AwsKeys {
         }
     }
 
-    async fn state(&self, key: &KeyArn, role: Option<&RoleArn>) -> Option<ProviderState> {
+    async fn state(&self, key: &KeyArn, role: Option<&AssumedRole>) -> Option<ProviderState> {
         let cached = self
             .states
             .lock()
@@ -411,6 +458,15 @@ impl Custody for AwsKeys {
         self.store.destroy(handle).await
     }
 
+    /// The scope the keystore keeps with the reference.
+    async fn scope(
+        &self,
+        handle: &KeyHandle,
+        claimant: Option<&OrgName>,
+    ) -> Result<KeyScope, CustodyError> {
+        self.store.scope(handle, claimant).await
+    }
+
     /// Items run concurrently: each is a network round trip.
     async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
         stream::iter(items)
@@ -451,6 +507,12 @@ mod tests {
             role.then(|| RoleArn::parse(ROLE).expect("valid")),
         )
         .expect("valid")
+        .with_external_id(role.then(|| ExternalId::parse("cmk-org-7f3a").expect("valid")))
+        .expect("valid")
+    }
+
+    fn org() -> OrgName {
+        OrgName::parse("acme").expect("valid")
     }
 
     #[test]
@@ -462,9 +524,41 @@ mod tests {
     }
 
     #[test]
+    fn references_stored_before_external_ids_still_read() {
+        let key = reference(true, true);
+        let bytes = encode_reference(&key);
+        // Without the fourth field (its length prefix is the last two bytes
+        // before the id).
+        let id_field = 2 + "cmk-org-7f3a".len();
+        let old = &bytes[..bytes.len() - id_field];
+        let read = decode_reference(old).expect("three fields read");
+        assert_eq!(read.role(), key.role());
+        assert_eq!(read.external_id(), None);
+    }
+
+    #[test]
+    fn an_external_id_needs_a_role_and_sts_syntax() {
+        let id = ExternalId::parse("cmk-1").expect("valid");
+        assert_eq!(
+            reference(false, false).with_external_id(Some(id)),
+            Err(crate::ArnError::ExternalIdWithoutRole)
+        );
+        for bad in ["", "x", "a b", "ä-id", &"a".repeat(1225)] {
+            assert_eq!(
+                ExternalId::parse(bad),
+                Err(crate::ArnError::ExternalId),
+                "{bad:?}"
+            );
+        }
+        assert!(ExternalId::parse("+=,.@:/-_aZ09").is_ok());
+    }
+
+    #[test]
     fn malformed_record_forms_are_refused() {
         let good = encode_reference(&reference(true, true));
-        for cut in 0..good.len() {
+        // Cut right before the external id, it is a record of before external ids.
+        let three_fields = good.len() - 2 - "cmk-org-7f3a".len();
+        for cut in (0..good.len()).filter(|&cut| cut != three_fields) {
             assert_eq!(decode_reference(&good[..cut]), None, "cut at {cut}");
         }
         assert_eq!(decode_reference(&[good.as_slice(), b"x"].concat()), None);
@@ -480,8 +574,9 @@ mod tests {
     fn the_keystore_keeps_the_primary_as_identity_and_the_record_bytes_unchanged() {
         for (backup, role) in [(false, false), (true, false), (false, true), (true, true)] {
             let key = reference(backup, role);
-            let stored = to_stored(&key);
+            let stored = to_stored(&key, &org());
             assert_eq!(stored.identity(), PRIMARY);
+            assert_eq!(stored.scope(), Some(&KeyScope::Org(org())));
             assert_eq!(stored.check_value(), check_value(&key));
             let len = u16::try_from(PRIMARY.len()).expect("short").to_be_bytes();
             assert_eq!(
@@ -505,7 +600,7 @@ mod tests {
     #[test]
     fn context_binds_handle_and_associated_data() {
         let handle = KeyHandle::random().expect("valid");
-        let context = encryption_context(&handle, b"org\0kek").expect("valid");
+        let context = encryption_context(&handle, Some(&org()), b"org\0kek").expect("valid");
         let pairs: Vec<_> = context.iter().collect();
         let handle_text = handle.to_string();
         assert_eq!(
@@ -513,10 +608,11 @@ mod tests {
             [
                 (CONTEXT_ASSOCIATED_DATA, "6f7267006b656b"),
                 (CONTEXT_HANDLE, handle_text.as_str()),
+                (CONTEXT_ORG, "acme"),
             ]
         );
         assert_eq!(
-            encryption_context(&handle, b"")
+            encryption_context(&handle, None, b"")
                 .expect("valid")
                 .iter()
                 .count(),

@@ -42,7 +42,10 @@
 //!   backup is tried.
 //! - **Roles.** With a role, credentials come from STS AssumeRole in the key's own
 //!   region (a failed region does not take the backup's credentials down with
-//!   it), cached by each client and renewed 30–60 s before they expire.
+//!   it), cached by each client and renewed 30–60 s before they expire. Every
+//!   AssumeRole sends the org's own external id ([`ExternalId`]), which the
+//!   role's trust policy requires: one org cannot have the service assume
+//!   another org's role.
 //! - **References sealed like keys.** The software keystore keeps each key
 //!   reference (primary, backup and role ARNs) in a record sealed under its root
 //!   key, beside the CMKs it holds, in one handle namespace: a reference altered
@@ -52,8 +55,10 @@
 //!   it is.
 //! - **Envelope version 2.** A secret wrapped under a reference is the
 //!   reference's handle and the KMS ciphertexts ([`WrappedByAws`]); the
-//!   encryption context binds the handle and the caller's associated data
-//!   ([`encryption_context`]), which for a KEK binds the org and the KEK id.
+//!   encryption context binds the handle, the org the key serves (`cmk:org`,
+//!   in the clear so that the customer's key policy can require it) and the
+//!   caller's associated data ([`encryption_context`]), which for a KEK binds
+//!   the org and the KEK id.
 //! - **The owner's word is DescribeKey.** Before a wrap or unwrap the key's
 //!   state is looked up (cached for a configurable time): a key its owner
 //!   disabled or scheduled for deletion is refused with
@@ -79,14 +84,14 @@ mod wrapped;
 
 pub use arn::{ArnError, KeyArn, MAX_ARN_LEN, Partition, RoleArn};
 pub use client::{
-    AwsCredentials, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, MAX_PLAINTEXT_LEN,
-    ROLE_SESSION_NAME,
+    AssumedRole, AwsCredentials, AwsKeyRef, AwsKeyState, AwsKms, AwsSettings, ExternalId,
+    MAX_PLAINTEXT_LEN, ROLE_SESSION_NAME,
 };
 pub use cmk_hsm_custody::ProviderState;
 pub use context::{ContextError, EncryptionContext, MAX_CONTEXT_BYTES};
 pub use error::{AwsDetail, AwsError, AwsKmsError, BoxError};
 pub use keys::{
-    AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, DEFAULT_STATE_TTL, MAX_CIPHERTEXT_LEN,
-    check_value, encryption_context,
+    AwsKeys, CONTEXT_ASSOCIATED_DATA, CONTEXT_HANDLE, CONTEXT_ORG, DEFAULT_STATE_TTL,
+    MAX_CIPHERTEXT_LEN, check_value, encryption_context,
 };
 pub use wrapped::{MAX_BLOB_LEN, WrappedByAws, WrappedError};

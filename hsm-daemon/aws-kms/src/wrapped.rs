@@ -4,7 +4,10 @@
 //!
 //! ```text
 //! version: u8 = 1
-//! flags:   u8        bit 0: a backup ciphertext follows; other bits zero
+//! flags:   u8        bit 0: a backup ciphertext follows; bit 1: the
+//!                    encryption context holds the key's org (`cmk:org`),
+//!                    as everything wrapped since keys were bound does;
+//!                    other bits zero
 //! len:     u16       1..=6144
 //! primary: [u8; len] the KMS ciphertext blob under the primary key
 //! (len: u16, backup: [u8; len])   only when flag bit 0 is set
@@ -21,6 +24,7 @@ pub const MAX_BLOB_LEN: usize = 6144;
 
 const VERSION: u8 = 1;
 const FLAG_BACKUP: u8 = 0b1;
+const FLAG_ORG_CONTEXT: u8 = 0b10;
 
 /// What KMS Encrypt returned for one secret: the ciphertext under the primary
 /// key and, when a backup key is configured, the ciphertext under the backup.
@@ -28,6 +32,7 @@ const FLAG_BACKUP: u8 = 0b1;
 pub struct WrappedByAws {
     primary: Vec<u8>,
     backup: Option<Vec<u8>>,
+    org_in_context: bool,
 }
 
 /// Why bytes are not a [`WrappedByAws`].
@@ -61,7 +66,26 @@ impl WrappedByAws {
                 return Err(WrappedError::BlobLength(blob.len()));
             }
         }
-        Ok(Self { primary, backup })
+        Ok(Self {
+            primary,
+            backup,
+            org_in_context: false,
+        })
+    }
+
+    /// The same, marked as encrypted under a context that names the key's
+    /// org, which decryption must then present again. The flag only says
+    /// which context to present: KMS authenticates the context, so clearing
+    /// or setting it makes the ciphertext fail to decrypt, never open under a
+    /// weaker binding.
+    pub fn with_org_in_context(mut self, org_in_context: bool) -> Self {
+        self.org_in_context = org_in_context;
+        self
+    }
+
+    /// Whether the encryption context names the key's org.
+    pub fn org_in_context(&self) -> bool {
+        self.org_in_context
     }
 
     /// The ciphertext under the primary key.
@@ -79,11 +103,14 @@ impl WrappedByAws {
         let backup_len = self.backup.as_ref().map_or(0, |b| 2 + b.len());
         let mut out = Vec::with_capacity(4 + self.primary.len() + backup_len);
         out.push(VERSION);
-        out.push(if self.backup.is_some() {
-            FLAG_BACKUP
-        } else {
-            0
-        });
+        let mut flags = 0;
+        if self.backup.is_some() {
+            flags |= FLAG_BACKUP;
+        }
+        if self.org_in_context {
+            flags |= FLAG_ORG_CONTEXT;
+        }
+        out.push(flags);
         for blob in std::iter::once(&self.primary).chain(&self.backup) {
             // `new` bounded every blob by MAX_BLOB_LEN, which fits in a u16.
             let len = u16::try_from(blob.len()).unwrap_or(u16::MAX);
@@ -100,7 +127,7 @@ impl WrappedByAws {
             return Err(WrappedError::Version(version));
         }
         let (&flags, mut rest) = rest.split_first().ok_or(WrappedError::Truncated)?;
-        if flags & !FLAG_BACKUP != 0 {
+        if flags & !(FLAG_BACKUP | FLAG_ORG_CONTEXT) != 0 {
             return Err(WrappedError::Flags(flags));
         }
         let primary = take_blob(&mut rest)?;
@@ -112,7 +139,11 @@ impl WrappedByAws {
         if !rest.is_empty() {
             return Err(WrappedError::Trailing(rest.len()));
         }
-        Ok(Self { primary, backup })
+        Ok(Self {
+            primary,
+            backup,
+            org_in_context: flags & FLAG_ORG_CONTEXT != 0,
+        })
     }
 }
 
@@ -158,6 +189,9 @@ mod tests {
             wrapped(&[7], Some(&[9, 9, 9])).to_bytes(),
             [1, 1, 0, 1, 7, 0, 3, 9, 9, 9]
         );
+        let bound = wrapped(&[7], Some(&[9])).with_org_in_context(true);
+        assert_eq!(bound.to_bytes(), [1, 3, 0, 1, 7, 0, 1, 9]);
+        assert_eq!(WrappedByAws::from_bytes(&bound.to_bytes()), Ok(bound));
     }
 
     #[test]
@@ -166,7 +200,7 @@ mod tests {
             (&[], WrappedError::Empty),
             (&[2, 0, 0, 1, 7], WrappedError::Version(2)),
             (&[1], WrappedError::Truncated),
-            (&[1, 2, 0, 1, 7], WrappedError::Flags(2)),
+            (&[1, 4, 0, 1, 7], WrappedError::Flags(4)),
             (&[1, 0, 0], WrappedError::Truncated),
             (&[1, 0, 0, 0], WrappedError::BlobLength(0)),
             (&[1, 0, 0x18, 0x01], WrappedError::BlobLength(6145)),

@@ -58,7 +58,7 @@ async fn a_key_verifies_wraps_and_unwraps() {
     let kms = client(&endpoint, &[]);
     let key = key_ref(&arn, None);
 
-    kms.verify_access(&key).await.expect("usable key");
+    kms.verify_access(&key, None).await.expect("usable key");
     assert_eq!(
         kms.key_state(&arn, None).await.unwrap(),
         AwsKeyState::Enabled
@@ -107,7 +107,7 @@ async fn an_unknown_key_is_not_found_with_awss_message() {
     .unwrap();
     let key = key_ref(&arn, None);
 
-    let error = kms.verify_access(&key).await.unwrap_err();
+    let error = kms.verify_access(&key, None).await.unwrap_err();
     let AwsError::NotFound { detail, .. } = &error else {
         panic!("expected NotFound, got {error:?}");
     };
@@ -133,7 +133,7 @@ async fn a_key_in_a_region_or_account_the_emulator_does_not_have_is_not_found() 
     let elsewhere =
         KeyArn::parse(&real.to_string().replace(":us-east-1:", ":ap-southeast-2:")).unwrap();
     let error = kms
-        .verify_access(&key_ref(&elsewhere, None))
+        .verify_access(&key_ref(&elsewhere, None), None)
         .await
         .unwrap_err();
     assert!(matches!(error, AwsError::NotFound { .. }), "{error:?}");
@@ -165,7 +165,7 @@ async fn a_disabled_key_is_refused_until_it_is_enabled_again() {
         kms.key_state(&arn, None).await.unwrap(),
         AwsKeyState::Disabled
     );
-    let error = kms.verify_access(&key).await.unwrap_err();
+    let error = kms.verify_access(&key, None).await.unwrap_err();
     let AwsError::KeyDisabled { detail, .. } = &error else {
         panic!("expected KeyDisabled, got {error:?}");
     };
@@ -181,7 +181,7 @@ async fn a_disabled_key_is_refused_until_it_is_enabled_again() {
         kms.key_state(&arn, None).await.unwrap(),
         AwsKeyState::Enabled
     );
-    kms.verify_access(&key).await.expect("enabled again");
+    kms.verify_access(&key, None).await.expect("enabled again");
 }
 
 #[tokio::test]
@@ -202,7 +202,10 @@ async fn a_key_scheduled_for_deletion_is_pending_deletion() {
         kms.key_state(&arn, None).await.unwrap(),
         AwsKeyState::PendingDeletion
     );
-    let error = kms.verify_access(&key_ref(&arn, None)).await.unwrap_err();
+    let error = kms
+        .verify_access(&key_ref(&arn, None), None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, AwsError::KeyDisabled { detail, .. } if detail.message.contains("PendingDeletion")),
         "{error:?}"
@@ -222,7 +225,7 @@ async fn a_key_that_is_not_symmetric_is_unsuitable() {
         .unwrap();
     let arn = KeyArn::parse(created.key_metadata().unwrap().arn().unwrap()).unwrap();
     let error = client(&endpoint, &[])
-        .verify_access(&key_ref(&arn, None))
+        .verify_access(&key_ref(&arn, None), None)
         .await
         .unwrap_err();
     assert!(
@@ -293,7 +296,7 @@ async fn decryption_fails_over_to_the_backup_when_the_primary_region_is_down() {
     let backup = new_key(&endpoint, "eu-west-1").await;
     let key = key_ref(&primary, Some(&backup));
     let healthy = client(&endpoint, &[]);
-    healthy.verify_access(&key).await.unwrap();
+    healthy.verify_access(&key, None).await.unwrap();
     let wrapped = healthy
         .encrypt(&key, &secret(), &context("kek-1"))
         .await
@@ -411,7 +414,7 @@ async fn wrapping_fails_as_a_whole_when_the_backup_fails() {
         "{error:?}"
     );
     let error = kms
-        .verify_access(&key_ref(&primary, Some(&backup)))
+        .verify_access(&key_ref(&primary, Some(&backup)), None)
         .await
         .unwrap_err();
     assert!(error.is_unavailable(), "{error:?}");
@@ -454,7 +457,7 @@ async fn a_key_is_used_through_an_assumed_role() {
 
     let kms = client(&endpoint, &[]);
     let key = AwsKeyRef::new(arn.clone(), None, Some(role.clone())).unwrap();
-    kms.verify_access(&key)
+    kms.verify_access(&key, None)
         .await
         .expect("usable through the role");
     let wrapped = kms
@@ -467,7 +470,7 @@ async fn a_key_is_used_through_an_assumed_role() {
         .unwrap();
     assert!(plaintext.ct_eq(&secret()));
     assert_eq!(
-        kms.key_state(&arn, Some(&role)).await.unwrap(),
+        kms.key_state(&arn, key.assumed_role()).await.unwrap(),
         AwsKeyState::Enabled
     );
 
@@ -484,7 +487,7 @@ async fn an_unreachable_sts_fails_over_like_an_unreachable_kms() {
     let arn = new_key(&endpoint, "us-east-1").await;
     let kms = client(&endpoint, &[("us-east-1", DEAD)]);
     let key = AwsKeyRef::new(arn, None, Some(role)).unwrap();
-    let error = kms.verify_access(&key).await.unwrap_err();
+    let error = kms.verify_access(&key, None).await.unwrap_err();
     assert!(error.is_unavailable(), "{error:?}");
 }
 

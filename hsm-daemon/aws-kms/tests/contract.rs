@@ -96,10 +96,12 @@ impl Recoverable for Aws {
     }
 
     async fn add_with(&self, handle: &KeyHandle, key: &AwsKeyRef) -> Result<KeyInfo, CustodyError> {
-        self.keys.add(handle, key.clone()).await
+        self.keys.add(handle, &contract::owner(), key.clone()).await
     }
 
     async fn recover(&self, handle: &KeyHandle, key: &AwsKeyRef) -> Result<KeyInfo, CustodyError> {
-        self.keys.recover(handle, key.clone()).await
+        self.keys
+            .recover(handle, &contract::owner(), key.clone())
+            .await
     }
 }

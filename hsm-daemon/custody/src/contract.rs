@@ -25,7 +25,7 @@ use rsa::{Oaep, RsaPublicKey, pkcs8::DecodePublicKey, rand_core::OsRng};
 
 use crate::{
     Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, InputError, KeyHandle, KeyInfo,
-    KeyOrigin, MaterialCustody, UnwrapItem, Unwrapped, WrapItem, envelope, kcv,
+    KeyOrigin, KeyScope, MaterialCustody, OrgName, UnwrapItem, Unwrapped, WrapItem, envelope, kcv,
 };
 
 /// One way a key enters the backend under test.
@@ -94,7 +94,7 @@ impl Recoverable for Imported<'_> {
         cmk: &SecretBytes,
     ) -> Result<KeyInfo, CustodyError> {
         let wrapped = wrap_for_import(self.0.import_public_key(), cmk.expose());
-        self.0.import(handle, &wrapped).await
+        self.0.import(handle, &scope(), &wrapped).await
     }
 
     async fn recover(
@@ -103,7 +103,7 @@ impl Recoverable for Imported<'_> {
         cmk: &SecretBytes,
     ) -> Result<KeyInfo, CustodyError> {
         let wrapped = wrap_for_import(self.0.import_public_key(), cmk.expose());
-        self.0.recover(handle, &wrapped).await
+        self.0.recover(handle, &scope(), &wrapped).await
     }
 }
 
@@ -117,7 +117,7 @@ impl KeySource for Generated<'_> {
     }
 
     async fn add(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError> {
-        self.0.generate(handle).await
+        self.0.generate(handle, &scope()).await
     }
 }
 
@@ -143,6 +143,21 @@ pub fn random(len: usize) -> SecretBytes {
     bytes
 }
 
+/// The organisation every key a check adds serves.
+pub fn owner() -> OrgName {
+    OrgName::parse("contract-org").expect("valid org id")
+}
+
+/// Another organisation, which no key a check adds serves.
+pub fn stranger() -> OrgName {
+    OrgName::parse("contract-stranger").expect("valid org id")
+}
+
+/// The scope of every key a check adds: [`owner`]'s.
+pub fn scope() -> KeyScope {
+    KeyScope::Org(owner())
+}
+
 /// A fresh random handle, as a caller chooses one.
 pub fn handle() -> KeyHandle {
     KeyHandle::random().expect("rng")
@@ -162,6 +177,9 @@ pub async fn all(custody: &dyn MaterialCustody, other_import_key: &ImportPublicK
     uploads_that_recover_nothing(custody).await;
     batches_keep_order_and_isolate_failures(custody, &generated).await;
     a_live_handle_is_not_taken_again(custody, &[&generated, &imported]).await;
+    a_key_serves_the_scope_it_came_in_with(custody, &imported).await;
+    a_key_serves_the_scope_it_came_in_with(custody, &generated).await;
+    a_shared_key_serves_every_org(custody).await;
 }
 
 /// Every check that needs no successful import, for a backend on a token that
@@ -177,6 +195,8 @@ pub async fn without_import(custody: &dyn MaterialCustody) {
     destroy_is_idempotent_and_final(custody, &generated).await;
     a_handle_never_issued_has_nothing_to_recover(custody).await;
     batches_keep_order_and_isolate_failures(custody, &generated).await;
+    a_key_serves_the_scope_it_came_in_with(custody, &generated).await;
+    a_shared_key_serves_every_org(custody).await;
 }
 
 /// Every check that means the same for a backend whose keys enter by
@@ -198,6 +218,7 @@ where
     a_destroyed_handle_is_never_reused(backend, &[source]).await;
     bad_ciphertexts_are_refused(backend, source).await;
     destroy_is_idempotent_and_final(backend, source).await;
+    a_key_serves_the_scope_it_came_in_with(backend, source).await;
     a_destroyed_key_comes_back_only_with_its_own_material(backend, source).await;
     batches_keep_order_and_isolate_failures(backend, source).await;
 }
@@ -531,6 +552,45 @@ where
     assert!(backend.unwrap(&ct, b"org/kek").await.is_ok());
 }
 
+/// A key serves the one organisation it was added for, whoever asks, and
+/// keeps no scope once destroyed; a handle never issued has none.
+pub async fn a_key_serves_the_scope_it_came_in_with<B, S>(backend: &B, source: &S)
+where
+    B: Custody + ?Sized,
+    S: KeySource + ?Sized,
+{
+    let key = source.add(&handle()).await.expect("add");
+    for asking in [owner(), stranger()] {
+        let scope = backend
+            .scope(&key.handle, Some(&asking))
+            .await
+            .expect("scope");
+        assert_eq!(scope, self::scope(), "asked for {asking}");
+        assert!(scope.admits(&owner()) && !scope.admits(&stranger()));
+    }
+    backend.destroy(&key.handle).await.expect("destroy");
+    assert!(matches!(
+        backend.scope(&key.handle, Some(&owner())).await,
+        Err(CustodyError::DestroyedKey(h)) if h == key.handle
+    ));
+    let unknown = handle();
+    assert!(matches!(
+        backend.scope(&unknown, None).await,
+        Err(CustodyError::UnknownKey(h)) if h == unknown
+    ));
+}
+
+/// A key generated for every organisation (the generic default key) says so.
+pub async fn a_shared_key_serves_every_org(custody: &dyn MaterialCustody) {
+    let key = custody
+        .generate(&handle(), &KeyScope::Shared)
+        .await
+        .expect("generate");
+    let scope = custody.scope(&key.handle, None).await.expect("scope");
+    assert_eq!(scope, KeyScope::Shared);
+    assert!(scope.admits(&owner()) && scope.admits(&stranger()));
+}
+
 /// Uploads that bring nothing back: a malformed one, refused as an import
 /// would be, and any for a generated key, whose material never left custody.
 pub async fn uploads_that_recover_nothing(custody: &dyn MaterialCustody) {
@@ -538,11 +598,16 @@ pub async fn uploads_that_recover_nothing(custody: &dyn MaterialCustody) {
     let destroyed = imported.add(&handle()).await.expect("import");
     custody.destroy(&destroyed.handle).await.expect("destroy");
     assert!(matches!(
-        custody.recover(&destroyed.handle, b"garbage").await,
+        custody
+            .recover(&destroyed.handle, &scope(), b"garbage")
+            .await,
         Err(CustodyError::Import(_))
     ));
 
-    let generated = custody.generate(&handle()).await.expect("generate");
+    let generated = custody
+        .generate(&handle(), &scope())
+        .await
+        .expect("generate");
     custody.destroy(&generated.handle).await.expect("destroy");
     assert!(matches!(
         imported.recover(&generated.handle, &random(32)).await,
@@ -603,7 +668,7 @@ pub async fn a_handle_never_issued_has_nothing_to_recover(custody: &dyn Material
     let unknown = handle();
     assert!(matches!(
         custody
-            .recover(&unknown, &wrap_for_import(&public, random(32).expose()))
+            .recover(&unknown, &scope(), &wrap_for_import(&public, random(32).expose()))
             .await,
         Err(CustodyError::UnknownKey(h)) if h == unknown
     ));
@@ -624,7 +689,7 @@ pub async fn bad_imports_are_refused(
     let modulus = public.bits as usize / 8;
     for len in [31, 33, 16, 64] {
         let wrapped = wrap_for_import(&public, random(len).expose());
-        match custody.import(&handle(), &wrapped).await {
+        match custody.import(&handle(), &scope(), &wrapped).await {
             Err(CustodyError::Import(ImportError::KeyLength { actual })) => assert_eq!(actual, len),
             other => panic!("{len}-byte key: expected KeyLength, got {other:?}"),
         }
@@ -632,14 +697,14 @@ pub async fn bad_imports_are_refused(
     let sha1 = wrap_for_import_sha1(&public, random(32).expose());
     assert!(
         matches!(
-            custody.import(&handle(), &sha1).await,
+            custody.import(&handle(), &scope(), &sha1).await,
             Err(CustodyError::Import(ImportError::OaepSha1))
         ),
         "SHA-1 OAEP is named as such"
     );
     let foreign = wrap_for_import(other_import_key, random(32).expose());
     let err = custody
-        .import(&handle(), &foreign)
+        .import(&handle(), &scope(), &foreign)
         .await
         .expect_err("foreign key");
     if other_import_key.bits == public.bits {
@@ -657,16 +722,16 @@ pub async fn bad_imports_are_refused(
         );
     }
     assert!(matches!(
-        custody.import(&handle(), &[]).await,
+        custody.import(&handle(), &scope(), &[]).await,
         Err(CustodyError::Import(ImportError::Empty))
     ));
     let garbage = random(modulus);
     assert!(matches!(
-        custody.import(&handle(), garbage.expose()).await,
+        custody.import(&handle(), &scope(), garbage.expose()).await,
         Err(CustodyError::Import(ImportError::Undecryptable { .. }))
     ));
     match custody
-        .import(&handle(), &garbage.expose()[..modulus - 1])
+        .import(&handle(), &scope(), &garbage.expose()[..modulus - 1])
         .await
     {
         Err(CustodyError::Import(ImportError::CiphertextLength {

@@ -59,6 +59,13 @@ pub enum CustodyError {
          proven to be it, so it cannot be recovered"
     )]
     Unrecoverable(KeyHandle),
+    /// A key stored before keys were bound, asked for its scope by a call
+    /// that names no org to bind it to.
+    #[error(
+        "key {0} was stored before keys were bound to an org and is not bound yet; \
+         a call naming its org binds it"
+    )]
+    Unbound(KeyHandle),
     /// Reading or writing the keystore failed.
     #[error("keystore {action} failed for {path}")]
     Storage {
@@ -189,6 +196,9 @@ pub enum InputError {
     /// Nothing to wrap.
     #[error("plaintext is empty")]
     EmptyPlaintext,
+    /// An organisation id that is not 1 to 64 letters, digits, '.', '_' or '-'.
+    #[error("org {0:?} is malformed: expected 1 to 64 letters, digits, '.', '_' or '-'")]
+    Org(String),
 }
 
 /// A refusal or failure of the service that holds a key outside this process

@@ -37,6 +37,7 @@ mod handle;
 mod import_key;
 mod kcv;
 mod reference;
+mod scope;
 mod software;
 
 use async_trait::async_trait;
@@ -49,6 +50,7 @@ pub use error::{
 pub use handle::{KeyCheckValue, KeyHandle};
 pub use import_key::{IMPORT_ALGORITHM, ImportKey, ImportKeyBits, ImportPublicKey};
 pub use reference::{KeyReference, ReferenceStore};
+pub use scope::{KeyScope, OrgName};
 pub use software::{RootKey, SoftwareCustody};
 
 /// Length of a CMK: AES-256.
@@ -164,6 +166,22 @@ pub trait Custody: Send + Sync + 'static {
     /// [`CustodyError::UnknownKey`].
     async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError>;
 
+    /// The scope the key `handle` serves, as bound when it came in: the
+    /// caller refuses a call for any organisation it does not admit, before
+    /// the key is used. A destroyed or unknown handle is an error as for
+    /// [`Custody::wrap`].
+    ///
+    /// A key stored before keys were bound gets its scope now, durably and
+    /// once: a generated one is [`KeyScope::Shared`] (the generic default key
+    /// was the only key generated then), any other is bound to `claimant`,
+    /// the organisation of the first call that uses it; without a claimant
+    /// such a key is [`CustodyError::Unbound`] and stays unbound.
+    async fn scope(
+        &self,
+        handle: &KeyHandle,
+        claimant: Option<&OrgName>,
+    ) -> Result<KeyScope, CustodyError>;
+
     /// Wraps many items; each succeeds or fails on its own, results in order.
     async fn wrap_batch(&self, items: Vec<WrapItem>) -> Vec<Result<Vec<u8>, CustodyError>> {
         let mut results = Vec::with_capacity(items.len());
@@ -201,8 +219,14 @@ pub trait MaterialCustody: Custody {
     /// find what was stored after a crash. A handle is never reused: one that names
     /// a live or a destroyed key is refused with [`CustodyError::HandleInUse`], even
     /// when two calls race for it.
-    async fn import(&self, handle: &KeyHandle, wrapped_key: &[u8])
-    -> Result<KeyInfo, CustodyError>;
+    ///
+    /// The key serves `scope` from then on ([`Custody::scope`]).
+    async fn import(
+        &self,
+        handle: &KeyHandle,
+        scope: &KeyScope,
+        wrapped_key: &[u8],
+    ) -> Result<KeyInfo, CustodyError>;
 
     /// Brings a destroyed key back under its own `handle`, from an RSA-OAEP
     /// ciphertext of its original 32 bytes (as for [`MaterialCustody::import`]),
@@ -217,10 +241,13 @@ pub trait MaterialCustody: Custody {
     async fn recover(
         &self,
         handle: &KeyHandle,
+        scope: &KeyScope,
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError>;
 
     /// Generates a CMK inside the backend under `handle`, durable once this returns
-    /// `Ok`. The handle is refused as in [`MaterialCustody::import`].
-    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError>;
+    /// `Ok`, serving `scope`. The handle is refused as in
+    /// [`MaterialCustody::import`].
+    async fn generate(&self, handle: &KeyHandle, scope: &KeyScope)
+    -> Result<KeyInfo, CustodyError>;
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 #[cfg(doc)]
 use crate::MaterialCustody;
-use crate::{Custody, CustodyError, KeyCheckValue, KeyHandle, KeyInfo};
+use crate::{Custody, CustodyError, KeyCheckValue, KeyHandle, KeyInfo, KeyScope};
 
 /// A reference to a key held elsewhere, as a keystore keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,19 +21,45 @@ pub struct KeyReference {
     identity: String,
     detail: Vec<u8>,
     check_value: KeyCheckValue,
+    /// `None` only for a reference stored before keys were bound, until its
+    /// first use binds it.
+    scope: Option<KeyScope>,
 }
 
 impl KeyReference {
     /// The reference to the key named `identity` (for AWS KMS, the primary
     /// key ARN), with the rest of it (`detail`) in the backend's own
-    /// encoding. `None` for an empty identity or one longer than a length
-    /// prefix of 16 bits can say.
-    pub fn new(identity: String, detail: Vec<u8>, check_value: KeyCheckValue) -> Option<Self> {
+    /// encoding, serving `scope`. `None` for an empty identity or one longer
+    /// than a length prefix of 16 bits can say.
+    pub fn new(
+        identity: String,
+        detail: Vec<u8>,
+        check_value: KeyCheckValue,
+        scope: KeyScope,
+    ) -> Option<Self> {
+        Self::stored(identity, detail, check_value, Some(scope))
+    }
+
+    /// A reference as a keystore read it back, unbound if it was stored
+    /// before keys were bound.
+    pub(crate) fn stored(
+        identity: String,
+        detail: Vec<u8>,
+        check_value: KeyCheckValue,
+        scope: Option<KeyScope>,
+    ) -> Option<Self> {
         (!identity.is_empty() && u16::try_from(identity.len()).is_ok()).then_some(Self {
             identity,
             detail,
             check_value,
+            scope,
         })
+    }
+
+    /// Whom the referenced key serves; `None` only for a reference stored
+    /// before keys were bound and not used since (see [`Custody::scope`]).
+    pub fn scope(&self) -> Option<&KeyScope> {
+        self.scope.as_ref()
     }
 
     /// The name of the key referenced: what a destroyed reference's

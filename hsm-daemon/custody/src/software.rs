@@ -5,11 +5,15 @@
 //!   .lock                     advisory lock: one daemon per keystore
 //!   keystore.meta             sealed marker; proves the root key is the right one
 //!   import-key                sealed PKCS#8 of the RSA import key
-//!   keys/<handle>.key         sealed record: a CMK (version 1: origin, check
-//!                             value, key) or a reference to a key held
-//!                             elsewhere (version 2: check value, identity,
-//!                             the backend's detail; for AWS KMS the primary
-//!                             key ARN, then the backup and role ARNs)
+//!   keys/<handle>.key         sealed record: a CMK (version 3: origin, check
+//!                             value, key, scope) or a reference to a key
+//!                             held elsewhere (version 4: check value, scope,
+//!                             identity, the backend's detail; for AWS KMS
+//!                             the primary key ARN, then the backup and role
+//!                             ARNs, then the external id). Versions 1 and 2
+//!                             are the same without the scope, written before
+//!                             keys were bound to an org; the first use of
+//!                             such a key rewrites it with its scope
 //!   keys/<handle>.destroyed   sealed tombstone: the key existed and was
 //!                             destroyed; holds the fingerprint of its material
 //! ```
@@ -52,8 +56,8 @@ use tracing::{info, warn};
 
 use crate::{
     CMK_LEN, Custody, CustodyError, Destroyed, ImportKey, ImportKeyBits, ImportPublicKey,
-    KeyHandle, KeyInfo, KeyOrigin, KeyReference, MaterialCustody, ReferenceStore, UnwrapItem,
-    Unwrapped, WrapItem, atomic,
+    KeyHandle, KeyInfo, KeyOrigin, KeyReference, KeyScope, MaterialCustody, OrgName,
+    ReferenceStore, UnwrapItem, Unwrapped, WrapItem, atomic,
     envelope::{self, Sealed, SealingKey},
     handle::KeyCheckValue,
     kcv,
@@ -64,10 +68,18 @@ const META_FILE: &str = "keystore.meta";
 const META_CONTENT: &[u8] = b"cmk software keystore, format 1";
 const IMPORT_KEY_FILE: &str = "import-key";
 const KEYS_DIR: &str = "keys";
-const RECORD_VERSION: u8 = 1;
+/// A CMK record without a scope, written before keys were bound.
+const UNSCOPED_RECORD_VERSION: u8 = 1;
+/// A CMK record.
+const RECORD_VERSION: u8 = 3;
+/// A CMK record up to its scope: version, origin, check value, key.
 const RECORD_LEN: usize = 2 + KeyCheckValue::LEN + CMK_LEN;
+/// A reference record without a scope, written before keys were bound.
+const UNSCOPED_REFERENCE_RECORD_VERSION: u8 = 2;
 /// A record of a reference to a key held elsewhere.
-const REFERENCE_RECORD_VERSION: u8 = 2;
+const REFERENCE_RECORD_VERSION: u8 = 4;
+/// The origin byte of a generated CMK.
+const ORIGIN_GENERATED: u8 = 2;
 /// A tombstone that holds the fingerprint of the destroyed material.
 const TOMBSTONE_VERSION: u8 = 1;
 /// Length of a fingerprint: an HMAC-SHA-256 tag.
@@ -135,7 +147,9 @@ struct Inner {
 
 #[derive(Clone)]
 enum Entry {
-    Key(Arc<SealingKey>),
+    /// A CMK, and the scope it serves (`None`: stored before keys were bound,
+    /// and not used since).
+    Key(Arc<SealingKey>, Option<KeyScope>),
     Reference(Arc<KeyReference>),
     Destroyed,
 }
@@ -270,15 +284,11 @@ impl Inner {
         path: &Path,
         record: &SecretBytes,
     ) -> Result<[u8; FINGERPRINT_LEN], CustodyError> {
-        let r = record.expose();
-        match r.first() {
-            Some(&RECORD_VERSION) if r.len() == RECORD_LEN => {
-                Ok(self.fingerprint(Material::Key(&r[2 + KeyCheckValue::LEN..])))
+        match decode_record(record.expose()).ok_or_else(|| corrupt(path))? {
+            Record::Key { key, .. } => Ok(self.fingerprint(Material::Key(key))),
+            Record::Reference(reference) => {
+                Ok(self.fingerprint(Material::Reference(reference.identity())))
             }
-            Some(&REFERENCE_RECORD_VERSION) => decode_reference(r)
-                .map(|reference| self.fingerprint(Material::Reference(reference.identity())))
-                .ok_or_else(|| corrupt(path)),
-            _ => Err(corrupt(path)),
         }
     }
 
@@ -382,21 +392,16 @@ impl Inner {
         handle: KeyHandle,
         key: SecretBytes,
         origin: KeyOrigin,
+        scope: KeyScope,
         admission: Admission,
     ) -> Result<KeyInfo, CustodyError> {
         let check_value = kcv::check_value(&key)?;
-        let mut record = SecretBytes::zeroed(RECORD_LEN);
-        {
-            let r = record.expose_mut();
-            r[0] = RECORD_VERSION;
-            r[1] = match origin {
-                KeyOrigin::Generated => 2,
-                KeyOrigin::Imported | KeyOrigin::AwsKms => 1,
-            };
-            r[2..2 + KeyCheckValue::LEN].copy_from_slice(check_value.as_bytes());
-            r[2 + KeyCheckValue::LEN..].copy_from_slice(key.expose());
-        }
-        let entry = Entry::Key(Arc::new(SealingKey::new(&key)?));
+        let origin_byte = match origin {
+            KeyOrigin::Generated => ORIGIN_GENERATED,
+            KeyOrigin::Imported | KeyOrigin::AwsKms => 1,
+        };
+        let record = encode_key_record(origin_byte, check_value, &key, &scope);
+        let entry = Entry::Key(Arc::new(SealingKey::new(&key)?), Some(scope));
         match admission {
             Admission::New => self.store_record(handle, &record, entry)?,
             Admission::Recover => self.restore_record(handle, &record, entry)?,
@@ -489,16 +494,12 @@ impl Inner {
                 return Err(CustodyError::UnknownKey(*handle));
             };
             let record = self.unseal(&path, &sealed, &Self::key_purpose(handle))?;
-            let r = record.expose();
-            match r.first() {
-                Some(&RECORD_VERSION) if r.len() == RECORD_LEN => {
-                    let key = SecretBytes::copy_from(&r[2 + KeyCheckValue::LEN..]);
-                    Entry::Key(Arc::new(SealingKey::new(&key)?))
+            match decode_record(record.expose()).ok_or_else(|| corrupt(&path))? {
+                Record::Key { key, scope, .. } => {
+                    let key = SecretBytes::copy_from(key);
+                    Entry::Key(Arc::new(SealingKey::new(&key)?), scope)
                 }
-                Some(&REFERENCE_RECORD_VERSION) => decode_reference(r)
-                    .map(|reference| Entry::Reference(Arc::new(reference)))
-                    .ok_or_else(|| corrupt(&path))?,
-                _ => return Err(corrupt(&path)),
+                Record::Reference(reference) => Entry::Reference(Arc::new(reference)),
             }
         };
         Ok(self.cache_loaded(*handle, entry))
@@ -516,6 +517,71 @@ impl Inner {
         self.root
             .open(sealed, MAGIC.len(), purpose.as_bytes())
             .map_err(|_| corrupt(path))
+    }
+
+    /// Binds the live key `handle`, stored before keys were bound, to the
+    /// scope [`Custody::scope`] gives it, by rewriting its record; returns
+    /// the scope it has. Durable when this returns.
+    fn bind(
+        &self,
+        handle: &KeyHandle,
+        claimant: Option<&OrgName>,
+    ) -> Result<KeyScope, CustodyError> {
+        let _handles = self.lock_handles();
+        let path = self.keys_dir.join(Self::key_file(handle));
+        if atomic::exists(&self.keys_dir.join(Self::tombstone_file(handle)))? {
+            return Err(CustodyError::DestroyedKey(*handle));
+        }
+        let sealed = atomic::read_if_exists(&path)?.ok_or(CustodyError::UnknownKey(*handle))?;
+        let record = self.unseal(&path, &sealed, &Self::key_purpose(handle))?;
+        let (rewritten, entry, scope) = match decode_record(record.expose())
+            .ok_or_else(|| corrupt(&path))?
+        {
+            // Bound meanwhile by another call.
+            Record::Key {
+                scope: Some(scope), ..
+            } => return Ok(scope),
+            Record::Reference(reference) if reference.scope().is_some() => {
+                return Ok(reference.scope().cloned().unwrap_or(KeyScope::Shared));
+            }
+            Record::Key {
+                origin,
+                check_value,
+                key,
+                scope: None,
+            } => {
+                let scope = match (origin, claimant) {
+                    (ORIGIN_GENERATED, _) => KeyScope::Shared,
+                    (_, Some(claimant)) => KeyScope::Org(claimant.clone()),
+                    (_, None) => return Err(CustodyError::Unbound(*handle)),
+                };
+                let key = SecretBytes::copy_from(key);
+                let record = encode_key_record(origin, check_value, &key, &scope);
+                let entry = Entry::Key(Arc::new(SealingKey::new(&key)?), Some(scope.clone()));
+                (record, entry, scope)
+            }
+            Record::Reference(reference) => {
+                let scope = KeyScope::Org(claimant.ok_or(CustodyError::Unbound(*handle))?.clone());
+                let reference = KeyReference::new(
+                    reference.identity().to_owned(),
+                    reference.detail().to_vec(),
+                    reference.check_value(),
+                    scope.clone(),
+                )
+                .ok_or_else(|| corrupt(&path))?;
+                let record = SecretBytes::new(encode_reference(&reference));
+                (record, Entry::Reference(Arc::new(reference)), scope)
+            }
+        };
+        let sealed = self.root.seal(
+            MAGIC,
+            rewritten.expose(),
+            Self::key_purpose(handle).as_bytes(),
+        )?;
+        atomic::write(&self.keys_dir, &Self::key_file(handle), &sealed)?;
+        self.cache_insert(*handle, entry);
+        info!(%handle, %scope, "key stored before keys were bound is now bound to its scope");
+        Ok(scope)
     }
 
     fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
@@ -555,14 +621,15 @@ impl MaterialCustody for SoftwareCustody {
     async fn import(
         &self,
         handle: &KeyHandle,
+        scope: &KeyScope,
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError> {
         let inner = self.inner.clone();
-        let handle = *handle;
+        let (handle, scope) = (*handle, scope.clone());
         let wrapped = wrapped_key.to_vec();
         blocking(move || {
             let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
-            inner.store(handle, cmk, KeyOrigin::Imported, Admission::New)
+            inner.store(handle, cmk, KeyOrigin::Imported, scope, Admission::New)
         })
         .await
     }
@@ -570,27 +637,32 @@ impl MaterialCustody for SoftwareCustody {
     async fn recover(
         &self,
         handle: &KeyHandle,
+        scope: &KeyScope,
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError> {
         let inner = self.inner.clone();
-        let handle = *handle;
+        let (handle, scope) = (*handle, scope.clone());
         let wrapped = wrapped_key.to_vec();
         let info = blocking(move || {
             let cmk = inner.import_key.decrypt_cmk(&wrapped)?;
-            inner.store(handle, cmk, KeyOrigin::Imported, Admission::Recover)
+            inner.store(handle, cmk, KeyOrigin::Imported, scope, Admission::Recover)
         })
         .await?;
         info!(%handle, check_value = %info.check_value, "destroyed key recovered from its original material");
         Ok(info)
     }
 
-    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError> {
+    async fn generate(
+        &self,
+        handle: &KeyHandle,
+        scope: &KeyScope,
+    ) -> Result<KeyInfo, CustodyError> {
         let inner = self.inner.clone();
-        let handle = *handle;
+        let (handle, scope) = (*handle, scope.clone());
         blocking(move || {
             let mut cmk = SecretBytes::zeroed(CMK_LEN);
             crate::fill_random(cmk.expose_mut())?;
-            inner.store(handle, cmk, KeyOrigin::Generated, Admission::New)
+            inner.store(handle, cmk, KeyOrigin::Generated, scope, Admission::New)
         })
         .await
     }
@@ -605,7 +677,7 @@ impl Custody for SoftwareCustody {
         associated_data: &[u8],
     ) -> Result<Vec<u8>, CustodyError> {
         match self.live(handle).await? {
-            Entry::Key(key) => envelope::wrap(&key, handle, plaintext, associated_data),
+            Entry::Key(key, _) => envelope::wrap(&key, handle, plaintext, associated_data),
             Entry::Reference(_) => Err(CustodyError::ExternalKey(*handle)),
             Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
         }
@@ -619,7 +691,7 @@ impl Custody for SoftwareCustody {
         let sealed = envelope::read(ciphertext)?;
         let handle = sealed.handle();
         let plaintext = match (sealed, self.live(&handle).await?) {
-            (Sealed::Local(_), Entry::Key(key)) => {
+            (Sealed::Local(_), Entry::Key(key, _)) => {
                 envelope::unwrap(&key, ciphertext, associated_data)?
             }
             (Sealed::Aws { .. }, Entry::Reference(_)) => {
@@ -655,6 +727,26 @@ impl Custody for SoftwareCustody {
         let inner = self.inner.clone();
         let handle = *handle;
         blocking(move || inner.destroy(&handle)).await
+    }
+
+    async fn scope(
+        &self,
+        handle: &KeyHandle,
+        claimant: Option<&OrgName>,
+    ) -> Result<KeyScope, CustodyError> {
+        let bound = match self.live(handle).await? {
+            Entry::Key(_, scope) => scope,
+            Entry::Reference(reference) => reference.scope().cloned(),
+            Entry::Destroyed => return Err(CustodyError::DestroyedKey(*handle)),
+        };
+        match bound {
+            Some(scope) => Ok(scope),
+            None => {
+                let inner = self.inner.clone();
+                let (handle, claimant) = (*handle, claimant.cloned());
+                blocking(move || inner.bind(&handle, claimant.as_ref())).await
+            }
+        }
     }
 }
 
@@ -701,7 +793,7 @@ impl ReferenceStore for SoftwareCustody {
     ) -> Result<Option<Arc<KeyReference>>, CustodyError> {
         match self.live(handle).await? {
             Entry::Reference(reference) => Ok(Some(reference)),
-            Entry::Key(_) => Ok(None),
+            Entry::Key(..) => Ok(None),
             Entry::Destroyed => Err(CustodyError::DestroyedKey(*handle)),
         }
     }
@@ -759,36 +851,115 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| CustodyError::Crypto("keystore worker task failed"))?
 }
 
-/// A reference record: the version, the check value, the identity with a
-/// length prefix (u16, big-endian), then the backend's detail. An AWS KMS
-/// reference written before references were the backend's own has the same
-/// bytes: its primary key ARN was the first length-prefixed field.
+/// A CMK record: the version, the origin, the check value, the key, then the
+/// scope's byte form ([`KeyScope::to_bytes`]).
+fn encode_key_record(
+    origin: u8,
+    check_value: KeyCheckValue,
+    key: &SecretBytes,
+    scope: &KeyScope,
+) -> SecretBytes {
+    let scope = scope.to_bytes();
+    let mut record = SecretBytes::zeroed(RECORD_LEN + scope.len());
+    let r = record.expose_mut();
+    r[0] = RECORD_VERSION;
+    r[1] = origin;
+    r[2..2 + KeyCheckValue::LEN].copy_from_slice(check_value.as_bytes());
+    r[2 + KeyCheckValue::LEN..RECORD_LEN].copy_from_slice(key.expose());
+    r[RECORD_LEN..].copy_from_slice(&scope);
+    record
+}
+
+/// What a key file holds.
+enum Record<'a> {
+    /// A CMK.
+    Key {
+        origin: u8,
+        check_value: KeyCheckValue,
+        key: &'a [u8],
+        /// `None` for a record written before keys were bound.
+        scope: Option<KeyScope>,
+    },
+    /// A reference to a key held elsewhere.
+    Reference(KeyReference),
+}
+
+/// Reads a key file's record of any version; `None` if it is none, which for
+/// a record that authenticated under the root key means a bug.
+fn decode_record(record: &[u8]) -> Option<Record<'_>> {
+    match record.first()? {
+        &UNSCOPED_RECORD_VERSION | &RECORD_VERSION if record.len() >= RECORD_LEN => {
+            let (fixed, scope) = record.split_at(RECORD_LEN);
+            let scope = match (fixed[0], scope) {
+                (UNSCOPED_RECORD_VERSION, []) => None,
+                (RECORD_VERSION, scope) => Some(KeyScope::from_bytes(scope)?),
+                _ => return None,
+            };
+            let (check_value, key) = fixed[2..].split_first_chunk::<{ KeyCheckValue::LEN }>()?;
+            Some(Record::Key {
+                origin: fixed[1],
+                check_value: KeyCheckValue::from_bytes(*check_value),
+                key,
+                scope,
+            })
+        }
+        _ => decode_reference(record).map(Record::Reference),
+    }
+}
+
+/// A reference record: the version, the check value, the scope (a length
+/// byte and [`KeyScope::to_bytes`]), the identity with a length prefix (u16,
+/// big-endian), then the backend's detail. An unscoped record (version 2) is
+/// the same without the scope; an AWS KMS reference written before references
+/// were the backend's own has version 2's bytes: its primary key ARN was the
+/// first length-prefixed field.
 fn encode_reference(reference: &KeyReference) -> Vec<u8> {
     let identity = reference.identity().as_bytes();
     // `KeyReference::new` bounds the identity by u16::MAX.
     let len = u16::try_from(identity.len()).unwrap_or(u16::MAX);
+    let scope = reference.scope().map(KeyScope::to_bytes);
     let mut record =
-        Vec::with_capacity(3 + KeyCheckValue::LEN + identity.len() + reference.detail().len());
-    record.push(REFERENCE_RECORD_VERSION);
-    record.extend_from_slice(reference.check_value().as_bytes());
+        Vec::with_capacity(4 + KeyCheckValue::LEN + 66 + identity.len() + reference.detail().len());
+    match &scope {
+        Some(scope) => {
+            record.push(REFERENCE_RECORD_VERSION);
+            record.extend_from_slice(reference.check_value().as_bytes());
+            // A scope is at most 66 bytes.
+            record.push(scope.len() as u8);
+            record.extend_from_slice(scope);
+        }
+        None => {
+            record.push(UNSCOPED_REFERENCE_RECORD_VERSION);
+            record.extend_from_slice(reference.check_value().as_bytes());
+        }
+    }
     record.extend_from_slice(&len.to_be_bytes());
     record.extend_from_slice(identity);
     record.extend_from_slice(reference.detail());
     record
 }
 
-/// Reads what [`encode_reference`] wrote; `None` if it is not that, which for
-/// a record that authenticated under the root key means a bug.
+/// Reads what [`encode_reference`] wrote; `None` if it is not that.
 fn decode_reference(record: &[u8]) -> Option<KeyReference> {
-    let rest = record.strip_prefix(&[REFERENCE_RECORD_VERSION])?;
+    let (&version, rest) = record.split_first()?;
     let (check_value, rest) = rest.split_first_chunk::<{ KeyCheckValue::LEN }>()?;
+    let (scope, rest) = match version {
+        UNSCOPED_REFERENCE_RECORD_VERSION => (None, rest),
+        REFERENCE_RECORD_VERSION => {
+            let (&len, rest) = rest.split_first()?;
+            let (scope, rest) = rest.split_at_checked(usize::from(len))?;
+            (Some(KeyScope::from_bytes(scope)?), rest)
+        }
+        _ => return None,
+    };
     let (len, rest) = rest.split_first_chunk::<2>()?;
     let (identity, detail) = rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))?;
     let identity = std::str::from_utf8(identity).ok()?.to_owned();
-    KeyReference::new(
+    KeyReference::stored(
         identity,
         detail.to_vec(),
         KeyCheckValue::from_bytes(*check_value),
+        scope,
     )
 }
 
@@ -882,28 +1053,188 @@ fn load_or_create_import_key(
 mod tests {
     use super::*;
 
+    fn acme() -> KeyScope {
+        KeyScope::Org(OrgName::parse("acme").expect("valid"))
+    }
+
     #[test]
     fn reference_records_round_trip_and_malformed_ones_are_refused() {
         let check_value = KeyCheckValue::from_bytes([1, 2, 3, 4, 5]);
-        let reference =
-            KeyReference::new("arn:aws:kms:x".into(), b"\0\0\0\0".to_vec(), check_value)
-                .expect("valid");
+        let reference = KeyReference::new(
+            "arn:aws:kms:x".into(),
+            b"\0\0\0\0".to_vec(),
+            check_value,
+            acme(),
+        )
+        .expect("valid");
         let record = encode_reference(&reference);
         assert_eq!(
             record,
             [
-                &[2, 1, 2, 3, 4, 5, 0, 13][..],
+                &[4, 1, 2, 3, 4, 5, 6, 1, 4][..],
+                b"acme",
+                &[0, 13],
                 b"arn:aws:kms:x",
                 b"\0\0\0\0"
             ]
             .concat()
         );
         assert_eq!(decode_reference(&record), Some(reference));
-        for cut in 0..8 + 13 {
+        for cut in 0..15 + 13 {
             assert_eq!(decode_reference(&record[..cut]), None, "cut at {cut}");
         }
-        let mut empty = record[..6].to_vec();
+        let mut empty = record[..12].to_vec();
         empty.extend_from_slice(&[0, 0]);
         assert_eq!(decode_reference(&empty), None);
+    }
+
+    #[test]
+    fn unscoped_records_of_earlier_versions_still_read() {
+        let check_value = KeyCheckValue::from_bytes([1, 2, 3, 4, 5]);
+        let old = [&[2, 1, 2, 3, 4, 5, 0, 13][..], b"arn:aws:kms:x", b"\0\0"].concat();
+        let reference = decode_reference(&old).expect("version 2 reads");
+        assert_eq!(reference.identity(), "arn:aws:kms:x");
+        assert_eq!(reference.detail(), b"\0\0");
+        assert_eq!(reference.check_value(), check_value);
+        assert_eq!(reference.scope(), None);
+        assert_eq!(encode_reference(&reference), old, "written back as it was");
+
+        let mut key = vec![1, ORIGIN_GENERATED, 1, 2, 3, 4, 5];
+        key.extend_from_slice(&[7; CMK_LEN]);
+        match decode_record(&key) {
+            Some(Record::Key {
+                origin, key, scope, ..
+            }) => {
+                assert_eq!(
+                    (origin, key, scope),
+                    (ORIGIN_GENERATED, &[7; CMK_LEN][..], None)
+                );
+            }
+            _ => panic!("version 1 key record does not read"),
+        }
+        key.push(0);
+        assert!(decode_record(&key).is_none(), "version 1 has no scope");
+    }
+
+    #[test]
+    fn key_records_carry_their_scope() {
+        let check_value = KeyCheckValue::from_bytes([1, 2, 3, 4, 5]);
+        let record =
+            encode_key_record(1, check_value, &SecretBytes::new(vec![9; CMK_LEN]), &acme());
+        match decode_record(record.expose()) {
+            Some(Record::Key { scope, key, .. }) => {
+                assert_eq!(scope, Some(acme()));
+                assert_eq!(key, &[9; CMK_LEN][..]);
+            }
+            _ => panic!("key record does not read"),
+        }
+        let bytes = record.expose();
+        for cut in 0..bytes.len() {
+            assert!(decode_record(&bytes[..cut]).is_none(), "cut at {cut}");
+        }
+    }
+
+    /// Writes `record` as `handle`'s key file, sealed as a keystore of an
+    /// earlier version would have.
+    fn write_record(custody: &SoftwareCustody, handle: &KeyHandle, record: &[u8]) {
+        let inner = &custody.inner;
+        let sealed = inner
+            .root
+            .seal(MAGIC, record, Inner::key_purpose(handle).as_bytes())
+            .expect("seal");
+        atomic::write(&inner.keys_dir, &Inner::key_file(handle), &sealed).expect("write");
+    }
+
+    fn open(dir: &Path) -> SoftwareCustody {
+        let root = RootKey::from_hex(&SecretBytes::copy_from(&[b'7'; 64])).expect("root key");
+        SoftwareCustody::open(dir, root, ImportKeyBits::Rsa3072).expect("open")
+    }
+
+    /// Keys stored before keys were bound take their scope at first use, for
+    /// good: an uploaded key and a reference the first caller's org, a
+    /// generated key (the generic default key) every org's.
+    #[tokio::test]
+    async fn keys_stored_unbound_are_bound_at_first_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (uploaded, generated, reference) = (
+            KeyHandle::random().expect("rng"),
+            KeyHandle::random().expect("rng"),
+            KeyHandle::random().expect("rng"),
+        );
+        let check_value = KeyCheckValue::from_bytes([1, 2, 3, 4, 5]);
+        {
+            let custody = open(dir.path());
+            for (handle, origin) in [(uploaded, 1), (generated, ORIGIN_GENERATED)] {
+                let mut record = vec![UNSCOPED_RECORD_VERSION, origin];
+                record.extend_from_slice(check_value.as_bytes());
+                record.extend_from_slice(&[handle.as_bytes()[0]; CMK_LEN]);
+                write_record(&custody, &handle, &record);
+            }
+            let old = [&[2, 1, 2, 3, 4, 5, 0, 5][..], b"arn:x", b"\0\0"].concat();
+            write_record(&custody, &reference, &old);
+        }
+        let (acme, globex) = (
+            OrgName::parse("acme").expect("valid"),
+            OrgName::parse("globex").expect("valid"),
+        );
+        let custody = open(dir.path());
+        let secret = SecretBytes::copy_from(b"kek");
+        let ct = custody.wrap(&uploaded, &secret, b"").await.expect("wrap");
+        assert_eq!(
+            custody.scope(&uploaded, Some(&acme)).await.expect("scope"),
+            KeyScope::Org(acme.clone())
+        );
+        assert_eq!(
+            custody
+                .scope(&uploaded, Some(&globex))
+                .await
+                .expect("scope"),
+            KeyScope::Org(acme.clone()),
+            "the first org keeps it"
+        );
+        assert_eq!(
+            custody
+                .scope(&generated, Some(&globex))
+                .await
+                .expect("scope"),
+            KeyScope::Shared
+        );
+        assert_eq!(
+            custody
+                .scope(&reference, Some(&globex))
+                .await
+                .expect("scope"),
+            KeyScope::Org(globex.clone())
+        );
+        drop(custody);
+
+        let custody = open(dir.path());
+        assert_eq!(
+            custody
+                .scope(&uploaded, Some(&globex))
+                .await
+                .expect("scope"),
+            KeyScope::Org(acme.clone()),
+            "the binding is on disk"
+        );
+        assert_eq!(
+            custody.scope(&generated, Some(&acme)).await.expect("scope"),
+            KeyScope::Shared
+        );
+        let rebound = custody
+            .reference(&reference)
+            .await
+            .expect("read")
+            .expect("reference");
+        assert_eq!(rebound.scope(), Some(&KeyScope::Org(globex)));
+        assert_eq!(
+            (rebound.identity(), rebound.detail()),
+            ("arn:x", &b"\0\0"[..])
+        );
+        let opened = custody
+            .unwrap(&ct, b"")
+            .await
+            .expect("same key after binding");
+        assert!(opened.plaintext.ct_eq(&secret));
     }
 }

@@ -65,6 +65,7 @@ async fn keys_and_destructions_survive_a_restart() {
         let kept = custody
             .import(
                 &contract::handle(),
+                &contract::scope(),
                 &contract::wrap_for_import(
                     custody.import_public_key(),
                     contract::random(32).expose(),
@@ -72,7 +73,10 @@ async fn keys_and_destructions_survive_a_restart() {
             )
             .await
             .unwrap();
-        let gone = custody.generate(&contract::handle()).await.unwrap();
+        let gone = custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap();
         let secret = SecretBytes::copy_from(b"kek bytes");
         let ct_kept = custody.wrap(&kept.handle, &secret, b"a").await.unwrap();
         let ct_gone = custody.wrap(&gone.handle, &secret, b"a").await.unwrap();
@@ -124,7 +128,10 @@ async fn files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let custody = open(&store);
-    custody.generate(&contract::handle()).await.unwrap();
+    custody
+        .generate(&contract::handle(), &contract::scope())
+        .await
+        .unwrap();
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&store), 0o700);
     assert_eq!(mode(&store.join("keys")), 0o700);
@@ -140,7 +147,10 @@ async fn files_are_private() {
 async fn refused_imports_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let custody = open(dir.path());
-    custody.generate(&contract::handle()).await.unwrap();
+    custody
+        .generate(&contract::handle(), &contract::scope())
+        .await
+        .unwrap();
     let before = files(dir.path());
     let other = ImportKey::generate(ImportKeyBits::Rsa3072).unwrap();
     contract::bad_imports_are_refused(&custody, other.public()).await;
@@ -152,8 +162,14 @@ async fn tampered_and_swapped_key_files_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, ct_a, ct_b) = {
         let custody = open(dir.path());
-        let a = custody.generate(&contract::handle()).await.unwrap();
-        let b = custody.generate(&contract::handle()).await.unwrap();
+        let a = custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap();
+        let b = custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap();
         let s = SecretBytes::copy_from(b"x");
         let ct_a = custody.wrap(&a.handle, &s, b"").await.unwrap();
         let ct_b = custody.wrap(&b.handle, &s, b"").await.unwrap();
@@ -184,7 +200,10 @@ async fn interrupted_writes_and_destroys_are_finished_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let key = {
         let custody = open(dir.path());
-        custody.generate(&contract::handle()).await.unwrap()
+        custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap()
     };
     let keys = dir.path().join("keys");
     fs::write(keys.join(".tmp.deadbeef.key.0011"), b"torn").unwrap();
@@ -198,7 +217,7 @@ async fn interrupted_writes_and_destroys_are_finished_at_start() {
     );
     // Before anything loads the key: the tombstone alone retires the handle.
     assert!(matches!(
-        custody.generate(&key.handle).await,
+        custody.generate(&key.handle, &contract::scope()).await,
         Err(CustodyError::HandleInUse { handle, destroyed: true }) if handle == key.handle
     ));
     assert!(matches!(
@@ -218,8 +237,16 @@ async fn handles_in_use_are_refused_from_disk_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (live, retired, ct) = {
         let custody = open(dir.path());
-        let live = custody.generate(&contract::handle()).await.unwrap().handle;
-        let retired = custody.generate(&contract::handle()).await.unwrap().handle;
+        let live = custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap()
+            .handle;
+        let retired = custody
+            .generate(&contract::handle(), &contract::scope())
+            .await
+            .unwrap()
+            .handle;
         custody.destroy(&retired).await.unwrap();
         let ct = custody
             .wrap(&live, &SecretBytes::copy_from(b"kek"), b"")
@@ -235,8 +262,8 @@ async fn handles_in_use_are_refused_from_disk_after_a_restart() {
         contract::wrap_for_import(custody.import_public_key(), contract::random(32).expose());
     for (handle, destroyed) in [(live, false), (retired, true)] {
         for result in [
-            custody.import(&handle, &wrapped).await,
-            custody.generate(&handle).await,
+            custody.import(&handle, &contract::scope(), &wrapped).await,
+            custody.generate(&handle, &contract::scope()).await,
         ] {
             assert!(
                 matches!(result, Err(CustodyError::HandleInUse { handle: h, destroyed: d })
@@ -270,11 +297,11 @@ async fn concurrent_claims_on_one_handle_admit_exactly_one() {
                 let (custody, public) = (custody.clone(), public.clone());
                 tokio::spawn(async move {
                     if i % 2 == 0 {
-                        custody.generate(&handle).await
+                        custody.generate(&handle, &contract::scope()).await
                     } else {
                         let wrapped =
                             contract::wrap_for_import(&public, contract::random(32).expose());
-                        custody.import(&handle, &wrapped).await
+                        custody.import(&handle, &contract::scope(), &wrapped).await
                     }
                 })
             })
@@ -348,6 +375,7 @@ async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
         let key = custody
             .import(
                 &contract::handle(),
+                &contract::scope(),
                 &contract::wrap_for_import(&public, cmk.expose()),
             )
             .await
@@ -355,6 +383,7 @@ async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
         let other = custody
             .import(
                 &contract::handle(),
+                &contract::scope(),
                 &contract::wrap_for_import(&public, contract::random(32).expose()),
             )
             .await
@@ -377,7 +406,10 @@ async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
     fs::copy(tombstone(&other.handle), tombstone(&key.handle)).unwrap();
     let custody = open(dir.path());
     let wrapped = contract::wrap_for_import(custody.import_public_key(), cmk.expose());
-    let err = custody.recover(&key.handle, &wrapped).await.unwrap_err();
+    let err = custody
+        .recover(&key.handle, &contract::scope(), &wrapped)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CustodyError::Corrupt { .. }), "{err:?}");
     drop(custody);
 
@@ -385,7 +417,10 @@ async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
     // admits nothing.
     fs::write(tombstone(&key.handle), b"").unwrap();
     let custody = open(dir.path());
-    let err = custody.recover(&key.handle, &wrapped).await.unwrap_err();
+    let err = custody
+        .recover(&key.handle, &contract::scope(), &wrapped)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, CustodyError::Unrecoverable(h) if h == key.handle),
         "{err:?}"
@@ -394,7 +429,10 @@ async fn recovery_works_after_a_restart_and_tombstones_cannot_be_forged() {
 
     fs::write(tombstone(&key.handle), &saved).unwrap();
     let custody = open(dir.path());
-    let info = custody.recover(&key.handle, &wrapped).await.unwrap();
+    let info = custody
+        .recover(&key.handle, &contract::scope(), &wrapped)
+        .await
+        .unwrap();
     assert_eq!(info.check_value, key.check_value);
     assert!(!tombstone(&key.handle).exists(), "the tombstone is gone");
     drop(custody);
@@ -412,7 +450,10 @@ async fn an_interrupted_recovery_leaves_the_key_destroyed_and_recoverable() {
     let cmk = contract::random(32);
     let custody = open(dir.path());
     let wrapped = contract::wrap_for_import(custody.import_public_key(), cmk.expose());
-    let key = custody.import(&contract::handle(), &wrapped).await.unwrap();
+    let key = custody
+        .import(&contract::handle(), &contract::scope(), &wrapped)
+        .await
+        .unwrap();
     let keys = dir.path().join("keys");
     let key_file = keys.join(format!("{}.key", key.handle));
     let sealed = fs::read(&key_file).unwrap();
@@ -430,6 +471,9 @@ async fn an_interrupted_recovery_leaves_the_key_destroyed_and_recoverable() {
         Err(CustodyError::DestroyedKey(_))
     ));
     assert!(!key_file.exists(), "start-up finished the destroy");
-    custody.recover(&key.handle, &wrapped).await.unwrap();
+    custody
+        .recover(&key.handle, &contract::scope(), &wrapped)
+        .await
+        .unwrap();
     assert!(custody.unwrap(&ct, b"").await.is_ok());
 }

@@ -16,6 +16,10 @@
 //!   [`cmk_hsm_custody::envelope`] (version ‖ handle ‖ nonce ‖ ciphertext ‖
 //!   tag, the version and handle bound as GCM associated data before the
 //!   caller's). The 12-byte nonce is random, drawn on the host.
+//! - **Scope**: each key object's label is its handle and the scope it serves
+//!   (`<handle> org:<org>` or `<handle> shared`), set when it is admitted and
+//!   read back by every daemon on the token; a key object without one is
+//!   refused as corrupt.
 //! - **Destroy** writes a tombstone data object holding a fingerprint of the
 //!   key (two AES-CMAC tags under it, computed in the token) before
 //!   `C_DestroyObject`, so a handle is never reused and only the original key
@@ -46,7 +50,7 @@ use std::{
 use async_trait::async_trait;
 use cmk_hsm_custody::{
     Custody, CustodyError, Destroyed, ImportError, ImportPublicKey, KeyHandle, KeyInfo, KeyOrigin,
-    MaterialCustody, UnwrapItem, Unwrapped, WrapItem,
+    KeyScope, MaterialCustody, OrgName, UnwrapItem, Unwrapped, WrapItem,
     envelope::{self, HEADER_LEN, Sealed},
 };
 use cmk_secret::SecretBytes;
@@ -89,6 +93,9 @@ struct Inner {
     // Object handles of live keys, each valid in the pool generation it was
     // found in. Destroyed and unknown handles are looked up every time.
     objects: Mutex<HashMap<KeyHandle, (u64, ObjectHandle)>>,
+    // The scopes of live keys, read from their labels. A handle's scope
+    // never changes while it lives, so these hold across pool generations.
+    scopes: Mutex<HashMap<KeyHandle, KeyScope>>,
 }
 
 impl Pkcs11Custody {
@@ -115,6 +122,7 @@ impl Pkcs11Custody {
                 sessions: settings.sessions.max(1),
                 handles: Mutex::new(()),
                 objects: Mutex::new(HashMap::new()),
+                scopes: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -157,6 +165,21 @@ impl Inner {
 
     fn objects(&self) -> MutexGuard<'_, HashMap<KeyHandle, (u64, ObjectHandle)>> {
         self.objects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn scopes(&self) -> MutexGuard<'_, HashMap<KeyHandle, KeyScope>> {
+        self.scopes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The scope of the live key `handle`.
+    fn scope(&self, lease: &Lease, handle: &KeyHandle) -> Result<KeyScope, Fail> {
+        let object = self.live(lease, handle)?;
+        if let Some(scope) = self.scopes().get(handle).cloned() {
+            return Ok(scope);
+        }
+        let scope = token::scope(&lease.session, handle, object)?;
+        self.scopes().insert(*handle, scope.clone());
+        Ok(scope)
     }
 
     /// The object of the live key `handle`.
@@ -217,11 +240,17 @@ impl Inner {
     /// any key under the handle but its own withdraws its copy. Whichever
     /// copies last sees the other's and withdraws, so at most one admission
     /// succeeds, and two keys under one handle never serve.
-    fn admit_new(&self, lease: &Lease, handle: &KeyHandle, temp: &TempKey<'_>) -> Result<(), Fail> {
+    fn admit_new(
+        &self,
+        lease: &Lease,
+        handle: &KeyHandle,
+        scope: &KeyScope,
+        temp: &TempKey<'_>,
+    ) -> Result<(), Fail> {
         let session = &lease.session;
         let _handles = self.lock_handles();
         token::check_unused(session, handle)?;
-        let object = token::admit(session, temp, handle)?;
+        let object = token::admit(session, temp, handle, scope)?;
         match token::state(session, handle)? {
             HandleState::Live(objects) if objects == [object] => {
                 self.objects().insert(*handle, (lease.generation, object));
@@ -244,6 +273,7 @@ impl Inner {
         let session = &lease.session;
         let _handles = self.lock_handles();
         self.objects().remove(handle);
+        self.scopes().remove(handle);
         match token::state(session, handle)? {
             HandleState::Unknown => Err(CustodyError::UnknownKey(*handle).into()),
             HandleState::Destroyed { leftovers, .. } => {
@@ -267,7 +297,13 @@ impl Inner {
         }
     }
 
-    fn recover(&self, lease: &Lease, handle: &KeyHandle, wrapped: &[u8]) -> Result<KeyInfo, Fail> {
+    fn recover(
+        &self,
+        lease: &Lease,
+        handle: &KeyHandle,
+        scope: &KeyScope,
+        wrapped: &[u8],
+    ) -> Result<KeyInfo, Fail> {
         let session = &lease.session;
         // Nothing to recover costs no RSA operation.
         if let HandleState::Unknown = token::state(session, handle)? {
@@ -306,7 +342,7 @@ impl Inner {
                 }
                 // The key object first: a crash before the tombstone goes
                 // leaves the key destroyed and the recovery unacknowledged.
-                let object = token::admit(session, &temp, handle)?;
+                let object = token::admit(session, &temp, handle, scope)?;
                 session
                     .destroy_object(tombstone)
                     .map_err(ck("C_DestroyObject"))?;
@@ -332,10 +368,11 @@ impl MaterialCustody for Pkcs11Custody {
     async fn import(
         &self,
         handle: &KeyHandle,
+        scope: &KeyScope,
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError> {
         self.check_wrapped(wrapped_key)?;
-        let (handle, wrapped) = (*handle, wrapped_key.to_vec());
+        let (handle, scope, wrapped) = (*handle, scope.clone(), wrapped_key.to_vec());
         self.run("import", move |inner, lease| {
             let session = &lease.session;
             // A taken handle is refused before the token spends an RSA
@@ -343,7 +380,7 @@ impl MaterialCustody for Pkcs11Custody {
             token::check_unused(session, &handle)?;
             let temp = token::unwrap_cmk(session, &wrapped, &inner.public)?;
             let check_value = token::check_value(session, temp.object)?;
-            inner.admit_new(lease, &handle, &temp)?;
+            inner.admit_new(lease, &handle, &scope, &temp)?;
             Ok(KeyInfo {
                 handle,
                 check_value,
@@ -356,24 +393,29 @@ impl MaterialCustody for Pkcs11Custody {
     async fn recover(
         &self,
         handle: &KeyHandle,
+        scope: &KeyScope,
         wrapped_key: &[u8],
     ) -> Result<KeyInfo, CustodyError> {
         self.check_wrapped(wrapped_key)?;
-        let (handle, wrapped) = (*handle, wrapped_key.to_vec());
+        let (handle, scope, wrapped) = (*handle, scope.clone(), wrapped_key.to_vec());
         self.run("recover", move |inner, lease| {
-            inner.recover(lease, &handle, &wrapped)
+            inner.recover(lease, &handle, &scope, &wrapped)
         })
         .await
     }
 
-    async fn generate(&self, handle: &KeyHandle) -> Result<KeyInfo, CustodyError> {
-        let handle = *handle;
+    async fn generate(
+        &self,
+        handle: &KeyHandle,
+        scope: &KeyScope,
+    ) -> Result<KeyInfo, CustodyError> {
+        let (handle, scope) = (*handle, scope.clone());
         self.run("generate", move |inner, lease| {
             let session = &lease.session;
             token::check_unused(session, &handle)?;
             let temp = token::generate(session)?;
             let check_value = token::check_value(session, temp.object)?;
-            inner.admit_new(lease, &handle, &temp)?;
+            inner.admit_new(lease, &handle, &scope, &temp)?;
             Ok(KeyInfo {
                 handle,
                 check_value,
@@ -450,6 +492,21 @@ impl Custody for Pkcs11Custody {
     async fn destroy(&self, handle: &KeyHandle) -> Result<Destroyed, CustodyError> {
         let handle = *handle;
         self.run("destroy", move |inner, lease| inner.destroy(lease, &handle))
+            .await
+    }
+
+    /// Keys on a token are always bound: PKCS#11 custody came after scopes,
+    /// so `_claimant` binds nothing.
+    async fn scope(
+        &self,
+        handle: &KeyHandle,
+        _claimant: Option<&OrgName>,
+    ) -> Result<KeyScope, CustodyError> {
+        if let Some(scope) = self.inner.scopes().get(handle).cloned() {
+            return Ok(scope);
+        }
+        let handle = *handle;
+        self.run("scope", move |inner, lease| inner.scope(lease, &handle))
             .await
     }
 

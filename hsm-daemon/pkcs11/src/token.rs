@@ -12,7 +12,7 @@
 //! `CKA_PRIVATE`.
 
 use cmk_hsm_custody::{
-    CMK_LEN, CustodyError, ImportError, ImportPublicKey, KeyCheckValue, KeyHandle,
+    CMK_LEN, CustodyError, ImportError, ImportPublicKey, KeyCheckValue, KeyHandle, KeyScope,
 };
 use cryptoki::{
     error::{Error, RvError},
@@ -234,11 +234,15 @@ pub(crate) fn generate(session: &Session) -> Result<TempKey<'_>, Fail> {
     Ok(TempKey { session, object })
 }
 
-/// Makes the session key `temp` a token object under `handle`.
+/// Makes the session key `temp` a token object under `handle`, serving
+/// `scope`: its id is the handle's bytes, its label the handle and the scope
+/// (`<handle> org:<org>` or `<handle> shared`), which every daemon on the
+/// token reads back.
 pub(crate) fn admit(
     session: &Session,
     temp: &TempKey<'_>,
     handle: &KeyHandle,
+    scope: &KeyScope,
 ) -> Result<ObjectHandle, Fail> {
     session
         .copy_object(
@@ -246,10 +250,35 @@ pub(crate) fn admit(
             &[
                 Attribute::Token(true),
                 Attribute::Id(handle.as_bytes().to_vec()),
-                Attribute::Label(handle.to_string().into_bytes()),
+                Attribute::Label(format!("{handle} {scope}").into_bytes()),
             ],
         )
         .map_err(token("C_CopyObject"))
+}
+
+/// The scope the key object `object` of `handle` serves, from its label.
+pub(crate) fn scope(
+    session: &Session,
+    handle: &KeyHandle,
+    object: ObjectHandle,
+) -> Result<KeyScope, Fail> {
+    let attributes = session
+        .get_attributes(object, &[AttributeType::Label])
+        .map_err(token("C_GetAttributeValue"))?;
+    let label = attributes.iter().find_map(|a| match a {
+        Attribute::Label(label) => Some(label.as_slice()),
+        _ => None,
+    });
+    let prefix = format!("{handle} ");
+    label
+        .and_then(|label| std::str::from_utf8(label).ok())
+        .and_then(|label| label.strip_prefix(&prefix))
+        .and_then(|scope| scope.parse().ok())
+        .ok_or_else(|| {
+            Fail::Custody(CustodyError::Corrupt {
+                path: format!("PKCS#11 key object of key {handle} (no scope in its label)"),
+            })
+        })
 }
 
 /// The check value, computed in the token: AES-CMAC of a zero block.

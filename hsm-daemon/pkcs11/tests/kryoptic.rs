@@ -179,12 +179,12 @@ on_kryoptic! {
         let public = custody.import_public_key().clone();
         let garbage = contract::random(public.bits as usize / 8);
         assert!(matches!(
-            custody.import(&contract::handle(), garbage.expose()).await,
+            custody.import(&contract::handle(), &contract::scope(), garbage.expose()).await,
             Err(CustodyError::Import(ImportError::Undecryptable { .. }))
         ));
 
         inspector().logout().unwrap();
-        match custody.import(&contract::handle(), garbage.expose()).await {
+        match custody.import(&contract::handle(), &contract::scope(), garbage.expose()).await {
             Err(CustodyError::Unavailable(message)) => {
                 assert!(message.contains("reconnecting"), "{message}")
             }
@@ -192,7 +192,7 @@ on_kryoptic! {
         }
         let cmk = contract::random(32);
         custody
-            .import(&contract::handle(), &contract::wrap_for_import(&public, cmk.expose()))
+            .import(&contract::handle(), &contract::scope(), &contract::wrap_for_import(&public, cmk.expose()))
             .await
             .expect("logged in again");
     }
@@ -207,7 +207,7 @@ on_kryoptic! {
         let cmk = contract::random(32);
         let handle = contract::handle();
         let info = custody
-            .import(&handle, &contract::wrap_for_import(&public, cmk.expose()))
+            .import(&handle, &contract::scope(), &contract::wrap_for_import(&public, cmk.expose()))
             .await
             .unwrap();
         let secret = contract::random(32);
@@ -223,11 +223,11 @@ on_kryoptic! {
         ));
         let other = contract::wrap_for_import(&public, contract::random(32).expose());
         assert!(matches!(
-            reopened.recover(&handle, &other).await,
+            reopened.recover(&handle, &contract::scope(), &other).await,
             Err(CustodyError::NotTheDestroyedKey(_))
         ));
         let recovered = reopened
-            .recover(&handle, &contract::wrap_for_import(&public, cmk.expose()))
+            .recover(&handle, &contract::scope(), &contract::wrap_for_import(&public, cmk.expose()))
             .await
             .unwrap();
         assert_eq!(recovered.check_value, info.check_value);
@@ -262,7 +262,7 @@ on_kryoptic! {
         let wrapped = std::fs::read(cwd.join("cmk.wrapped")).unwrap();
 
         let handle = contract::handle();
-        let info = custody.import(&handle, &wrapped).await.expect("import");
+        let info = custody.import(&handle, &contract::scope(), &wrapped).await.expect("import");
         assert_eq!(info.origin, KeyOrigin::Imported);
         // The check value the customer computes with the same CLI.
         std::fs::write(cwd.join("zero.bin"), [0; 16]).unwrap();
@@ -285,7 +285,7 @@ on_kryoptic! {
         );
         let sha1 = std::fs::read(cwd.join("sha1.wrapped")).unwrap();
         assert!(matches!(
-            custody.import(&contract::handle(), &sha1).await,
+            custody.import(&contract::handle(), &contract::scope(), &sha1).await,
             Err(CustodyError::Import(ImportError::OaepSha1))
         ));
 
@@ -293,9 +293,9 @@ on_kryoptic! {
         let ct = custody.wrap(&handle, &secret, b"org/kek").await.unwrap();
         assert!(custody.unwrap(&ct, b"org/kek").await.unwrap().plaintext.ct_eq(&secret));
         let generated = contract::handle();
-        custody.generate(&generated).await.unwrap();
+        custody.generate(&generated, &contract::scope()).await.unwrap();
         let destroyed = contract::handle();
-        custody.generate(&destroyed).await.unwrap();
+        custody.generate(&destroyed, &contract::scope()).await.unwrap();
         custody.destroy(&destroyed).await.unwrap();
 
         common::assert_token_as_operators_see_it(

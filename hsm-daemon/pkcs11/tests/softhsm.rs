@@ -154,7 +154,7 @@ on_softhsm! {
             contract::wrap_for_import(&public, contract::random(32).expose()),
             contract::wrap_for_import_sha1(&public, contract::random(32).expose()),
         ] {
-            match custody.import(&handle, &wrapped).await {
+            match custody.import(&handle, &contract::scope(), &wrapped).await {
                 Err(err @ CustodyError::DeviceCannot(_)) => {
                     let text = err.to_string();
                     assert!(
@@ -168,11 +168,11 @@ on_softhsm! {
         }
         // Shapes that cannot be a ciphertext are refused before the token.
         assert!(matches!(
-            custody.import(&handle, &[]).await,
+            custody.import(&handle, &contract::scope(), &[]).await,
             Err(CustodyError::Import(ImportError::Empty))
         ));
         assert!(matches!(
-            custody.import(&handle, &[7; 100]).await,
+            custody.import(&handle, &contract::scope(), &[7; 100]).await,
             Err(CustodyError::Import(ImportError::CiphertextLength {
                 actual: 100,
                 expected: 384,
@@ -180,19 +180,19 @@ on_softhsm! {
             }))
         ));
         // Nothing was stored: the handle is still free.
-        custody.generate(&handle).await.expect("handle still unused");
+        custody.generate(&handle, &contract::scope()).await.expect("handle still unused");
 
         // Recovery needs the same unwrap: refused the same way for a
         // destroyed key, and an unknown handle is named as such.
         custody.destroy(&handle).await.unwrap();
         let again = contract::wrap_for_import(&public, contract::random(32).expose());
         assert!(matches!(
-            custody.recover(&handle, &again).await,
+            custody.recover(&handle, &contract::scope(), &again).await,
             Err(CustodyError::DeviceCannot(token::OAEP_SHA256_UNSUPPORTED))
         ));
         let unknown = contract::handle();
         assert!(matches!(
-            custody.recover(&unknown, &again).await,
+            custody.recover(&unknown, &contract::scope(), &again).await,
             Err(CustodyError::UnknownKey(h)) if h == unknown
         ));
         assert_eq!(
@@ -210,8 +210,8 @@ on_softhsm! {
     async fn destroy_keeps_a_fingerprint_in_a_tombstone() {
         let custody = open(settings()).await.unwrap();
         let (a, b) = (contract::handle(), contract::handle());
-        custody.generate(&a).await.unwrap();
-        custody.generate(&b).await.unwrap();
+        custody.generate(&a, &contract::scope()).await.unwrap();
+        custody.generate(&b, &contract::scope()).await.unwrap();
         let inspector = inspector();
         assert_eq!(tombstone_value(&inspector, &a), None);
         assert_eq!(custody.destroy(&a).await.unwrap(), Destroyed::Now);
@@ -237,7 +237,7 @@ on_softhsm! {
         let reopened = open(settings()).await.unwrap();
         assert_eq!(reopened.destroy(&a).await.unwrap(), Destroyed::Already);
         assert!(matches!(
-            reopened.generate(&a).await,
+            reopened.generate(&a, &contract::scope()).await,
             Err(CustodyError::HandleInUse { destroyed: true, .. })
         ));
     }
@@ -261,7 +261,7 @@ on_softhsm! {
         assert_eq!(public.key_id, hex::encode(Sha256::digest(der.as_bytes())));
 
         let handle = contract::handle();
-        let info = custody.generate(&handle).await.unwrap();
+        let info = custody.generate(&handle, &contract::scope()).await.unwrap();
         let secret = contract::random(32);
         let ct = custody.wrap(&handle, &secret, b"org/kek").await.unwrap();
         drop(custody);
@@ -290,7 +290,7 @@ on_softhsm! {
         let custody = open(settings()).await.unwrap();
         let handles: Vec<KeyHandle> = (0..3).map(|_| contract::handle()).collect();
         for handle in &handles {
-            custody.generate(handle).await.unwrap();
+            custody.generate(handle, &contract::scope()).await.unwrap();
         }
         custody.destroy(&handles[0]).await.unwrap();
 
@@ -311,7 +311,7 @@ on_softhsm! {
     async fn a_lost_login_is_unavailable_then_recovered() {
         let custody = open(settings()).await.unwrap();
         let handle = contract::handle();
-        custody.generate(&handle).await.unwrap();
+        custody.generate(&handle, &contract::scope()).await.unwrap();
         let secret = contract::random(32);
         let ct = custody.wrap(&handle, &secret, b"").await.unwrap();
 

@@ -58,8 +58,9 @@ pub use keks::{
 pub use leases::{leases_have_one_holder_until_released_or_expired, racing_for_a_lease_one_wins};
 pub use orgs::{
     a_failed_commit_writes_nothing, an_aws_key_serves_one_org,
-    aws_keys_not_removed_are_listed_with_their_org, create_and_load_round_trip_every_field,
-    orgs_with_expired_keys_are_found, racing_creates_and_commits_from_one_version_one_wins,
+    aws_external_ids_are_stored_once_per_org, aws_keys_not_removed_are_listed_with_their_org,
+    create_and_load_round_trip_every_field, orgs_with_expired_keys_are_found,
+    racing_creates_and_commits_from_one_version_one_wins,
     stale_versions_conflict_and_write_nothing, unknown_org_loads_as_none,
 };
 pub use reopening::{
@@ -72,6 +73,7 @@ pub async fn all(store: &dyn Store) {
     unknown_org_loads_as_none(store).await;
     create_and_load_round_trip_every_field(store).await;
     an_aws_key_serves_one_org(store).await;
+    aws_external_ids_are_stored_once_per_org(store).await;
     stale_versions_conflict_and_write_nothing(store).await;
     a_failed_commit_writes_nothing(store).await;
     audit_chains_across_commits_and_appends(store).await;

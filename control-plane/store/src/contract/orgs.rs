@@ -526,3 +526,28 @@ pub async fn an_aws_key_serves_one_org(store: &dyn Store) {
         .await
         .expect("free once the first org removed it");
 }
+
+/// An org's external id for AWS is the first one stored, whatever is offered
+/// later; each org has its own; storing it neither enrols the org nor
+/// changes its version.
+pub async fn aws_external_ids_are_stored_once_per_org(store: &dyn Store) {
+    let (a, b) = (org_id("external-id-a"), org_id("external-id-b"));
+    let now = Timestamp(1_700_000_000);
+    assert_eq!(
+        store.aws_external_id(&a, "cmk-first", now).await.unwrap(),
+        "cmk-first"
+    );
+    assert_eq!(
+        store.aws_external_id(&a, "cmk-second", now).await.unwrap(),
+        "cmk-first",
+        "the id never changes"
+    );
+    assert_eq!(
+        store.aws_external_id(&b, "cmk-other", now).await.unwrap(),
+        "cmk-other"
+    );
+    assert!(
+        store.load_org(&a).await.unwrap().is_none(),
+        "an external id does not enrol the org"
+    );
+}

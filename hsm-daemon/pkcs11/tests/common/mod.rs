@@ -59,7 +59,7 @@ pub fn token_dir() -> Option<std::path::PathBuf> {
 
 /// Reads the token as an operator would, with pkcs11-tool, and asserts that
 /// every secret and private key is sensitive and never extractable, that
-/// `live` are listed by their labels, and that each of `destroyed` left one
+/// `live` are listed by their labels (handle and scope), and that each of `destroyed` left one
 /// tombstone.
 pub fn assert_token_as_operators_see_it(
     module: &Path,
@@ -105,10 +105,13 @@ pub fn assert_token_as_operators_see_it(
             "extractable key:\n{block}"
         );
     }
+    // Each live key labelled with its handle and the scope it serves: every
+    // key these tests add serves the contract's org.
     for handle in live {
+        let label = format!("{handle} {}", cmk_hsm_custody::contract::scope());
         assert!(
-            secret_keys.iter().any(|b| b.contains(&handle.to_string())),
-            "{handle} not listed by its label:\n{text}"
+            secret_keys.iter().any(|b| b.contains(&label)),
+            "{handle} not listed by its label {label:?}:\n{text}"
         );
     }
     let tombstones = of_kind("Data object");
