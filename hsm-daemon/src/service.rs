@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cmk_hsm_aws_kms::{KeyArn, RoleArn};
+use cmk_hsm_aws_kms::{ExternalId, KeyArn, RoleArn};
 use cmk_hsm_custody::{
     Destroyed, IMPORT_ALGORITHM, KeyInfo, KeyOrigin, OrgName, UnwrapItem, Unwrapped, WrapItem,
 };
@@ -58,9 +58,10 @@ impl HsmService for HsmApi {
         let recover = import.admission == Admission::Recover;
         let scope = import.scope.clone();
         if let Source::AwsKms(key) = &import.source {
-            info!(%caller, handle = ?import.handle, primary = %key.primary(),
+            info!(%caller, handle = ?import.handle, %scope, primary = %key.primary(),
                 backup = ?key.backup().map(KeyArn::as_str),
                 role = ?key.role().map(RoleArn::as_str),
+                external_id = ?key.external_id().map(ExternalId::as_str),
                 "verifying access to an AWS KMS key");
         }
         let KeyInfo {

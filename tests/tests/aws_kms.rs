@@ -37,6 +37,8 @@ use cmk_tests::{
 use tonic::Code;
 
 const ORG: &str = "acme";
+/// The HSM daemon's AWS principal, as the operator configures it.
+const DAEMON_PRINCIPAL: &str = "arn:aws:iam::999988887777:role/cmk-hsm-daemon";
 /// Longest the tests wait for the service to notice something by itself.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// Where nothing listens: a region that is down.
@@ -70,6 +72,7 @@ impl Setup {
             &[
                 ("CMK_CP_MAINTENANCE_INTERVAL_SECS", "1"),
                 ("CMK_CP_KEK_CACHE_TTL_SECS", "1"),
+                ("CMK_CP_AWS_PRINCIPAL_ARN", DAEMON_PRINCIPAL),
             ],
         )
         .await;
@@ -333,6 +336,25 @@ async fn a_key_is_used_through_an_assumed_role() {
     .await;
     assert_eq!(arn.account(), "111111111111");
 
+    // The org's admin asks what to create in AWS, with cmkctl.
+    let setup_json = cmkctl(&setup, &["aws-setup", "--key-arn", arn.as_str()]);
+    let aws_setup: serde_json::Value = serde_json::from_str(&setup_json).unwrap();
+    assert_eq!(aws_setup["service_principal_arn"], DAEMON_PRINCIPAL);
+    let external_id = aws_setup["external_id"].as_str().unwrap().to_owned();
+    assert!(external_id.starts_with("cmk-"), "{setup_json}");
+    let trust = &aws_setup["trust_policy"]["Statement"][0];
+    assert_eq!(trust["Principal"]["AWS"], DAEMON_PRINCIPAL);
+    assert_eq!(
+        trust["Condition"]["StringEquals"]["sts:ExternalId"],
+        external_id.as_str()
+    );
+    let wrap = &aws_setup["permissions_policy"]["Statement"][0];
+    assert_eq!(wrap["Resource"][0], arn.as_str());
+    assert_eq!(
+        wrap["Condition"]["StringEquals"]["kms:EncryptionContext:cmk:org"],
+        ORG
+    );
+
     // Out of reach of the daemon's own identity...
     let status = admin
         .add_aws_key(add(&arn, None, None, true))
@@ -343,6 +365,20 @@ async fn a_key_is_used_through_an_assumed_role() {
     let key = add_key(&mut admin, add(&arn, None, Some(&role), true)).await;
     assert_eq!(key.state(), KeyState::Active);
     assert_eq!(key.aws.unwrap().role_arn, role.as_str());
+    // The daemon was given the org's external id for the role (what it sends
+    // on AssumeRole is checked on the wire in hsm-daemon/tests/aws_keys.rs).
+    let given = setup.daemon.log.matching(&[
+        "verifying access to an AWS KMS key",
+        role.as_str(),
+        &external_id,
+    ]);
+    assert!(
+        !given.is_empty(),
+        "the daemon was not given the org's external id"
+    );
+    // The same id, now and later.
+    let again: serde_json::Value = serde_json::from_str(&cmkctl(&setup, &["aws-setup"])).unwrap();
+    assert_eq!(again["external_id"], external_id.as_str());
 
     let content = setup.content().await;
     let keks = create_keks(&content, ORG, "space:", 5, 5).await;
@@ -643,3 +679,33 @@ async fn a_removed_aws_key_added_again_opens_everything_it_protected() {
 /// libfaketime, from Debian's `faketime` package (installed by the test
 /// command): the control plane's clock moved by `FAKETIME`.
 const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// Runs the real cmkctl as the org's admin, JSON output; its standard output.
+fn cmkctl(setup: &Setup, args: &[&str]) -> String {
+    let files = setup.pki.client_files("admin-acme");
+    let out = std::process::Command::new(cmk_tests::binary("cmkctl"))
+        .args([
+            "--endpoint",
+            &format!("https://{}", setup.control_plane.addr),
+        ])
+        .args([
+            "--server-name",
+            "localhost",
+            "--org",
+            ORG,
+            "--output",
+            "json",
+        ])
+        .arg("--ca")
+        .arg(&files.ca)
+        .arg("--cert")
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .args(args)
+        .env_remove("CMKCTL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cmkctl {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
