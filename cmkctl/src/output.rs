@@ -928,6 +928,10 @@ pub struct VerifyView {
     pub head_hash: String,
     /// Where and how it breaks; `null` when intact.
     pub problem: Option<String>,
+    /// Signed checkpoints verified against the events.
+    pub checkpoints: u64,
+    /// The newest seq a verified checkpoint covers.
+    pub covered_through_seq: u64,
 }
 
 impl From<VerifyAuditLogResponse> for VerifyView {
@@ -937,12 +941,16 @@ impl From<VerifyAuditLogResponse> for VerifyView {
             events,
             head_hash,
             problem,
+            checkpoints,
+            covered_through_seq,
         } = response;
         VerifyView {
             intact,
             events,
             head_hash,
             problem: Some(problem).filter(|p| !p.is_empty()),
+            checkpoints,
+            covered_through_seq,
         }
     }
 }
@@ -953,6 +961,8 @@ impl Render for VerifyView {
             ("intact", yes_no(self.intact).to_string()),
             ("events", self.events.to_string()),
             ("head hash", self.head_hash.clone()),
+            ("signed checkpoints", self.checkpoints.to_string()),
+            ("covered through seq", self.covered_through_seq.to_string()),
         ];
         if let Some(problem) = &self.problem {
             rows.push(("problem", problem.clone()));

@@ -139,6 +139,20 @@ impl HsmService for FakeHsm {
         Err(Status::unimplemented("not in this fake"))
     }
 
+    async fn get_audit_public_key(
+        &self,
+        _: Request<pb::GetAuditPublicKeyRequest>,
+    ) -> Result<Response<pb::GetAuditPublicKeyResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn sign_checkpoint(
+        &self,
+        _: Request<pb::SignCheckpointRequest>,
+    ) -> Result<Response<pb::SignCheckpointResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn import(
         &self,
         request: Request<pb::ImportRequest>,

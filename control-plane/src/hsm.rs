@@ -430,6 +430,57 @@ impl HsmClient {
             .max_encoding_message_size(64 << 20)
     }
 
+    /// The audit signing key's public half: SubjectPublicKeyInfo DER and id.
+    pub async fn audit_public_key(&self) -> Result<(Vec<u8>, String), HsmError> {
+        let pb::GetAuditPublicKeyResponse {
+            public_key_pem,
+            key_id,
+            algorithm: _,
+        } = self
+            .call("GetAuditPublicKey", Retry::Safe, |mut daemon| async move {
+                Ok(daemon
+                    .get_audit_public_key(pb::GetAuditPublicKeyRequest {})
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        let der = cmk_proto::checkpoint::public_key_der(&public_key_pem).ok_or(
+            HsmError::Protocol("the audit public key is not a PUBLIC KEY PEM"),
+        )?;
+        if cmk_proto::checkpoint::key_id(&der) != key_id {
+            return Err(HsmError::Protocol(
+                "the audit public key's id is not the hash of the key",
+            ));
+        }
+        Ok((der, key_id))
+    }
+
+    /// Has the daemon sign a checkpoint of `org`'s chain at `seq` with head
+    /// `head`: its time, the signature and the signing key's id.
+    pub async fn sign_checkpoint(
+        &self,
+        org: &OrgId,
+        seq: u64,
+        head: &[u8; 32],
+    ) -> Result<(i64, Vec<u8>, String), HsmError> {
+        let request = pb::SignCheckpointRequest {
+            org: org.as_str().to_owned(),
+            seq,
+            head_hash: head.to_vec(),
+        };
+        let pb::SignCheckpointResponse {
+            time,
+            signature,
+            key_id,
+        } = self
+            .call("SignCheckpoint", Retry::Safe, |mut daemon| {
+                let request = request.clone();
+                async move { Ok(daemon.sign_checkpoint(request).await?.into_inner()) }
+            })
+            .await?;
+        Ok((time, signature, key_id))
+    }
+
     /// The RSA import public key (PEM) and its key id.
     pub async fn import_public_key(&self) -> Result<ImportPublicKey, HsmError> {
         let pb::GetImportPublicKeyResponse {

@@ -180,6 +180,10 @@ pub async fn serve(
     rotations.abort();
     // Once both have stopped, what they held can be taken over at once.
     let _ = tokio::join!(timers, rotations);
+    // A clean stop leaves every event it wrote under a signed checkpoint.
+    if let Err(err) = service.checkpoint_all().await {
+        warn!(error = %chain(&err), "checkpointing audit chains at shutdown failed");
+    }
     service.release_leases().await;
     info!("stopped");
     Ok(served?)
@@ -187,7 +191,7 @@ pub async fn serve(
 
 /// The timers: repair unfinished custody calls, remove keys whose time is up,
 /// renew the generic default key, check that keys in AWS KMS are still
-/// usable there. The first run is at start-up. Each run
+/// usable there, checkpoint every audit chain with events not yet covered. The first run is at start-up. Each run
 /// holds the `timers` lease, so that replicas take turns rather than run
 /// them at once; a replica that finds the lease held skips its run.
 async fn maintain(service: Arc<KeyService>, interval: Duration) {
@@ -207,6 +211,9 @@ async fn maintain(service: Arc<KeyService>, interval: Duration) {
             }
             if let Err(err) = service.check_providers().await {
                 warn!(error = %chain(&err), "checking keys in AWS KMS failed; will retry");
+            }
+            if let Err(err) = service.checkpoint_all().await {
+                warn!(error = %chain(&err), "checkpointing audit chains failed; will retry");
             }
         };
         if let Err(err) = service.leases.run("timers", run).await {

@@ -50,6 +50,10 @@ pub struct RawSettings {
     /// Directory of the software keystore.
     #[arg(long, env = "CMK_HSM_KEYSTORE_DIR")]
     pub keystore_dir: Option<PathBuf>,
+    /// Where to publish the audit signing key's public half (PEM) at start,
+    /// for verifying signed audit checkpoints offline [default: not written].
+    #[arg(long, env = "CMK_HSM_AUDIT_PUBLIC_KEY_FILE")]
+    pub audit_public_key_file: Option<PathBuf>,
     /// File holding the root key as 64 hex characters (mode 0600 or stricter).
     #[arg(long, env = "CMK_HSM_ROOT_KEY_FILE")]
     pub root_key_file: Option<PathBuf>,
@@ -193,6 +197,7 @@ impl RawSettings {
             metrics_listen,
             custody,
             keystore_dir,
+            audit_public_key_file,
             root_key_file,
             pkcs11_module,
             pkcs11_token_label,
@@ -230,6 +235,7 @@ impl RawSettings {
             metrics_listen: metrics_listen.or(self.metrics_listen),
             custody: custody.or(self.custody),
             keystore_dir: keystore_dir.or(self.keystore_dir),
+            audit_public_key_file: audit_public_key_file.or(self.audit_public_key_file),
             root_key_file: root_key_file.or(self.root_key_file),
             pkcs11_module: pkcs11_module.or(self.pkcs11_module),
             pkcs11_token_label: pkcs11_token_label.or(self.pkcs11_token_label),
@@ -533,6 +539,7 @@ impl RawSettings {
                 listen,
                 health_listen,
                 metrics_listen,
+                audit_public_key_file: self.audit_public_key_file,
                 custody,
                 import_key_bits,
                 allowed_clients,
@@ -728,6 +735,8 @@ pub struct Settings {
     pub health_listen: Option<SocketAddr>,
     /// Plaintext Prometheus metrics at /metrics; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the audit public key is published at start.
+    pub audit_public_key_file: Option<PathBuf>,
     /// Where CMKs are kept.
     pub custody: CustodySettings,
     /// Size of a newly generated RSA import key.

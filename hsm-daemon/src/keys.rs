@@ -25,6 +25,7 @@ use cmk_hsm_custody::{
     envelope::{self, Sealed},
 };
 use cmk_hsm_custody::{KeyScope, OrgName};
+use cmk_proto::checkpoint::{self, Checkpoint};
 use futures_util::future;
 use tracing::warn;
 
@@ -48,6 +49,45 @@ impl Keys {
     /// The RSA public key customers wrap their CMK under.
     pub fn import_public_key(&self) -> &ImportPublicKey {
         self.custody.import_public_key()
+    }
+
+    /// The audit signing key's public half: SubjectPublicKeyInfo DER and id.
+    pub fn audit_public_key(&self) -> Result<AuditPublicKey, ServiceError> {
+        let der = checkpoint::spki_from_point(self.custody.audit_public_key()).ok_or(
+            CustodyError::Crypto("the audit signing key is not an uncompressed P-256 point"),
+        )?;
+        Ok(AuditPublicKey {
+            pem: checkpoint::public_key_pem(&der),
+            key_id: checkpoint::key_id(&der),
+        })
+    }
+
+    /// Signs a checkpoint of `org`'s audit chain at `seq` with head `head`,
+    /// built here, with the time of this call.
+    pub async fn sign_checkpoint(
+        &self,
+        org: &OrgName,
+        seq: u64,
+        head: [u8; checkpoint::HASH_LEN],
+    ) -> Result<SignedCheckpoint, ServiceError> {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let checkpoint = Checkpoint {
+            org: org.as_str().to_owned(),
+            seq,
+            head,
+            time,
+        };
+        let signature = self
+            .custody
+            .sign_audit(&checkpoint.to_signed_bytes())
+            .await?;
+        Ok(SignedCheckpoint {
+            time,
+            signature,
+            key_id: self.audit_public_key()?.key_id,
+        })
     }
 
     /// Stores what `request` brings, under its handle or a fresh one.
@@ -338,6 +378,26 @@ impl Keys {
             })
             .collect()
     }
+}
+
+/// The audit signing key's public half, as published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditPublicKey {
+    /// SubjectPublicKeyInfo PEM.
+    pub pem: String,
+    /// Hex SHA-256 of the DER.
+    pub key_id: String,
+}
+
+/// A checkpoint's signature and what the daemon added to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedCheckpoint {
+    /// The daemon's time, part of what was signed.
+    pub time: i64,
+    /// `r ‖ s`.
+    pub signature: Vec<u8>,
+    /// The signing key's id.
+    pub key_id: String,
 }
 
 /// One of the daemon's two backends.

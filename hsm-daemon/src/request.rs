@@ -319,6 +319,44 @@ impl TryFrom<pb::DestroyRequest> for Destroy {
     }
 }
 
+/// A checkpoint to sign: the org, the chain's newest seq and its hash.
+pub struct SignCheckpoint {
+    /// The organisation.
+    pub org: OrgName,
+    /// At least 1.
+    pub seq: u64,
+    /// 32 bytes.
+    pub head: [u8; 32],
+}
+
+impl TryFrom<pb::SignCheckpointRequest> for SignCheckpoint {
+    type Error = ServiceError;
+
+    fn try_from(request: pb::SignCheckpointRequest) -> Result<Self, ServiceError> {
+        let pb::SignCheckpointRequest {
+            org,
+            seq,
+            head_hash,
+        } = request;
+        if seq == 0 {
+            return Err(ServiceError::InvalidArgument(
+                "seq is 0: a checkpoint covers at least one event".into(),
+            ));
+        }
+        let head = <[u8; 32]>::try_from(head_hash.as_slice()).map_err(|_| {
+            ServiceError::InvalidArgument(format!(
+                "head_hash is {} bytes; a SHA-256 hash is 32",
+                head_hash.len()
+            ))
+        })?;
+        Ok(Self {
+            org: org_field(&org)?,
+            seq,
+            head,
+        })
+    }
+}
+
 fn check_len(what: &str, len: usize, max: usize) -> Result<(), ServiceError> {
     if len > max {
         return Err(ServiceError::InvalidArgument(format!(

@@ -86,6 +86,7 @@ pub async fn serve(
         listen: _,
         health_listen,
         metrics_listen,
+        audit_public_key_file,
         custody,
         import_key_bits,
         allowed_clients,
@@ -112,6 +113,21 @@ pub async fn serve(
         .await
         .map_err(|panicked| server::StartError::Io(std::io::Error::other(panicked)))??;
     let keys = Arc::new(keys);
+    let audit_key = keys
+        .audit_public_key()
+        .map_err(|err| server::StartError::Io(std::io::Error::other(err.to_string())))?;
+    if let Some(path) = &audit_public_key_file {
+        // Written whole or not at all: a verifier never reads half a key.
+        let staged = path.with_extension("pem.tmp");
+        std::fs::write(&staged, &audit_key.pem)
+            .and_then(|()| std::fs::rename(&staged, path))
+            .map_err(|err| {
+                server::StartError::Io(std::io::Error::other(format!(
+                    "audit_public_key_file {}: {err}",
+                    path.display()
+                )))
+            })?;
+    }
 
     let mut grpc = GrpcServer::new()?;
     grpc.add_service(
@@ -128,6 +144,7 @@ pub async fn serve(
         %addr,
         import_key_id = %public.key_id,
         import_key_bits = public.bits,
+        audit_key_id = %audit_key.key_id,
         "listening"
     );
     let timeouts = Timeouts {

@@ -18,8 +18,13 @@ use crate::{
     config::Limits,
     error::{ServiceError, to_status},
     keys::Keys,
-    request::{Admission, BatchUnwrap, BatchWrap, Bounded, Destroy, ForOrg, Import, Source},
+    request::{
+        Admission, BatchUnwrap, BatchWrap, Bounded, Destroy, ForOrg, Import, SignCheckpoint, Source,
+    },
 };
+
+/// The audit signing key's algorithm, as GetAuditPublicKey names it.
+pub const AUDIT_ALGORITHM: &str = "ECDSA_P256_SHA256";
 
 /// The HSM service over the daemon's keys.
 pub struct HsmApi {
@@ -78,6 +83,31 @@ impl HsmService for HsmApi {
                 KeyOrigin::Generated => pb::KeyOrigin::Generated,
                 KeyOrigin::AwsKms => pb::KeyOrigin::AwsKms,
             } as i32,
+        }))
+    }
+
+    async fn get_audit_public_key(
+        &self,
+        _request: Request<pb::GetAuditPublicKeyRequest>,
+    ) -> Result<Response<pb::GetAuditPublicKeyResponse>, Status> {
+        let key = self.keys.audit_public_key()?;
+        Ok(Response::new(pb::GetAuditPublicKeyResponse {
+            public_key_pem: key.pem,
+            key_id: key.key_id,
+            algorithm: AUDIT_ALGORITHM.to_owned(),
+        }))
+    }
+
+    async fn sign_checkpoint(
+        &self,
+        request: Request<pb::SignCheckpointRequest>,
+    ) -> Result<Response<pb::SignCheckpointResponse>, Status> {
+        let SignCheckpoint { org, seq, head } = SignCheckpoint::try_from(request.into_inner())?;
+        let signed = self.keys.sign_checkpoint(&org, seq, head).await?;
+        Ok(Response::new(pb::SignCheckpointResponse {
+            time: signed.time,
+            signature: signed.signature,
+            key_id: signed.key_id,
         }))
     }
 

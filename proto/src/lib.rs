@@ -6,6 +6,7 @@
 
 #![allow(missing_docs)] // generated code documents itself from the .proto comments
 
+pub mod checkpoint;
 pub mod codec;
 mod redact;
 pub mod status_details;

@@ -491,9 +491,20 @@ async fn tampering_with_the_audit_log_is_detected() {
     d.stop_control_plane().await;
 
     let url = format!("sqlite://{}", d.database().display());
+    let (der, _) = d
+        .hsm
+        .pki
+        .control_plane_client(d.hsm.daemon.addr)
+        .await
+        .audit_public_key()
+        .await
+        .unwrap();
+    let key = d.data.path().join("audit-public-key.pem");
+    std::fs::write(&key, cmk_proto::checkpoint::public_key_pem(&der)).unwrap();
     let verify = |org: Option<&str>| {
         let mut cmd = Command::new(cmk_tests::binary("control-plane"));
         cmd.arg("verify-audit").arg("--database").arg(&url);
+        cmd.arg("--audit-public-key").arg(&key);
         if let Some(org) = org {
             cmd.arg("--org").arg(org);
         }

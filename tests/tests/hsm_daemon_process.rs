@@ -298,11 +298,103 @@ async fn a_key_is_refused_to_calls_for_another_org_and_the_refusal_logged() {
             format!("key {handle} does not serve org globex")
         );
     }
-    let logged = daemon
-        .log
-        .matching(&["refused", &handle, "globex", "org:acme"]);
+    // The log is read on a thread of its own: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = loop {
+        let logged = daemon
+            .log
+            .matching(&["refused", &handle, "globex", "org:acme"]);
+        if logged.len() >= 3 || std::time::Instant::now() > deadline {
+            break logged;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(logged.len(), 3, "one log line per refusal: {logged:#?}");
 
     let opened = client.unwrap(unwrap("acme")).await.unwrap().into_inner();
     assert_eq!(opened.plaintext, b"kek", "the refusals changed nothing");
+}
+
+/// The daemon publishes its audit public key (the file at start, and the
+/// RPC), signs checkpoints it builds from the fields it is given and its own
+/// clock, and refuses fields that are no checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_checkpoints_verify_under_the_published_key() {
+    use cmk_proto::{
+        checkpoint::{self, Checkpoint},
+        hsm::v1::{GetAuditPublicKeyRequest, SignCheckpointRequest},
+    };
+    let pki = Pki::new();
+    let store = tempfile::tempdir().unwrap();
+    let published = store.path().join("audit-public-key.pem");
+    let daemon = DaemonProcess::start_with(
+        &pki,
+        &store.path().join("keystore"),
+        ANY_PORT,
+        &[("CMK_HSM_AUDIT_PUBLIC_KEY_FILE", published.to_str().unwrap())],
+    )
+    .await;
+    let mut client = pki.hsm_client(daemon.addr).await;
+    let key = client
+        .get_audit_public_key(GetAuditPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(key.algorithm, "ECDSA_P256_SHA256");
+    assert_eq!(
+        std::fs::read_to_string(&published).unwrap(),
+        key.public_key_pem
+    );
+    let der = checkpoint::public_key_der(&key.public_key_pem).unwrap();
+    assert_eq!(checkpoint::key_id(&der), key.key_id);
+
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signed = client
+        .sign_checkpoint(SignCheckpointRequest {
+            org: "acme".into(),
+            seq: 12,
+            head_hash: vec![9; 32],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.key_id, key.key_id);
+    assert!(
+        (before..before + 60).contains(&signed.time),
+        "the daemon's clock"
+    );
+    let checkpoint = Checkpoint {
+        org: "acme".into(),
+        seq: 12,
+        head: [9; 32],
+        time: signed.time,
+    };
+    assert!(checkpoint.verify(&der, &signed.signature));
+    assert!(
+        !Checkpoint {
+            seq: 13,
+            ..checkpoint
+        }
+        .verify(&der, &signed.signature)
+    );
+
+    for (org, seq, head) in [
+        ("acme", 0, vec![9; 32]),
+        ("acme", 1, vec![9; 31]),
+        ("", 1, vec![9; 32]),
+        ("a b", 1, vec![9; 32]),
+    ] {
+        let status = client
+            .sign_checkpoint(SignCheckpointRequest {
+                org: org.into(),
+                seq,
+                head_hash: head,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
 }

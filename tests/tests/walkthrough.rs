@@ -435,7 +435,19 @@ async fn walkthrough_with_cmkctl() {
         assert!(audit.contains(action), "no {action:?} in:\n{audit}");
     }
     let verified = sh.run("cmkctl audit verify").ok();
-    assert!(verified.contains("intact     yes"), "{verified}");
+    let field = |name: &str| {
+        verified
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("intact"), "yes", "{verified}");
+    assert!(
+        field("signed checkpoints").parse::<u64>().unwrap() > 0,
+        "every key-state change is checkpointed: {verified}"
+    );
     let denied = sh.run(&format!(
         "cmkctl --config $DEV/cmkctl-reader.toml revoke {key2} --yes"
     ));

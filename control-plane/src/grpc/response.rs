@@ -107,6 +107,8 @@ pub(crate) fn verify_audit(check: AuditCheck) -> pb::VerifyAuditLogResponse {
     let AuditCheck {
         events,
         head,
+        checkpoints,
+        covered_through,
         problem,
     } = check;
     pb::VerifyAuditLogResponse {
@@ -114,6 +116,8 @@ pub(crate) fn verify_audit(check: AuditCheck) -> pb::VerifyAuditLogResponse {
         events,
         head_hash: hex::encode(head),
         problem: problem.map(|p| p.to_string()).unwrap_or_default(),
+        checkpoints,
+        covered_through_seq: covered_through,
     }
 }
 

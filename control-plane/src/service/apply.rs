@@ -218,6 +218,8 @@ impl KeyService {
                     for handle in &destroy {
                         self.discard(Some(org), handle).await;
                     }
+                    // Every key-state change is vouched for by a signature at once.
+                    self.checkpoint(org).await;
                     return Ok((stored, changes));
                 }
                 Err(StoreError::Conflict(_)) => continue,

@@ -13,7 +13,10 @@ use cmk_control_plane_domain::{
 use cmk_control_plane_store::{NewAuditEvent, Store, StoreError};
 use tracing::{info, warn};
 
-use super::KeyService;
+use super::{
+    KeyService,
+    checkpoints::{AuditKeys, CheckpointCheck, CheckpointProblem},
+};
 use crate::{
     authz::Caller,
     error::{ServiceError, chain},
@@ -32,8 +35,23 @@ pub struct AuditCheck {
     pub events: u64,
     /// Hash of the newest event (all zero for an empty log).
     pub head: [u8; 32],
-    /// Where the chain breaks, if it does.
-    pub problem: Option<audit::ChainError>,
+    /// Signed checkpoints verified against the rows.
+    pub checkpoints: u64,
+    /// The newest seq a verified checkpoint covers (0: none).
+    pub covered_through: u64,
+    /// Where the chain or its checkpoints break, if they do.
+    pub problem: Option<AuditProblem>,
+}
+
+/// What breaks an org's audit log.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuditProblem {
+    /// The rows do not form a chain.
+    #[error(transparent)]
+    Chain(#[from] audit::ChainError),
+    /// The rows do not match what the signed checkpoints vouch for.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointProblem),
 }
 
 /// Which page of the audit log to read: the events after a sequence number,
@@ -85,8 +103,19 @@ impl KeyService {
     /// Checks the org's audit chain.
     pub async fn verify_audit(&self, caller: &Caller) -> Result<AuditCheck, ServiceError> {
         // Audited after the check, so the check covers everything before it.
-        let check = check_audit_chain(self.store.as_ref(), caller.org()).await;
-        self.audited(caller, "verify audit log", None, true, async { Ok(check?) })
+        // An org without checkpoints needs no key (and no daemon).
+        let keys = match self.store.checkpoints(caller.org(), 0, 1).await {
+            Ok(none) if none.is_empty() => Ok(AuditKeys::default()),
+            Ok(_) => self.audit_keys().await,
+            Err(err) => Err(err.into()),
+        };
+        let check = match keys {
+            Ok(keys) => check_audit_chain(self.store.as_ref(), caller.org(), &keys)
+                .await
+                .map_err(ServiceError::from),
+            Err(err) => Err(err),
+        };
+        self.audited(caller, "verify audit log", None, true, async { check })
             .await
     }
 
@@ -202,20 +231,27 @@ enum Recorded {
     NotEnrolled(NewAuditEvent),
 }
 
-/// Reads the whole audit chain of `org` and checks it, a page at a time:
-/// memory stays one page, however long the chain. After a break, the rest is
-/// still read, to count the events and name the newest hash.
-pub async fn check_audit_chain(store: &dyn Store, org: &OrgId) -> Result<AuditCheck, StoreError> {
-    check_audit_chain_in_pages(store, org, MAX_AUDIT_PAGE).await
+/// Reads the whole audit chain of `org` and checks it, with every signed
+/// checkpoint (under `keys`) against the rows, a page at a time: memory stays
+/// one page, however long the chain. After a break, the rest is still read,
+/// to count the events and name the newest hash.
+pub async fn check_audit_chain(
+    store: &dyn Store,
+    org: &OrgId,
+    keys: &AuditKeys,
+) -> Result<AuditCheck, StoreError> {
+    check_audit_chain_in_pages(store, org, keys, MAX_AUDIT_PAGE).await
 }
 
 async fn check_audit_chain_in_pages(
     store: &dyn Store,
     org: &OrgId,
+    keys: &AuditKeys,
     page_size: u32,
 ) -> Result<AuditCheck, StoreError> {
     let mut verifier = audit::Verifier::new(org.as_str());
-    let mut problem = None;
+    let mut checkpoints = CheckpointCheck::new(store, org, keys);
+    let mut problem: Option<AuditProblem> = None;
     let mut events = 0u64;
     let mut after = 0;
     let mut head = audit::GENESIS;
@@ -228,12 +264,20 @@ async fn check_audit_chain_in_pages(
             if problem.is_some() {
                 break;
             }
-            problem = verifier.check(row).err();
+            problem = match verifier.check(row) {
+                Err(broken) => Some(broken.into()),
+                Ok(()) => checkpoints.row(row).await?.err().map(Into::into),
+            };
         }
+    }
+    if problem.is_none() {
+        problem = checkpoints.end(after).await?.err().map(Into::into);
     }
     Ok(AuditCheck {
         events,
         head,
+        checkpoints: checkpoints.checked,
+        covered_through: checkpoints.covered_through,
         problem,
     })
 }
@@ -522,7 +566,7 @@ mod tests {
         let rows = store.audit_events(&org, 0, 100).await.unwrap();
         let whole = audit::verify(org.as_str(), &rows).unwrap();
         for page_size in [1, 7, 25, 1000] {
-            let check = check_audit_chain_in_pages(&store, &org, page_size)
+            let check = check_audit_chain_in_pages(&store, &org, &AuditKeys::default(), page_size)
                 .await
                 .unwrap();
             assert_eq!(check.events, 25, "pages of {page_size}");

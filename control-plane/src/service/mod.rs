@@ -46,6 +46,7 @@ pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod aws;
+pub mod checkpoints;
 pub mod content;
 pub mod generic;
 pub mod intents;
@@ -55,8 +56,11 @@ pub mod rotation;
 pub use admin::{
     AddAwsKey, KeyOp, MAX_ARN_BYTES, MAX_WRAPPED_KEY_BYTES, RevocationPreview, UploadKey,
 };
-pub use audit::{AuditCheck, AuditPage, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE, check_audit_chain};
+pub use audit::{
+    AuditCheck, AuditPage, AuditProblem, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE, check_audit_chain,
+};
 pub use aws::{AwsSetup, AwsSetupRequest, MAX_SETUP_KEY_ARNS};
+pub use checkpoints::{AuditKeys, CheckpointProblem};
 pub use content::{ContentContext, DataKey, KekView};
 pub use rotation::RotationView;
 
@@ -155,6 +159,8 @@ pub struct KeyService {
     pub(crate) metrics: Metrics,
     /// The HSM daemon's AWS principal, which an org's role must trust.
     pub(crate) aws_principal: Option<String>,
+    /// The daemon's audit public key, fetched once.
+    pub(crate) audit_keys: tokio::sync::OnceCell<checkpoints::AuditKeys>,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
@@ -181,6 +187,7 @@ impl KeyService {
             leases,
             metrics: Metrics::default(),
             aws_principal: None,
+            audit_keys: tokio::sync::OnceCell::new(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }

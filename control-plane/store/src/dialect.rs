@@ -108,6 +108,7 @@ enum Param<'a> {
     Int(i64),
     OptionalInt(Option<i64>),
     Flag(bool),
+    Bytes(&'a [u8]),
 }
 
 impl<'a> Stmt<'a> {
@@ -139,6 +140,10 @@ impl<'a> Stmt<'a> {
         self.with(Param::Flag(value))
     }
 
+    pub(crate) fn bytes(self, value: &'a [u8]) -> Self {
+        self.with(Param::Bytes(value))
+    }
+
     fn with(mut self, param: Param<'a>) -> Self {
         self.params.push(param);
         self
@@ -154,6 +159,7 @@ impl<'a> Stmt<'a> {
         i64: Encode<'q, DB> + Type<DB>,
         Option<i64>: Encode<'q, DB> + Type<DB>,
         bool: Encode<'q, DB> + Type<DB>,
+        &'q [u8]: Encode<'q, DB> + Type<DB>,
     {
         self.params
             .iter()
@@ -163,6 +169,7 @@ impl<'a> Stmt<'a> {
                 Param::Int(v) => query.bind(v),
                 Param::OptionalInt(v) => query.bind(v),
                 Param::Flag(v) => query.bind(v),
+                Param::Bytes(v) => query.bind(v),
             })
     }
 }

@@ -511,6 +511,41 @@ pub trait AuditStore: Send + Sync {
 
     /// Every org that has an audit chain, for verification, in id order.
     async fn audited_orgs(&self) -> Result<Vec<OrgId>, StoreError>;
+
+    /// The org's newest event.
+    async fn audit_head(&self, org: &OrgId) -> Result<Option<ChainedEvent>, StoreError>;
+
+    /// Stores a signed checkpoint; one already stored for the same seq is
+    /// kept (the first signature of a head stands).
+    async fn put_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError>;
+
+    /// Up to `limit` checkpoints of the org with `seq > after_seq`, oldest first.
+    async fn checkpoints(
+        &self,
+        org: &OrgId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredCheckpoint>, StoreError>;
+
+    /// Orgs whose newest event no checkpoint covers yet, in id order.
+    async fn orgs_needing_checkpoint(&self) -> Result<Vec<OrgId>, StoreError>;
+}
+
+/// A signed checkpoint of an org's audit chain (see `cmk_proto::checkpoint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The org.
+    pub org: OrgId,
+    /// The seq of the newest event it covers.
+    pub seq: u64,
+    /// That event's hash.
+    pub head: [u8; 32],
+    /// When the HSM daemon signed it, by its clock.
+    pub time: Timestamp,
+    /// The id of the key that signed it.
+    pub key_id: String,
+    /// ECDSA P-256 `r ‖ s`.
+    pub signature: Vec<u8>,
 }
 
 /// The intents that make custody calls repairable after a crash (see the

@@ -21,7 +21,7 @@ use sqlx::{Pool, Transaction, migrate::MigrateError};
 use crate::{
     AuditStore, Commit, Corruption, GenericKey, GenericKeyStore, Intent, IntentKind, IntentStore,
     JobState, KekStore, LeaseStore, NewAuditEvent, OrgAwsKey, OrgStore, Rewrap, RotationJob,
-    StoreError, StoredKek, StoredKey, StoredOrg,
+    StoreError, StoredCheckpoint, StoredKek, StoredKey, StoredOrg,
     codec::{self, KeyColumns},
     dialect::{Dialect, Stmt},
     ops::{self, Lock, Tx},
@@ -239,6 +239,83 @@ impl<D: Dialect> AuditStore for SqlStore<D> {
             .iter()
             .map(|row| Cells::new(row, "audit").org("org"))
             .collect()
+    }
+
+    async fn audit_head(&self, org: &OrgId) -> Result<Option<ChainedEvent>, StoreError> {
+        self.fetch_optional(
+            Stmt::new(
+                "SELECT org, seq, time, actor, key, action, result, prev_hash, hash \
+                 FROM audit WHERE org = $1 ORDER BY seq DESC LIMIT 1",
+            )
+            .text(org.as_str()),
+        )
+        .await?
+        .as_ref()
+        .map(decode_audit)
+        .transpose()
+    }
+
+    async fn put_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError> {
+        self.execute(
+            Stmt::new(
+                "INSERT INTO audit_checkpoints (org, seq, head, time, key_id, signature) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (org, seq) DO NOTHING",
+            )
+            .text(checkpoint.org.as_str())
+            .int(sql::sql_int(checkpoint.seq)?)
+            .bytes(&checkpoint.head)
+            .int(checkpoint.time.0)
+            .text(&checkpoint.key_id)
+            .bytes(&checkpoint.signature),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn checkpoints(
+        &self,
+        org: &OrgId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredCheckpoint>, StoreError> {
+        let Ok(after_seq) = i64::try_from(after_seq) else {
+            return Ok(Vec::new());
+        };
+        self.fetch_all(
+            Stmt::new(
+                "SELECT org, seq, head, time, key_id, signature FROM audit_checkpoints \
+                 WHERE org = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            )
+            .text(org.as_str())
+            .int(after_seq)
+            .int(i64::from(limit)),
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            let cells = Cells::new(row, "audit_checkpoints");
+            Ok(StoredCheckpoint {
+                org: cells.org("org")?,
+                seq: cells.unsigned("seq")?,
+                head: cells.hash("head")?,
+                time: cells.timestamp("time")?,
+                key_id: cells.string("key_id")?,
+                signature: cells.bytes("signature")?,
+            })
+        })
+        .collect()
+    }
+
+    async fn orgs_needing_checkpoint(&self) -> Result<Vec<OrgId>, StoreError> {
+        self.fetch_all(Stmt::new(
+            "SELECT a.org FROM (SELECT org, MAX(seq) AS newest FROM audit GROUP BY org) a \
+             LEFT JOIN (SELECT org, MAX(seq) AS covered FROM audit_checkpoints GROUP BY org) c \
+             ON c.org = a.org WHERE c.covered IS NULL OR c.covered < a.newest ORDER BY a.org",
+        ))
+        .await?
+        .iter()
+        .map(|row| Cells::new(row, "audit").org("org"))
+        .collect()
     }
 }
 

@@ -180,6 +180,7 @@ pub async fn all(custody: &dyn MaterialCustody, other_import_key: &ImportPublicK
     a_key_serves_the_scope_it_came_in_with(custody, &imported).await;
     a_key_serves_the_scope_it_came_in_with(custody, &generated).await;
     a_shared_key_serves_every_org(custody).await;
+    audit_signatures_verify_under_the_published_key(custody).await;
 }
 
 /// Every check that needs no successful import, for a backend on a token that
@@ -197,6 +198,7 @@ pub async fn without_import(custody: &dyn MaterialCustody) {
     batches_keep_order_and_isolate_failures(custody, &generated).await;
     a_key_serves_the_scope_it_came_in_with(custody, &generated).await;
     a_shared_key_serves_every_org(custody).await;
+    audit_signatures_verify_under_the_published_key(custody).await;
 }
 
 /// Every check that means the same for a backend whose keys enter by
@@ -578,6 +580,31 @@ where
         backend.scope(&unknown, None).await,
         Err(CustodyError::UnknownKey(h)) if h == unknown
     ));
+}
+
+/// The audit signing key signs with ECDSA P-256 over SHA-256 (`r ‖ s`), and
+/// its signatures verify under the public point the backend publishes, for
+/// the message signed only.
+pub async fn audit_signatures_verify_under_the_published_key(custody: &dyn MaterialCustody) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+    let public = custody.audit_public_key().to_vec();
+    assert_eq!(
+        (public.len(), public[0]),
+        (65, 4),
+        "an uncompressed P-256 point"
+    );
+    let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &public);
+    let message = b"cmk-audit-checkpoint-v1\0 a checkpoint";
+    let signature = custody.sign_audit(message).await.expect("sign");
+    assert_eq!(signature.len(), 64);
+    assert!(
+        key.verify(message, &signature).is_ok(),
+        "the signature verifies"
+    );
+    assert!(key.verify(b"another message", &signature).is_err());
+    let again = custody.sign_audit(message).await.expect("sign again");
+    assert!(key.verify(message, &again).is_ok());
+    assert_eq!(custody.audit_public_key(), public.as_slice(), "one key");
 }
 
 /// A key generated for every organisation (the generic default key) says so.

@@ -211,6 +211,15 @@ pub trait MaterialCustody: Custody {
     /// The RSA public key customers wrap their CMK under.
     fn import_public_key(&self) -> &ImportPublicKey;
 
+    /// The public half of the audit signing key, an ECDSA P-256 key the
+    /// backend holds beside its CMKs: the uncompressed point, 65 bytes.
+    fn audit_public_key(&self) -> &[u8];
+
+    /// Signs `message` with the audit signing key: ECDSA P-256 over its
+    /// SHA-256, as the 64-byte `r ‖ s`. The daemon passes only checkpoint
+    /// structures it builds itself; nothing else reaches this key.
+    async fn sign_audit(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError>;
+
     /// Takes an RSA-OAEP (SHA-256, MGF1-SHA-256) ciphertext of a 32-byte CMK into
     /// custody under `handle`. Once this returns `Ok`, the key survives a crash of
     /// the process.

@@ -5,6 +5,7 @@
 //!   .lock                     advisory lock: one daemon per keystore
 //!   keystore.meta             sealed marker; proves the root key is the right one
 //!   import-key                sealed PKCS#8 of the RSA import key
+//!   audit-key                 sealed PKCS#8 of the ECDSA P-256 audit signing key
 //!   keys/<handle>.key         sealed record: a CMK (version 3: origin, check
 //!                             value, key, scope) or a reference to a key
 //!                             held elsewhere (version 4: check value, scope,
@@ -49,7 +50,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use aws_lc_rs::hmac;
+use aws_lc_rs::{
+    hmac,
+    signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair},
+};
 use cmk_secret::SecretBytes;
 use futures_util::{StreamExt, stream};
 use tracing::{info, warn};
@@ -67,6 +71,7 @@ const MAGIC: &[u8; 8] = b"CMKSEAL\x01";
 const META_FILE: &str = "keystore.meta";
 const META_CONTENT: &[u8] = b"cmk software keystore, format 1";
 const IMPORT_KEY_FILE: &str = "import-key";
+const AUDIT_KEY_FILE: &str = "audit-key";
 const KEYS_DIR: &str = "keys";
 /// A CMK record without a scope, written before keys were bound.
 const UNSCOPED_RECORD_VERSION: u8 = 1;
@@ -133,6 +138,7 @@ struct Inner {
     root: SealingKey,
     fingerprints: hmac::Key,
     import_key: ImportKey,
+    audit_key: EcdsaKeyPair,
     cache: RwLock<HashMap<KeyHandle, Entry>>,
     // Serialises changes to the set of handles: creating a key file (after
     // checking that the handle has neither a key file nor a tombstone) and
@@ -184,6 +190,7 @@ impl SoftwareCustody {
         let fingerprints = fingerprint_key(&root_key);
         check_meta(dir, &keys_dir, &root)?;
         let import_key = load_or_create_import_key(dir, &root, new_import_key_bits)?;
+        let audit_key = load_or_create_audit_key(dir, &root)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
@@ -191,6 +198,7 @@ impl SoftwareCustody {
                 root,
                 fingerprints,
                 import_key,
+                audit_key,
                 cache: RwLock::new(HashMap::new()),
                 handles: Mutex::new(()),
                 _lock: lock,
@@ -618,6 +626,19 @@ impl MaterialCustody for SoftwareCustody {
         self.inner.import_key.public()
     }
 
+    fn audit_public_key(&self) -> &[u8] {
+        self.inner.audit_key.public_key().as_ref()
+    }
+
+    async fn sign_audit(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        let signature = self
+            .inner
+            .audit_key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), message)
+            .map_err(|_| CustodyError::Crypto("ECDSA signing failed"))?;
+        Ok(signature.as_ref().to_vec())
+    }
+
     async fn import(
         &self,
         handle: &KeyHandle,
@@ -1016,6 +1037,33 @@ fn check_meta(dir: &Path, keys_dir: &Path, root: &SealingKey) -> Result<(), Cust
             atomic::write(dir, META_FILE, &sealed)
         }
     }
+}
+
+/// The audit signing key, generated and sealed on first use.
+fn load_or_create_audit_key(dir: &Path, root: &SealingKey) -> Result<EcdsaKeyPair, CustodyError> {
+    let path = dir.join(AUDIT_KEY_FILE);
+    let unusable = || corrupt(&path);
+    if let Some(sealed) = atomic::read_if_exists(&path)? {
+        if !sealed.starts_with(MAGIC) {
+            return Err(unusable());
+        }
+        let pkcs8 = root
+            .open(&sealed, MAGIC.len(), AUDIT_KEY_FILE.as_bytes())
+            .map_err(|_| unusable())?;
+        return EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.expose())
+            .map_err(|_| unusable());
+    }
+    info!("generating the ECDSA P-256 audit signing key");
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &aws_lc_rs::rand::SystemRandom::new(),
+    )
+    .map_err(|_| CustodyError::Crypto("generating the audit signing key failed"))?;
+    let pkcs8 = SecretBytes::copy_from(pkcs8.as_ref());
+    let sealed = root.seal(MAGIC, pkcs8.expose(), AUDIT_KEY_FILE.as_bytes())?;
+    atomic::write(dir, AUDIT_KEY_FILE, &sealed)?;
+    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.expose())
+        .map_err(|_| CustodyError::Crypto("the generated audit signing key does not load"))
 }
 
 fn load_or_create_import_key(

@@ -86,6 +86,7 @@ struct Inner {
     pool: Arc<Pool>,
     public: ImportPublicKey,
     sessions: usize,
+    audit_key: token::AuditKey,
     // Serialises the changes to the set of handles of this process: creating
     // a key object after checking that the handle has neither a key nor a
     // tombstone, destroying, recovering.
@@ -107,6 +108,9 @@ impl Pkcs11Custody {
         let public = pool.within_session("start-up", |lease| {
             token::load_or_create_import_key(&lease.session, bits)
         })?;
+        let audit_key = pool.within_session("start-up", |lease| {
+            token::load_or_create_audit_key(&lease.session)
+        })?;
         if public.bits != bits {
             tracing::warn!(
                 existing = public.bits,
@@ -120,6 +124,7 @@ impl Pkcs11Custody {
                 pool,
                 public,
                 sessions: settings.sessions.max(1),
+                audit_key,
                 handles: Mutex::new(()),
                 objects: Mutex::new(HashMap::new()),
                 scopes: Mutex::new(HashMap::new()),
@@ -363,6 +368,18 @@ fn constant_time_eq(a: &[u8; token::FINGERPRINT_LEN], b: &[u8; token::FINGERPRIN
 impl MaterialCustody for Pkcs11Custody {
     fn import_public_key(&self) -> &ImportPublicKey {
         &self.inner.public
+    }
+
+    fn audit_public_key(&self) -> &[u8] {
+        &self.inner.audit_key.point
+    }
+
+    async fn sign_audit(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        let message = message.to_vec();
+        self.run("sign audit checkpoint", move |inner, lease| {
+            token::sign_audit(&lease.session, &inner.audit_key.id, &message)
+        })
+        .await
     }
 
     async fn import(

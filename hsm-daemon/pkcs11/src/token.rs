@@ -596,3 +596,126 @@ fn public_key(session: &Session, private: ObjectHandle) -> Result<ImportPublicKe
         bits,
     })
 }
+
+/// Label of the ECDSA P-256 audit signing key pair.
+pub const AUDIT_KEY_LABEL: &str = "cmk-audit-signing-key";
+
+/// DER of the P-256 curve's OID (prime256v1), as CKA_EC_PARAMS.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The token's audit signing key: its private object's CKA_ID, and its
+/// public point (uncompressed, 65 bytes).
+pub(crate) struct AuditKey {
+    pub(crate) id: Vec<u8>,
+    pub(crate) point: Vec<u8>,
+}
+
+fn audit_key_search(class: ObjectClass) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(class),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Label(AUDIT_KEY_LABEL.as_bytes().to_vec()),
+    ]
+}
+
+/// The audit signing key pair of the token, generated there on first use
+/// (sensitive, never extractable, sign only). Several (two daemons that
+/// started at once on a new token) are settled by keeping the pair with the
+/// smallest public point, so that every daemon signs with the same key.
+pub(crate) fn load_or_create_audit_key(session: &Session) -> Result<AuditKey, Fail> {
+    let mut publics = session
+        .find_objects(&audit_key_search(ObjectClass::PUBLIC_KEY))
+        .map_err(token("C_FindObjects"))?;
+    if publics.is_empty() {
+        tracing::info!("generating the ECDSA P-256 audit signing key pair in the PKCS#11 token");
+        let mut id = vec![0; 16];
+        cmk_hsm_custody::fill_random(&mut id).map_err(Fail::Custody)?;
+        let label = AUDIT_KEY_LABEL.as_bytes().to_vec();
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::EcParams(P256_PARAMS.to_vec()),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.clone()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::Label(label),
+            Attribute::Id(id),
+        ];
+        let (public, _) = session
+            .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+            .map_err(token("C_GenerateKeyPair"))?;
+        publics = vec![public];
+    }
+    let mut keys = Vec::with_capacity(publics.len());
+    for object in publics {
+        let attributes = session
+            .get_attributes(object, &[AttributeType::Id, AttributeType::EcPoint])
+            .map_err(token("C_GetAttributeValue"))?;
+        let (mut id, mut point) = (None, None);
+        for attribute in attributes {
+            match attribute {
+                Attribute::Id(v) => id = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        let unusable = || {
+            Fail::Custody(CustodyError::Crypto(
+                "the token's audit signing key is unusable",
+            ))
+        };
+        let (id, point) = id.zip(point).ok_or_else(unusable)?;
+        // CKA_EC_POINT is a DER OCTET STRING around the point (some tokens
+        // give the bare point).
+        let point = match point.as_slice() {
+            [0x04, 0x41, rest @ ..] if rest.len() == 65 => rest.to_vec(),
+            bare if bare.len() == 65 && bare[0] == 0x04 => bare.to_vec(),
+            _ => return Err(unusable()),
+        };
+        keys.push(AuditKey { id, point });
+    }
+    if keys.len() > 1 {
+        tracing::warn!(
+            count = keys.len(),
+            "the PKCS#11 token holds several audit signing keys; using the one with the smallest public point"
+        );
+    }
+    keys.sort_by(|a, b| a.point.cmp(&b.point));
+    keys.into_iter()
+        .next()
+        .ok_or(Fail::Custody(CustodyError::Crypto(
+            "no audit signing key after generating one",
+        )))
+}
+
+/// Signs `message` with the audit signing key `id`: ECDSA over its SHA-256
+/// in the token, `r ‖ s`.
+pub(crate) fn sign_audit(session: &Session, id: &[u8], message: &[u8]) -> Result<Vec<u8>, Fail> {
+    let mut search = audit_key_search(ObjectClass::PRIVATE_KEY);
+    search.push(Attribute::Id(id.to_vec()));
+    let private = *session
+        .find_objects(&search)
+        .map_err(token("C_FindObjects"))?
+        .first()
+        .ok_or_else(|| {
+            Fail::Custody(CustodyError::Unavailable(
+                "the audit signing key is no longer on the PKCS#11 token".into(),
+            ))
+        })?;
+    let digest = Sha256::digest(message);
+    session
+        .sign(&Mechanism::Ecdsa, private, &digest)
+        .map_err(token("C_Sign (ECDSA)"))
+}

@@ -292,3 +292,43 @@ where
         })
     );
 }
+
+/// Checkpoints are kept once per (org, seq), listed in order a page at a
+/// time, and an org needs one exactly while its newest event is uncovered.
+pub async fn checkpoints_are_kept_once_and_cover_the_newest_event(store: &dyn Store) {
+    let org = org_id("checkpoints");
+    let needs = |orgs: Vec<OrgId>| orgs.contains(&org_id("checkpoints"));
+    assert_eq!(store.audit_head(&org).await.unwrap(), None);
+    store
+        .append_audit(&org, vec![event("a"), event("b"), event("c")])
+        .await
+        .unwrap();
+    let head = store.audit_head(&org).await.unwrap().expect("a head");
+    assert_eq!(head.event.seq, 3);
+    assert!(needs(store.orgs_needing_checkpoint().await.unwrap()));
+
+    let checkpoint = |seq: u64, signature: u8| StoredCheckpoint {
+        org: org.clone(),
+        seq,
+        head: [seq as u8; 32],
+        time: Timestamp(1_700_000_000 + seq as i64),
+        key_id: "k".repeat(64),
+        signature: vec![signature; 64],
+    };
+    store.put_checkpoint(&checkpoint(2, 1)).await.unwrap();
+    assert!(needs(store.orgs_needing_checkpoint().await.unwrap()));
+    store.put_checkpoint(&checkpoint(3, 1)).await.unwrap();
+    store.put_checkpoint(&checkpoint(3, 2)).await.unwrap();
+    assert!(!needs(store.orgs_needing_checkpoint().await.unwrap()));
+    assert_eq!(
+        store.checkpoints(&org, 0, 1000).await.unwrap(),
+        [checkpoint(2, 1), checkpoint(3, 1)],
+        "the first signature of a seq stands"
+    );
+    assert_eq!(
+        store.checkpoints(&org, 2, 1).await.unwrap(),
+        [checkpoint(3, 1)]
+    );
+    store.append_audit(&org, vec![event("d")]).await.unwrap();
+    assert!(needs(store.orgs_needing_checkpoint().await.unwrap()));
+}

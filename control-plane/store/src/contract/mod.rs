@@ -20,7 +20,8 @@ use cmk_control_plane_domain::{
 
 use crate::{
     AwsArns, Commit, GenericKey, Intent, IntentKind, JobState, NewAuditEvent, OrgAwsKey, Rewrap,
-    RotationChange, RotationJob, Store, StoreError, StoredKek, StoredKey, StoredOrg,
+    RotationChange, RotationJob, Store, StoreError, StoredCheckpoint, StoredKek, StoredKey,
+    StoredOrg,
 };
 
 mod audit_chain;
@@ -33,7 +34,8 @@ mod reopening;
 
 pub use audit_chain::{
     a_changed_audit_row_is_named_by_verify, audit_chains_across_commits_and_appends,
-    audit_events_page_in_order, commits_and_appends_from_two_instances_form_one_chain,
+    audit_events_page_in_order, checkpoints_are_kept_once_and_cover_the_newest_event,
+    commits_and_appends_from_two_instances_form_one_chain,
     concurrent_appends_all_land_in_one_chain,
 };
 pub use generic_key::{
@@ -79,6 +81,7 @@ pub async fn all(store: &dyn Store) {
     audit_chains_across_commits_and_appends(store).await;
     audit_events_page_in_order(store).await;
     concurrent_appends_all_land_in_one_chain(store).await;
+    checkpoints_are_kept_once_and_cover_the_newest_event(store).await;
     intents_are_recorded_resolved_and_listed_oldest_first(store).await;
     commits_record_and_resolve_intents(store).await;
     generic_key_is_stored_once(store).await;

@@ -58,7 +58,8 @@ pub fn token_dir() -> Option<std::path::PathBuf> {
 }
 
 /// Reads the token as an operator would, with pkcs11-tool, and asserts that
-/// every secret and private key is sensitive and never extractable, that
+/// every secret and private key (the RSA import key and the audit signing
+/// key) is sensitive and never extractable, that
 /// `live` are listed by their labels (handle and scope), and that each of `destroyed` left one
 /// tombstone.
 pub fn assert_token_as_operators_see_it(
@@ -90,7 +91,16 @@ pub fn assert_token_as_operators_see_it(
     let secret_keys = of_kind("Secret Key Object");
     assert_eq!(secret_keys.len(), live.len(), "the live keys in:\n{text}");
     let private_keys = of_kind("Private Key Object");
-    assert_eq!(private_keys.len(), 1, "one import key in:\n{text}");
+    // The RSA import key and the ECDSA audit signing key, nothing else.
+    assert_eq!(private_keys.len(), 2, "two private keys in:\n{text}");
+    for (kind, label) in [("RSA", "cmk-import-key"), ("EC", "cmk-audit-signing-key")] {
+        assert!(
+            private_keys
+                .iter()
+                .any(|b| b.starts_with(&format!("Private Key Object; {kind}")) && b.contains(label)),
+            "no {kind} private key {label} in:\n{text}"
+        );
+    }
     for block in secret_keys.iter().chain(&private_keys) {
         let access = block
             .lines()
