@@ -125,6 +125,17 @@ impl<D: Dialect> SqlStore<D> {
     }
 }
 
+/// The columns of an audit row, as `decode_audit` reads them.
+const AUDIT_COLUMNS: &str = "org, seq, time, actor, key, action, result, prev_hash, hash";
+
+/// The newest audit row of `org`.
+fn read_audit_head(org: &OrgId) -> Stmt<'_> {
+    Stmt::new(format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit WHERE org = $1 ORDER BY seq DESC LIMIT 1"
+    ))
+    .text(org.as_str())
+}
+
 #[async_trait::async_trait]
 impl<D: Dialect> OrgStore for SqlStore<D> {
     async fn load_org(&self, org: &OrgId) -> Result<Option<StoredOrg>, StoreError> {
@@ -219,10 +230,9 @@ impl<D: Dialect> AuditStore for SqlStore<D> {
             return Ok(Vec::new());
         };
         self.fetch_all(
-            Stmt::new(
-                "SELECT org, seq, time, actor, key, action, result, prev_hash, hash \
-                 FROM audit WHERE org = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            )
+            Stmt::new(format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit WHERE org = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+            ))
             .text(org.as_str())
             .int(after_seq)
             .int(i64::from(limit)),
@@ -242,17 +252,11 @@ impl<D: Dialect> AuditStore for SqlStore<D> {
     }
 
     async fn audit_head(&self, org: &OrgId) -> Result<Option<ChainedEvent>, StoreError> {
-        self.fetch_optional(
-            Stmt::new(
-                "SELECT org, seq, time, actor, key, action, result, prev_hash, hash \
-                 FROM audit WHERE org = $1 ORDER BY seq DESC LIMIT 1",
-            )
-            .text(org.as_str()),
-        )
-        .await?
-        .as_ref()
-        .map(decode_audit)
-        .transpose()
+        self.fetch_optional(read_audit_head(org))
+            .await?
+            .as_ref()
+            .map(decode_audit)
+            .transpose()
     }
 
     async fn put_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError> {
@@ -726,17 +730,11 @@ impl<D: Dialect> Tx for SqlTx<D> {
     }
 
     async fn audit_head(&mut self, org: &OrgId) -> Result<Option<ChainedEvent>, StoreError> {
-        self.fetch_optional(
-            Stmt::new(
-                "SELECT org, seq, time, actor, key, action, result, prev_hash, hash \
-                 FROM audit WHERE org = $1 ORDER BY seq DESC LIMIT 1",
-            )
-            .text(org.as_str()),
-        )
-        .await?
-        .as_ref()
-        .map(decode_audit)
-        .transpose()
+        self.fetch_optional(read_audit_head(org))
+            .await?
+            .as_ref()
+            .map(decode_audit)
+            .transpose()
     }
 
     async fn insert_audit(&mut self, events: &[ChainedEvent]) -> Result<(), StoreError> {
