@@ -22,7 +22,7 @@ use crate::{
     grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
     metrics::Metrics,
-    service::{KeyService, ServiceOptions},
+    service::{KeyService, ServiceOptions, tally},
 };
 
 /// Largest response: a full audit page with room to spare.
@@ -159,6 +159,7 @@ pub async fn serve(
     // seconds of its lease running out.
     let poll = maintenance_interval.min(lease_ttl / 2);
     let rotations = tokio::spawn(rotate(service.clone(), poll));
+    let tallies = tokio::spawn(flush_tallies(service.clone()));
 
     info!(listener = "grpc", %addr, hsm = %hsm.endpoints.join(","), "listening");
     let timeouts = Timeouts {
@@ -178,9 +179,12 @@ pub async fn serve(
         .await;
     timers.abort();
     rotations.abort();
+    tallies.abort();
     // Once both have stopped, what they held can be taken over at once.
-    let _ = tokio::join!(timers, rotations);
-    // A clean stop leaves every event it wrote under a signed checkpoint.
+    let _ = tokio::join!(timers, rotations, tallies);
+    // A clean stop writes every content-key call it counted, and leaves
+    // every event under a signed checkpoint.
+    service.flush_tally().await;
     if let Err(err) = service.checkpoint_all().await {
         warn!(error = %chain(&err), "checkpointing audit chains at shutdown failed");
     }
@@ -219,6 +223,17 @@ async fn maintain(service: Arc<KeyService>, interval: Duration) {
         if let Err(err) = service.leases.run("timers", run).await {
             warn!(error = %chain(&err), "cannot claim the timers; will retry");
         }
+    }
+}
+
+/// Writes the content-key calls counted since the last run into the audit
+/// log, every [`tally::FLUSH_INTERVAL`]; each replica writes its own counts.
+async fn flush_tallies(service: Arc<KeyService>) {
+    let mut ticks = tokio::time::interval(tally::FLUSH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        service.flush_tally().await;
     }
 }
 

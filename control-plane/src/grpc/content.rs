@@ -26,7 +26,7 @@ impl ContentKeyApi {
     /// The adapter, authorising each call by the policy in force then.
     pub fn new(service: Arc<KeyService>, authz: impl Into<LivePolicy>) -> Self {
         Self {
-            edge: Edge::new(service, authz, Refusals::AuthorisationAudited),
+            edge: Edge::new(service, authz, Refusals::Tallied),
         }
     }
 }
@@ -44,10 +44,10 @@ impl ContentKeyService for ContentKeyApi {
                 Permission::UseKeys,
                 "create KEK",
                 |caller, CreateKek { resource }| async move {
-                    service
-                        .create_kek(&caller, &resource)
-                        .await
-                        .map(response::create_kek)
+                    let made = service.create_kek(&caller, &resource).await;
+                    let kek = made.as_ref().ok().map(|view| view.id.clone());
+                    service.tally(&caller, "create KEK", kek.as_ref(), made.as_ref().map(drop));
+                    made.map(response::create_kek)
                 },
             )
             .await
@@ -64,10 +64,14 @@ impl ContentKeyService for ContentKeyApi {
                 Permission::UseKeys,
                 "generate data key",
                 |caller, GenerateDataKey { kek, context }| async move {
-                    service
-                        .generate_data_key(&caller, &kek, &context)
-                        .await
-                        .map(response::generate_data_key)
+                    let made = service.generate_data_key(&caller, &kek, &context).await;
+                    service.tally(
+                        &caller,
+                        "generate data key",
+                        Some(&kek),
+                        made.as_ref().map(drop),
+                    );
+                    made.map(response::generate_data_key)
                 },
             )
             .await
@@ -88,10 +92,10 @@ impl ContentKeyService for ContentKeyApi {
                      wrapped_key,
                      context,
                  }| async move {
-                    service
-                        .decrypt(&caller, &wrapped_key, &context)
-                        .await
-                        .map(response::decrypt)
+                    let opened = service.decrypt(&caller, &wrapped_key, &context).await;
+                    let kek = opened.as_ref().ok().map(|(_, kek)| kek.clone());
+                    service.tally(&caller, "decrypt", kek.as_ref(), opened.as_ref().map(drop));
+                    opened.map(response::decrypt)
                 },
             )
             .await

@@ -35,10 +35,11 @@ use request::Scoped;
 pub(crate) enum Refusals {
     /// Every one: an admin's refused call is part of the org's history.
     Audited,
-    /// Refused authorisation only: the content-key API is the data path, at
-    /// thousands of calls per second, and its malformed requests are the
-    /// calling service's bugs, not the org's history.
-    AuthorisationAudited,
+    /// Refused authorisation one by one; every other call, served or
+    /// refused, counted per minute into the audit log
+    /// ([`crate::service::tally`]): the content-key API is the data path, at
+    /// thousands of calls per second.
+    Tallied,
 }
 
 /// What every RPC of one API shares: the service, the authorisation
@@ -70,7 +71,7 @@ impl Edge {
         &self,
         request: Request<P>,
         permission: Permission,
-        action: &str,
+        action: &'static str,
         op: impl FnOnce(Caller, T) -> F,
     ) -> Result<Response<R>, Status>
     where
@@ -119,7 +120,7 @@ impl Edge {
     pub(crate) async fn typed<P, T>(
         &self,
         caller: &Caller,
-        action: &str,
+        action: &'static str,
         message: P,
     ) -> Result<T, ServiceError>
     where
@@ -130,7 +131,10 @@ impl Edge {
             Err(err) if self.refusals == Refusals::Audited => {
                 self.service.refuse(caller, action, err).await
             }
-            Err(err) => Err(err),
+            Err(err) => {
+                self.service.tally(caller, action, None, Err(&err));
+                Err(err)
+            }
         }
     }
 }

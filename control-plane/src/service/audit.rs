@@ -283,7 +283,7 @@ async fn check_audit_chain_in_pages(
 }
 
 /// How a refusal reads in the audit log: the gRPC code and message the caller got.
-fn refusal(err: &ServiceError) -> String {
+pub(crate) fn refusal(err: &ServiceError) -> String {
     let status = err.to_status();
     format!("{:?}: {}", status.code(), status.message())
 }

@@ -52,6 +52,7 @@ pub mod generic;
 pub mod intents;
 pub mod maintenance;
 pub mod rotation;
+pub mod tally;
 
 pub use admin::{
     AddAwsKey, KeyOp, MAX_ARN_BYTES, MAX_WRAPPED_KEY_BYTES, RevocationPreview, UploadKey,
@@ -161,6 +162,8 @@ pub struct KeyService {
     pub(crate) aws_principal: Option<String>,
     /// The daemon's audit public key, fetched once.
     pub(crate) audit_keys: tokio::sync::OnceCell<checkpoints::AuditKeys>,
+    /// Content-key calls counted, not yet written to the audit log.
+    pub(crate) tally: tally::Tally,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
     generic_lock: tokio::sync::Mutex<()>,
 }
@@ -188,6 +191,7 @@ impl KeyService {
             metrics: Metrics::default(),
             aws_principal: None,
             audit_keys: tokio::sync::OnceCell::new(),
+            tally: tally::Tally::default(),
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
