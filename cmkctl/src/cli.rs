@@ -295,6 +295,14 @@ pub enum AuditCommand {
     },
     /// Recompute the audit hash chain (exit code 8 when broken)
     Verify,
+    /// Print audit events as they are written (key state changes, rotations,
+    /// revocations, counted content-key calls), one per line, until stopped
+    Follow {
+        /// Start after this sequence number (0: from the first event; resume
+        /// with the last one printed)
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+    },
 }
 
 /// `content …`.

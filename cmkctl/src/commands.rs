@@ -14,7 +14,7 @@ use cmk_proto::control::v1::{
     GenerateDataKeyRequest, GenerateDataKeyResponse, GetAwsSetupRequest, GetImportPublicKeyRequest,
     GetImportPublicKeyResponse, GetRotationRequest, KeyRequest, KeyResponse,
     ListAuditEventsRequest, ListAuditEventsResponse, ListKeysRequest, SetByokRequest,
-    UploadKeyRequest, VerifyAuditLogRequest,
+    UploadKeyRequest, VerifyAuditLogRequest, WatchEventsRequest,
 };
 use cmk_secret::SecretBytes;
 use sha2::{Digest, Sha256};
@@ -168,6 +168,7 @@ async fn remote(client: &Client, command: Command, format: OutputFormat) -> Resu
         Command::Audit(AuditCommand::List { after, limit }) => {
             audit_list(client, after, limit, format).await
         }
+        Command::Audit(AuditCommand::Follow { after }) => audit_follow(client, after, format).await,
         Command::Audit(AuditCommand::Verify) => {
             let response = client
                 .call(
@@ -334,6 +335,25 @@ fn confirm(prompt: &str) -> Result<bool, Error> {
         answer.trim().to_ascii_lowercase().as_str(),
         "yes" | "y"
     ))
+}
+
+/// Prints each audit event as it arrives, one per line (a JSON object per
+/// line with `--output json`), until the stream ends or cmkctl is stopped.
+async fn audit_follow(client: &Client, after: u64, format: OutputFormat) -> Result<(), Error> {
+    let request = WatchEventsRequest {
+        org_id: client.org(),
+        after_seq: after,
+    };
+    let mut events = client.call(client.admin().watch_events(request)).await?;
+    loop {
+        match events.message().await {
+            Ok(Some(event)) => {
+                output::write_stdout(&output::event_line(format, &AuditEventView::from(event)))?
+            }
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(Error::Status(status)),
+        }
+    }
 }
 
 async fn audit_list(

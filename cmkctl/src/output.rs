@@ -874,6 +874,35 @@ impl From<AuditEvent> for AuditEventView {
     }
 }
 
+/// One audit event as a line of its own: its fields separated by two
+/// spaces, or a JSON object.
+pub fn event_line(format: OutputFormat, event: &AuditEventView) -> String {
+    match format {
+        OutputFormat::Json => {
+            // A view of strings and numbers always serializes.
+            let mut line = serde_json::to_string(event).unwrap_or_default();
+            line.push('\n');
+            line
+        }
+        OutputFormat::Table => {
+            let key = if event.key_id.is_empty() {
+                "-"
+            } else {
+                &event.key_id
+            };
+            format!(
+                "{}  {}  {}  {}  {}  {}\n",
+                event.seq,
+                or_dash(event.time.as_ref()),
+                event.actor,
+                key,
+                event.action,
+                event.result
+            )
+        }
+    }
+}
+
 /// A run of audit events.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AuditListView {

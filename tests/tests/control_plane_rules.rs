@@ -635,12 +635,13 @@ async fn authorisation_matrix() {
     let admin = Call::Admin;
     let content = Call::Content;
     #[rustfmt::skip]
-    let rpcs: [(Call, Needs, Code); 20] = [
+    let rpcs: [(Call, Needs, Code); 21] = [
         // rpc                                     needs    answers when allowed
         (admin(Rpc::GetImportPublicKey),           Read,    Code::Ok),
         (admin(Rpc::GetKey(key())),                Read,    Code::NotFound),
         (admin(Rpc::ListKeys),                     Read,    Code::Ok),
         (admin(Rpc::ListAuditEvents),              Read,    Code::Ok),
+        (admin(Rpc::WatchEvents),                  Read,    Code::Ok),
         (admin(Rpc::VerifyAuditLog),               Read,    Code::Ok),
         (admin(Rpc::GetRotation),                  Read,    Code::NotFound),
         (admin(Rpc::PreviewRevocation(key())),     Read,    Code::NotFound),
@@ -740,6 +741,8 @@ enum Rpc {
     AddAwsKey,
     /// With a malformed key ARN: refused before anything is written.
     GetAwsSetup,
+    /// Opens the stream, and lets it go at once.
+    WatchEvents,
     GetRotation,
     PreviewRevocation(String),
 }
@@ -763,6 +766,7 @@ impl Rpc {
             Self::RestoreKey(_) => "RestoreKey",
             Self::AddAwsKey => "AddAwsKey",
             Self::GetAwsSetup => "GetAwsSetup",
+            Self::WatchEvents => "WatchEvents",
             Self::GetRotation => "GetRotation",
             Self::PreviewRevocation(_) => "PreviewRevocation",
         }
@@ -796,6 +800,7 @@ impl Rpc {
             Self::RestoreKey(_) => "RestoreKey",
             Self::AddAwsKey
             | Self::GetAwsSetup
+            | Self::WatchEvents
             | Self::GetRotation
             | Self::PreviewRevocation(_) => self.method(),
         };
@@ -824,6 +829,7 @@ impl Rpc {
             Self::RestoreKey(_) => "restore",
             Self::AddAwsKey => "add aws key",
             Self::GetAwsSetup => "get aws setup",
+            Self::WatchEvents => "watch audit events",
             Self::GetRotation => "get rotation",
             Self::PreviewRevocation(_) => "preview revocation",
         }
@@ -848,6 +854,7 @@ impl Rpc {
             | Self::UploadKey { .. }
             | Self::AddAwsKey
             | Self::GetAwsSetup
+            | Self::WatchEvents
             | Self::GetRotation => "",
         }
     }
@@ -921,6 +928,13 @@ impl Rpc {
                 .get_aws_setup(pb::GetAwsSetupRequest {
                     org_id,
                     key_arns: vec!["not-an-arn".into()],
+                })
+                .await
+                .map(drop),
+            Self::WatchEvents => client
+                .watch_events(pb::WatchEventsRequest {
+                    org_id,
+                    after_seq: 0,
                 })
                 .await
                 .map(drop),

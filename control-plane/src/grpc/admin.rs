@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Edge, Refusals,
-    request::{KeyTarget, OrgOnly, SetByok},
+    request::{KeyTarget, OrgOnly, SetByok, WatchFrom},
     response,
 };
 use crate::{
@@ -239,6 +239,30 @@ impl KeyAdminService for AdminApi {
                 |caller, page: AuditPage| async move {
                     let rows = service.audit_events(&caller, page).await?;
                     Ok(response::audit_events(rows, page))
+                },
+            )
+            .await
+    }
+
+    type WatchEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::AuditEvent, Status>> + Send>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let service = self.edge.service_arc();
+        self.edge
+            .call(
+                request,
+                Permission::Read,
+                "watch audit events",
+                |caller, WatchFrom { after_seq }| async move {
+                    let events = service.watch_events(&caller, after_seq).await?;
+                    let stream = tokio_stream::StreamExt::map(events, |row| {
+                        row.map(response::audit_event).map_err(Status::from)
+                    });
+                    Ok(Box::pin(stream) as Self::WatchEventsStream)
                 },
             )
             .await

@@ -89,6 +89,11 @@ impl Edge {
         &self.service
     }
 
+    /// The service, for a call whose answer outlives the request (a stream).
+    pub(crate) fn service_arc(&self) -> Arc<KeyService> {
+        self.service.clone()
+    }
+
     /// Parses the org id and checks the caller's role for it; a refusal is
     /// audited in that org's log, with the key id the request named.
     async fn authorize<P: Scoped>(

@@ -45,6 +45,7 @@ scoped!(
     pb::GetAwsSetupRequest,
     pb::ListKeysRequest,
     pb::ListAuditEventsRequest,
+    pb::WatchEventsRequest,
     pb::VerifyAuditLogRequest,
     pb::GetRotationRequest,
     pb::CreateKekRequest,
@@ -111,6 +112,23 @@ impl TryFrom<pb::UploadKeyRequest> for UploadKey {
             import_key_id,
         } = message;
         UploadKey::new(wrapped_key, &import_key_id, activate_now)
+    }
+}
+
+/// Where a watch of the audit log starts.
+pub(crate) struct WatchFrom {
+    pub(crate) after_seq: u64,
+}
+
+impl TryFrom<pb::WatchEventsRequest> for WatchFrom {
+    type Error = ServiceError;
+
+    fn try_from(message: pb::WatchEventsRequest) -> Result<Self, ServiceError> {
+        let pb::WatchEventsRequest {
+            org_id: _,
+            after_seq,
+        } = message;
+        Ok(Self { after_seq })
     }
 }
 

@@ -87,19 +87,25 @@ pub(crate) fn audit_events(
         false => 0,
     };
     pb::ListAuditEventsResponse {
-        events: rows
-            .into_iter()
-            .map(|row| pb::AuditEvent {
-                seq: row.event.seq,
-                time: Some(timestamp(row.event.time)),
-                actor: row.event.actor,
-                key_id: row.event.key.unwrap_or_default(),
-                action: row.event.action,
-                result: row.event.result,
-                hash: hex::encode(row.hash),
-            })
-            .collect(),
+        events: rows.into_iter().map(audit_event).collect(),
         next_after_seq,
+    }
+}
+
+pub(crate) fn audit_event(row: ChainedEvent) -> pb::AuditEvent {
+    let ChainedEvent {
+        event,
+        prev_hash: _,
+        hash,
+    } = row;
+    pb::AuditEvent {
+        seq: event.seq,
+        time: Some(timestamp(event.time)),
+        actor: event.actor,
+        key_id: event.key.unwrap_or_default(),
+        action: event.action,
+        result: event.result,
+        hash: hex::encode(hash),
     }
 }
 

@@ -4,7 +4,9 @@
 //! has a log: a read or a refusal naming an org not enrolled yet writes
 //! nothing, and goes to the process log instead.
 
-use std::future::Future;
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio_stream::wrappers::ReceiverStream;
 
 use cmk_control_plane_domain::{
     KeyId, OrgId,
@@ -98,6 +100,48 @@ impl KeyService {
                 .await?)
         })
         .await
+    }
+
+    /// Every event of the org after `after_seq`, then each new one as it
+    /// commits, until the receiver goes away. The store is read a page at a
+    /// time and, once caught up, every [`WATCH_POLL`]: events committed by
+    /// any replica arrive within that. Audited as a read when it starts.
+    pub async fn watch_events(
+        self: &Arc<Self>,
+        caller: &Caller,
+        after_seq: u64,
+    ) -> Result<ReceiverStream<Result<ChainedEvent, ServiceError>>, ServiceError> {
+        self.audited(caller, "watch audit events", None, true, async { Ok(()) })
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let (service, org) = (self.clone(), caller.org().clone());
+        tokio::spawn(async move {
+            let mut after = after_seq;
+            loop {
+                let page = match service.store.audit_events(&org, after, WATCH_PAGE).await {
+                    Ok(page) => page,
+                    Err(err) => {
+                        // The watcher learns why its stream ends.
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                let caught_up = page.len() < WATCH_PAGE as usize;
+                for row in page {
+                    after = row.event.seq;
+                    if tx.send(Ok(row)).await.is_err() {
+                        return;
+                    }
+                }
+                if caught_up {
+                    tokio::select! {
+                        () = tokio::time::sleep(WATCH_POLL) => {}
+                        () = tx.closed() => return,
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
     }
 
     /// Checks the org's audit chain.
@@ -230,6 +274,14 @@ enum Recorded {
     /// Nowhere: the org is not enrolled (the event, for the process log).
     NotEnrolled(NewAuditEvent),
 }
+
+/// How often a watch that has caught up looks for new events.
+pub const WATCH_POLL: Duration = Duration::from_millis(250);
+/// Events a watch reads per page.
+const WATCH_PAGE: u32 = 500;
+/// Events buffered for a watcher that reads slowly; beyond it, reading the
+/// store waits for the watcher.
+const WATCH_BUFFER: usize = 64;
 
 /// Reads the whole audit chain of `org` and checks it, with every signed
 /// checkpoint (under `keys`) against the rows, a page at a time: memory stays
