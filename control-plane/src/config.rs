@@ -92,6 +92,11 @@ pub struct RawSettings {
     /// which an org's role must trust; shown to org admins by GetAwsSetup.
     #[arg(long, env = "CMK_CP_AWS_PRINCIPAL_ARN")]
     pub aws_principal_arn: Option<String>,
+    /// A file every signed audit checkpoint this process stores is appended
+    /// to, one JSON object per line, for a log shipper to carry to write-once
+    /// storage [default: none].
+    #[arg(long, env = "CMK_CP_AUDIT_EXPORT_FILE")]
+    pub audit_export_file: Option<PathBuf>,
     /// Metadata store: sqlite://path/to/cmk.db, or
     /// postgres://user@host/db (libpq parameters, e.g. sslmode=verify-full).
     #[arg(long, env = "CMK_CP_DATABASE")]
@@ -198,6 +203,7 @@ impl RawSettings {
             hsm_tls_key,
             hsm_tls_ca,
             aws_principal_arn,
+            audit_export_file,
             database,
             database_max_connections,
             lease_ttl_secs,
@@ -243,6 +249,7 @@ impl RawSettings {
             hsm_tls_key: hsm_tls_key.or(self.hsm_tls_key),
             hsm_tls_ca: hsm_tls_ca.or(self.hsm_tls_ca),
             aws_principal_arn: aws_principal_arn.or(self.aws_principal_arn),
+            audit_export_file: audit_export_file.or(self.audit_export_file),
             database: database.or(self.database),
             database_max_connections: database_max_connections.or(self.database_max_connections),
             lease_ttl_secs: lease_ttl_secs.or(self.lease_ttl_secs),
@@ -467,6 +474,7 @@ impl RawSettings {
                     tls: hsm_tls,
                 },
                 aws_principal_arn,
+                audit_export_file: self.audit_export_file,
                 database: Database(database),
                 store,
                 authz,
@@ -505,6 +513,8 @@ pub struct Settings {
     pub hsm: HsmSettings,
     /// The HSM daemon's AWS principal, shown to orgs setting up a role.
     pub aws_principal_arn: Option<String>,
+    /// Where signed checkpoints are exported, one JSON object per line.
+    pub audit_export_file: Option<PathBuf>,
     /// Metadata store URL.
     pub database: Database,
     /// How the store is used.

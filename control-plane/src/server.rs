@@ -22,7 +22,7 @@ use crate::{
     grpc::{AdminApi, ContentKeyApi},
     hsm::{HsmClient, HsmError},
     metrics::Metrics,
-    service::{KeyService, ServiceOptions, tally},
+    service::{KeyService, ServiceOptions, checkpoints::CheckpointExport, tally},
 };
 
 /// Largest response: a full audit page with room to spare.
@@ -70,6 +70,7 @@ pub async fn serve(
         identities,
         hsm,
         aws_principal_arn,
+        audit_export_file,
         database,
         store,
         authz,
@@ -131,10 +132,16 @@ pub async fn serve(
             }
         },
     );
+    let export = audit_export_file
+        .as_deref()
+        .map(CheckpointExport::open)
+        .transpose()
+        .map_err(server::StartError::Io)?;
     let service = Arc::new(
         KeyService::new(store, hsm_client, clock, lifecycle, options)
             .with_metrics(metrics)
-            .with_aws_principal(aws_principal_arn),
+            .with_aws_principal(aws_principal_arn)
+            .with_checkpoint_export(export),
     );
     info!(replica = service.replica(), %database, "metadata store open");
 

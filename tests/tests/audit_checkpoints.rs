@@ -30,7 +30,8 @@ enum Bind {
 }
 
 impl Database {
-    async fn start(&self) -> Deployment {
+    /// Both processes, the control plane exporting checkpoints to `export`.
+    async fn start(&self, export: PathBuf) -> Deployment {
         let url = match self {
             Self::Sqlite => None,
             Self::Postgres(db) => Some(db.url()),
@@ -39,6 +40,7 @@ impl Database {
             if let Some(url) = &url {
                 raw.database = Some(url.clone());
             }
+            raw.audit_export_file = Some(export.clone());
         })
         .await
     }
@@ -156,8 +158,9 @@ async fn rewrites_cut_rows_and_forged_checkpoints_are_found_on_postgresql() {
 }
 
 async fn tampering_is_found(db: Database) {
-    let mut d = db.start().await;
     let work = tempfile::tempdir().unwrap();
+    let export = work.path().join("checkpoints.jsonl");
+    let mut d = db.start(export.clone()).await;
     // Key-state changes (checkpointed at once) and reads (by the timers or
     // the clean stop) in two orgs.
     for org in ["acme", "globex"] {
@@ -210,6 +213,37 @@ async fn tampering_is_found(db: Database) {
             "a clean stop leaves every event of {org} under a signed checkpoint: {stdout}"
         );
     }
+
+    // Every checkpoint stored went to the export too, verifiable offline.
+    let der =
+        cmk_proto::checkpoint::public_key_der(&std::fs::read_to_string(&key).unwrap()).unwrap();
+    let lines = std::fs::read_to_string(&export).unwrap();
+    let mut exported = 0;
+    for line in lines.lines() {
+        let c: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(c["type"], "checkpoint");
+        let checkpoint = cmk_proto::checkpoint::Checkpoint {
+            org: c["org"].as_str().unwrap().to_owned(),
+            seq: c["seq"].as_u64().unwrap(),
+            head: hex::decode(c["head"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            time: c["time"].as_i64().unwrap(),
+        };
+        let signature = hex::decode(c["signature"].as_str().unwrap()).unwrap();
+        assert!(checkpoint.verify(&der, &signature), "{line}");
+        exported += 1;
+    }
+    let mut stored = 0;
+    for org in ["acme", "globex"] {
+        stored += store
+            .checkpoints(&OrgId::parse(org).unwrap(), 0, 1000)
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(exported, stored, "{lines}");
 
     db.drop_triggers(&d).await;
 

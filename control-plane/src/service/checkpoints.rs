@@ -210,6 +210,52 @@ impl<'a> CheckpointCheck<'a> {
     }
 }
 
+/// A JSON-lines file every signed checkpoint is appended to, for a log
+/// shipper to carry to write-once storage: one object per line,
+/// `{"type":"checkpoint","org":…,"seq":…,"head":hex,"time":unix seconds,
+/// "key_id":…,"signature":hex}`, written whole and synced before the next.
+#[derive(Debug)]
+pub struct CheckpointExport {
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl CheckpointExport {
+    /// Opens (creates) `path` for appending.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn append(&self, checkpoint: &StoredCheckpoint) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::json!({
+            "type": "checkpoint",
+            "org": checkpoint.org.as_str(),
+            "seq": checkpoint.seq,
+            "head": hex::encode(checkpoint.head),
+            "time": checkpoint.time.0,
+            "key_id": checkpoint.key_id,
+            "signature": hex::encode(&checkpoint.signature),
+        })
+        .to_string();
+        line.push('\n');
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(line.as_bytes())?;
+        file.sync_data()
+    }
+}
+
 impl fmt::Display for AuditKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ids: Vec<&str> = self.0.iter().map(|(id, _)| id.as_str()).collect();
@@ -253,16 +299,22 @@ impl KeyService {
             return Ok(());
         }
         let (time, signature, key_id) = self.hsm.sign_checkpoint(org, seq, &head.hash).await?;
-        self.store
-            .put_checkpoint(&StoredCheckpoint {
-                org: org.clone(),
-                seq,
-                head: head.hash,
-                time: Timestamp(time),
-                key_id,
-                signature,
-            })
-            .await?;
+        let checkpoint = StoredCheckpoint {
+            org: org.clone(),
+            seq,
+            head: head.hash,
+            time: Timestamp(time),
+            key_id,
+            signature,
+        };
+        self.store.put_checkpoint(&checkpoint).await?;
+        if let Some(export) = &self.checkpoint_export {
+            // Stored already: a failed export is logged, and the checkpoint
+            // stays verifiable from the store.
+            if let Err(err) = export.append(&checkpoint) {
+                warn!(%org, seq, error = %err, "cannot export a signed checkpoint");
+            }
+        }
         Ok(())
     }
 

@@ -162,6 +162,8 @@ pub struct KeyService {
     pub(crate) aws_principal: Option<String>,
     /// The daemon's audit public key, fetched once.
     pub(crate) audit_keys: tokio::sync::OnceCell<checkpoints::AuditKeys>,
+    /// Where signed checkpoints are exported, if anywhere.
+    pub(crate) checkpoint_export: Option<checkpoints::CheckpointExport>,
     /// Content-key calls counted, not yet written to the audit log.
     pub(crate) tally: tally::Tally,
     org_locks: Mutex<HashMap<OrgId, Arc<tokio::sync::Mutex<()>>>>,
@@ -192,6 +194,7 @@ impl KeyService {
             aws_principal: None,
             audit_keys: tokio::sync::OnceCell::new(),
             tally: tally::Tally::default(),
+            checkpoint_export: None,
             org_locks: Mutex::default(),
             generic_lock: tokio::sync::Mutex::const_new(()),
         }
@@ -210,6 +213,12 @@ impl KeyService {
     /// a role for the service.
     pub fn with_aws_principal(mut self, principal: Option<String>) -> Self {
         self.aws_principal = principal;
+        self
+    }
+
+    /// Appends every signed checkpoint this process stores to `export`.
+    pub fn with_checkpoint_export(mut self, export: Option<checkpoints::CheckpointExport>) -> Self {
+        self.checkpoint_export = export;
         self
     }
 
