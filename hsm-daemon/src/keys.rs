@@ -38,12 +38,18 @@ use crate::{
 pub struct Keys {
     custody: Arc<dyn MaterialCustody>,
     aws: Option<AwsKeys>,
+    /// The audit public key as published, derived once.
+    audit_key: std::sync::OnceLock<AuditPublicKey>,
 }
 
 impl Keys {
     /// Keys held by `custody`, and by AWS KMS through `aws` when given.
     pub fn new(custody: Arc<dyn MaterialCustody>, aws: Option<AwsKeys>) -> Self {
-        Self { custody, aws }
+        Self {
+            custody,
+            aws,
+            audit_key: std::sync::OnceLock::new(),
+        }
     }
 
     /// The RSA public key customers wrap their CMK under.
@@ -52,14 +58,17 @@ impl Keys {
     }
 
     /// The audit signing key's public half: SubjectPublicKeyInfo DER and id.
-    pub fn audit_public_key(&self) -> Result<AuditPublicKey, ServiceError> {
+    pub fn audit_public_key(&self) -> Result<&AuditPublicKey, ServiceError> {
+        if let Some(key) = self.audit_key.get() {
+            return Ok(key);
+        }
         let der = checkpoint::spki_from_point(self.custody.audit_public_key()).ok_or(
             CustodyError::Crypto("the audit signing key is not an uncompressed P-256 point"),
         )?;
-        Ok(AuditPublicKey {
+        Ok(self.audit_key.get_or_init(|| AuditPublicKey {
             pem: checkpoint::public_key_pem(&der),
             key_id: checkpoint::key_id(&der),
-        })
+        }))
     }
 
     /// Signs a checkpoint of `org`'s audit chain at `seq` with head `head`,
@@ -86,7 +95,7 @@ impl Keys {
         Ok(SignedCheckpoint {
             time,
             signature,
-            key_id: self.audit_public_key()?.key_id,
+            key_id: self.audit_public_key()?.key_id.clone(),
         })
     }
 

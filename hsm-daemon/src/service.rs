@@ -92,8 +92,8 @@ impl HsmService for HsmApi {
     ) -> Result<Response<pb::GetAuditPublicKeyResponse>, Status> {
         let key = self.keys.audit_public_key()?;
         Ok(Response::new(pb::GetAuditPublicKeyResponse {
-            public_key_pem: key.pem,
-            key_id: key.key_id,
+            public_key_pem: key.pem.clone(),
+            key_id: key.key_id.clone(),
             algorithm: AUDIT_ALGORITHM.to_owned(),
         }))
     }

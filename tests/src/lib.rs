@@ -74,6 +74,37 @@ impl Pki {
     }
 
     /// Client TLS files for the identity whose files are `<name>.crt/.key`.
+    /// The real `cmkctl` acting for `org` against the control plane at
+    /// `addr`, presenting `<name>.crt`, with no configuration file: add the
+    /// command's arguments.
+    pub fn cmkctl(&self, addr: SocketAddr, name: &str, org: &str) -> Command {
+        let files = self.client_files(name);
+        let mut command = Command::new(binary("cmkctl"));
+        command
+            .args(["--endpoint", &format!("https://{addr}")])
+            .args(["--server-name", "localhost", "--org", org])
+            .arg("--ca")
+            .arg(&files.ca)
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .env_remove("CMKCTL_CONFIG");
+        command
+    }
+
+    /// The HSM daemon at `daemon`'s audit public key, written as PEM to
+    /// `path` (where `control-plane verify-audit` reads it).
+    pub async fn write_audit_public_key(&self, daemon: SocketAddr, path: &Path) {
+        let (der, _) = self
+            .control_plane_client(daemon)
+            .await
+            .audit_public_key()
+            .await
+            .unwrap();
+        std::fs::write(path, cmk_proto::checkpoint::public_key_pem(&der)).unwrap();
+    }
+
     pub fn client_files(&self, name: &str) -> TlsFiles {
         TlsFiles {
             cert: self.path(&format!("{name}.crt")),

@@ -115,16 +115,11 @@ impl Database {
 
 /// The daemon's audit public key, written where verify-audit reads it.
 async fn audit_public_key(d: &Deployment, dir: &std::path::Path) -> PathBuf {
-    let (der, _) = d
-        .hsm
-        .pki
-        .control_plane_client(d.hsm.daemon.addr)
-        .await
-        .audit_public_key()
-        .await
-        .unwrap();
     let path = dir.join("audit-public-key.pem");
-    std::fs::write(&path, cmk_proto::checkpoint::public_key_pem(&der)).unwrap();
+    d.hsm
+        .pki
+        .write_audit_public_key(d.hsm.daemon.addr, &path)
+        .await;
     path
 }
 

@@ -6,7 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -89,25 +89,11 @@ async fn events_stream_as_they_commit_and_a_watch_resumes_from_a_seq() {
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 
     // cmkctl audit follow prints each event on a line of its own.
-    let files = d.hsm.pki.client_files("reader-acme");
-    let mut follow = Command::new(cmk_tests::binary("cmkctl"))
-        .args(["--endpoint", &format!("https://{}", d.addr())])
-        .args([
-            "--server-name",
-            "localhost",
-            "--org",
-            ORG,
-            "--output",
-            "json",
-        ])
-        .arg("--ca")
-        .arg(&files.ca)
-        .arg("--cert")
-        .arg(&files.cert)
-        .arg("--key")
-        .arg(&files.key)
-        .args(["audit", "follow", "--after", "1"])
-        .env_remove("CMKCTL_CONFIG")
+    let mut follow = d
+        .hsm
+        .pki
+        .cmkctl(d.addr(), "reader-acme", ORG)
+        .args(["--output", "json", "audit", "follow", "--after", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -682,28 +682,11 @@ const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.s
 
 /// Runs the real cmkctl as the org's admin, JSON output; its standard output.
 fn cmkctl(setup: &Setup, args: &[&str]) -> String {
-    let files = setup.pki.client_files("admin-acme");
-    let out = std::process::Command::new(cmk_tests::binary("cmkctl"))
-        .args([
-            "--endpoint",
-            &format!("https://{}", setup.control_plane.addr),
-        ])
-        .args([
-            "--server-name",
-            "localhost",
-            "--org",
-            ORG,
-            "--output",
-            "json",
-        ])
-        .arg("--ca")
-        .arg(&files.ca)
-        .arg("--cert")
-        .arg(&files.cert)
-        .arg("--key")
-        .arg(&files.key)
+    let out = setup
+        .pki
+        .cmkctl(setup.control_plane.addr, "admin-acme", ORG)
+        .args(["--output", "json"])
         .args(args)
-        .env_remove("CMKCTL_CONFIG")
         .output()
         .unwrap();
     assert!(out.status.success(), "cmkctl {args:?}: {out:?}");

@@ -491,16 +491,11 @@ async fn tampering_with_the_audit_log_is_detected() {
     d.stop_control_plane().await;
 
     let url = format!("sqlite://{}", d.database().display());
-    let (der, _) = d
-        .hsm
-        .pki
-        .control_plane_client(d.hsm.daemon.addr)
-        .await
-        .audit_public_key()
-        .await
-        .unwrap();
     let key = d.data.path().join("audit-public-key.pem");
-    std::fs::write(&key, cmk_proto::checkpoint::public_key_pem(&der)).unwrap();
+    d.hsm
+        .pki
+        .write_audit_public_key(d.hsm.daemon.addr, &key)
+        .await;
     let verify = |org: Option<&str>| {
         let mut cmd = Command::new(cmk_tests::binary("control-plane"));
         cmd.arg("verify-audit").arg("--database").arg(&url);

@@ -354,18 +354,11 @@ async fn a_revocation_pauses_the_job_and_a_reactivation_resumes_it() {
     assert!(paused.done < paused.total, "paused part-way: {paused:?}");
     assert_eq!(paused.eta_seconds, 0);
     // An admin watching with cmkctl sees the pause, then the end of the job.
-    let files = d.hsm.pki.client_files("admin-acme");
-    let watch = std::process::Command::new(cmk_tests::binary("cmkctl"))
-        .args(["--endpoint", &format!("https://{}", d.addr())])
-        .args(["--server-name", "localhost", "--org", ORG])
-        .arg("--ca")
-        .arg(&files.ca)
-        .arg("--cert")
-        .arg(&files.cert)
-        .arg("--key")
-        .arg(&files.key)
+    let watch = d
+        .hsm
+        .pki
+        .cmkctl(d.addr(), "admin-acme", ORG)
         .args(["rotation", "watch", "--interval-ms", "100"])
-        .env_remove("CMKCTL_CONFIG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
